@@ -1,0 +1,291 @@
+//! An upstream control plane on loopback: etcd, kube-apiserver, kube-controller-manager and kube-scheduler, with a
+//! fresh PKI, data dir and free ports for every fixture, so runs never collide and a second run starts clean.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use tempfile::TempDir;
+
+use crate::certs::Pki;
+use crate::kubeconfig;
+use crate::ports::free_port;
+use crate::process::Process;
+use crate::testbed::control_plane_bin;
+
+/// Knobs a test may turn; everything else is upstream's default.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// kube-controller-manager `--node-monitor-grace-period` (upstream default 50 s): how long a node may miss
+    /// heartbeats before it is marked NotReady.
+    pub node_monitor_grace_period: Duration,
+    /// How long to wait for the control plane to become ready.
+    pub start_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { node_monitor_grace_period: Duration::from_secs(50), start_timeout: Duration::from_secs(120) }
+    }
+}
+
+/// Pod and service ranges handed to the control plane. They are bookkeeping in the API only: the node allocator
+/// writes `spec.podCIDR` from the first, the service allocator picks ClusterIPs from the second; test traffic
+/// only ever flows inside network namespaces the tests create.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// See [`CLUSTER_CIDR`].
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+
+/// A running control plane. Dropping it stops every process (in reverse start order) and removes its directory.
+#[derive(Debug)]
+pub struct Cluster {
+    procs: Vec<Process>,
+    pki: Pki,
+    server: String,
+    admin_kubeconfig: PathBuf,
+    dir: TempDir,
+}
+
+impl Cluster {
+    /// Starts a control plane with default options and waits until it is ready: `/readyz` is ok and the
+    /// controller-manager has created the `default` ServiceAccount (pods can be created).
+    pub async fn start() -> Result<Self> {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    /// Like [`Cluster::start`], with options.
+    pub async fn start_with(opts: ClusterOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("nodelet-cluster-").tempdir()?;
+        let pki = Pki::new(&dir.path().join("pki"))?;
+        let api_port = free_port()?;
+        let server = format!("https://127.0.0.1:{api_port}");
+        let admin_kubeconfig = dir.path().join("admin.kubeconfig");
+        let admin = pki.client("admin", "nodelet-test-admin", &["system:masters"])?;
+        kubeconfig::write(&admin_kubeconfig, &server, &pki.ca_pem(), "admin", &admin)?;
+        let mut cluster = Cluster { procs: Vec::new(), pki, server, admin_kubeconfig, dir };
+        let deadline = Instant::now() + opts.start_timeout;
+
+        let etcd_url = cluster.start_etcd()?;
+        cluster.start_apiserver(api_port, &etcd_url)?;
+        let client = cluster.admin().await?;
+        cluster
+            .wait_until("kube-apiserver /readyz", deadline, || async {
+                let req = http::Request::get("/readyz").body(Vec::new())?;
+                Ok(client.request_text(req).await? == "ok")
+            })
+            .await?;
+
+        cluster.start_controller_manager(&opts)?;
+        cluster.start_scheduler()?;
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+        cluster
+            .wait_until("the default ServiceAccount (controller-manager)", deadline, || async {
+                Ok(sas.get_opt("default").await?.is_some())
+            })
+            .await?;
+        Ok(cluster)
+    }
+
+    /// The API server's URL (`https://127.0.0.1:<port>`).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The cluster's PKI: its CA signs client certificates (x509 authn) and, through the controller-manager, CSRs.
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// A kubeconfig of a `system:masters` user.
+    pub fn admin_kubeconfig(&self) -> &Path {
+        &self.admin_kubeconfig
+    }
+
+    /// A client with the admin identity.
+    pub async fn admin(&self) -> Result<kube::Client> {
+        client_from(&self.admin_kubeconfig).await
+    }
+
+    /// Writes a kubeconfig for node `node` (user `system:node:<node>`, group `system:nodes`): the identity the
+    /// Node authorizer and NodeRestriction admission check.
+    pub fn node_kubeconfig(&self, node: &str) -> Result<PathBuf> {
+        let user = format!("system:node:{node}");
+        let creds = self.pki.client(&format!("node-{node}"), &user, &["system:nodes"])?;
+        let path = self.dir.path().join(format!("node-{node}.kubeconfig"));
+        kubeconfig::write(&path, &self.server, &self.pki.ca_pem(), &user, &creds)?;
+        Ok(path)
+    }
+
+    /// `kubectl` with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig").arg(&self.admin_kubeconfig);
+        cmd
+    }
+
+    /// PIDs of the control-plane processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Process::pid).collect()
+    }
+
+    /// The fixture's directory (PKI, kubeconfigs, etcd data, logs); removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn start_etcd(&mut self) -> Result<String> {
+        let (client, peer) = (free_port()?, free_port()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new(control_plane_bin("etcd")?);
+        cmd.arg("--name=test")
+            .arg(format!("--data-dir={}", self.dir.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .arg("--listen-metrics-urls=")
+            .arg("--log-level=warn")
+            // Throwaway data: fsync buys nothing here and costs seconds per test on a shared disk.
+            .arg("--unsafe-no-fsync");
+        self.spawn("etcd", cmd)?;
+        Ok(url)
+    }
+
+    fn start_apiserver(&mut self, port: u16, etcd_url: &str) -> Result<()> {
+        let sans = [
+            "127.0.0.1",
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+            "10.96.0.1",
+        ];
+        let serving = self.pki.server("apiserver", &sans)?;
+        // The identity the API server presents to kubelets (logs, exec, port-forward).
+        let kubelet_client =
+            self.pki.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
+        let sa = self.pki.key_pair("sa")?;
+        let ca = self.pki.ca().cert.clone();
+        let mut cmd = Command::new(control_plane_bin("kube-apiserver")?);
+        cmd.arg(format!("--etcd-servers={etcd_url}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            // The `kubernetes` Service's endpoints would be 127.0.0.1, which endpoint validation rejects.
+            .arg("--endpoint-reconciler-type=none")
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", self.dir.path().join("apiserver-certs").display()))
+            .arg(format!("--tls-cert-file={}", serving.cert.display()))
+            .arg(format!("--tls-private-key-file={}", serving.key.display()))
+            .arg(format!("--client-ca-file={}", ca.display()))
+            .arg(format!("--kubelet-client-certificate={}", kubelet_client.cert.display()))
+            .arg(format!("--kubelet-client-key={}", kubelet_client.key.display()))
+            .arg(format!("--service-account-key-file={}", sa.cert.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa.key.display()))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg("--authorization-mode=Node,RBAC")
+            .arg("--enable-admission-plugins=NodeRestriction")
+            .arg("--allow-privileged=true")
+            .arg("--profiling=false")
+            .arg("--v=1");
+        self.spawn("kube-apiserver", cmd)
+    }
+
+    fn start_controller_manager(&mut self, opts: &ClusterOptions) -> Result<()> {
+        let kc = self.component_kubeconfig("kube-controller-manager", "system:kube-controller-manager")?;
+        let sa_key = self.dir.path().join("pki/sa.key");
+        let ca = self.pki.ca().clone();
+        let mut cmd = Command::new(control_plane_bin("kube-controller-manager")?);
+        component_args(&mut cmd, &kc, free_port()?, &self.dir.path().join("kcm-certs"));
+        cmd.arg(format!("--cluster-signing-cert-file={}", ca.cert.display()))
+            .arg(format!("--cluster-signing-key-file={}", ca.key.display()))
+            .arg(format!("--root-ca-file={}", ca.cert.display()))
+            .arg(format!("--service-account-private-key-file={}", sa_key.display()))
+            .arg("--use-service-account-credentials=true")
+            .arg("--allocate-node-cidrs=true")
+            .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg(format!("--node-monitor-grace-period={}s", opts.node_monitor_grace_period.as_secs()));
+        self.spawn("kube-controller-manager", cmd)
+    }
+
+    fn start_scheduler(&mut self) -> Result<()> {
+        let kc = self.component_kubeconfig("kube-scheduler", "system:kube-scheduler")?;
+        let mut cmd = Command::new(control_plane_bin("kube-scheduler")?);
+        component_args(&mut cmd, &kc, free_port()?, &self.dir.path().join("scheduler-certs"));
+        self.spawn("kube-scheduler", cmd)
+    }
+
+    fn component_kubeconfig(&self, name: &str, user: &str) -> Result<PathBuf> {
+        let creds = self.pki.client(name, user, &[])?;
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        kubeconfig::write(&path, &self.server, &self.pki.ca_pem(), user, &creds)?;
+        Ok(path)
+    }
+
+    fn spawn(&mut self, name: &str, cmd: Command) -> Result<()> {
+        let logs = self.dir.path().join("logs");
+        std::fs::create_dir_all(&logs)?;
+        self.procs.push(Process::spawn(name, cmd, &logs)?);
+        Ok(())
+    }
+
+    /// Polls `check` until it returns true, failing early (with the log tail) if any process has died.
+    async fn wait_until<F, Fut>(&mut self, what: &str, deadline: Instant, mut check: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let mut last_err = None;
+        loop {
+            for p in &mut self.procs {
+                p.ensure_running()?;
+            }
+            match check().await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e),
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> =
+                    self.procs.iter().map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(15))).collect();
+                bail!("timed out waiting for {what} (last error: {last_err:?})\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Flags shared by kube-controller-manager and kube-scheduler: identity, delegated authn/authz, loopback serving.
+fn component_args(cmd: &mut Command, kubeconfig: &Path, port: u16, cert_dir: &Path) {
+    for flag in ["kubeconfig", "authentication-kubeconfig", "authorization-kubeconfig"] {
+        cmd.arg(format!("--{flag}={}", kubeconfig.display()));
+    }
+    cmd.arg("--bind-address=127.0.0.1")
+        .arg(format!("--secure-port={port}"))
+        .arg(format!("--cert-dir={}", cert_dir.display()))
+        .arg("--leader-elect=false")
+        .arg("--profiling=false")
+        .arg("--v=1");
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        while let Some(mut p) = self.procs.pop() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// A `kube` client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
