@@ -3,7 +3,7 @@
 # formatting and lints, then runs every test — unit tests and the end-to-end tests against the real control
 # plane and registries. Cargo's build output is cached outside the checkout so that a warm run is fast.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 integration/scripts/setup.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nodelet-test/target}
 cargo fmt --all --check
