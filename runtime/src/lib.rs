@@ -1,2 +1,21 @@
-//! nodelet's embedded OCI runtime: pod sandboxes (namespaces kept as bind-mounted files, no pause process) and
-//! containers on youki's `libcontainer`, driven in-process. See `../shared/DESIGN.md` and issue "runtime/".
+//! nodelet's embedded OCI runtime: containers on youki's `libcontainer`, driven in-process.
+//!
+//! Call [`Zygote::fork`] first thing in `main` (before any thread exists), then build a [`Runtime`] on it inside
+//! tokio. The zygote does every clone; the runtime builds specs, keeps state for re-adoption, and turns the
+//! zygote's exit events and the cgroup's OOM counter into [`ContainerExit`]s.
+
+pub mod cgroup;
+pub mod config;
+mod container;
+pub mod error;
+pub mod seccomp;
+pub mod spec;
+pub mod state;
+pub mod zygote;
+
+pub use config::{
+    ContainerConfig, ExecConfig, ImageConfig, Mount, Namespace, Namespaces, Resources, Seccomp, Security,
+};
+pub use container::{Container, ContainerExit, ContainerIo, IoPipes, Runtime};
+pub use error::{RuntimeError, SpecError};
+pub use zygote::Zygote;

@@ -1,0 +1,55 @@
+#!/bin/sh
+# cgroup-sandbox.sh — run a command in a private mount namespace in which every cgroup hierarchy root is a
+# child cgroup that this script creates, so that code which writes absolute cgroup paths (libcontainer, runc,
+# crun, nodelet's --cgroup-root=/...) lands inside a sandbox on a hybrid host instead of the real roots.
+#
+#   cgroup-sandbox.sh run NAME -- CMD ARGS...   # creates the children named NAME (if missing), runs CMD inside
+#   cgroup-sandbox.sh clean NAME                # removes NAME's cgroup trees (bottom-up; fails if still populated)
+#
+# Where each hierarchy root comes from (bind mounts exist only inside the private namespace):
+#   memory  -> /sys/fs/cgroup/memory/<the caller's memory cgroup>/NAME  (the caller is not at / there)
+#   others  -> /sys/fs/cgroup/<ctrl>/NAME                                (the caller is at / there)
+#   unified -> /sys/fs/cgroup/unified/NAME (its cgroup.controllers is empty: crun then accepts the hybrid host)
+# On a pure cgroup v2 host (/sys/fs/cgroup is cgroup2) only the unified root is swapped.
+set -eu
+cmd=${1:-}; name=${2:-}
+[ -n "$cmd" ] && [ -n "$name" ] || { echo "usage: $0 run NAME -- CMD... | clean NAME" >&2; exit 2; }
+
+roots() {  # prints "mountpoint source" pairs
+  if [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]; then
+    mine=$(awk -F: '$1=="0"{print $3}' /proc/self/cgroup)
+    echo "/sys/fs/cgroup /sys/fs/cgroup${mine%/}/$name"; return
+  fi
+  memcg=$(awk -F: '$2=="memory"{print $3}' /proc/self/cgroup)
+  for d in /sys/fs/cgroup/*/; do
+    c=$(basename "$d")
+    mountpoint -q "$d" || continue
+    if [ "$c" = memory ]; then echo "$d /sys/fs/cgroup/memory${memcg%/}/$name"; else echo "$d ${d%/}/$name"; fi
+  done
+}
+
+case $cmd in
+run)
+  shift 2; [ "${1:-}" = -- ] && shift
+  roots | while read -r mnt src; do
+    mkdir -p "$src"
+    case $mnt in */cpuset/)
+      [ -s "$src/cpuset.cpus" ] && [ -n "$(cat "$src/cpuset.cpus")" ] || cat "$(dirname "$src")/cpuset.cpus" > "$src/cpuset.cpus"
+      [ -n "$(cat "$src/cpuset.mems")" ] || cat "$(dirname "$src")/cpuset.mems" > "$src/cpuset.mems";;
+    esac
+  done
+  map=$(roots | tr '\n' ';')
+  exec unshare -m --propagation private -- sh -c '
+    IFS=";"; for pair in $1; do [ -n "$pair" ] || continue; IFS=" " read -r mnt src <<EOF
+$pair
+EOF
+      mount --bind "$src" "$mnt"; IFS=";"; done; unset IFS; shift; exec "$@"' cgroup-sandbox "$map" "$@";;
+clean)
+  roots | while read -r mnt src; do
+    if [ -d "$src" ]; then find "$src" -depth -type d -exec rmdir {} \; 2>/dev/null || true; fi
+    if [ -d "$src" ]; then echo "still present (populated?): $src" >&2; fi
+  done
+  # Exit status says whether everything is gone (the loop runs in a subshell, so check again here).
+  roots | while read -r _ src; do [ ! -d "$src" ] || exit 1; done;;
+*) echo "usage: $0 run NAME -- CMD... | clean NAME" >&2; exit 2;;
+esac

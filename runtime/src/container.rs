@@ -1,0 +1,452 @@
+//! The runtime's API: containers created through the zygote, their exits delivered as events, stopped with a
+//! grace period, exec'd into, deleted, and found again after an agent restart.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::cgroup::{self, Layout};
+use crate::config::{ContainerConfig, ExecConfig};
+use crate::error::RuntimeError;
+use crate::spec;
+use crate::state::{self, Record};
+use crate::zygote::{Exited, Reply, Request, Zygote, ZygoteRequests, wire};
+
+/// The standard streams of a container or exec'd process; `None` means `/dev/null`.
+#[derive(Debug, Default)]
+pub struct ContainerIo {
+    /// stdin.
+    pub stdin: Option<OwnedFd>,
+    /// stdout.
+    pub stdout: Option<OwnedFd>,
+    /// stderr.
+    pub stderr: Option<OwnedFd>,
+}
+
+/// The caller's ends of [`ContainerIo::pipes`].
+#[derive(Debug)]
+pub struct IoPipes {
+    /// Write end of the container's stdin, if requested.
+    pub stdin: Option<File>,
+    /// Read end of the container's stdout.
+    pub stdout: File,
+    /// Read end of the container's stderr.
+    pub stderr: File,
+}
+
+impl ContainerIo {
+    /// Pipes for stdout and stderr (and stdin when `stdin`), returning the container's ends and the caller's.
+    pub fn pipes(stdin: bool) -> Result<(Self, IoPipes), RuntimeError> {
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(RuntimeError::sys("pipe2"));
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (in_r, in_w) = if stdin { pipe().map(|(r, w)| (Some(r), Some(w)))? } else { (None, None) };
+        Ok((
+            Self { stdin: in_r, stdout: Some(out_w), stderr: Some(err_w) },
+            IoPipes { stdin: in_w.map(File::from), stdout: File::from(out_r), stderr: File::from(err_r) },
+        ))
+    }
+}
+
+/// How a container's init (or an exec'd process) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerExit {
+    /// Exit code as the kubelet reports it: the status, or 128 + signal number when killed by a signal.
+    pub code: i32,
+    /// The signal that killed it, if any.
+    pub signal: Option<i32>,
+    /// The kernel OOM-killed a process in the container's cgroup (the kubelet's `OOMKilled` reason).
+    pub oom_killed: bool,
+    /// False when the process exited while no agent was its parent (re-adopted after a restart): the kernel
+    /// kept no exit status for us, and `code` is 255 like upstream's "unknown" exit.
+    pub status_known: bool,
+}
+
+/// A created container.
+#[derive(Debug, Clone)]
+pub struct Container {
+    /// Container ID.
+    pub id: String,
+    /// PID of its init.
+    pub pid: i32,
+    /// Its cgroup path.
+    pub cgroups_path: String,
+    pidfd: Arc<OwnedFd>,
+    /// Re-adopted after an agent restart: exits are seen through the pidfd only.
+    adopted: bool,
+}
+
+impl Container {
+    /// Whether it was found again after a restart rather than created by this runtime.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+}
+
+/// The embedded runtime. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    zygote: ZygoteRequests,
+    root: PathBuf,
+    layout: Layout,
+    exits: Mutex<HashMap<i32, watch::Sender<Option<Exited>>>>,
+}
+
+impl Runtime {
+    /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`). Must be called inside
+    /// a tokio runtime: it spawns the task that receives exit events from the zygote. Makes this process a child
+    /// subreaper, so that container processes whose zygote died are still reparented to the agent.
+    pub fn new(zygote: Zygote, root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
+        let root = root.into();
+        for dir in ["libcontainer", "bundles", "records"] {
+            std::fs::create_dir_all(root.join(dir))
+                .map_err(|source| RuntimeError::State { path: root.join(dir), source })?;
+        }
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes an attribute of this process.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
+        nix::errno::Errno::result(rc).map_err(RuntimeError::sys("PR_SET_CHILD_SUBREAPER"))?;
+        let (requests, events) = zygote.into_parts();
+        let inner = Arc::new(Inner { zygote: requests, root, layout: cgroup::layout(), exits: Mutex::default() });
+        nix::fcntl::fcntl(events.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .map_err(RuntimeError::sys("O_NONBLOCK"))?;
+        let events = async_fd(events).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+        tokio::spawn(receive_exits(Arc::downgrade(&inner), events));
+        Ok(Self { inner })
+    }
+
+    /// The cgroup layout detected on this host.
+    pub fn layout(&self) -> Layout {
+        self.inner.layout
+    }
+
+    fn libcontainer_root(&self) -> PathBuf {
+        self.inner.root.join("libcontainer")
+    }
+
+    fn records(&self) -> PathBuf {
+        self.inner.root.join("records")
+    }
+
+    async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, RuntimeError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            inner.zygote.call(&req, &borrowed)
+        })
+        .await
+        .map_err(|e| RuntimeError::Zygote(e.to_string()))?
+    }
+
+    /// Creates a container: builds its spec and bundle, has the zygote create it (its init waits for
+    /// [`Runtime::start`]), places it in the unified cgroup on hybrid hosts, and records it for re-adoption.
+    /// On failure nothing is left behind.
+    pub async fn create(&self, cfg: &ContainerConfig, io: ContainerIo) -> Result<Container, RuntimeError> {
+        let spec = spec::build(cfg)?;
+        let bundle = self.inner.root.join("bundles").join(&cfg.id);
+        let json = serde_json::to_vec_pretty(&spec).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+        state::write_atomic(&bundle.join("config.json"), &json)?;
+        let stdio = [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()];
+        let fds: Vec<OwnedFd> = [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect();
+        let req = Request::Create { id: cfg.id.clone(), root: self.libcontainer_root(), bundle: bundle.clone(), stdio };
+        let fail = |message: String| RuntimeError::Create { id: cfg.id.clone(), message };
+        let pid = match self.call(req, fds).await {
+            Ok(Reply::Pid(pid)) => pid,
+            Ok(Reply::Failed(message)) => {
+                self.cleanup(&cfg.id, &cfg.cgroups_path).await;
+                return Err(fail(message));
+            }
+            Ok(other) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+            Err(e) => {
+                self.cleanup(&cfg.id, &cfg.cgroups_path).await;
+                return Err(e);
+            }
+        };
+        let setup = async {
+            cgroup::join_unified(self.inner.layout, &cfg.cgroups_path, pid)
+                .map_err(|e| fail(format!("joining the unified cgroup: {e}")))?;
+            let pidfd = pidfd_open(pid).map_err(RuntimeError::sys("pidfd_open"))?;
+            let start_time = state::start_time(pid).ok_or_else(|| fail("init exited during create".into()))?;
+            let record = Record { id: cfg.id.clone(), pid, start_time, cgroups_path: cfg.cgroups_path.clone(), bundle };
+            record.save(&self.records())?;
+            Ok::<_, RuntimeError>(pidfd)
+        };
+        match setup.await {
+            Ok(pidfd) => Ok(Container {
+                id: cfg.id.clone(),
+                pid,
+                cgroups_path: cfg.cgroups_path.clone(),
+                pidfd: Arc::new(pidfd),
+                adopted: false,
+            }),
+            Err(e) => {
+                self.cleanup(&cfg.id, &cfg.cgroups_path).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a created container (its init execs the process).
+    pub async fn start(&self, c: &Container) -> Result<(), RuntimeError> {
+        match self.call(Request::Start { id: c.id.clone(), root: self.libcontainer_root() }, vec![]).await? {
+            Reply::Done => Ok(()),
+            Reply::Failed(message) => Err(RuntimeError::Start { id: c.id.clone(), message }),
+            other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Waits until the container's init exits.
+    pub async fn wait(&self, c: &Container) -> ContainerExit {
+        if c.adopted {
+            // Not the zygote's child: the pidfd becomes readable when it exits. If its old parent died and it was
+            // reparented to us (we are a child subreaper), we can still reap it and learn its status.
+            if let Ok(fd) = c.pidfd.try_clone()
+                && let Ok(afd) = async_fd(fd)
+            {
+                let _ = afd.readable().await;
+            }
+            let oom_killed = cgroup::oom_kills(self.inner.layout, &c.cgroups_path) > 0;
+            return match reap_pidfd(&c.pidfd) {
+                Some(exited) => to_exit(exited, oom_killed),
+                None => ContainerExit { code: 255, signal: None, oom_killed, status_known: false },
+            };
+        }
+        let exited = self.wait_pid(c.pid).await;
+        let oom_killed = cgroup::oom_kills(self.inner.layout, &c.cgroups_path) > 0;
+        to_exit(exited, oom_killed)
+    }
+
+    async fn wait_pid(&self, pid: i32) -> Exited {
+        let mut rx = self.exit_slot(pid).subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.expect("waited for Some"),
+            // The sender lives in the map until delete, so this only happens when the runtime is dropped.
+            Err(_) => Exited { pid, code: None, signal: Some(libc::SIGKILL) },
+        }
+    }
+
+    fn exit_slot(&self, pid: i32) -> watch::Sender<Option<Exited>> {
+        let mut exits = self.inner.exits.lock().unwrap_or_else(|e| e.into_inner());
+        exits.entry(pid).or_insert_with(|| watch::channel(None).0).clone()
+    }
+
+    /// Sends `signal` to the container's init (through its pidfd: never to a recycled PID). A container that
+    /// already exited is not an error.
+    pub fn signal(&self, c: &Container, signal: Signal) -> Result<(), RuntimeError> {
+        pidfd_send_signal(&c.pidfd, signal).map_err(RuntimeError::sys("pidfd_send_signal"))
+    }
+
+    /// Stops the container the kubelet's way: SIGTERM, up to `grace` to exit, then SIGKILL.
+    pub async fn stop(&self, c: &Container, grace: Duration) -> ContainerExit {
+        let _ = self.signal(c, Signal::SIGTERM);
+        if let Ok(exit) = tokio::time::timeout(grace, self.wait(c)).await {
+            return exit;
+        }
+        let _ = self.signal(c, Signal::SIGKILL);
+        self.wait(c).await
+    }
+
+    /// Starts `exec` in the running container; returns its PID (see [`Runtime::wait_exec`]).
+    pub async fn exec(&self, c: &Container, exec: &ExecConfig, io: ContainerIo) -> Result<i32, RuntimeError> {
+        let stdio = [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()];
+        let fds: Vec<OwnedFd> = [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect();
+        let env = exec.env.iter().map(|kv| kv.split_once('=').unwrap_or((kv, ""))).map(|(k, v)| (k.into(), v.into()));
+        let req = Request::Exec {
+            id: c.id.clone(),
+            root: self.libcontainer_root(),
+            args: exec.args.clone(),
+            env: env.collect(),
+            cwd: None,
+            stdio,
+        };
+        match self.call(req, fds).await? {
+            Reply::Pid(pid) => Ok(pid),
+            Reply::Failed(message) => Err(RuntimeError::Exec { id: c.id.clone(), message }),
+            other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Waits for an exec'd process; returns its exit code (128 + signal when killed).
+    pub async fn wait_exec(&self, pid: i32) -> i32 {
+        let exited = self.wait_pid(pid).await;
+        self.inner.exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+        to_exit(exited, false).code
+    }
+
+    /// Runs `exec` to completion with captured output, killed after `timeout` (exec probes, `kubectl exec` without
+    /// a stream). Returns (exit code, stdout, stderr); `None` as the code on timeout.
+    pub async fn exec_sync(
+        &self,
+        c: &Container,
+        exec: &ExecConfig,
+        timeout: Duration,
+    ) -> Result<(Option<i32>, Vec<u8>, Vec<u8>), RuntimeError> {
+        let (io, pipes) = ContainerIo::pipes(false)?;
+        let pid = self.exec(c, exec, io).await?;
+        let read = |mut f: File| {
+            tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut buf).map(|_| buf)
+            })
+        };
+        let (out, err) = (read(pipes.stdout), read(pipes.stderr));
+        let code = match tokio::time::timeout(timeout, self.wait_exec(pid)).await {
+            Ok(code) => Some(code),
+            Err(_) => {
+                if let Ok(fd) = pidfd_open(pid) {
+                    let _ = pidfd_send_signal(&fd, Signal::SIGKILL);
+                }
+                None
+            }
+        };
+        let out = out.await.ok().and_then(Result::ok).unwrap_or_default();
+        let err = err.await.ok().and_then(Result::ok).unwrap_or_default();
+        Ok((code, out, err))
+    }
+
+    /// Deletes the container: kills what is left of it, removes its cgroups, libcontainer state, bundle and
+    /// record.
+    pub async fn delete(&self, c: &Container) -> Result<(), RuntimeError> {
+        let _ = self.signal(c, Signal::SIGKILL);
+        if !c.adopted {
+            self.wait_pid(c.pid).await;
+        }
+        let req = Request::Delete { id: c.id.clone(), root: self.libcontainer_root(), force: true };
+        let result = match self.call(req, vec![]).await? {
+            Reply::Done => Ok(()),
+            Reply::Failed(message) => Err(RuntimeError::Delete { id: c.id.clone(), message }),
+            other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+        };
+        self.cleanup(&c.id, &c.cgroups_path).await;
+        self.inner.exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid);
+        result
+    }
+
+    /// Removes everything of `id` outside libcontainer's own state (and that too, best effort).
+    async fn cleanup(&self, id: &str, cgroups_path: &str) {
+        let req = Request::Delete { id: id.into(), root: self.libcontainer_root(), force: true };
+        let _ = self.call(req, vec![]).await;
+        cgroup::remove_unified(self.inner.layout, cgroups_path);
+        let _ = std::fs::remove_dir_all(self.inner.root.join("bundles").join(id));
+        Record::remove(&self.records(), id);
+    }
+
+    /// The containers of a previous agent process that are still alive (re-adopted: they can be signalled,
+    /// exec'd into, waited for and deleted). Records of dead ones are cleaned up. Call once at startup.
+    pub async fn list(&self) -> Vec<Container> {
+        let mut live = Vec::new();
+        for r in Record::load_all(&self.records()) {
+            let alive = state::start_time(r.pid) == Some(r.start_time);
+            match pidfd_open(r.pid).ok().filter(|_| alive) {
+                Some(pidfd) => live.push(Container {
+                    id: r.id,
+                    pid: r.pid,
+                    cgroups_path: r.cgroups_path,
+                    pidfd: Arc::new(pidfd),
+                    adopted: true,
+                }),
+                None => {
+                    tracing::info!(id = %r.id, "container exited while the agent was down; cleaning up");
+                    self.cleanup(&r.id, &r.cgroups_path).await;
+                }
+            }
+        }
+        live
+    }
+
+    /// The runtime's state directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+}
+
+fn to_exit(e: Exited, oom_killed: bool) -> ContainerExit {
+    let code = e.code.unwrap_or_else(|| 128 + e.signal.unwrap_or(0));
+    ContainerExit { code, signal: e.signal, oom_killed, status_known: true }
+}
+
+/// Receives exit events from the zygote until it goes away (or the runtime is dropped).
+async fn receive_exits(inner: std::sync::Weak<Inner>, events: AsyncFd<OwnedFd>) {
+    loop {
+        let Ok(mut guard) = events.readable().await else { return };
+        let received = guard.try_io(|fd| match wire::recv::<Exited>(fd.get_ref().as_fd()) {
+            Err(wire::WireError::Io(nix::Error::EAGAIN)) => Err(std::io::ErrorKind::WouldBlock.into()),
+            other => Ok(other),
+        });
+        let exited = match received {
+            Err(_would_block) => continue,
+            Ok(Ok(Ok((exited, _)))) => exited,
+            Ok(Ok(Err(e))) => {
+                // A closed socket is the normal end once the runtime (and with it the zygote) is dropped.
+                if inner.strong_count() > 0 {
+                    tracing::error!("runtime helper stopped reporting exits: {e}");
+                }
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::error!("runtime helper stopped reporting exits: {e}");
+                return;
+            }
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let mut exits = inner.exits.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = exits.entry(exited.pid).or_insert_with(|| watch::channel(None).0);
+        slot.send_replace(Some(exited));
+    }
+}
+
+/// Registers an owned descriptor with tokio's reactor.
+fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the same
+    // file description for the AsyncFd's whole life.
+    unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::other)
+}
+
+fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = nix::errno::Errno::result(fd)? as RawFd;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reaps the exited process behind `pidfd` if it is our child.
+fn reap_pidfd(pidfd: &OwnedFd) -> Option<Exited> {
+    // SAFETY: siginfo_t is plain data; zeroed is a valid initial value for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with P_PIDFD on a pidfd we own, writing into a properly sized siginfo_t.
+    let rc = unsafe {
+        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
+    };
+    // SAFETY: waitid succeeded; si_pid/si_code/si_status are initialised (si_pid is 0 if nothing was reaped).
+    let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if rc != 0 || pid == 0 {
+        return None;
+    }
+    Some(match code {
+        libc::CLD_EXITED => Exited { pid, code: Some(status), signal: None },
+        _ => Exited { pid, code: None, signal: Some(status) },
+    })
+}
+
+fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> nix::Result<()> {
+    // SAFETY: pidfd_send_signal with a pidfd we own, a valid signal number, no siginfo and no flags.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal as libc::c_int, std::ptr::null::<u8>(), 0)
+    };
+    match nix::errno::Errno::result(rc) {
+        Ok(_) | Err(nix::Error::ESRCH) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

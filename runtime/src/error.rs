@@ -1,0 +1,91 @@
+//! Errors of the runtime, worded so that they can become a container's `waiting.message` as they are.
+
+use std::path::PathBuf;
+
+/// The spec cannot be built from the container description.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// Neither the pod nor the image gives a command.
+    #[error("no command specified")]
+    NoCommand,
+    /// The image's or pod's user name is not in the container's `/etc/passwd`.
+    #[error("unable to find user {0}: no matching entries in passwd file")]
+    UnknownUser(String),
+    /// The image's group name is not in the container's `/etc/group`.
+    #[error("unable to find group {0}: no matching entries in group file")]
+    UnknownGroup(String),
+    /// A capability name the kernel does not know.
+    #[error("unknown capability {0:?}")]
+    UnknownCapability(String),
+    /// The generated spec does not parse (a bug, or an invalid value passed through, e.g. a sysctl).
+    #[error("invalid runtime spec: {0}")]
+    Invalid(String),
+}
+
+/// A runtime operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The container description is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// libcontainer refused or failed to create the container (missing binary, bad mount, cgroup error...).
+    #[error("failed to create container {id}: {message}")]
+    Create {
+        /// Container ID.
+        id: String,
+        /// libcontainer's error chain.
+        message: String,
+    },
+    /// Starting the created container failed.
+    #[error("failed to start container {id}: {message}")]
+    Start {
+        /// Container ID.
+        id: String,
+        /// libcontainer's error chain.
+        message: String,
+    },
+    /// Running an extra process in the container failed.
+    #[error("failed to exec in container {id}: {message}")]
+    Exec {
+        /// Container ID.
+        id: String,
+        /// libcontainer's error chain.
+        message: String,
+    },
+    /// Deleting the container failed.
+    #[error("failed to delete container {id}: {message}")]
+    Delete {
+        /// Container ID.
+        id: String,
+        /// libcontainer's error chain.
+        message: String,
+    },
+    /// No such container.
+    #[error("container {0} not found")]
+    NotFound(String),
+    /// The zygote (the helper process that clones containers) is gone or answered garbage.
+    #[error("runtime helper failed: {0}")]
+    Zygote(String),
+    /// A file under the runtime's state directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was attempted.
+        what: &'static str,
+        /// errno.
+        source: nix::Error,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> Self {
+        move |source| RuntimeError::Sys { what, source }
+    }
+}

@@ -1,0 +1,130 @@
+//! The zygote: a single-threaded helper forked from `main` before any other thread exists, which makes every
+//! libcontainer call (they `clone()` and then run non-async-signal-safe code in the child, which is only sound
+//! in a single-threaded process). It also contains libcontainer's side effects on its caller (`PR_SET_DUMPABLE`,
+//! the spec's `oomScoreAdj` written to `/proc/self`), is the parent of every container process, reaps them on SIGCHLD
+//! and reports their exits as events.
+//!
+//! Two `SOCK_SEQPACKET` pairs connect it to the agent: requests (one reply each, in order) and exit events.
+
+mod server;
+pub mod wire;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use nix::unistd::{ForkResult, Pid, fork};
+use serde::{Deserialize, Serialize};
+
+use crate::error::RuntimeError;
+
+/// A request to the zygote. Descriptors named in a request travel with it as `SCM_RIGHTS`, in field order.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// Create (but do not start) a container from the bundle; `stdio` says which of stdin/stdout/stderr are
+    /// attached (the rest are /dev/null).
+    Create { id: String, root: PathBuf, bundle: PathBuf, stdio: [bool; 3] },
+    /// Let a created container's init exec its process.
+    Start { id: String, root: PathBuf },
+    /// Run another process in a running container.
+    Exec {
+        id: String,
+        root: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<PathBuf>,
+        stdio: [bool; 3],
+    },
+    /// Delete the container (killing it first when `force`).
+    Delete { id: String, root: PathBuf, force: bool },
+}
+
+/// The zygote's answer to a [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    /// The process created (container init or exec'd process).
+    Pid(i32),
+    /// Done.
+    Done,
+    /// It failed: libcontainer's error chain.
+    Failed(String),
+}
+
+/// A process the zygote reaped.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Exited {
+    pub pid: i32,
+    /// Exit status if it exited.
+    pub code: Option<i32>,
+    /// Signal number if a signal killed it.
+    pub signal: Option<i32>,
+}
+
+/// The agent's end of the zygote.
+#[derive(Debug)]
+pub struct Zygote {
+    requests: Mutex<OwnedFd>,
+    events: OwnedFd,
+    pid: Pid,
+}
+
+impl Zygote {
+    /// Forks the zygote. Call it first thing in `main`, before any thread (tokio, tracing appenders...) starts:
+    /// it refuses to fork a multi-threaded process.
+    pub fn fork() -> Result<Self, RuntimeError> {
+        let threads = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().to_string())));
+        if threads.as_deref() != Some("1") {
+            return Err(RuntimeError::Zygote(format!(
+                "the zygote must be forked while the process is single-threaded (threads: {})",
+                threads.unwrap_or_else(|| "unknown".into())
+            )));
+        }
+        let pair = || socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC);
+        let (req_agent, req_zygote) = pair().map_err(RuntimeError::sys("socketpair"))?;
+        let (ev_agent, ev_zygote) = pair().map_err(RuntimeError::sys("socketpair"))?;
+        // SAFETY: the process has one thread (checked above), so the child is a complete copy in which any code
+        // may run; it never returns into the caller's code (it exits with _exit).
+        match unsafe { fork() }.map_err(RuntimeError::sys("fork"))? {
+            ForkResult::Child => {
+                drop(req_agent);
+                drop(ev_agent);
+                let code = server::serve(req_zygote, ev_zygote);
+                // SAFETY: _exit ends the process without running the parent's atexit handlers or flushing stdio
+                // buffers that were copied from it.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => Ok(Self { requests: Mutex::new(req_agent), events: ev_agent, pid: child }),
+        }
+    }
+
+    /// The zygote's PID.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Splits off the socket on which exit events arrive (read by the runtime's event task).
+    pub(crate) fn into_parts(self) -> (ZygoteRequests, OwnedFd) {
+        (ZygoteRequests { requests: self.requests, pid: self.pid }, self.events)
+    }
+}
+
+/// The request half of a [`Zygote`].
+#[derive(Debug)]
+pub(crate) struct ZygoteRequests {
+    requests: Mutex<OwnedFd>,
+    #[allow(dead_code)]
+    pid: Pid,
+}
+
+impl ZygoteRequests {
+    /// Sends a request and waits for its reply (blocking: call from `spawn_blocking`).
+    pub(crate) fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Reply, RuntimeError> {
+        let sock = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        wire::send(sock.as_fd(), req, fds).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+        let (reply, _fds): (Reply, _) = wire::recv(sock.as_fd()).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+        Ok(reply)
+    }
+}

@@ -1,0 +1,199 @@
+//! The zygote's side: a poll loop over the request socket and a SIGCHLD self-pipe.
+
+use std::collections::HashSet;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::wire::{self, WireError};
+use super::{Exited, Reply, Request};
+
+/// Write end of the SIGCHLD self-pipe (the handler may only make async-signal-safe calls: one write(2)).
+static SIGCHLD_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_sigchld(_: libc::c_int) {
+    let fd = SIGCHLD_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; the buffer is a valid one-byte static. A full pipe (EAGAIN)
+        // already guarantees a wake-up, so the result is irrelevant.
+        unsafe { libc::write(fd, b"c".as_ptr().cast(), 1) };
+    }
+}
+
+/// Wakes the poll loop on SIGCHLD. (Not signalfd: a blocked SIGCHLD would be inherited by every container.)
+fn sigchld_pipe() -> nix::Result<OwnedFd> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    SIGCHLD_PIPE.store(w.as_raw_fd(), Ordering::Relaxed);
+    std::mem::forget(w); // lives as long as the zygote; the handler refers to it by number
+    let action =
+        SigAction::new(SigHandler::Handler(on_sigchld), SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP, SigSet::empty());
+    // SAFETY: the handler only loads an atomic and calls write(2), both async-signal-safe.
+    unsafe { sigaction(Signal::SIGCHLD, &action) }?;
+    Ok(r)
+}
+
+/// Serves requests until the agent closes the request socket. Returns the exit code.
+pub(super) fn serve(requests: OwnedFd, events: OwnedFd) -> i32 {
+    // If the agent dies, so does the zygote; containers keep running (they are re-adopted on restart).
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's own attributes.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    let _ = prctl_name(b"nodelet-zygote\0");
+    let Ok(sigchld) = sigchld_pipe() else { return 1 };
+    // Processes the agent knows about (container inits, exec'd processes). Every other child (a half-created
+    // container's process after a failure) is reaped silently: a zombie in a container's PID namespace would
+    // keep its init from ever finishing its exit.
+    let mut tracked: HashSet<i32> = HashSet::new();
+    loop {
+        let mut fds =
+            [PollFd::new(requests.as_fd(), PollFlags::POLLIN), PollFd::new(sigchld.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => return 1,
+            Ok(_) => {}
+        }
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        let (request_ready, child_ready) = (ready(&fds[0]), ready(&fds[1]));
+        if child_ready {
+            let mut buf = [0u8; 64];
+            while nix::unistd::read(sigchld.as_raw_fd(), &mut buf).is_ok_and(|n| n > 0) {}
+            for exited in reap_all() {
+                if tracked.remove(&exited.pid) && wire::send(events.as_fd(), &exited, &[]).is_err() {
+                    return 0;
+                }
+            }
+        }
+        if request_ready {
+            let (req, fds): (Request, Vec<OwnedFd>) = match wire::recv(requests.as_fd()) {
+                Ok(r) => r,
+                Err(WireError::Closed) => return 0,
+                Err(e) => {
+                    let _ = wire::send(requests.as_fd(), &Reply::Failed(e.to_string()), &[]);
+                    continue;
+                }
+            };
+            let reply = match handle(req, fds) {
+                Ok(Some(pid)) => {
+                    tracked.insert(pid);
+                    Reply::Pid(pid)
+                }
+                Ok(None) => Reply::Done,
+                Err(message) => Reply::Failed(message),
+            };
+            if wire::send(requests.as_fd(), &reply, &[]).is_err() {
+                return 0;
+            }
+        }
+    }
+}
+
+/// Reaps every exited child.
+fn reap_all() -> Vec<Exited> {
+    let mut out = Vec::new();
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => out.push(Exited { pid: pid.as_raw(), code: Some(code), signal: None }),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                out.push(Exited { pid: pid.as_raw(), code: None, signal: Some(sig as i32) })
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return out,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn prctl_name(name: &[u8]) -> nix::Result<()> {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a valid pointer.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong) };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// Runs one request; `Some(pid)` for requests that create a process.
+fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
+    let chain = |e: &dyn std::error::Error| {
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        msg
+    };
+    match req {
+        Request::Create { id, root, bundle, stdio } => {
+            let builder = with_stdio(ContainerBuilder::new(id, SyscallType::default()), stdio, fds)?;
+            let builder = builder.with_root_path(root).map_err(|e| chain(&e))?;
+            // libcontainer writes the spec's oomScoreAdj to our own /proc/self/oom_score_adj (its children inherit
+            // it): put ours back afterwards so that the next container does not inherit this one's.
+            let saved = std::fs::read_to_string("/proc/self/oom_score_adj").ok();
+            let built = builder.as_init(bundle).with_systemd(false).with_detach(true).build();
+            if let Some(saved) = saved {
+                let _ = std::fs::write("/proc/self/oom_score_adj", saved.trim());
+            }
+            let container = built.map_err(|e| chain(&e))?;
+            let pid = container.pid().ok_or("libcontainer returned a container without a pid")?;
+            Ok(Some(pid.as_raw()))
+        }
+        Request::Start { id, root } => {
+            let mut c = load(&root, &id)?;
+            c.start().map_err(|e| chain(&e))?;
+            Ok(None)
+        }
+        Request::Exec { id, root, args, env, cwd, stdio } => {
+            let builder = with_stdio(ContainerBuilder::new(id, SyscallType::default()), stdio, fds)?;
+            let builder = builder.with_root_path(root).map_err(|e| chain(&e))?;
+            let mut tenant = builder.as_tenant().with_container_args(args).with_detach(true);
+            if !env.is_empty() {
+                tenant = tenant.with_env(env.into_iter().collect());
+            }
+            if cwd.is_some() {
+                tenant = tenant.with_cwd(cwd);
+            }
+            let pid = tenant.build().map_err(|e| chain(&e))?;
+            Ok(Some(pid.as_raw()))
+        }
+        Request::Delete { id, root, force } => {
+            if !root.join(&id).exists() {
+                return Ok(None);
+            }
+            let mut c = load(&root, &id)?;
+            c.delete(force).map_err(|e| chain(&e))?;
+            Ok(None)
+        }
+    }
+}
+
+fn load(root: &Path, id: &str) -> Result<Container, String> {
+    Container::load(root.join(id)).map_err(|e| format!("loading container {id}: {e}"))
+}
+
+/// Attaches the descriptors that came with the request to stdin/stdout/stderr as `stdio` says.
+fn with_stdio(mut b: ContainerBuilder, stdio: [bool; 3], fds: Vec<OwnedFd>) -> Result<ContainerBuilder, String> {
+    let wanted = stdio.iter().filter(|s| **s).count();
+    if fds.len() != wanted {
+        return Err(format!("expected {wanted} stdio descriptors, got {}", fds.len()));
+    }
+    let mut fds = fds.into_iter();
+    let devnull = || -> Result<OwnedFd, String> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(|e| e.to_string())
+    };
+    let mut next = |attached: bool| if attached { Ok(fds.next().expect("counted above")) } else { devnull() };
+    b = b.with_stdin(next(stdio[0])?);
+    b = b.with_stdout(next(stdio[1])?);
+    b = b.with_stderr(next(stdio[2])?);
+    Ok(b)
+}

@@ -1,0 +1,102 @@
+//! Messages between the agent and the zygote: one JSON document per `SOCK_SEQPACKET` packet (message boundaries
+//! for free), file descriptors alongside as `SCM_RIGHTS`.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Largest message: requests carry argv and env, never file contents.
+const MAX_MESSAGE: usize = 256 * 1024;
+const MAX_FDS: usize = 8;
+
+/// Why a message could not be exchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The peer closed its end.
+    #[error("peer closed the connection")]
+    Closed,
+    /// sendmsg/recvmsg failed.
+    #[error("socket: {0}")]
+    Io(#[from] nix::Error),
+    /// Not a message we understand.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Sends `msg` with `fds` attached.
+pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(WireError::Malformed(format!("message of {} bytes exceeds {MAX_MESSAGE}", bytes.len())));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&bytes)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
+            other => return other.map(|_| ()).map_err(WireError::Io),
+        }
+    }
+}
+
+/// Receives one message and the descriptors that came with it (owned by the caller now).
+pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd>), WireError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (len, fds) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
+            Err(e) => return Err(WireError::Io(e)),
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for cmsg in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(received) = cmsg {
+                        // SAFETY: SCM_RIGHTS installed these descriptors in this process just now; nothing else
+                        // refers to them, so each gets exactly one owner.
+                        fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
+                }
+                break (msg.bytes, fds);
+            }
+        }
+    };
+    if len == 0 {
+        return Err(WireError::Closed);
+    }
+    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| WireError::Malformed(e.to_string()))?;
+    Ok((msg, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn messages_and_descriptors_cross_a_seqpacket_pair() {
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        send(a.as_fd(), &vec!["hello".to_string(), "world".into()], &[w.as_fd()]).unwrap();
+        drop(w);
+        let (msg, mut fds): (Vec<String>, _) = recv(b.as_fd()).unwrap();
+        assert_eq!(msg, ["hello", "world"]);
+        assert_eq!(fds.len(), 1);
+        let mut w2 = std::fs::File::from(fds.remove(0));
+        w2.write_all(b"through the passed fd").unwrap();
+        drop(w2);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(out, "through the passed fd");
+
+        drop(a);
+        assert!(matches!(recv::<String>(b.as_fd()), Err(WireError::Closed)));
+    }
+}

@@ -1,0 +1,495 @@
+//! The runtime end to end, as root, inside a cgroup sandbox (a private mount namespace whose cgroup roots are
+//! test-owned children: `integration/scripts/cgroup-sandbox.sh`). Own `main`: the zygote is forked before tokio.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::Signal;
+use nodelet_runtime::{ContainerConfig, ContainerIo, ExecConfig, Mount, Resources, Runtime, Security, Zygote};
+
+const SANDBOX_ENV: &str = "NODELET_TEST_CGROUP_SANDBOX";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // Helper modes for the re-adoption test: a fresh, single-threaded process acting as a restarted agent.
+    if let Some(pos) = args.iter().position(|a| a == "--agent") {
+        let code = agent_mode(&args[pos + 1], &args[pos + 2], Path::new(&args[pos + 3]));
+        std::process::exit(code);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var_os("CI").is_some() {
+            eprintln!("containers: needs root, and CI must run it");
+            std::process::exit(1);
+        }
+        eprintln!("containers: skipped: needs root");
+        println!("0 passed, 0 failed, 1 skipped");
+        return;
+    }
+    if std::env::var_os(SANDBOX_ENV).is_none() {
+        std::process::exit(rerun_in_sandbox(&args));
+    }
+    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
+    // RUST_LOG=debug shows libcontainer's own logs (from the zygote too: the subscriber is set before the fork).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let zygote = Zygote::fork().expect("forking the zygote (first thing, single-threaded)");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let (passed, failed) = rt.block_on(run_all(zygote, filter));
+    println!("{passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// Re-runs this binary inside a cgroup sandbox and removes the sandbox afterwards.
+fn rerun_in_sandbox(args: &[String]) -> i32 {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/scripts/cgroup-sandbox.sh");
+    let name = format!("nodelet-runtime-test-{}", std::process::id());
+    let status = std::process::Command::new("sh")
+        .arg(&script)
+        .args(["run", &name, "--"])
+        .args(args)
+        .env(SANDBOX_ENV, "1")
+        .status()
+        .expect("running cgroup-sandbox.sh");
+    // Processes of the sandbox that outlived the test are reaped by init asynchronously: retry for a while.
+    let mut last = String::new();
+    for _ in 0..50 {
+        match std::process::Command::new("sh").arg(&script).args(["clean", &name]).output() {
+            Ok(o) if o.status.success() && o.stderr.is_empty() => return status.code().unwrap_or(1),
+            Ok(o) => last = String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("containers: cgroup sandbox {name} is still populated after the test: {last}");
+    1
+}
+
+type TestFn = fn(Runtime, Env) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => { vec![$((stringify!($name), (|rt, env| Box::pin($name(rt, env))) as TestFn)),*] };
+}
+
+/// Shared fixture: a busybox root filesystem and the runtime's state dir.
+#[derive(Clone)]
+struct Env {
+    rootfs: PathBuf,
+    state: PathBuf,
+}
+
+async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = Env { rootfs: dir.path().join("rootfs"), state: dir.path().join("state") };
+    busybox_rootfs(&env.rootfs).expect("building the busybox rootfs");
+    let rt = Runtime::new(zygote, &env.state).expect("runtime");
+    let all = tests![
+        exit_codes_and_output,
+        signals_and_grace,
+        oom_kill_is_reported,
+        exec_runs_in_the_container,
+        user_and_capabilities_are_applied,
+        read_only_root_filesystem,
+        bad_input_fails_cleanly,
+        containers_survive_an_agent_restart_and_are_readopted,
+        many_cycles_leak_nothing,
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in all {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let started = Instant::now();
+        let result = tokio::spawn(test(rt.clone(), env.clone())).await;
+        let secs = started.elapsed().as_secs_f64();
+        match result {
+            Ok(Ok(())) => {
+                passed += 1;
+                println!("test {name} ... ok ({secs:.2}s)");
+            }
+            Ok(Err(e)) => {
+                failed += 1;
+                println!("test {name} ... FAILED ({secs:.2}s): {e:#}");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED (panicked): {e}");
+            }
+        }
+    }
+    (passed, failed)
+}
+
+fn busybox_rootfs(root: &Path) -> Result<()> {
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "data"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
+    for applet in ["sh", "true", "false", "echo", "cat", "sleep", "dd", "touch", "id", "grep", "head", "ls", "kill"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/:/bin/sh\n")?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\nextra:x:2000:app\n")?;
+    Ok(())
+}
+
+fn config(env: &Env, id: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        id: id.into(),
+        rootfs: env.rootfs.clone(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        cgroups_path: format!("/nodelet-test/{id}"),
+        hostname: Some(id.into()),
+        ..Default::default()
+    }
+}
+
+fn read_all(mut f: std::fs::File) -> String {
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
+/// Creates, starts and waits for a container; returns (exit, stdout, stderr) after deleting it.
+async fn run(rt: &Runtime, cfg: &ContainerConfig) -> Result<(nodelet_runtime::ContainerExit, String, String)> {
+    let (io, pipes) = ContainerIo::pipes(false)?;
+    let c = rt.create(cfg, io).await?;
+    rt.start(&c).await?;
+    let out = tokio::task::spawn_blocking(move || (read_all(pipes.stdout), read_all(pipes.stderr)));
+    let exit = rt.wait(&c).await;
+    rt.delete(&c).await?;
+    let (stdout, stderr) = out.await?;
+    Ok((exit, stdout, stderr))
+}
+
+async fn exit_codes_and_output(rt: Runtime, env: Env) -> Result<()> {
+    for (cmd, code) in [("true", 0), ("false", 1), ("exit 42", 42)] {
+        let (exit, _, _) = run(&rt, &config(&env, "codes", &["sh", "-c", cmd])).await?;
+        ensure!(exit.code == code && exit.signal.is_none() && !exit.oom_killed, "{cmd}: {exit:?}");
+    }
+    let (exit, out, err) = run(&rt, &config(&env, "output", &["sh", "-c", "echo out; echo err >&2; hostname"])).await?;
+    ensure!(exit.code == 0, "{exit:?}");
+    ensure!(out == "out\noutput\n", "stdout {out:?}");
+    ensure!(err == "err\n", "stderr {err:?}");
+    Ok(())
+}
+
+async fn signals_and_grace(rt: Runtime, env: Env) -> Result<()> {
+    // SIGKILL: 128 + 9.
+    let c = rt.create(&config(&env, "sigkill", &["sleep", "100"]), ContainerIo::default()).await?;
+    rt.start(&c).await?;
+    rt.signal(&c, Signal::SIGKILL)?;
+    let exit = rt.wait(&c).await;
+    rt.delete(&c).await?;
+    ensure!(exit.code == 137 && exit.signal == Some(9) && !exit.oom_killed, "{exit:?}");
+
+    // A process that handles SIGTERM exits within the grace period with its own code.
+    let script = "trap 'exit 3' TERM; echo ready; while true; do sleep 0.05; done";
+    let (io, pipes) = ContainerIo::pipes(false)?;
+    let c = rt.create(&config(&env, "graceful", &["sh", "-c", script]), io).await?;
+    rt.start(&c).await?;
+    let mut first = [0u8; 6];
+    let mut stdout = pipes.stdout;
+    tokio::task::spawn_blocking(move || stdout.read_exact(&mut first)).await??;
+    let started = Instant::now();
+    let exit = rt.stop(&c, Duration::from_secs(10)).await;
+    rt.delete(&c).await?;
+    ensure!(exit.code == 3 && exit.signal.is_none(), "{exit:?}");
+    ensure!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+
+    // PID 1 without a TERM handler ignores SIGTERM: SIGKILL after the grace period.
+    let c = rt.create(&config(&env, "stubborn", &["sleep", "100"]), ContainerIo::default()).await?;
+    rt.start(&c).await?;
+    let started = Instant::now();
+    let exit = rt.stop(&c, Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    rt.delete(&c).await?;
+    ensure!(exit.code == 137 && exit.signal == Some(9), "{exit:?}");
+    ensure!(took >= Duration::from_secs(1) && took < Duration::from_secs(4), "took {took:?}");
+    Ok(())
+}
+
+async fn oom_kill_is_reported(rt: Runtime, env: Env) -> Result<()> {
+    let mut cfg = config(&env, "oom", &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]);
+    cfg.resources = Resources { memory_limit: Some(16 << 20), ..Default::default() };
+    let (exit, _, err) = run(&rt, &cfg).await?;
+    ensure!(exit.code == 137 && exit.oom_killed, "{exit:?} stderr {err:?}");
+    // A container under its limit is not flagged.
+    cfg.command = vec!["dd".into(), "if=/dev/zero".into(), "of=/dev/null".into(), "bs=1M".into(), "count=1".into()];
+    let (exit, _, _) = run(&rt, &cfg).await?;
+    ensure!(exit.code == 0 && !exit.oom_killed, "{exit:?}");
+    Ok(())
+}
+
+async fn exec_runs_in_the_container(rt: Runtime, env: Env) -> Result<()> {
+    let mut cfg = config(&env, "exec", &["sh", "-c", "echo inside > /tmp/marker; sleep 100"]);
+    cfg.env = vec![("GREETING".into(), "hello".into())];
+    let c = rt.create(&cfg, ContainerIo::default()).await?;
+    rt.start(&c).await?;
+    let exec = |args: &[&str]| ExecConfig { args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let mut marker = None;
+    for _ in 0..50 {
+        let (code, out, _) = rt.exec_sync(&c, &exec(&["cat", "/tmp/marker"]), Duration::from_secs(5)).await?;
+        if code == Some(0) {
+            marker = Some(String::from_utf8(out)?);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(marker.as_deref() == Some("inside\n"), "exec saw {marker:?}");
+    let (code, out, err) =
+        rt.exec_sync(&c, &exec(&["sh", "-c", "echo $GREETING; echo oops >&2; exit 7"]), Duration::from_secs(5)).await?;
+    ensure!(code == Some(7), "code {code:?}");
+    ensure!(out == b"hello\n" && err == b"oops\n", "out {out:?} err {err:?}");
+    let started = Instant::now();
+    let (code, _, _) = rt.exec_sync(&c, &exec(&["sleep", "100"]), Duration::from_millis(300)).await?;
+    ensure!(code.is_none() && started.elapsed() < Duration::from_secs(3), "timeout not enforced: {code:?}");
+    let err = rt.exec_sync(&c, &exec(&["/no/such/binary"]), Duration::from_secs(5)).await;
+    let err = err.err().context("exec of a missing binary succeeded")?;
+    ensure!(err.to_string().contains("/no/such/binary"), "message does not name the binary: {err}");
+    rt.delete(&c).await?;
+    Ok(())
+}
+
+async fn user_and_capabilities_are_applied(rt: Runtime, env: Env) -> Result<()> {
+    let status = "grep -E '^(Uid|Gid|Groups|CapEff|NoNewPrivs|Seccomp):' /proc/self/status";
+    let mut cfg = config(&env, "caps", &["sh", "-c", status]);
+    cfg.security = Security {
+        capabilities_drop: vec!["ALL".into()],
+        capabilities_add: vec!["NET_ADMIN".into()],
+        allow_privilege_escalation: Some(false),
+        seccomp: nodelet_runtime::Seccomp::RuntimeDefault,
+        ..Default::default()
+    };
+    let (exit, out, err) = run(&rt, &cfg).await?;
+    ensure!(exit.code == 0, "{exit:?} {err}");
+    let field = |name: &str| out.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
+    ensure!(field("CapEff:").as_deref() == Some("0000000000001000"), "NET_ADMIN only: {out}");
+    ensure!(field("Uid:").is_some_and(|u| u.starts_with('0')), "{out}");
+    ensure!(field("NoNewPrivs:").as_deref() == Some("1"), "{out}");
+    ensure!(field("Seccomp:").as_deref() == Some("2"), "seccomp filter mode: {out}");
+
+    // The image user by name, runAsGroup, and the user's groups from /etc/group plus supplementalGroups.
+    let mut cfg = config(&env, "user", &["id"]);
+    cfg.image.user = Some("app".into());
+    cfg.security.supplemental_groups = vec![3000];
+    let (exit, out, err) = run(&rt, &cfg).await?;
+    ensure!(exit.code == 0, "{exit:?} {err}");
+    ensure!(
+        out.contains("uid=1000(app) gid=1000(app)") && out.contains("2000(extra)") && out.contains("3000"),
+        "{out}"
+    );
+
+    cfg.security.run_as_user = Some(4242);
+    cfg.security.run_as_group = Some(4343);
+    let (_, out, _) = run(&rt, &cfg).await?;
+    ensure!(out.starts_with("uid=4242 gid=4343"), "{out}");
+    Ok(())
+}
+
+async fn read_only_root_filesystem(rt: Runtime, env: Env) -> Result<()> {
+    let mut cfg = config(&env, "ro", &["sh", "-c", "touch /data/x 2>/dev/null && exit 9; touch /scratch/x && echo ok"]);
+    cfg.security.read_only_root_filesystem = true;
+    cfg.mounts = vec![Mount::Tmpfs { destination: "/scratch".into(), size: Some(1 << 20) }];
+    let (exit, out, err) = run(&rt, &cfg).await?;
+    ensure!(exit.code == 0 && out == "ok\n", "{exit:?} {out:?} {err:?}");
+    ensure!(!env.rootfs.join("data/x").exists());
+    Ok(())
+}
+
+/// Nothing of a failed create may be left: no libcontainer state, bundle, record or cgroup.
+fn assert_clean(env: &Env, id: &str) -> Result<()> {
+    for sub in ["libcontainer", "bundles"] {
+        ensure!(!env.state.join(sub).join(id).exists(), "{sub}/{id} left behind");
+    }
+    ensure!(!env.state.join("records").join(format!("{id}.json")).exists(), "record of {id} left behind");
+    for root in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+        let dir = Path::new(root).join("nodelet-test").join(id);
+        ensure!(!dir.exists(), "cgroup {} left behind", dir.display());
+    }
+    Ok(())
+}
+
+async fn bad_input_fails_cleanly(rt: Runtime, env: Env) -> Result<()> {
+    // A binary that does not exist: a typed error with a message a user can act on.
+    let cfg = config(&env, "nobinary", &["/no/such/binary"]);
+    let err = match rt.create(&cfg, ContainerIo::default()).await {
+        Err(e) => e,
+        Ok(c) => match rt.start(&c).await {
+            Err(e) => {
+                rt.delete(&c).await?;
+                e
+            }
+            Ok(()) => bail!("a missing binary started"),
+        },
+    };
+    ensure!(err.to_string().contains("/no/such/binary"), "message does not name the binary: {err}");
+    assert_clean(&env, "nobinary")?;
+
+    let mut cfg = config(&env, "badcap", &["true"]);
+    cfg.security.capabilities_add = vec!["NOT_A_CAP".into()];
+    let err = rt.create(&cfg, ContainerIo::default()).await.expect_err("unknown capability");
+    ensure!(
+        matches!(err, nodelet_runtime::RuntimeError::Spec(nodelet_runtime::SpecError::UnknownCapability(_))),
+        "{err}"
+    );
+    assert_clean(&env, "badcap")?;
+
+    let mut cfg = config(&env, "baduser", &["true"]);
+    cfg.image.user = Some("nobody-here".into());
+    let err = rt.create(&cfg, ContainerIo::default()).await.expect_err("unknown user");
+    ensure!(err.to_string() == "unable to find user nobody-here: no matching entries in passwd file", "{err}");
+    assert_clean(&env, "baduser")?;
+    Ok(())
+}
+
+/// `--agent create|adopt ID STATE`: a fresh process that plays a (re)started agent on the same state dir.
+fn agent_mode(action: &str, id: &str, state: &Path) -> i32 {
+    let zygote = match Zygote::fork() {
+        Ok(z) => z,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let result: Result<()> = rt.block_on(async {
+        let runtime = Runtime::new(zygote, state)?;
+        match action {
+            "create" => {
+                let env = Env { rootfs: state.parent().unwrap().join("rootfs"), state: state.to_path_buf() };
+                let c = runtime.create(&config(&env, id, &["sleep", "1000"]), ContainerIo::default()).await?;
+                runtime.start(&c).await?;
+                println!("{}", c.pid);
+                Ok(())
+            }
+            "adopt" => {
+                let found = runtime.list().await;
+                ensure!(found.len() == 1 && found[0].id == id && found[0].adopted(), "list(): {found:?}");
+                let c = &found[0];
+                let (code, out, _) = runtime
+                    .exec_sync(
+                        c,
+                        &ExecConfig { args: vec!["echo".into(), "adopted".into()], ..Default::default() },
+                        Duration::from_secs(5),
+                    )
+                    .await?;
+                ensure!(code == Some(0) && out == b"adopted\n", "exec into adopted: {code:?}");
+                // Its old parent (the dead zygote) is gone and it was reparented to the nearest subreaper, which is
+                // the test's main process here (systemd on a real node), not this agent: no status for us.
+                let exit = runtime.stop(c, Duration::from_secs(1)).await;
+                ensure!(!exit.status_known && exit.code == 255, "{exit:?}");
+                runtime.delete(c).await?;
+                Ok(())
+            }
+            other => bail!("unknown action {other}"),
+        }
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("agent {action}: {e:#}");
+            1
+        }
+    }
+}
+
+/// Runs this binary as an agent process (see [`agent_mode`]) on `state`.
+fn agent(action: &str, state: &Path) -> std::io::Result<std::process::Output> {
+    std::process::Command::new(std::env::current_exe()?)
+        .args(["--agent", action, "survivor"])
+        .arg(state)
+        .env(SANDBOX_ENV, "1")
+        .output()
+}
+
+async fn containers_survive_an_agent_restart_and_are_readopted(_rt: Runtime, env: Env) -> Result<()> {
+    // A separate state dir: this test's "agents" are other processes.
+    let state = env.state.parent().unwrap().join("state-restart");
+    let st = state.clone();
+    let out = tokio::task::spawn_blocking(move || agent("create", &st)).await??;
+    ensure!(out.status.success(), "create agent: {}", String::from_utf8_lossy(&out.stderr));
+    let pid: i32 = String::from_utf8(out.stdout)?.trim().parse()?;
+    // The agent (and its zygote) are gone; the container is not.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(Path::new(&format!("/proc/{pid}")).exists(), "container {pid} died with its agent");
+    let st = state.clone();
+    let out = tokio::task::spawn_blocking(move || agent("adopt", &st)).await??;
+    ensure!(out.status.success(), "adopting agent: {}", String::from_utf8_lossy(&out.stderr));
+    let mut gone = false;
+    for _ in 0..100 {
+        if exited(pid) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(gone, "adopted container {pid} was not stopped");
+    // The helper agents' zygotes died with them and were reparented to this process (the subreaper): reap them.
+    while let Ok(status) = nix::sys::wait::waitpid(None::<nix::unistd::Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+    {
+        if status == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
+    }
+    ensure!(!state.join("records/survivor.json").exists() && !state.join("libcontainer/survivor").exists());
+    Ok(())
+}
+
+/// Whether `pid` has exited; a zombie reparented to this process (the subreaper) is reaped on the way, as PID 1
+/// would reap it on a real node.
+fn exited(pid: i32) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()));
+    match state {
+        None => true,
+        Some('Z') => {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            true
+        }
+        Some(_) => false,
+    }
+}
+
+fn count_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+fn count_mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo").map(|m| m.lines().count()).unwrap_or(0)
+}
+
+fn zombies() -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+            let mut fields = rest.split(' ');
+            fields.next() == Some("Z") && fields.next() == Some(me.as_str())
+        })
+        .count()
+}
+
+async fn many_cycles_leak_nothing(rt: Runtime, env: Env) -> Result<()> {
+    // Warm up once so lazily opened descriptors (tokio, blocking pool) are counted in the baseline.
+    run(&rt, &config(&env, "cycle", &["true"])).await?;
+    let (fds, mounts) = (count_fds(), count_mounts());
+    for i in 0..200 {
+        let (exit, _, _) = run(&rt, &config(&env, "cycle", &["true"])).await?;
+        ensure!(exit.code == 0, "cycle {i}: {exit:?}");
+    }
+    ensure!(count_fds() <= fds, "fds grew from {fds} to {}", count_fds());
+    ensure!(count_mounts() == mounts, "mounts changed from {mounts} to {}", count_mounts());
+    ensure!(zombies() == 0, "zombie children left");
+    assert_clean(&env, "cycle")?;
+    Ok(())
+}
