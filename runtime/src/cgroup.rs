@@ -57,11 +57,12 @@ pub fn remove_unified(layout: Layout, cgroups_path: &str) {
         return;
     }
     let dir = unified_dir(layout, cgroups_path).expect("hybrid has a unified tree");
-    for _ in 0..50 {
+    // A cgroup stays busy for a moment after its last process is reaped: retry, quickly at first (~1 s in all).
+    for attempt in 0..60u64 {
         match std::fs::remove_dir(&dir) {
             Ok(()) => return,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(_) => std::thread::sleep(std::time::Duration::from_micros(200 * attempt.min(100))),
         }
     }
     tracing::warn!(dir = %dir.display(), "unified cgroup still busy; left behind");

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::cgroup::{self, Layout};
 use crate::config::{ContainerConfig, ExecConfig};
 use crate::error::RuntimeError;
+use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::spec;
 use crate::state::{self, Record};
 use crate::zygote::{Exited, Reply, Request, Zygote, ZygoteRequests, wire};
@@ -105,12 +106,12 @@ struct Inner {
 }
 
 impl Runtime {
-    /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`). Must be called inside
+    /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`, `sandboxes/`). Must be called inside
     /// a tokio runtime: it spawns the task that receives exit events from the zygote. Makes this process a child
     /// subreaper, so that container processes whose zygote died are still reparented to the agent.
     pub fn new(zygote: Zygote, root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
         let root = root.into();
-        for dir in ["libcontainer", "bundles", "records"] {
+        for dir in ["libcontainer", "bundles", "records", "sandboxes"] {
             std::fs::create_dir_all(root.join(dir))
                 .map_err(|source| RuntimeError::State { path: root.join(dir), source })?;
         }
@@ -328,7 +329,7 @@ impl Runtime {
             Reply::Failed(message) => Err(RuntimeError::Delete { id: c.id.clone(), message }),
             other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
         };
-        self.cleanup(&c.id, &c.cgroups_path).await;
+        self.remove_files(&c.id, &c.cgroups_path);
         self.inner.exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid);
         result
     }
@@ -337,6 +338,10 @@ impl Runtime {
     async fn cleanup(&self, id: &str, cgroups_path: &str) {
         let req = Request::Delete { id: id.into(), root: self.libcontainer_root(), force: true };
         let _ = self.call(req, vec![]).await;
+        self.remove_files(id, cgroups_path);
+    }
+
+    fn remove_files(&self, id: &str, cgroups_path: &str) {
         cgroup::remove_unified(self.inner.layout, cgroups_path);
         let _ = std::fs::remove_dir_all(self.inner.root.join("bundles").join(id));
         Record::remove(&self.records(), id);
@@ -363,6 +368,34 @@ impl Runtime {
             }
         }
         live
+    }
+
+    /// Creates a pod sandbox: the pod's own network (loopback up), IPC and UTS namespaces as configured, kept as
+    /// namespace files under `<root>/sandboxes/<id>`.
+    pub async fn create_sandbox(&self, config: &SandboxConfig) -> Result<Sandbox, RuntimeError> {
+        let dir = self.inner.root.join("sandboxes").join(&config.id);
+        let req = Request::CreateSandbox { config: config.clone(), dir: dir.clone() };
+        match self.call(req, vec![]).await? {
+            Reply::Done => Ok(Sandbox::open(&config.id, &dir)),
+            Reply::Failed(message) => Err(RuntimeError::Sandbox { id: config.id.clone(), message }),
+            other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Removes a sandbox (after its containers are gone).
+    pub async fn remove_sandbox(&self, sandbox: &Sandbox) -> Result<(), RuntimeError> {
+        let sb = sandbox.clone();
+        tokio::task::spawn_blocking(move || sb.remove())
+            .await
+            .map_err(|e| RuntimeError::Zygote(e.to_string()))?
+            .map_err(|e| RuntimeError::Sandbox { id: sandbox.id.clone(), message: e.to_string() })
+    }
+
+    /// The sandboxes that exist on disk (after an agent restart: their namespaces are still mounted).
+    pub fn list_sandboxes(&self) -> Vec<Sandbox> {
+        let dir = self.inner.root.join("sandboxes");
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+        entries.flatten().filter_map(|e| Some(Sandbox::open(e.file_name().to_str()?, &e.path()))).collect()
     }
 
     /// The runtime's state directory.

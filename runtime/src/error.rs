@@ -60,6 +60,14 @@ pub enum RuntimeError {
         /// libcontainer's error chain.
         message: String,
     },
+    /// Creating or removing a pod sandbox failed.
+    #[error("failed to set up sandbox {id}: {message}")]
+    Sandbox {
+        /// Sandbox ID.
+        id: String,
+        /// What failed.
+        message: String,
+    },
     /// No such container.
     #[error("container {0} not found")]
     NotFound(String),

@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod config;
 mod container;
 pub mod error;
+pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
 pub mod state;
@@ -18,4 +19,5 @@ pub use config::{
 };
 pub use container::{Container, ContainerExit, ContainerIo, IoPipes, Runtime};
 pub use error::{RuntimeError, SpecError};
+pub use sandbox::{Sandbox, SandboxConfig};
 pub use zygote::Zygote;

@@ -7,9 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
-use nodelet_runtime::{ContainerConfig, ContainerIo, ExecConfig, Mount, Resources, Runtime, Security, Zygote};
+use nodelet_runtime::{
+    ContainerConfig, ContainerIo, ExecConfig, Mount, Namespace, Resources, Runtime, SandboxConfig, Security, Zygote,
+};
 
-const SANDBOX_ENV: &str = "NODELET_TEST_CGROUP_SANDBOX";
+mod support;
+
+use support::{SANDBOX_ENV, busybox_rootfs, rerun_in_sandbox};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -44,31 +48,6 @@ fn main() {
     std::process::exit(if failed == 0 { 0 } else { 1 });
 }
 
-/// Re-runs this binary inside a cgroup sandbox and removes the sandbox afterwards.
-fn rerun_in_sandbox(args: &[String]) -> i32 {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/scripts/cgroup-sandbox.sh");
-    let name = format!("nodelet-runtime-test-{}", std::process::id());
-    let status = std::process::Command::new("sh")
-        .arg(&script)
-        .args(["run", &name, "--"])
-        .args(args)
-        .env(SANDBOX_ENV, "1")
-        .status()
-        .expect("running cgroup-sandbox.sh");
-    // Processes of the sandbox that outlived the test are reaped by init asynchronously: retry for a while.
-    let mut last = String::new();
-    for _ in 0..50 {
-        match std::process::Command::new("sh").arg(&script).args(["clean", &name]).output() {
-            Ok(o) if o.status.success() && o.stderr.is_empty() => return status.code().unwrap_or(1),
-            Ok(o) => last = String::from_utf8_lossy(&o.stderr).into_owned(),
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("containers: cgroup sandbox {name} is still populated after the test: {last}");
-    1
-}
-
 type TestFn = fn(Runtime, Env) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 macro_rules! tests {
@@ -96,6 +75,7 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         read_only_root_filesystem,
         bad_input_fails_cleanly,
         containers_survive_an_agent_restart_and_are_readopted,
+        containers_share_the_pod_sandbox,
         many_cycles_leak_nothing,
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -122,19 +102,6 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         }
     }
     (passed, failed)
-}
-
-fn busybox_rootfs(root: &Path) -> Result<()> {
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "data"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
-    for applet in ["sh", "true", "false", "echo", "cat", "sleep", "dd", "touch", "id", "grep", "head", "ls", "kill"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/:/bin/sh\n")?;
-    std::fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\nextra:x:2000:app\n")?;
-    Ok(())
 }
 
 fn config(env: &Env, id: &str, command: &[&str]) -> ContainerConfig {
@@ -491,5 +458,65 @@ async fn many_cycles_leak_nothing(rt: Runtime, env: Env) -> Result<()> {
     ensure!(count_mounts() == mounts, "mounts changed from {mounts} to {}", count_mounts());
     ensure!(zombies() == 0, "zombie children left");
     assert_clean(&env, "cycle")?;
+    Ok(())
+}
+
+/// `net:[4026532000]`, as `readlink /proc/self/ns/net` prints it, for a namespace file.
+fn ns_id(kind: &str, file: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(format!("{kind}:[{}]", std::fs::metadata(file)?.ino()))
+}
+
+async fn containers_share_the_pod_sandbox(rt: Runtime, env: Env) -> Result<()> {
+    let config_sb =
+        SandboxConfig { id: "pod1".into(), hostname: Some("pod-one".into()), network: true, ipc: true, uts: true };
+    let sb = rt.create_sandbox(&config_sb).await?;
+    let in_pod = |id: &str, cmd: &[&str]| {
+        let mut c = config(&env, id, cmd);
+        c.namespaces = sb.namespaces(Namespace::Private);
+        c.hostname = None;
+        c
+    };
+    // Two containers of the pod talk over the pod's loopback.
+    let server =
+        rt.create(&in_pod("pod1-server", &["sh", "-c", "echo pong | nc -l -p 8080"]), ContainerIo::default()).await?;
+    rt.start(&server).await?;
+    let client = "for i in $(seq 100); do nc 127.0.0.1 8080 </dev/null && exit 0; sleep 0.05; done; exit 1";
+    let (exit, out, err) = run(&rt, &in_pod("pod1-client", &["sh", "-c", client])).await?;
+    ensure!(exit.code == 0 && out == "pong\n", "{exit:?} {out:?} {err:?}");
+    rt.wait(&server).await;
+    rt.delete(&server).await?;
+
+    // Every container of the pod is in the sandbox's net, IPC and UTS namespaces (not the host's).
+    let (exit, out, _) = run(
+        &rt,
+        &in_pod("pod1-ns", &["sh", "-c", "for n in net ipc uts; do readlink /proc/self/ns/$n; done; hostname"]),
+    )
+    .await?;
+    ensure!(exit.code == 0, "{exit:?}");
+    let want = format!(
+        "{}\n{}\n{}\npod-one\n",
+        ns_id("net", sb.net.as_ref().context("net ns")?)?,
+        ns_id("ipc", sb.ipc.as_ref().context("ipc ns")?)?,
+        ns_id("uts", sb.uts.as_ref().context("uts ns")?)?
+    );
+    ensure!(out == want, "container saw {out:?}, sandbox is {want:?}");
+    ensure!(ns_id("net", sb.net.as_ref().unwrap())? != ns_id("net", Path::new("/proc/self/ns/net"))?);
+    ensure!(rt.list_sandboxes() == vec![sb.clone()], "list_sandboxes: {:?}", rt.list_sandboxes());
+
+    rt.remove_sandbox(&sb).await?;
+    ensure!(!sb.dir.exists(), "sandbox dir left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(!mounts.contains(&sb.dir.to_string_lossy().to_string()), "namespace mounts left behind");
+
+    // hostNetwork: the pod uses the host's network and UTS namespaces.
+    let host = SandboxConfig { id: "pod2".into(), hostname: None, network: false, ipc: true, uts: false };
+    let sb = rt.create_sandbox(&host).await?;
+    let ns = sb.namespaces(Namespace::Private);
+    ensure!(
+        ns.network == Namespace::Host && ns.uts == Namespace::Host && matches!(ns.ipc, Namespace::Join(_)),
+        "{ns:?}"
+    );
+    rt.remove_sandbox(&sb).await?;
     Ok(())
 }

@@ -36,6 +36,8 @@ pub(crate) enum Request {
         cwd: Option<PathBuf>,
         stdio: [bool; 3],
     },
+    /// Create a pod sandbox's namespaces as bind-mounted files in `dir`.
+    CreateSandbox { config: crate::sandbox::SandboxConfig, dir: PathBuf },
     /// Delete the container (killing it first when `force`).
     Delete { id: String, root: PathBuf, force: bool },
 }

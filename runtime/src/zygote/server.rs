@@ -161,6 +161,7 @@ fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
             let pid = tenant.build().map_err(|e| chain(&e))?;
             Ok(Some(pid.as_raw()))
         }
+        Request::CreateSandbox { config, dir } => crate::sandbox::create(&config, &dir).map(|()| None),
         Request::Delete { id, root, force } => {
             if !root.join(&id).exists() {
                 return Ok(None);
