@@ -76,8 +76,7 @@ impl Sandbox {
 
 /// Whether `path` is a mounted namespace file.
 fn is_nsfs(path: &Path) -> bool {
-    const NSFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x6e73_6673);
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
 }
 
 /// Zygote side: creates the namespaces in a forked child and bind-mounts them into `dir`. On failure nothing is
