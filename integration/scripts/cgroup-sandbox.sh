@@ -31,6 +31,13 @@ roots() {  # prints "mountpoint source" pairs
 case $cmd in
 run)
   shift 2; [ "${1:-}" = -- ] && shift
+  if [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]; then
+    # Make the controllers available to the sandbox root (possible where the parent holds no processes, or is
+    # the root cgroup, as in the test VM; elsewhere they must already be enabled).
+    mine=$(awk -F: '$1=="0"{print $3}' /proc/self/cgroup)
+    parent=/sys/fs/cgroup${mine%/}
+    for c in $(cat "$parent/cgroup.controllers"); do echo "+$c" > "$parent/cgroup.subtree_control" 2>/dev/null || true; done
+  fi
   roots | while read -r mnt src; do
     mkdir -p "$src"
     case $mnt in */cpuset/)

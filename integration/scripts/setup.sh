@@ -27,4 +27,10 @@ done
 
 "$here/build-control-plane.sh" >/dev/null
 "$here/build-images.sh" >/dev/null
+# The pure cgroup v2 test VM (kernel from Debian's archive, busybox initramfs), rebuilt when its script changes.
+export CGV2_CACHE=${CGV2_CACHE:-${NODELET_TEST_CACHE:-/var/cache/nodelet-test}/cgv2-vm}
+stamp=$(sha256sum < "$here/cgv2-vm.sh" | cut -c1-16)
+if [ "$(cat "$CGV2_CACHE/stamp" 2>/dev/null)" != "$stamp" ]; then
+  "$here/cgv2-vm.sh" setup >/dev/null && echo "$stamp" > "$CGV2_CACHE/stamp"
+fi
 echo "setup: ok" >&2

@@ -37,10 +37,8 @@ fn main() {
     }
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
     // RUST_LOG=debug shows libcontainer's own logs (from the zygote too: the subscriber is set before the fork).
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    let log_filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into());
+    tracing_subscriber::fmt().with_env_filter(log_filter).with_writer(std::io::stderr).init();
     let zygote = Zygote::fork().expect("forking the zygote (first thing, single-threaded)");
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let (passed, failed) = rt.block_on(run_all(zygote, filter));
@@ -199,15 +197,25 @@ async fn exec_runs_in_the_container(rt: Runtime, env: Env) -> Result<()> {
     rt.start(&c).await?;
     let exec = |args: &[&str]| ExecConfig { args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
     let mut marker = None;
-    for _ in 0..50 {
-        let (code, out, _) = rt.exec_sync(&c, &exec(&["cat", "/tmp/marker"]), Duration::from_secs(5)).await?;
+    let mut last = None;
+    for _ in 0..100 {
+        let (code, out, err) = rt.exec_sync(&c, &exec(&["cat", "/tmp/marker"]), Duration::from_secs(5)).await?;
         if code == Some(0) {
             marker = Some(String::from_utf8(out)?);
             break;
         }
+        last = Some((code, String::from_utf8_lossy(&err).into_owned()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    ensure!(marker.as_deref() == Some("inside\n"), "exec saw {marker:?}");
+    if marker.as_deref() != Some("inside\n") {
+        let debug = "ls -la /tmp; tr '\\0' ' ' < /proc/1/cmdline; echo; cat /proc/1/status | head -3";
+        let (_, out, err) = rt.exec_sync(&c, &exec(&["sh", "-c", debug]), Duration::from_secs(5)).await?;
+        bail!(
+            "exec saw {marker:?}; last attempt: {last:?}; in the container: {} {}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        );
+    }
     let (code, out, err) =
         rt.exec_sync(&c, &exec(&["sh", "-c", "echo $GREETING; echo oops >&2; exit 7"]), Duration::from_secs(5)).await?;
     ensure!(code == Some(7), "code {code:?}");
