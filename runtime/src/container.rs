@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use oci_spec::runtime::Spec;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
@@ -70,6 +71,15 @@ pub struct ContainerExit {
     pub status_known: bool,
 }
 
+/// A process started by [`Runtime::exec`].
+#[derive(Debug)]
+pub struct ExecProcess {
+    /// Its PID (see [`Runtime::wait_exec`]).
+    pub pid: i32,
+    /// The master side of its terminal, when it was started with one.
+    pub pty: Option<File>,
+}
+
 /// A created container.
 #[derive(Debug, Clone)]
 pub struct Container {
@@ -80,11 +90,17 @@ pub struct Container {
     /// Its cgroup path.
     pub cgroups_path: String,
     pidfd: Arc<OwnedFd>,
+    pty: Option<Arc<OwnedFd>>,
     /// Re-adopted after an agent restart: exits are seen through the pidfd only.
     adopted: bool,
 }
 
 impl Container {
+    /// The master side of the container's terminal (`tty: true`), for attach and the log reader.
+    pub fn pty(&self) -> Option<&OwnedFd> {
+        self.pty.as_deref()
+    }
+
     /// Whether it was found again after a restart rather than created by this runtime.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -103,6 +119,7 @@ struct Inner {
     root: PathBuf,
     layout: Layout,
     exits: Mutex<HashMap<i32, watch::Sender<Option<Exited>>>>,
+    exec_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Runtime {
@@ -119,7 +136,13 @@ impl Runtime {
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
         nix::errno::Errno::result(rc).map_err(RuntimeError::sys("PR_SET_CHILD_SUBREAPER"))?;
         let (requests, events) = zygote.into_parts();
-        let inner = Arc::new(Inner { zygote: requests, root, layout: cgroup::layout(), exits: Mutex::default() });
+        let inner = Arc::new(Inner {
+            zygote: requests,
+            root,
+            layout: cgroup::layout(),
+            exits: Mutex::default(),
+            exec_seq: Default::default(),
+        });
         nix::fcntl::fcntl(events.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
             .map_err(RuntimeError::sys("O_NONBLOCK"))?;
         let events = async_fd(events).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
@@ -140,7 +163,7 @@ impl Runtime {
         self.inner.root.join("records")
     }
 
-    async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, RuntimeError> {
+    async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<(Reply, Vec<OwnedFd>), RuntimeError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
@@ -160,15 +183,21 @@ impl Runtime {
         state::write_atomic(&bundle.join("config.json"), &json)?;
         let stdio = [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()];
         let fds: Vec<OwnedFd> = [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect();
-        let req = Request::Create { id: cfg.id.clone(), root: self.libcontainer_root(), bundle: bundle.clone(), stdio };
+        let req = Request::Create {
+            id: cfg.id.clone(),
+            root: self.libcontainer_root(),
+            bundle: bundle.clone(),
+            stdio,
+            tty: cfg.tty,
+        };
         let fail = |message: String| RuntimeError::Create { id: cfg.id.clone(), message };
-        let pid = match self.call(req, fds).await {
-            Ok(Reply::Pid(pid)) => pid,
-            Ok(Reply::Failed(message)) => {
+        let (pid, pty) = match self.call(req, fds).await {
+            Ok((Reply::Pid(pid), mut fds)) => (pid, fds.pop()),
+            Ok((Reply::Failed(message), _)) => {
                 self.cleanup(&cfg.id, &cfg.cgroups_path).await;
                 return Err(fail(message));
             }
-            Ok(other) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+            Ok((other, _)) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
             Err(e) => {
                 self.cleanup(&cfg.id, &cfg.cgroups_path).await;
                 return Err(e);
@@ -189,6 +218,7 @@ impl Runtime {
                 pid,
                 cgroups_path: cfg.cgroups_path.clone(),
                 pidfd: Arc::new(pidfd),
+                pty: pty.map(Arc::new),
                 adopted: false,
             }),
             Err(e) => {
@@ -200,7 +230,7 @@ impl Runtime {
 
     /// Starts a created container (its init execs the process).
     pub async fn start(&self, c: &Container) -> Result<(), RuntimeError> {
-        match self.call(Request::Start { id: c.id.clone(), root: self.libcontainer_root() }, vec![]).await? {
+        match self.call(Request::Start { id: c.id.clone(), root: self.libcontainer_root() }, vec![]).await?.0 {
             Reply::Done => Ok(()),
             Reply::Failed(message) => Err(RuntimeError::Start { id: c.id.clone(), message }),
             other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
@@ -258,23 +288,41 @@ impl Runtime {
         self.wait(c).await
     }
 
-    /// Starts `exec` in the running container; returns its PID (see [`Runtime::wait_exec`]).
-    pub async fn exec(&self, c: &Container, exec: &ExecConfig, io: ContainerIo) -> Result<i32, RuntimeError> {
-        let stdio = [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()];
-        let fds: Vec<OwnedFd> = [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect();
-        let env = exec.env.iter().map(|kv| kv.split_once('=').unwrap_or((kv, ""))).map(|(k, v)| (k.into(), v.into()));
+    /// Starts `exec` in the running container as the container's own process does (user, capabilities,
+    /// no_new_privs, working directory, environment plus `exec.env`), with a terminal when `exec.tty`.
+    pub async fn exec(&self, c: &Container, exec: &ExecConfig, io: ContainerIo) -> Result<ExecProcess, RuntimeError> {
+        let fail = |message: String| RuntimeError::Exec { id: c.id.clone(), message };
+        let bundle = self.inner.root.join("bundles").join(&c.id);
+        let spec =
+            Spec::load(bundle.join("config.json")).map_err(|e| fail(format!("reading the container spec: {e}")))?;
+        let mut process = spec.process().clone().ok_or_else(|| fail("the container spec has no process".into()))?;
+        let mut env: Vec<String> = process.env().clone().unwrap_or_default();
+        for kv in &exec.env {
+            let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+            env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
+            env.push(kv.clone());
+        }
+        process.set_args(Some(exec.args.clone())).set_env(Some(env)).set_terminal(Some(exec.tty));
+        let n = self.inner.exec_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let process_file = bundle.join(format!("exec-{n}.json"));
+        let json = serde_json::to_vec(&process).map_err(|e| fail(e.to_string()))?;
+        std::fs::write(&process_file, json).map_err(|e| fail(format!("{}: {e}", process_file.display())))?;
+        let stdio = if exec.tty { [false; 3] } else { [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()] };
+        let fds: Vec<OwnedFd> =
+            if exec.tty { vec![] } else { [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect() };
         let req = Request::Exec {
             id: c.id.clone(),
             root: self.libcontainer_root(),
-            args: exec.args.clone(),
-            env: env.collect(),
-            cwd: None,
+            process: process_file.clone(),
             stdio,
+            tty: exec.tty,
         };
-        match self.call(req, fds).await? {
-            Reply::Pid(pid) => Ok(pid),
-            Reply::Failed(message) => Err(RuntimeError::Exec { id: c.id.clone(), message }),
-            other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+        let reply = self.call(req, fds).await;
+        let _ = std::fs::remove_file(&process_file);
+        match reply? {
+            (Reply::Pid(pid), mut fds) => Ok(ExecProcess { pid, pty: fds.pop().map(File::from) }),
+            (Reply::Failed(message), _) => Err(fail(message)),
+            (other, _) => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -294,7 +342,7 @@ impl Runtime {
         timeout: Duration,
     ) -> Result<(Option<i32>, Vec<u8>, Vec<u8>), RuntimeError> {
         let (io, pipes) = ContainerIo::pipes(false)?;
-        let pid = self.exec(c, exec, io).await?;
+        let pid = self.exec(c, &ExecConfig { tty: false, ..exec.clone() }, io).await?.pid;
         let read = |mut f: File| {
             tokio::task::spawn_blocking(move || {
                 let mut buf = Vec::new();
@@ -324,7 +372,7 @@ impl Runtime {
             self.wait_pid(c.pid).await;
         }
         let req = Request::Delete { id: c.id.clone(), root: self.libcontainer_root(), force: true };
-        let result = match self.call(req, vec![]).await? {
+        let result = match self.call(req, vec![]).await?.0 {
             Reply::Done => Ok(()),
             Reply::Failed(message) => Err(RuntimeError::Delete { id: c.id.clone(), message }),
             other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
@@ -359,6 +407,7 @@ impl Runtime {
                     pid: r.pid,
                     cgroups_path: r.cgroups_path,
                     pidfd: Arc::new(pidfd),
+                    pty: None,
                     adopted: true,
                 }),
                 None => {
@@ -375,7 +424,7 @@ impl Runtime {
     pub async fn create_sandbox(&self, config: &SandboxConfig) -> Result<Sandbox, RuntimeError> {
         let dir = self.inner.root.join("sandboxes").join(&config.id);
         let req = Request::CreateSandbox { config: config.clone(), dir: dir.clone() };
-        match self.call(req, vec![]).await? {
+        match self.call(req, vec![]).await?.0 {
             Reply::Done => Ok(Sandbox::open(&config.id, &dir)),
             Reply::Failed(message) => Err(RuntimeError::Sandbox { id: config.id.clone(), message }),
             other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),

@@ -17,7 +17,7 @@ pub mod zygote;
 pub use config::{
     ContainerConfig, ExecConfig, ImageConfig, Mount, Namespace, Namespaces, Resources, Seccomp, Security,
 };
-pub use container::{Container, ContainerExit, ContainerIo, IoPipes, Runtime};
+pub use container::{Container, ContainerExit, ContainerIo, ExecProcess, IoPipes, Runtime};
 pub use error::{RuntimeError, SpecError};
 pub use sandbox::{Sandbox, SandboxConfig};
 pub use zygote::Zygote;

@@ -74,6 +74,7 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         bad_input_fails_cleanly,
         containers_survive_an_agent_restart_and_are_readopted,
         containers_share_the_pod_sandbox,
+        terminals_for_containers_and_exec,
         many_cycles_leak_nothing,
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -526,5 +527,51 @@ async fn containers_share_the_pod_sandbox(rt: Runtime, env: Env) -> Result<()> {
         "{ns:?}"
     );
     rt.remove_sandbox(&sb).await?;
+    Ok(())
+}
+
+/// Everything a terminal master yields until the other side is closed (EIO).
+fn read_pty(mut pty: std::fs::File) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match pty.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn terminals_for_containers_and_exec(rt: Runtime, env: Env) -> Result<()> {
+    use std::io::Write;
+    // A container with `tty: true` gets a terminal whose master the runtime hands back.
+    let mut cfg = config(&env, "tty", &["sh", "-c", "tty; exit 4"]);
+    cfg.tty = true;
+    let c = rt.create(&cfg, ContainerIo::default()).await?;
+    let pty = std::fs::File::from(c.pty().context("a tty container has a terminal")?.try_clone()?);
+    rt.start(&c).await?;
+    let out = tokio::task::spawn_blocking(move || read_pty(pty));
+    let exit = rt.wait(&c).await;
+    rt.delete(&c).await?;
+    let out = out.await?;
+    ensure!(exit.code == 4, "{exit:?}");
+    ensure!(out.contains("/dev/pts/"), "tty printed {out:?}");
+
+    // An interactive exec with a terminal, as the container's own user.
+    let mut cfg = config(&env, "tty-exec", &["sleep", "100"]);
+    cfg.image.user = Some("app".into());
+    let c = rt.create(&cfg, ContainerIo::default()).await?;
+    rt.start(&c).await?;
+    let exec = ExecConfig { args: vec!["sh".into()], tty: true, ..Default::default() };
+    let p = rt.exec(&c, &exec, ContainerIo::default()).await?;
+    let mut pty = p.pty.context("exec with tty has a terminal")?;
+    pty.write_all(b"echo $((6*7)) $(id -u); exit 9\n")?;
+    let out = tokio::task::spawn_blocking(move || read_pty(pty));
+    let code = rt.wait_exec(p.pid).await;
+    let out = out.await?;
+    ensure!(code == 9, "exit code {code}");
+    ensure!(out.contains("42 1000"), "terminal showed {out:?}");
+    rt.delete(&c).await?;
     Ok(())
 }

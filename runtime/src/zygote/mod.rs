@@ -24,18 +24,11 @@ use crate::error::RuntimeError;
 pub(crate) enum Request {
     /// Create (but do not start) a container from the bundle; `stdio` says which of stdin/stdout/stderr are
     /// attached (the rest are /dev/null).
-    Create { id: String, root: PathBuf, bundle: PathBuf, stdio: [bool; 3] },
+    Create { id: String, root: PathBuf, bundle: PathBuf, stdio: [bool; 3], tty: bool },
     /// Let a created container's init exec its process.
     Start { id: String, root: PathBuf },
-    /// Run another process in a running container.
-    Exec {
-        id: String,
-        root: PathBuf,
-        args: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: Option<PathBuf>,
-        stdio: [bool; 3],
-    },
+    /// Run another process (an OCI `process` JSON file) in a running container.
+    Exec { id: String, root: PathBuf, process: PathBuf, stdio: [bool; 3], tty: bool },
     /// Create a pod sandbox's namespaces as bind-mounted files in `dir`.
     CreateSandbox { config: crate::sandbox::SandboxConfig, dir: PathBuf },
     /// Delete the container (killing it first when `force`).
@@ -123,10 +116,9 @@ pub(crate) struct ZygoteRequests {
 
 impl ZygoteRequests {
     /// Sends a request and waits for its reply (blocking: call from `spawn_blocking`).
-    pub(crate) fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Reply, RuntimeError> {
+    pub(crate) fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Reply, Vec<OwnedFd>), RuntimeError> {
         let sock = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         wire::send(sock.as_fd(), req, fds).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
-        let (reply, _fds): (Reply, _) = wire::recv(sock.as_fd()).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
-        Ok(reply)
+        wire::recv(sock.as_fd()).map_err(|e| RuntimeError::Zygote(e.to_string()))
     }
 }

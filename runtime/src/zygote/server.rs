@@ -2,7 +2,8 @@
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use libcontainer::container::Container;
@@ -80,15 +81,16 @@ pub(super) fn serve(requests: OwnedFd, events: OwnedFd) -> i32 {
                     continue;
                 }
             };
-            let reply = match handle(req, fds) {
-                Ok(Some(pid)) => {
+            let (reply, pty) = match handle(req, fds) {
+                Ok((Some(pid), pty)) => {
                     tracked.insert(pid);
-                    Reply::Pid(pid)
+                    (Reply::Pid(pid), pty)
                 }
-                Ok(None) => Reply::Done,
-                Err(message) => Reply::Failed(message),
+                Ok((None, _)) => (Reply::Done, None),
+                Err(message) => (Reply::Failed(message), None),
             };
-            if wire::send(requests.as_fd(), &reply, &[]).is_err() {
+            let attached: Vec<_> = pty.iter().map(|f| f.as_fd()).collect();
+            if wire::send(requests.as_fd(), &reply, &attached).is_err() {
                 return 0;
             }
         }
@@ -116,8 +118,8 @@ fn prctl_name(name: &[u8]) -> nix::Result<()> {
     nix::errno::Errno::result(rc).map(drop)
 }
 
-/// Runs one request; `Some(pid)` for requests that create a process.
-fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
+/// Runs one request: the PID of the process it created, if any, and that process's terminal master, if any.
+fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<(Option<i32>, Option<OwnedFd>), String> {
     let chain = |e: &dyn std::error::Error| {
         let mut msg = e.to_string();
         let mut src = e.source();
@@ -129,9 +131,11 @@ fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
         msg
     };
     match req {
-        Request::Create { id, root, bundle, stdio } => {
+        Request::Create { id, root, bundle, stdio, tty } => {
+            let console = tty.then(Console::listen).transpose()?;
             let builder = with_stdio(ContainerBuilder::new(id, SyscallType::default()), stdio, fds)?;
             let builder = builder.with_root_path(root).map_err(|e| chain(&e))?;
+            let builder = builder.with_console_socket(console.as_ref().map(|c| c.path.clone()));
             // libcontainer writes the spec's oomScoreAdj to our own /proc/self/oom_score_adj (its children inherit
             // it): put ours back afterwards so that the next container does not inherit this one's.
             let saved = std::fs::read_to_string("/proc/self/oom_score_adj").ok();
@@ -141,35 +145,66 @@ fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
             }
             let container = built.map_err(|e| chain(&e))?;
             let pid = container.pid().ok_or("libcontainer returned a container without a pid")?;
-            Ok(Some(pid.as_raw()))
+            let pty = console.map(Console::receive).transpose()?;
+            Ok((Some(pid.as_raw()), pty))
         }
         Request::Start { id, root } => {
             let mut c = load(&root, &id)?;
             c.start().map_err(|e| chain(&e))?;
-            Ok(None)
+            Ok((None, None))
         }
-        Request::Exec { id, root, args, env, cwd, stdio } => {
+        Request::Exec { id, root, process, stdio, tty } => {
+            let console = tty.then(Console::listen).transpose()?;
             let builder = with_stdio(ContainerBuilder::new(id, SyscallType::default()), stdio, fds)?;
             let builder = builder.with_root_path(root).map_err(|e| chain(&e))?;
-            let mut tenant = builder.as_tenant().with_container_args(args).with_detach(true);
-            if !env.is_empty() {
-                tenant = tenant.with_env(env.into_iter().collect());
-            }
-            if cwd.is_some() {
-                tenant = tenant.with_cwd(cwd);
-            }
+            let builder = builder.with_console_socket(console.as_ref().map(|c| c.path.clone()));
+            let tenant = builder.as_tenant().with_process(Some(process)).with_detach(true);
             let pid = tenant.build().map_err(|e| chain(&e))?;
-            Ok(Some(pid.as_raw()))
+            let pty = console.map(Console::receive).transpose()?;
+            Ok((Some(pid.as_raw()), pty))
         }
-        Request::CreateSandbox { config, dir } => crate::sandbox::create(&config, &dir).map(|()| None),
+        Request::CreateSandbox { config, dir } => crate::sandbox::create(&config, &dir).map(|()| (None, None)),
         Request::Delete { id, root, force } => {
             if !root.join(&id).exists() {
-                return Ok(None);
+                return Ok((None, None));
             }
             let mut c = load(&root, &id)?;
             c.delete(force).map_err(|e| chain(&e))?;
-            Ok(None)
+            Ok((None, None))
         }
+    }
+}
+
+/// The socket on which libcontainer hands over a new terminal's master (OCI `--console-socket`). The process
+/// connects and sends while we are still inside `build()`; the connection waits in the backlog until we accept.
+struct Console {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Console {
+    fn listen() -> Result<Self, String> {
+        static NEXT: AtomicI32 = AtomicI32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // Short, in /tmp: socket paths are limited to 108 bytes.
+        let path = std::env::temp_dir().join(format!("nodelet-console-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|e| format!("console socket {}: {e}", path.display()))?;
+        Ok(Self { listener, path })
+    }
+
+    fn receive(self) -> Result<OwnedFd, String> {
+        self.listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let (stream, _) = self.listener.accept().map_err(|e| format!("the process sent no terminal: {e}"))?;
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let (_name, mut fds) = wire::recv_raw(stream.as_fd()).map_err(|e| format!("receiving the terminal: {e}"))?;
+        fds.pop().ok_or_else(|| "the process sent no terminal descriptor".to_string())
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

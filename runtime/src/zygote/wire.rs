@@ -45,6 +45,13 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>])
 
 /// Receives one message and the descriptors that came with it (owned by the caller now).
 pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd>), WireError> {
+    let (bytes, fds) = recv_raw(sock)?;
+    let msg = serde_json::from_slice(&bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    Ok((msg, fds))
+}
+
+/// Receives one packet's bytes (not necessarily JSON) and its descriptors.
+pub fn recv_raw(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds) = loop {
@@ -66,11 +73,11 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
             }
         }
     };
-    if len == 0 {
+    if len == 0 && fds.is_empty() {
         return Err(WireError::Closed);
     }
-    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| WireError::Malformed(e.to_string()))?;
-    Ok((msg, fds))
+    buf.truncate(len);
+    Ok((buf, fds))
 }
 
 #[cfg(test)]
