@@ -177,7 +177,17 @@ impl Runtime {
     /// [`Runtime::start`]), places it in the unified cgroup on hybrid hosts, and records it for re-adoption.
     /// On failure nothing is left behind.
     pub async fn create(&self, cfg: &ContainerConfig, io: ContainerIo) -> Result<Container, RuntimeError> {
-        let spec = spec::build(cfg)?;
+        let mut spec = spec::build(cfg)?;
+        if self.inner.layout != Layout::Unified && matches!(cfg.namespaces.pid, crate::config::Namespace::Join(_)) {
+            // libcontainer 0.7 mounts cgroup v1 by reading /proc/<its pid as seen in the container's PID
+            // namespace>/cgroup from the host's /proc, which is another process (or none) when the namespace is
+            // shared: no cgroupfs in such containers on v1/hybrid hosts (v2 hosts are unaffected).
+            let mounts = spec
+                .mounts()
+                .clone()
+                .map(|m| m.into_iter().filter(|m| m.destination() != Path::new("/sys/fs/cgroup")).collect::<Vec<_>>());
+            spec.set_mounts(mounts);
+        }
         let bundle = self.inner.root.join("bundles").join(&cfg.id);
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
         state::write_atomic(&bundle.join("config.json"), &json)?;

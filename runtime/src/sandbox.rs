@@ -1,7 +1,9 @@
 //! Pod sandboxes without a pause process: the pod's network, IPC and UTS namespaces are created by a throwaway
 //! child of the zygote and kept alive as bind mounts of their `/proc/<pid>/ns/*` files under the runtime's state
 //! directory; containers join them by path. The host's namespaces are used instead for hostNetwork/hostIPC.
-//! (A shared PID namespace needs a live init and is not kept this way: see `Namespaces::pid`.)
+//! A shared PID namespace (`shareProcessNamespace`) is different: it dies with its PID 1, so it is held by a
+//! forked child of the zygote that does nothing but reap orphans (the one job upstream's pause process has
+//! there); it is killed with the sandbox.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ pub struct SandboxConfig {
     pub ipc: bool,
     /// Own UTS namespace; upstream gives hostNetwork pods the host's.
     pub uts: bool,
+    /// One PID namespace for all containers of the pod (`shareProcessNamespace`).
+    pub share_pid: bool,
 }
 
 /// A created sandbox: the namespace files containers join.
@@ -41,6 +45,8 @@ pub struct Sandbox {
     pub ipc: Option<PathBuf>,
     /// UTS namespace file, if the pod has its own.
     pub uts: Option<PathBuf>,
+    /// The shared PID namespace file, with `shareProcessNamespace`.
+    pub pid: Option<PathBuf>,
 }
 
 const KINDS: [(&str, CloneFlags); 3] =
@@ -50,18 +56,35 @@ impl Sandbox {
     /// Finds the sandbox's namespace files in `dir` (after an agent restart, too).
     pub fn open(id: &str, dir: &Path) -> Self {
         let file = |name: &str| Some(dir.join(name)).filter(|p| is_nsfs(p));
-        Self { id: id.into(), dir: dir.to_path_buf(), net: file("net"), ipc: file("ipc"), uts: file("uts") }
+        Self {
+            id: id.into(),
+            dir: dir.to_path_buf(),
+            net: file("net"),
+            ipc: file("ipc"),
+            uts: file("uts"),
+            pid: file("pid"),
+        }
     }
 
-    /// The namespaces of a container in this pod; `pid` is the container's own unless the caller says otherwise.
-    pub fn namespaces(&self, pid: Namespace) -> Namespaces {
+    /// The namespaces of a container in this pod. Its PID namespace is the pod's shared one, or its own
+    /// (`Private`), or the host's when `host_pid` (`hostPID`).
+    pub fn namespaces(&self, host_pid: bool) -> Namespaces {
         let join = |p: &Option<PathBuf>| p.clone().map(Namespace::Join).unwrap_or(Namespace::Host);
+        let pid = match (&self.pid, host_pid) {
+            (_, true) => Namespace::Host,
+            (Some(path), false) => Namespace::Join(path.clone()),
+            (None, false) => Namespace::Private,
+        };
         Namespaces { network: join(&self.net), ipc: join(&self.ipc), uts: join(&self.uts), pid }
     }
 
     /// Unmounts the namespace files (the namespaces die with their last user) and removes the directory.
     pub fn remove(&self) -> std::io::Result<()> {
-        for (name, _) in KINDS {
+        if let Some(holder) = read_holder(&self.dir) {
+            // SAFETY: kill(2) of a PID whose start time we just matched against the one recorded at creation.
+            unsafe { libc::kill(holder, libc::SIGKILL) };
+        }
+        for name in ["net", "ipc", "uts", "pid"] {
             let path = self.dir.join(name);
             if is_nsfs(&path) {
                 umount2(&path, MntFlags::MNT_DETACH).map_err(std::io::Error::from)?;
@@ -72,6 +95,87 @@ impl Sandbox {
             _ => Ok(()),
         }
     }
+}
+
+const HOLDER: &str = "pid.holder";
+
+/// The PID of the shared PID namespace's holder, if it is still the process we started.
+fn read_holder(dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.join(HOLDER)).ok()?;
+    let (pid, start) = text.trim().split_once(' ')?;
+    let pid: i32 = pid.parse().ok()?;
+    (crate::state::start_time(pid)?.to_string() == start).then_some(pid)
+}
+
+/// Zygote side: starts the PID 1 of a new PID namespace as a direct child of the zygote (which reaps it when it
+/// is killed), bind-mounts its namespace to `<dir>/pid` and records it in `<dir>/pid.holder`.
+fn hold_pid_namespace(dir: &Path) -> Result<(), String> {
+    let own = std::fs::File::open("/proc/self/ns/pid").map_err(|e| format!("/proc/self/ns/pid: {e}"))?;
+    unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
+    // SAFETY: called in the single-threaded zygote; the child runs `hold` and never returns.
+    let forked = unsafe { fork() };
+    // Our own children are born in our PID namespace again (setns to the caller's own namespace is allowed).
+    let restored = nix::sched::setns(&own, CloneFlags::CLONE_NEWPID);
+    let child = match forked.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => hold(),
+        ForkResult::Parent { child } => child,
+    };
+    restored.map_err(|e| format!("restoring the zygote's PID namespace for children: {e}"))?;
+    let target = dir.join("pid");
+    let source = format!("/proc/{child}/ns/pid");
+    let kill = || {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+    };
+    let start = crate::state::start_time(child.as_raw()).ok_or("the PID namespace holder died")?;
+    let mounted = std::fs::File::create(&target)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|_| std::fs::write(dir.join(HOLDER), format!("{child} {start}")).map_err(|e| e.to_string()));
+    if let Err(e) = mounted {
+        kill();
+        let _ = umount2(&target, MntFlags::MNT_DETACH);
+        return Err(format!("keeping the PID namespace: {e}"));
+    }
+    Ok(())
+}
+
+/// PID 1 of a shared PID namespace: reaps the orphans the kernel hands it, and otherwise sleeps.
+fn hold() -> ! {
+    extern "C" fn wake(_: libc::c_int) {}
+    let _ = prctl_name(b"nodelet-pidns\0");
+    // Hold nothing of the zygote's: no stdio (it would keep the agent's pipes open), no other descriptors.
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors of this single-threaded child.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+    // SAFETY: closes every descriptor above stderr in this process; nothing here uses them any more.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(wake),
+        nix::sys::signal::SaFlags::SA_NOCLDSTOP,
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, which is async-signal-safe.
+    let _ = unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGCHLD, &action) };
+    loop {
+        nix::unistd::pause();
+        while let Ok(status) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            if status == nix::sys::wait::WaitStatus::StillAlive {
+                break;
+            }
+        }
+    }
+}
+
+fn prctl_name(name: &[u8]) -> nix::Result<()> {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a valid pointer.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong) };
+    nix::errno::Errno::result(rc).map(drop)
 }
 
 /// Whether `path` is a mounted namespace file.
@@ -91,6 +195,9 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
         })
         .collect();
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    if cfg.share_pid {
+        hold_pid_namespace(dir)?;
+    }
     if wanted.is_empty() {
         return Ok(());
     }
@@ -145,7 +252,7 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
         for m in &mounted {
             let _ = umount2(m, MntFlags::MNT_DETACH);
         }
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = Sandbox::open(&cfg.id, dir).remove();
     }
     result
 }

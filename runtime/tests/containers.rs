@@ -75,6 +75,7 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         containers_survive_an_agent_restart_and_are_readopted,
         containers_share_the_pod_sandbox,
         terminals_for_containers_and_exec,
+        shared_process_namespace,
         many_cycles_leak_nothing,
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -123,7 +124,14 @@ fn read_all(mut f: std::fs::File) -> String {
 /// Creates, starts and waits for a container; returns (exit, stdout, stderr) after deleting it.
 async fn run(rt: &Runtime, cfg: &ContainerConfig) -> Result<(nodelet_runtime::ContainerExit, String, String)> {
     let (io, pipes) = ContainerIo::pipes(false)?;
-    let c = rt.create(cfg, io).await?;
+    let c = match rt.create(cfg, io).await {
+        Ok(c) => c,
+        Err(e) => {
+            // What the container's init said on its stderr (libcontainer logs its setup errors there).
+            let err = tokio::task::spawn_blocking(move || read_all(pipes.stderr)).await?;
+            bail!("{e}; container stderr: {err}");
+        }
+    };
     rt.start(&c).await?;
     let out = tokio::task::spawn_blocking(move || (read_all(pipes.stdout), read_all(pipes.stderr)));
     let exit = rt.wait(&c).await;
@@ -477,12 +485,18 @@ fn ns_id(kind: &str, file: &Path) -> Result<String> {
 }
 
 async fn containers_share_the_pod_sandbox(rt: Runtime, env: Env) -> Result<()> {
-    let config_sb =
-        SandboxConfig { id: "pod1".into(), hostname: Some("pod-one".into()), network: true, ipc: true, uts: true };
+    let config_sb = SandboxConfig {
+        id: "pod1".into(),
+        hostname: Some("pod-one".into()),
+        network: true,
+        ipc: true,
+        uts: true,
+        share_pid: false,
+    };
     let sb = rt.create_sandbox(&config_sb).await?;
     let in_pod = |id: &str, cmd: &[&str]| {
         let mut c = config(&env, id, cmd);
-        c.namespaces = sb.namespaces(Namespace::Private);
+        c.namespaces = sb.namespaces(false);
         c.hostname = None;
         c
     };
@@ -519,9 +533,10 @@ async fn containers_share_the_pod_sandbox(rt: Runtime, env: Env) -> Result<()> {
     ensure!(!mounts.contains(&sb.dir.to_string_lossy().to_string()), "namespace mounts left behind");
 
     // hostNetwork: the pod uses the host's network and UTS namespaces.
-    let host = SandboxConfig { id: "pod2".into(), hostname: None, network: false, ipc: true, uts: false };
+    let host =
+        SandboxConfig { id: "pod2".into(), hostname: None, network: false, ipc: true, uts: false, share_pid: false };
     let sb = rt.create_sandbox(&host).await?;
-    let ns = sb.namespaces(Namespace::Private);
+    let ns = sb.namespaces(false);
     ensure!(
         ns.network == Namespace::Host && ns.uts == Namespace::Host && matches!(ns.ipc, Namespace::Join(_)),
         "{ns:?}"
@@ -573,5 +588,42 @@ async fn terminals_for_containers_and_exec(rt: Runtime, env: Env) -> Result<()> 
     ensure!(code == 9, "exit code {code}");
     ensure!(out.contains("42 1000"), "terminal showed {out:?}");
     rt.delete(&c).await?;
+    Ok(())
+}
+
+async fn shared_process_namespace(rt: Runtime, env: Env) -> Result<()> {
+    let sb = rt
+        .create_sandbox(&SandboxConfig { id: "pod3".into(), network: true, share_pid: true, ..Default::default() })
+        .await?;
+    let in_pod = |id: &str, cmd: &[&str]| {
+        let mut c = config(&env, id, cmd);
+        c.namespaces = sb.namespaces(false);
+        c
+    };
+    ensure!(matches!(in_pod("x", &[]).namespaces.pid, Namespace::Join(_)), "containers join the pod's PID namespace");
+    let sleeper = rt.create(&in_pod("pod3-sleeper", &["sleep", "100"]), ContainerIo::default()).await?;
+    rt.start(&sleeper).await?;
+    // Another container of the pod sees the sleeper; PID 1 is the namespace holder, not an app container.
+    let look = "cat /proc/1/comm; for p in /proc/[0-9]*; do cat $p/cmdline 2>/dev/null | tr '\\0' ' '; echo; done";
+    let (exit, out, _) = run(&rt, &in_pod("pod3-looker", &["sh", "-c", look])).await?;
+    ensure!(exit.code == 0, "{exit:?}");
+    ensure!(out.starts_with("nodelet-pidns\n"), "PID 1 is {:?}", out.lines().next());
+    ensure!(out.lines().any(|l| l.trim() == "sleep 100"), "the sleeper is not visible: {out}");
+    // Killing a container does not end the namespace; removing the sandbox does.
+    let holder: i32 = std::fs::read_to_string(sb.dir.join("pid.holder"))?.split(' ').next().unwrap_or("").parse()?;
+    ensure!(!exited(holder), "holder died before the delete");
+    rt.delete(&sleeper).await?;
+    ensure!(!exited(holder), "holder died with the sleeper");
+    let (exit, _, _) = run(&rt, &in_pod("pod3-after", &["true"])).await?;
+    ensure!(exit.code == 0, "{exit:?}");
+    rt.remove_sandbox(&sb).await?;
+    for _ in 0..100 {
+        if exited(holder) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ensure!(exited(holder), "the PID namespace holder {holder} outlived its sandbox");
+    ensure!(!sb.dir.exists());
     Ok(())
 }
