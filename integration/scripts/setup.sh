@@ -31,6 +31,8 @@ done
 export CGV2_CACHE=${CGV2_CACHE:-${NODELET_TEST_CACHE:-/var/cache/nodelet-test}/cgv2-vm}
 stamp=$(sha256sum < "$here/cgv2-vm.sh" | cut -c1-16)
 if [ "$(cat "$CGV2_CACHE/stamp" 2>/dev/null)" != "$stamp" ]; then
+  # It downloads Debian's current kernel package: the package lists must know it.
+  apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-image-[0-9]' || apt-get update -qq
   "$here/cgv2-vm.sh" setup >/dev/null && echo "$stamp" > "$CGV2_CACHE/stamp"
 fi
 echo "setup: ok" >&2
