@@ -1,7 +1,9 @@
 //! nodelet's cgroup layer: the kubelet's QoS hierarchy, resource limits, OOM events, PSI and stats, on pure
 //! cgroup v2 hosts and on hybrid (v1 memory + unified) hosts.
 //!
-//! So far: QoS classes, cgroup names and the kubelet's resource conversions ([`qos`]), and PSI parsing ([`psi`]).
+//! So far: QoS classes, cgroup names and the kubelet's resource conversions ([`qos`]), PSI parsing ([`psi`]) and
+//! OOM kill events ([`oom`]).
 
+pub mod oom;
 pub mod psi;
 pub mod qos;

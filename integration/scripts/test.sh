@@ -9,8 +9,9 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nodelet-test/target}
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
-# The runtime's privileged tests once more on the production hosts' layout: a pure cgroup v2 kernel in a
-# throwaway QEMU guest (this machine is hybrid), the test binary run by the guest through cargo's runner hook.
+# The privileged runtime and cgroup tests once more on the production hosts' layout: a pure cgroup v2 kernel in
+# a throwaway QEMU guest (this machine is hybrid), each test binary run by the guest through cargo's runner hook.
 export CGV2_CACHE=${CGV2_CACHE:-${NODELET_TEST_CACHE:-/var/cache/nodelet-test}/cgv2-vm}
-CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/integration/scripts/cgv2-vm.sh run --timeout 1200 --" \
-  cargo test -p nodelet-runtime --test containers
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/integration/scripts/cgv2-vm.sh run --timeout 1200 --"
+cargo test -p nodelet-runtime --test containers
+cargo test -p nodelet-cgroups --test oom_events

@@ -1,0 +1,144 @@
+//! OOM kills as they happen, per cgroup: on cgroup v2 an inotify watch on `memory.events` (counting `oom_kill`,
+//! which, unlike `oom`, only moves when the kernel killed something); on v1 (hybrid hosts) an eventfd registered
+//! through `cgroup.event_control` for `memory.oom_control`, whose `oom_kill` counter is then read.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::unix::AsyncFd;
+
+/// The memory controller's flavour of a cgroup directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryController {
+    /// cgroup v2 (`memory.events`).
+    V2,
+    /// cgroup v1 (`memory.oom_control`, `cgroup.event_control`).
+    V1,
+}
+
+/// Why a watch could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum OomError {
+    /// A cgroup file could not be opened, written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was attempted.
+        what: &'static str,
+        /// errno.
+        source: nix::Error,
+    },
+}
+
+enum Source {
+    Inotify(AsyncFd<OwnedFd>),
+    EventFd(AsyncFd<OwnedFd>, #[allow(dead_code)] File),
+}
+
+/// Watches one cgroup for OOM kills.
+pub struct OomWatch {
+    source: Source,
+    counter_file: PathBuf,
+    seen: u64,
+}
+
+impl std::fmt::Debug for OomWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OomWatch").field("counter_file", &self.counter_file).field("seen", &self.seen).finish()
+    }
+}
+
+/// Registers a descriptor with tokio's reactor.
+fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the descriptor for its whole life, so it stays open and unchanged.
+    unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::other)
+}
+
+/// The `oom_kill` count in a `memory.events` or `memory.oom_control` file (0 when absent).
+pub fn read_oom_kills(file: &Path) -> Result<u64, OomError> {
+    let text = std::fs::read_to_string(file).map_err(|source| OomError::Io { path: file.into(), source })?;
+    Ok(text.lines().find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok()).unwrap_or(0))
+}
+
+impl OomWatch {
+    /// Starts watching the memory cgroup directory `dir`. Kills that happened before are not reported.
+    pub fn new(dir: &Path, controller: MemoryController) -> Result<Self, OomError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OomError::Io { path, source }
+        };
+        let (source, counter_file) = match controller {
+            MemoryController::V2 => {
+                let file = dir.join("memory.events");
+                let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+                    .map_err(|source| OomError::Sys { what: "inotify_init", source })?;
+                ino.add_watch(&file, AddWatchFlags::IN_MODIFY)
+                    .map_err(|source| OomError::Sys { what: "inotify_add_watch", source })?;
+                let owned = ino.as_fd().try_clone_to_owned().map_err(io(&file))?;
+                (Source::Inotify(async_fd(owned).map_err(io(&file))?), file)
+            }
+            MemoryController::V1 => {
+                let file = dir.join("memory.oom_control");
+                let control = File::open(&file).map_err(io(&file))?;
+                let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(|source| OomError::Sys { what: "eventfd", source })?;
+                let registration = format!("{} {}", efd.as_fd().as_raw_fd(), control.as_raw_fd());
+                let event_control = dir.join("cgroup.event_control");
+                std::fs::write(&event_control, registration).map_err(io(&event_control))?;
+                (Source::EventFd(async_fd(OwnedFd::from(efd)).map_err(io(&file))?, control), file)
+            }
+        };
+        let seen = read_oom_kills(&counter_file)?;
+        Ok(Self { source, counter_file, seen })
+    }
+
+    /// Waits for the next OOM kill(s) and returns how many processes were killed since the last call; `None` once
+    /// the cgroup is gone.
+    pub async fn next(&mut self) -> Result<Option<u64>, OomError> {
+        loop {
+            let fd = match &self.source {
+                Source::Inotify(fd) | Source::EventFd(fd, _) => fd,
+            };
+            let mut guard =
+                fd.readable().await.map_err(|source| OomError::Io { path: self.counter_file.clone(), source })?;
+            // Drain the notification (inotify events or the eventfd counter); what matters is the kill counter.
+            let mut buf = [0u8; 4096];
+            match nix::unistd::read(fd.get_ref().as_raw_fd(), &mut buf) {
+                Err(nix::Error::EAGAIN) => {
+                    guard.clear_ready();
+                    continue;
+                }
+                Err(source) => return Err(OomError::Sys { what: "read", source }),
+                Ok(_) => {}
+            }
+            // v1 notifies when the OOM starts, a moment before the victim is chosen and the counter moves:
+            // look again for a little while (v2 notifies after the counter changed, so the first read hits).
+            for attempt in 0..100u64 {
+                let kills = match read_oom_kills(&self.counter_file) {
+                    Ok(k) => k,
+                    // The cgroup was removed (v1 signals that on the eventfd, v2 with IN_IGNORED).
+                    Err(OomError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                };
+                if kills > self.seen {
+                    let new = kills - self.seen;
+                    self.seen = kills;
+                    return Ok(Some(new));
+                }
+                tokio::time::sleep(std::time::Duration::from_micros(100 * attempt.min(10))).await;
+            }
+        }
+    }
+}
