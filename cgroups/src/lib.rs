@@ -1,7 +1,7 @@
 //! nodelet's cgroup layer: the kubelet's QoS hierarchy, resource limits, OOM events, PSI and stats, on pure
 //! cgroup v2 hosts and on hybrid (v1 memory + unified) hosts.
 //!
-//! So far: QoS classes, cgroup names and the kubelet's resource conversions ([`qos`]), PSI parsing ([`psi`]) and
+//! So far: QoS classes, cgroup names and the kubelet's resource conversions ([`qos`]), PSI parsing and triggers ([`psi`]) and
 //! OOM kill events ([`oom`]).
 
 pub mod oom;

@@ -1,7 +1,9 @@
 //! Pressure stall information: `/proc/pressure/{cpu,memory,io}` for the node and `*.pressure` files of cgroup v2
 //! directories (on hybrid hosts, of the unified tree).
 
-use std::path::Path;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +78,111 @@ pub fn read(path: &Path) -> Result<Pressure, PsiError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| PsiError::Read { path: path.display().to_string(), source })?;
     parse(&text)
+}
+
+/// Which tasks a trigger counts: some of them stalled, or all non-idle ones at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// `some`.
+    Some,
+    /// `full`.
+    Full,
+}
+
+/// A PSI trigger: fires as soon as tasks stalled for `stall` within a `window`, instead of the caller polling
+/// averages (the kubelet's eviction manager looks every 10 s). Uses a kernel trigger (POLLPRI) where the kernel
+/// accepts one; some kernels refuse triggers (EINVAL, seen on this project's hybrid CI host), and then the `total`
+/// stall counter is sampled every 100 ms instead, with the same stall-within-window rule.
+#[derive(Debug)]
+pub struct PressureTrigger {
+    path: PathBuf,
+    mode: Mode,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Kernel(tokio::io::unix::AsyncFd<std::fs::File>),
+    Sampling { kind: Stall, stall_us: u64, window: Duration, samples: VecDeque<(Instant, u64)> },
+}
+
+/// How often the sampling fallback reads the pressure file.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+impl PressureTrigger {
+    /// Arms a trigger on a pressure file (`/proc/pressure/memory`, `<cgroup>/cpu.pressure`, ...). Windows from
+    /// 500 ms to 10 s, and a stall shorter than the window, as the kernel requires.
+    pub fn new(file: &Path, kind: Stall, stall: Duration, window: Duration) -> Result<Self, PsiError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = file.to_path_buf();
+        let err = |source| PsiError::Read { path: file.display().to_string(), source };
+        let word = match kind {
+            Stall::Some => "some",
+            Stall::Full => "full",
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(file)
+            .map_err(err)?;
+        // One write, with the terminating NUL the kernel expects.
+        let armed = f.write_all(format!("{word} {} {}\0", stall.as_micros(), window.as_micros()).as_bytes());
+        let mode = match armed {
+            Ok(()) => {
+                // SAFETY: the AsyncFd owns the File, so the descriptor stays open and unchanged for its life.
+                let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(f, tokio::io::Interest::PRIORITY) }
+                    .map_err(|e| err(std::io::Error::other(e)))?;
+                Mode::Kernel(fd)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && stall < window => {
+                read(file)?; // the file itself must be readable
+                Mode::Sampling { kind, stall_us: stall.as_micros() as u64, window, samples: VecDeque::new() }
+            }
+            Err(e) => return Err(err(e)),
+        };
+        Ok(Self { path, mode })
+    }
+
+    /// Whether the kernel does the watching (false: sampling fallback).
+    pub fn is_kernel_trigger(&self) -> bool {
+        matches!(self.mode, Mode::Kernel(_))
+    }
+
+    /// Waits until the trigger fires. Fails if the file goes away (the cgroup was removed).
+    pub async fn fired(&mut self) -> Result<(), PsiError> {
+        let path = self.path.display().to_string();
+        let err = |source| PsiError::Read { path: path.clone(), source };
+        match &mut self.mode {
+            Mode::Kernel(fd) => {
+                let mut guard = fd.ready(tokio::io::Interest::PRIORITY).await.map_err(err)?;
+                if guard.ready().is_error() {
+                    return Err(err(std::io::Error::other("pressure file error (cgroup removed?)")));
+                }
+                guard.clear_ready_matching(tokio::io::Ready::PRIORITY);
+                Ok(())
+            }
+            Mode::Sampling { kind, stall_us, window, samples } => loop {
+                let p = read(&self.path)?;
+                let total = match kind {
+                    Stall::Some => p.some.total_us,
+                    Stall::Full => p.full.total_us,
+                };
+                let now = Instant::now();
+                samples.push_back((now, total));
+                while samples.front().is_some_and(|(t, _)| now.duration_since(*t) > *window) {
+                    samples.pop_front();
+                }
+                let oldest = samples.front().map_or(total, |(_, v)| *v);
+                if total.saturating_sub(oldest) >= *stall_us {
+                    // Like the kernel's, at most one event per window.
+                    samples.clear();
+                    return Ok(());
+                }
+                tokio::time::sleep(SAMPLE_EVERY).await;
+            },
+        }
+    }
 }
 
 #[cfg(test)]
