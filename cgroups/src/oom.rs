@@ -142,3 +142,62 @@ impl OomWatch {
         }
     }
 }
+
+/// What a cgroup looked like right after an OOM kill, for people studying OOM: limit, `memory.stat`, the OOM
+/// counters and the cgroup's memory pressure (whose averages still cover the stall that led to the kill).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OomRecord {
+    /// The memory cgroup directory.
+    pub cgroup: PathBuf,
+    /// When it was captured, ms since the Unix epoch.
+    pub captured_at_ms: u128,
+    /// Processes killed in this event.
+    pub kills: u64,
+    /// The memory limit (`memory.max` / `memory.limit_in_bytes`); `None` when unlimited.
+    pub memory_limit_bytes: Option<u64>,
+    /// `memory.stat`.
+    pub memory_stat: std::collections::BTreeMap<String, u64>,
+    /// `memory.events` (v2) or `memory.oom_control` (v1) counters.
+    pub oom_counters: std::collections::BTreeMap<String, u64>,
+    /// `memory.pressure` of the cgroup (the unified tree's on hybrid hosts), if PSI is on.
+    pub pressure: Option<crate::psi::Pressure>,
+}
+
+/// `key value` lines as a map (non-numeric values skipped).
+fn read_flat_keyed(file: &Path) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+impl OomRecord {
+    /// Captures the record of `dir` (the memory cgroup) after `kills` kills; `pressure_dir` is the cgroup's
+    /// directory in the cgroup2 tree (the same as `dir` on v2 hosts).
+    pub fn capture(dir: &Path, controller: MemoryController, pressure_dir: Option<&Path>, kills: u64) -> Self {
+        let (limit_file, counters) = match controller {
+            MemoryController::V2 => ("memory.max", "memory.events"),
+            MemoryController::V1 => ("memory.limit_in_bytes", "memory.oom_control"),
+        };
+        // v1 reports "unlimited" as a huge page-aligned number, v2 as "max".
+        let memory_limit_bytes = std::fs::read_to_string(dir.join(limit_file))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|&l| l < (1 << 62));
+        Self {
+            cgroup: dir.to_path_buf(),
+            captured_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+            kills,
+            memory_limit_bytes,
+            memory_stat: read_flat_keyed(&dir.join("memory.stat")),
+            oom_counters: read_flat_keyed(&dir.join(counters)),
+            pressure: pressure_dir.and_then(|p| crate::psi::read(&p.join("memory.pressure")).ok()),
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nodelet_cgroups::oom::{MemoryController, OomWatch, read_oom_kills};
+use nodelet_cgroups::oom::{MemoryController, OomRecord, OomWatch, read_oom_kills};
 
 /// The test's cgroup: a child of this process's own memory cgroup.
 fn test_cgroup() -> Option<(PathBuf, MemoryController)> {
@@ -69,6 +69,19 @@ async fn oom_kill_in_a_cgroup_is_reported() {
     };
     assert_eq!(read_oom_kills(&counter).expect("counter"), 1);
     eprintln!("oom_events: OOM kill reported {seen_after:?} after the hog started");
+    let pressure_dir = match controller {
+        MemoryController::V2 => Some(dir.clone()),
+        MemoryController::V1 => None,
+    };
+    let record = OomRecord::capture(&dir, controller, pressure_dir.as_deref(), 1);
+    assert_eq!(record.memory_limit_bytes, Some(16 << 20));
+    assert_eq!(record.oom_counters.get("oom_kill"), Some(&1), "{record:?}");
+    assert!(!record.memory_stat.is_empty(), "memory.stat captured");
+    if controller == MemoryController::V2 {
+        assert!(record.pressure.is_some(), "memory.pressure captured on v2");
+    }
+    let json = serde_json::to_string(&record).expect("records serialise");
+    assert!(json.contains("\"oom_kill\":1"));
 
     for _ in 0..100 {
         if std::fs::remove_dir(&dir).is_ok() {
