@@ -5,27 +5,16 @@
 //! race-free). Prints a table.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nodelet_cgroups::oom::{MemoryController, OomWatch};
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 fn monotonic_us() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
     t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000
-}
-
-fn parent_cgroup() -> (PathBuf, MemoryController) {
-    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        let mine = own.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup2 line");
-        let parent = Path::new("/sys/fs/cgroup").join(mine.trim_start_matches('/'));
-        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
-        (parent, MemoryController::V2)
-    } else {
-        let mine = own.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).expect("memcg");
-        (Path::new("/sys/fs/cgroup/memory").join(mine.trim_start_matches('/')), MemoryController::V1)
-    }
 }
 
 /// The timestamp (µs since boot, kernel log clock) of the next kernel log line containing `needle`.
@@ -58,7 +47,7 @@ async fn main() {
         std::process::exit(1);
     }
     let runs: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50);
-    let (parent, controller) = parent_cgroup();
+    let (parent, controller) = support::own_memory_cgroup().expect("a memory cgroup of our own");
     let mut kmsg = std::fs::File::open("/dev/kmsg").expect("/dev/kmsg");
     kmsg.seek(SeekFrom::End(0)).expect("seek /dev/kmsg");
     let mut kmsg = BufReader::new(kmsg);
@@ -66,17 +55,7 @@ async fn main() {
     for i in 0..runs {
         let dir = parent.join(format!("nodelet-oombench-{}-{i}", std::process::id()));
         std::fs::create_dir(&dir).expect("test cgroup");
-        let limit = (16u64 << 20).to_string();
-        match controller {
-            MemoryController::V2 => {
-                std::fs::write(dir.join("memory.max"), &limit).expect("memory.max");
-                let _ = std::fs::write(dir.join("memory.swap.max"), "0");
-            }
-            MemoryController::V1 => {
-                std::fs::write(dir.join("memory.limit_in_bytes"), &limit).expect("limit");
-                let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), &limit);
-            }
-        }
+        support::limit_memory(&dir, controller, 16 << 20).expect("memory limit");
         let mut watch = OomWatch::new(&dir, controller).expect("watch");
         let script = format!(
             "echo $$ > {} && exec dd if=/dev/zero of=/dev/null bs=64M count=1",

@@ -1,31 +1,11 @@
 //! A memory hog in a test-owned cgroup (below this process's own, never elsewhere) is OOM-killed and the watch
 //! reports it. Runs on this hybrid host (v1 memory controller) and, in CI, in the pure cgroup v2 test VM.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nodelet_cgroups::oom::{MemoryController, OomRecord, OomWatch, read_oom_kills};
 
-/// The test's cgroup: a child of this process's own memory cgroup.
-fn test_cgroup() -> Option<(PathBuf, MemoryController)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let name = format!("nodelet-oomtest-{}", std::process::id());
-    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    if v2 {
-        let mine = own.lines().find_map(|l| l.strip_prefix("0::"))?;
-        let parent = Path::new("/sys/fs/cgroup").join(mine.trim_start_matches('/'));
-        // Possible where the parent holds no processes or is the root (the test VM).
-        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
-        Some((parent.join(name), MemoryController::V2))
-    } else {
-        let mine = own.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))?;
-        Some((Path::new("/sys/fs/cgroup/memory").join(mine.trim_start_matches('/')).join(name), MemoryController::V1))
-    }
-}
+mod support;
 
 fn skip_or_fail(why: &str) {
     if std::env::var_os("CI").is_some() {
@@ -36,21 +16,14 @@ fn skip_or_fail(why: &str) {
 
 #[tokio::test]
 async fn oom_kill_in_a_cgroup_is_reported() {
-    let Some((dir, controller)) = test_cgroup() else { return skip_or_fail("needs root and a memory cgroup") };
+    let Some((parent, controller)) = support::own_memory_cgroup() else {
+        return skip_or_fail("needs root and a memory cgroup");
+    };
+    let dir = parent.join(format!("nodelet-oomtest-{}", std::process::id()));
     if std::fs::create_dir(&dir).is_err() {
         return skip_or_fail("cannot create a child of this process's memory cgroup");
     }
-    let limit = (16u64 << 20).to_string();
-    match controller {
-        MemoryController::V2 => {
-            std::fs::write(dir.join("memory.max"), &limit).expect("memory.max");
-            let _ = std::fs::write(dir.join("memory.swap.max"), "0");
-        }
-        MemoryController::V1 => {
-            std::fs::write(dir.join("memory.limit_in_bytes"), &limit).expect("memory.limit_in_bytes");
-            let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), &limit);
-        }
-    }
+    support::limit_memory(&dir, controller, 16 << 20).expect("setting the memory limit");
     let mut watch = OomWatch::new(&dir, controller).expect("watch");
 
     let procs = dir.join("cgroup.procs");
