@@ -34,12 +34,18 @@ async fn kill_freeze_and_remove_a_cgroup_tree() {
     let script = format!("echo $$ > {} && (sleep 1000 &) && sleep 1000", child.join("cgroup.procs").display());
     let mut procs: Vec<_> =
         (0..3).map(|_| tokio::process::Command::new("sh").args(["-c", &script]).spawn().expect("spawn")).collect();
-    for _ in 0..200 {
-        if std::fs::read_to_string(child.join("cgroup.procs")).map(|p| p.lines().count()).unwrap_or(0) >= 6 {
+    // Each shell moves itself into the cgroup first; once all three are in, whatever they fork is too.
+    let shells: Vec<String> = procs.iter().map(|p| p.id().expect("pid").to_string()).collect();
+    let mut moved = false;
+    for _ in 0..3000 {
+        let inside = std::fs::read_to_string(child.join("cgroup.procs")).unwrap_or_default();
+        if shells.iter().all(|pid| inside.lines().any(|l| l == pid)) {
+            moved = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(moved, "the test processes did not move into {}", child.display());
     assert!(populated(&dir).unwrap());
 
     set_frozen(&dir, true, Duration::from_secs(5)).expect("freeze");
