@@ -1,24 +1,15 @@
 //! `cgroup.kill`, `cgroup.freeze` and tree removal on a test-owned cgroup in the cgroup2 tree (the unified tree on
 //! this hybrid host; the only one in the v2 test VM).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nodelet_cgroups::control::{kill_all, populated, remove_tree, set_frozen};
 
+mod support;
+
 fn test_cgroup() -> Option<PathBuf> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let mine = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_string();
-    let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        "/sys/fs/cgroup"
-    } else {
-        "/sys/fs/cgroup/unified"
-    };
-    Some(Path::new(root).join(mine).join(format!("nodelet-ctltest-{}", std::process::id())))
+    Some(support::own_unified_cgroup()?.join(format!("nodelet-ctltest-{}", std::process::id())))
 }
 
 #[tokio::test]

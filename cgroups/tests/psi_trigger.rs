@@ -1,25 +1,16 @@
 //! A kernel PSI trigger on a test-owned cgroup's `cpu.pressure` fires under induced CPU contention (more busy
 //! loops than cores). Runs on this hybrid host (unified tree) and, in CI, in the pure cgroup v2 test VM.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nodelet_cgroups::psi::{PressureTrigger, Stall, read};
 
-/// A child of this process's own cgroup in the cgroup2 tree (`/sys/fs/cgroup` or, on hybrid hosts, `unified`).
+mod support;
+
+/// A child of this process's own cgroup in the cgroup2 tree.
 fn test_cgroup() -> Option<PathBuf> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let mine = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_string();
-    let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        Path::new("/sys/fs/cgroup")
-    } else {
-        Path::new("/sys/fs/cgroup/unified")
-    };
-    Some(root.join(mine).join(format!("nodelet-psitest-{}", std::process::id())))
+    Some(support::own_unified_cgroup()?.join(format!("nodelet-psitest-{}", std::process::id())))
 }
 
 #[tokio::test]

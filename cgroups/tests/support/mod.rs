@@ -1,5 +1,7 @@
-//! Shared by the OOM test and benchmark (included with `mod support;` / `#[path]`): memory cgroups that are
+//! Shared by the cgroup tests and the OOM benchmark (included with `mod support;` / `#[path]`): test cgroups are
 //! children of this process's own, never anywhere else.
+// Each test binary includes all of it and uses a part.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -39,4 +41,21 @@ pub fn limit_memory(dir: &Path, controller: MemoryController, bytes: u64) -> std
         }
     }
     Ok(())
+}
+
+/// This process's own cgroup in the cgroup2 tree (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
+/// hosts); `None` without root.
+pub fn own_unified_cgroup() -> Option<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mine = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_string();
+    let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Path::new("/sys/fs/cgroup")
+    } else {
+        Path::new("/sys/fs/cgroup/unified")
+    };
+    Some(root.join(mine))
 }
