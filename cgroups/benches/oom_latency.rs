@@ -1,8 +1,10 @@
-//! `cargo bench -p nodelet-cgroups --bench oom_latency [-- RUNS]`: how long after the kernel's OOM kill an
-//! [`OomWatch`] subscriber hears of it. The kill time is the kernel's own: the CLOCK_MONOTONIC timestamp of its
-//! "Killed process <pid>" line in `/dev/kmsg` (on this host the log clock is CLOCK_MONOTONIC). Root; test cgroups are children of this process's own. Also
-//! counts how often the OOM event arrived before the process's exit was observed (what makes `OOMKilled`
-//! race-free). Prints a table.
+//! `cargo bench -p nodelet-cgroups --bench oom_latency [-- RUNS] [--tracefs]`: how long after the kernel's OOM
+//! kill an [`OomWatch`] subscriber hears of it. The kill time is the kernel's own: by default the timestamp of
+//! its "Killed process <pid>" line in `/dev/kmsg` (on this host the log clock is CLOCK_MONOTONIC); with
+//! `--tracefs`, the `oom:mark_victim` tracepoint with the trace clock set to `mono` (mounts tracefs if needed:
+//! meant for the throwaway cgroup v2 VM, whose printk clock is not CLOCK_MONOTONIC). Root; test cgroups are
+//! children of this process's own. Also counts how often the OOM event arrived before the process's exit was
+//! observed (what makes `OOMKilled` race-free). Prints a table.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::time::Duration;
@@ -35,6 +37,63 @@ fn find_line(kmsg: &mut BufReader<std::fs::File>, needle: &str) -> Option<u64> {
     None
 }
 
+/// The `oom:mark_victim` tracepoint on the CLOCK_MONOTONIC trace clock.
+struct Tracer {
+    dir: std::path::PathBuf,
+    trace: std::fs::File,
+    pending: String,
+}
+
+impl Tracer {
+    fn start() -> Tracer {
+        let dir = std::path::PathBuf::from("/sys/kernel/tracing");
+        if !dir.join("trace_clock").exists() {
+            let status = std::process::Command::new("mount").args(["-t", "tracefs", "tracefs"]).arg(&dir).status();
+            assert!(status.is_ok_and(|s| s.success()), "mounting tracefs");
+        }
+        std::fs::write(dir.join("trace_clock"), "mono").expect("trace_clock mono");
+        std::fs::write(dir.join("trace"), "").expect("clearing the trace");
+        std::fs::write(dir.join("events/oom/mark_victim/enable"), "1").expect("enabling oom:mark_victim");
+        let trace = std::fs::File::open(dir.join("trace_pipe")).expect("trace_pipe");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&trace);
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).expect("nonblocking");
+        Tracer { dir, trace, pending: String::new() }
+    }
+
+    /// The kill time (µs, CLOCK_MONOTONIC) of `pid`, waiting up to a second for the record.
+    fn kill_time(&mut self, pid: u32) -> Option<u64> {
+        use std::io::Read;
+        let needle = format!("mark_victim: pid={pid}");
+        for _ in 0..100 {
+            let mut buf = [0u8; 8192];
+            match self.trace.read(&mut buf) {
+                Ok(n) if n > 0 => self.pending.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+            // `pid=12` must not match `pid=123`.
+            let is_victim = |l: &&str| {
+                l.split_once(&needle).is_some_and(|(_, rest)| !rest.starts_with(|c: char| c.is_ascii_digit()))
+            };
+            if let Some(line) = self.pending.lines().find(is_victim) {
+                // "<task>-<pid> [cpu] flags 123.456789: mark_victim: pid=..."
+                let stamp = line.split(": mark_victim").next()?.rsplit(' ').next()?;
+                let (secs, micros) = stamp.split_once('.')?;
+                let at = secs.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?;
+                self.pending.clear();
+                return Some(at);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("events/oom/mark_victim/enable"), "0");
+        let _ = std::fs::write(self.dir.join("trace_clock"), "local");
+    }
+}
+
 fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1] as f64 / 1000.0
 }
@@ -47,6 +106,7 @@ async fn main() {
         std::process::exit(1);
     }
     let runs: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50);
+    let mut tracer = std::env::args().any(|a| a == "--tracefs").then(Tracer::start);
     let (parent, controller) = support::own_memory_cgroup().expect("a memory cgroup of our own");
     let mut kmsg = std::fs::File::open("/dev/kmsg").expect("/dev/kmsg");
     kmsg.seek(SeekFrom::End(0)).expect("seek /dev/kmsg");
@@ -77,7 +137,11 @@ async fn main() {
         if !exited_first {
             before_exit += 1;
         }
-        if let Some(killed_at) = find_line(&mut kmsg, &format!("Killed process {pid} ")) {
+        let killed_at = match tracer.as_mut() {
+            Some(t) => t.kill_time(pid),
+            None => find_line(&mut kmsg, &format!("Killed process {pid} ")),
+        };
+        if let Some(killed_at) = killed_at {
             pairs.push((event_at, killed_at));
         }
         for _ in 0..200 {
@@ -100,7 +164,8 @@ async fn main() {
         MemoryController::V2 => "cgroup v2 (memory.events, inotify)",
         MemoryController::V1 => "cgroup v1 memory (oom_control, eventfd)",
     };
-    println!("OOM kill -> subscriber, {} of {runs} kills matched in /dev/kmsg, {layout}", latencies.len());
+    let source = if tracer.is_some() { "oom:mark_victim (tracefs, mono clock)" } else { "/dev/kmsg" };
+    println!("OOM kill -> subscriber, {} of {runs} kills matched in {source}, {layout}", latencies.len());
     println!("{:<12} {:>10} {:>10} {:>10} {:>18}", "", "median ms", "p99 ms", "max ms", "event before exit");
     if latencies.is_empty() {
         println!("{:<12} {:>10} {:>10} {:>10} {:>15}/{runs}", "nodelet", "-", "-", "-", before_exit);

@@ -1,6 +1,6 @@
 //! Acting on a whole cgroup: kill everything in it at once, freeze and thaw it, and remove a cgroup tree
 //! robustly. These use the cgroup2 tree (`cgroup.kill`, `cgroup.freeze`, `cgroup.events`), which hybrid hosts
-//! have as `/sys/fs/cgroup/unified` too.
+//! have as `/sys/fs/cgroup/unified` too; the v1 freezer is there for hosts whose cgroup2 tree cannot freeze.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -27,6 +27,20 @@ pub fn set_frozen(dir: &Path, frozen: bool, timeout: Duration) -> std::io::Resul
     std::fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
     let deadline = Instant::now() + timeout;
     while event(dir, "frozen ")? != frozen {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{} did not settle", dir.display())));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Freezes or thaws a cgroup through the v1 freezer (`freezer.state`), waiting for `FROZEN`/`THAWED`.
+pub fn set_frozen_v1(dir: &Path, frozen: bool, timeout: Duration) -> std::io::Result<()> {
+    let want = if frozen { "FROZEN" } else { "THAWED" };
+    std::fs::write(dir.join("freezer.state"), want)?;
+    let deadline = Instant::now() + timeout;
+    while std::fs::read_to_string(dir.join("freezer.state"))?.trim() != want {
         if Instant::now() > deadline {
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{} did not settle", dir.display())));
         }

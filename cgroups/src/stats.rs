@@ -1,0 +1,224 @@
+//! Resource usage for the kubelet's summary API (`/stats/summary`): per container, pod and node, read from
+//! cgroup files (v2, or the v1 controllers on hybrid hosts) and `/proc`. Field meanings follow cAdvisor's, which
+//! the kubelet reports: working set = usage - inactive file pages.
+
+use std::io;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::hierarchy::{Hierarchy, V1};
+
+/// One cgroup's usage at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CgroupStats {
+    /// Cumulative CPU time, ns.
+    pub cpu_usage_ns: u64,
+    /// Memory charged to the cgroup (page cache included), bytes.
+    pub memory_usage_bytes: u64,
+    /// `memory_usage_bytes` minus inactive file pages: what eviction and `kubectl top` use.
+    pub memory_working_set_bytes: u64,
+    /// Anonymous memory (+ swap cache on v1's `rss`), bytes.
+    pub memory_rss_bytes: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
+    /// Processes and threads in the cgroup.
+    pub pids: u64,
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+}
+
+fn read(path: &Path) -> io::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))
+}
+
+fn number(path: &Path) -> io::Result<u64> {
+    let text = read(path)?;
+    text.trim().parse().map_err(|_| io::Error::other(format!("{}: not a number: {text:?}", path.display())))
+}
+
+/// A `key value` field of a flat-keyed file such as `memory.stat` or `cpu.stat` (0 when absent).
+fn field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.split_once(' ').filter(|(k, _)| *k == key).and_then(|(_, v)| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Reads the usage of cgroup `rel` (relative to the node's cgroup root).
+pub fn cgroup_stats(hierarchy: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
+    if hierarchy.is_v2() { v2_stats(&hierarchy.unified(rel)) } else { v1_stats(hierarchy, rel) }
+}
+
+fn v2_stats(dir: &Path) -> io::Result<CgroupStats> {
+    let cpu = read(&dir.join("cpu.stat"))?;
+    let memory = read(&dir.join("memory.stat"))?;
+    let usage = number(&dir.join("memory.current"))?;
+    let (io_read_bytes, io_write_bytes) = match std::fs::read_to_string(dir.join("io.stat")) {
+        Ok(text) => io_v2(&text),
+        Err(_) => (0, 0),
+    };
+    Ok(CgroupStats {
+        cpu_usage_ns: field(&cpu, "usage_usec") * 1000,
+        memory_usage_bytes: usage,
+        memory_working_set_bytes: usage.saturating_sub(field(&memory, "inactive_file")),
+        memory_rss_bytes: field(&memory, "anon"),
+        page_faults: field(&memory, "pgfault"),
+        major_page_faults: field(&memory, "pgmajfault"),
+        pids: number(&dir.join("pids.current")).unwrap_or(0),
+        io_read_bytes,
+        io_write_bytes,
+    })
+}
+
+/// Sums `rbytes=` and `wbytes=` over the devices of an `io.stat`.
+fn io_v2(text: &str) -> (u64, u64) {
+    let mut totals = (0, 0);
+    for word in text.split_whitespace() {
+        if let Some(v) = word.strip_prefix("rbytes=") {
+            totals.0 += v.parse::<u64>().unwrap_or(0);
+        } else if let Some(v) = word.strip_prefix("wbytes=") {
+            totals.1 += v.parse::<u64>().unwrap_or(0);
+        }
+    }
+    totals
+}
+
+fn v1_stats(h: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
+    let missing = |c: V1| io::Error::other(format!("no v1 {} hierarchy", c.name()));
+    let memory_dir = h.v1(V1::Memory, rel).ok_or_else(|| missing(V1::Memory))?;
+    let memory = read(&memory_dir.join("memory.stat"))?;
+    let usage = number(&memory_dir.join("memory.usage_in_bytes"))?;
+    let cpu_dir = h.v1(V1::Cpuacct, rel).ok_or_else(|| missing(V1::Cpuacct))?;
+    let (io_read_bytes, io_write_bytes) = h
+        .v1(V1::Blkio, rel)
+        .and_then(|d| std::fs::read_to_string(d.join("blkio.throttle.io_service_bytes_recursive")).ok())
+        .map(|t| io_v1(&t))
+        .unwrap_or((0, 0));
+    Ok(CgroupStats {
+        cpu_usage_ns: number(&cpu_dir.join("cpuacct.usage"))?,
+        memory_usage_bytes: usage,
+        memory_working_set_bytes: usage.saturating_sub(field(&memory, "total_inactive_file")),
+        memory_rss_bytes: field(&memory, "total_rss"),
+        page_faults: field(&memory, "total_pgfault"),
+        major_page_faults: field(&memory, "total_pgmajfault"),
+        pids: h.v1(V1::Pids, rel).map(|d| number(&d.join("pids.current")).unwrap_or(0)).unwrap_or(0),
+        io_read_bytes,
+        io_write_bytes,
+    })
+}
+
+/// Sums the `<dev> Read <n>` and `<dev> Write <n>` lines of a v1 blkio file.
+fn io_v1(text: &str) -> (u64, u64) {
+    let mut totals = (0, 0);
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if let [_, op, n] = parts[..] {
+            let n = n.parse::<u64>().unwrap_or(0);
+            match op {
+                "Read" => totals.0 += n,
+                "Write" => totals.1 += n,
+                _ => {}
+            }
+        }
+    }
+    totals
+}
+
+/// The node as a whole, from `/proc` (the same on v1 and v2 hosts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NodeStats {
+    pub cpu_usage_ns: u64,
+    pub memory_capacity_bytes: u64,
+    pub memory_usage_bytes: u64,
+    /// usage - inactive file pages.
+    pub memory_working_set_bytes: u64,
+    /// capacity - working set: the signal of `memory.available` eviction.
+    pub memory_available_bytes: u64,
+}
+
+/// Reads node-level usage.
+pub fn node_stats() -> io::Result<NodeStats> {
+    node_stats_from(&read(Path::new("/proc/stat"))?, &read(Path::new("/proc/meminfo"))?)
+}
+
+fn node_stats_from(stat: &str, meminfo: &str) -> io::Result<NodeStats> {
+    let cpu =
+        stat.lines().find(|l| l.starts_with("cpu ")).ok_or_else(|| io::Error::other("/proc/stat: no cpu line"))?;
+    // user nice system irq softirq steal (idle and iowait are not usage), in USER_HZ ticks.
+    let ticks: Vec<u64> = cpu.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|i| ticks.get(*i)).sum();
+    let tick_ns = 1_000_000_000 / ticks_per_second();
+    let kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
+            .unwrap_or(0)
+            * 1024
+    };
+    let capacity = kib("MemTotal:");
+    let usage = capacity.saturating_sub(kib("MemFree:"));
+    let working_set = usage.saturating_sub(kib("Inactive(file):"));
+    Ok(NodeStats {
+        cpu_usage_ns: busy * tick_ns,
+        memory_capacity_bytes: capacity,
+        memory_usage_bytes: usage,
+        memory_working_set_bytes: working_set,
+        memory_available_bytes: capacity.saturating_sub(working_set),
+    })
+}
+
+fn ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map_or(100, |t| t.max(1) as u64)
+}
+
+/// CPU usage rate from successive cumulative samples: nanocores (1e9 = one core busy), as the summary API's
+/// `usageNanoCores`.
+#[derive(Debug, Default)]
+pub struct CpuRate {
+    last: Option<(Instant, u64)>,
+}
+
+impl CpuRate {
+    /// Records a sample; returns the rate since the previous one (none for the first, or if time stood still).
+    pub fn sample(&mut self, at: Instant, usage_ns: u64) -> Option<u64> {
+        let rate = self.last.and_then(|(t0, u0)| {
+            let dt = at.checked_duration_since(t0)?.as_nanos();
+            (dt > 0).then(|| (u128::from(usage_ns.saturating_sub(u0)) * 1_000_000_000 / dt) as u64)
+        });
+        self.last = Some((at, usage_ns));
+        rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn parses_io_and_node_files() {
+        assert_eq!(io_v2("8:0 rbytes=100 wbytes=20 rios=1\n8:16 rbytes=5 wbytes=1 dbytes=0\n"), (105, 21));
+        assert_eq!(io_v1("8:0 Read 10\n8:0 Write 4\n8:0 Sync 14\n8:16 Read 1\nTotal 15\n"), (11, 4));
+        let stat = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
+        let meminfo = "MemTotal:       1000 kB\nMemFree:         200 kB\nInactive(file):  300 kB\n";
+        let n = node_stats_from(stat, meminfo).unwrap();
+        assert_eq!(n.cpu_usage_ns, (100 + 5 + 50 + 1 + 2 + 3) * (1_000_000_000 / ticks_per_second()));
+        assert_eq!(n.memory_capacity_bytes, 1_024_000);
+        assert_eq!(n.memory_usage_bytes, 800 * 1024);
+        assert_eq!(n.memory_working_set_bytes, 500 * 1024);
+        assert_eq!(n.memory_available_bytes, 500 * 1024);
+        assert_eq!(field("anon 5\ninactive_file 7\n", "inactive_file"), 7);
+        assert_eq!(field("anon 5\n", "file"), 0);
+    }
+
+    #[test]
+    fn cpu_rate_in_nanocores() {
+        let mut r = CpuRate::default();
+        let t0 = Instant::now();
+        assert_eq!(r.sample(t0, 1_000), None);
+        assert_eq!(r.sample(t0 + Duration::from_secs(2), 1_000 + 1_000_000_000), Some(500_000_000));
+        assert_eq!(r.sample(t0 + Duration::from_secs(2), 5), None, "no time passed");
+    }
+}
