@@ -69,15 +69,13 @@ pub fn remove_unified(layout: Layout, cgroups_path: &str) {
 }
 
 /// How many processes the kernel OOM-killed in the container's cgroup: `oom_kill` of `memory.events` (v2; not
-/// `oom`, which also counts failed charges that killed nothing) or of `memory.oom_control` (v1).
+/// `oom`, which also counts failed charges that killed nothing) or of `memory.oom_control` (v1), read by the
+/// cgroup layer's OOM code. Called when the init exits and before the cgroup goes, so the verdict is final.
 pub fn oom_kills(layout: Layout, cgroups_path: &str) -> u64 {
     let rel = cgroups_path.trim_start_matches('/');
     let file = match layout {
         Layout::Unified => Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
         Layout::Hybrid | Layout::Legacy => Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.oom_control"),
     };
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|text| text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
-        .unwrap_or(0)
+    nodelet_cgroups::oom::read_oom_kills(&file).unwrap_or(0)
 }

@@ -150,6 +150,9 @@ pub struct Resources {
     pub memory_limit: Option<i64>,
     /// Max number of processes.
     pub pids_limit: Option<i64>,
+    /// An OOM kill takes the whole container (`memory.oom.group`, cgroup v2 only): upstream sets it unless
+    /// `singleProcessOOMKill`, which defaults to false on v2. Ignored on v1/hybrid hosts, as upstream does.
+    pub oom_group: bool,
 }
 
 /// An extra process to run in a running container (`kubectl exec`, exec probes).

@@ -178,6 +178,12 @@ impl Runtime {
     /// On failure nothing is left behind.
     pub async fn create(&self, cfg: &ContainerConfig, io: ContainerIo) -> Result<Container, RuntimeError> {
         let mut spec = spec::build(cfg)?;
+        if self.inner.layout == Layout::Unified && cfg.resources.oom_group {
+            let unified = [("memory.oom.group".to_string(), "1".to_string())].into_iter().collect();
+            if let Some(resources) = spec.linux_mut().as_mut().and_then(|l| l.resources_mut().as_mut()) {
+                resources.set_unified(Some(unified));
+            }
+        }
         if self.inner.layout != Layout::Unified && matches!(cfg.namespaces.pid, crate::config::Namespace::Join(_)) {
             // libcontainer 0.7 mounts cgroup v1 by reading /proc/<its pid as seen in the container's PID
             // namespace>/cgroup from the host's /proc, which is another process (or none) when the namespace is

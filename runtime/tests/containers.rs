@@ -196,6 +196,21 @@ async fn oom_kill_is_reported(rt: Runtime, env: Env) -> Result<()> {
     cfg.command = vec!["dd".into(), "if=/dev/zero".into(), "of=/dev/null".into(), "bs=1M".into(), "count=1".into()];
     let (exit, _, _) = run(&rt, &cfg).await?;
     ensure!(exit.code == 0 && !exit.oom_killed, "{exit:?}");
+    // memory.oom.group (v2 only): the OOM of a child takes the whole container, init included; without it (and
+    // on v1/hybrid hosts, where upstream does not set it) only the child dies and the init goes on.
+    let script = "dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived";
+    for oom_group in [false, true] {
+        let mut cfg = config(&env, &format!("oomgroup{}", u8::from(oom_group)), &["sh", "-c", script]);
+        cfg.resources = Resources { memory_limit: Some(16 << 20), oom_group, ..Default::default() };
+        let (exit, out, _) = run(&rt, &cfg).await?;
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        ensure!(exit.oom_killed, "oom_group={oom_group}: {exit:?}");
+        if oom_group && v2 {
+            ensure!(exit.code == 137 && !out.contains("survived"), "group kill: {exit:?} {out:?}");
+        } else {
+            ensure!(exit.code == 0 && out.contains("survived"), "oom_group={oom_group}, v2={v2}: {exit:?} {out:?}");
+        }
+    }
     Ok(())
 }
 
