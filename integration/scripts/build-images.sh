@@ -17,7 +17,7 @@ AGNHOST=$CACHE/k8s-$K8S_VERSION/bin/agnhost
 # Tag agnhost as upstream does, with the version in its source tree (in the Go module cache build-control-plane.sh used).
 AGNHOST_VERSION=$(cat "${GOMODCACHE:-$CACHE/go/mod}/k8s.io/kubernetes@$K8S_VERSION/test/images/agnhost/VERSION")
 
-hash=$( { cat "$0"; dpkg-query -W -f='${Version}' busybox-static; sha256sum < "$AGNHOST"; echo "$AGNHOST_VERSION"; } |
+hash=$( { cat "$0" "$here/busybox-rootfs.sh"; dpkg-query -W -f='${Version}' busybox-static; sha256sum < "$AGNHOST"; echo "$AGNHOST_VERSION"; } |
   sha256sum | cut -c1-16)
 OUT=$CACHE/images/$hash
 if [ -f "$OUT/images.json" ]; then ln -sfn "$OUT" "$CACHE/images/current"; echo "$OUT"; exit 0; fi
@@ -29,16 +29,7 @@ trap cleanup EXIT
 oci=$work/oci
 umoci init --layout "$oci"
 
-# Writes a busybox root filesystem into $1.
-busybox_rootfs() {
-  local r=$1
-  mkdir -p "$r"/{bin,etc,tmp,root,proc,sys,dev,var/run}
-  chmod 1777 "$r/tmp"
-  cp /bin/busybox "$r/bin/busybox"
-  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$r/bin/$a"; done
-  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$r/etc/passwd"
-  printf 'root:x:0:\nnogroup:x:65534:\n' > "$r/etc/group"
-}
+. "$here/busybox-rootfs.sh"
 
 # new_image TAG: an empty image; add_layer TAG DIR: DIR's content as a layer on top (umoci diffs the bundle).
 new_image() { umoci new --image "$oci:$1"; }

@@ -9,7 +9,7 @@ pkgs=(
   umoci skopeo busybox-static jq python3       # daemonless image building
   containernetworking-plugins iproute2 iptables  # CNI plugins, test network namespaces
   libseccomp-dev pkg-config                    # libcontainer's seccomp support
-  crun runc                                    # side-by-side runtime benchmarks
+  crun runc containerd                         # side-by-side runtime and image-pull benchmarks
   qemu-system-x86                              # the pure cgroup v2 test VM
 )
 missing=()

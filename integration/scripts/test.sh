@@ -14,4 +14,4 @@ cargo test --workspace
 export CGV2_CACHE=${CGV2_CACHE:-${NODELET_TEST_CACHE:-/var/cache/nodelet-test}/cgv2-vm}
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/integration/scripts/cgv2-vm.sh run --timeout 1200 --"
 cargo test -p nodelet-runtime --test containers
-cargo test -p nodelet-cgroups --test oom_events --test psi_trigger --test control -- --color never
+cargo test -p nodelet-cgroups --test oom_events --test psi_trigger --test control --test hierarchy -- --color never
