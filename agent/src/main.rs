@@ -1,13 +1,295 @@
-//! `nodelet`: a Kubernetes node in one binary.
+//! `nodelet`: a Kubernetes node in one binary. Without a subcommand it runs the node: registered with the API
+//! server named by `--kubeconfig`, or standalone on the static pods of `--pod-manifest-path`.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use nodelet::config::{AgentConfig, KubeletConfiguration, parse_labels, parse_taints};
+use nodelet::images::{ImageManager, ImagesConfig, PullPolicy, pull::Progress};
 
 /// Command-line flags, named like the kubelet's where they exist.
 #[derive(Debug, Parser)]
 #[command(name = "nodelet", version, about = "A Kubernetes node in one binary")]
-struct Flags {}
+struct Flags {
+    /// Kubeconfig of the API server to register with; without it, the node runs standalone (static pods only).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The node's name (default: the host name).
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// The node's InternalIP (default: the first global IPv4 address, else 127.0.0.1).
+    #[arg(long)]
+    node_ip: Option<String>,
+    /// Directory for nodelet's state: images, container rootfs mounts, runtime records.
+    #[arg(long, default_value = "/var/lib/nodelet", global = true)]
+    root_dir: PathBuf,
+    /// Folder of static pod manifests (YAML or JSON, one Pod per file).
+    #[arg(long)]
+    pod_manifest_path: Option<PathBuf>,
+    /// A KubeletConfiguration (kubelet.config.k8s.io/v1beta1) file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides `maxPods`.
+    #[arg(long)]
+    max_pods: Option<u32>,
+    /// Overrides `cgroupRoot` (default `/`).
+    #[arg(long)]
+    cgroup_root: Option<String>,
+    /// Labels to register the node with: `key=value,...`.
+    #[arg(long, default_value = "")]
+    node_labels: String,
+    /// Taints to register the node with: `key=value:Effect,...`.
+    #[arg(long, default_value = "")]
+    register_with_taints: String,
+    /// A registry (`host[:port]`) reached over plain HTTP instead of HTTPS. Repeatable.
+    #[arg(long = "insecure-registry", global = true)]
+    insecure_registries: Vec<String>,
+    /// Docker `config.json` with the node's registry credentials.
+    #[arg(long, global = true)]
+    image_credentials: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _flags = Flags::parse();
-    anyhow::bail!("nodelet cannot run pods yet: the agent (pod workers, node status) is not built yet")
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with the node's image store.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// List the pods of a standalone node (as its status manager last wrote them).
+    Ps,
+    /// Print a container's log on this node.
+    Logs {
+        /// Pod name (standalone static pods carry the node name as a suffix; a prefix is enough).
+        pod: String,
+        /// Container (default: the pod's first).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// `podLogsDir`.
+        #[arg(long, default_value = "/var/log/pods")]
+        pod_logs_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Pull an image (always contacts the registry) and unpack it.
+    Pull { image: String },
+    /// Import an image from an OCI layout directory (e.g. written by umoci or `skopeo copy ... oci:DIR:TAG`).
+    Import {
+        /// The layout directory.
+        layout: PathBuf,
+        /// The name pods will use, e.g. `nodelet.local/busybox:latest`.
+        name: String,
+        /// The tag in the layout (`org.opencontainers.image.ref.name`); default: its only image.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// List stored images.
+    Ls,
+    /// Verify every blob and layer of the store; exits 1 if something is wrong.
+    Check,
+}
+
+fn main() -> Result<()> {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NODELET_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match flags.command {
+        Some(Command::Image(command)) => {
+            let config = images_config(&flags.root_dir, flags.insecure_registries, flags.image_credentials);
+            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            runtime.block_on(image_command(config, command))
+        }
+        Some(Command::Ps) => ps(&flags.root_dir),
+        Some(Command::Logs { ref pod, ref container, ref namespace, ref pod_logs_dir }) => {
+            logs(pod_logs_dir, namespace, pod, container.as_deref())
+        }
+        None => {
+            // The zygote must exist before any thread: fork it first, then start tokio.
+            let zygote = nodelet_runtime::Zygote::fork().context("forking the runtime's zygote")?;
+            let config = agent_config(flags)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            runtime.block_on(nodelet::agent::run(config, zygote))
+        }
+    }
+}
+
+fn agent_config(flags: Flags) -> Result<AgentConfig> {
+    let mut kubelet = match &flags.config {
+        Some(path) => KubeletConfiguration::load(path)?,
+        None => KubeletConfiguration::default(),
+    };
+    if let Some(n) = flags.max_pods {
+        anyhow::ensure!(n > 0, "--max-pods must be positive");
+        kubelet.max_pods = n;
+    }
+    if flags.cgroup_root.is_some() {
+        kubelet.cgroup_root = flags.cgroup_root.clone();
+    }
+    let node_name = match flags.hostname_override {
+        Some(name) => name,
+        None => rustix::system::uname().nodename().to_string_lossy().into_owned(),
+    }
+    .to_lowercase();
+    anyhow::ensure!(!node_name.is_empty(), "the node name is empty: pass --hostname-override");
+    if flags.kubeconfig.is_none() && flags.pod_manifest_path.is_none() && kubelet.static_pod_path.is_none() {
+        anyhow::bail!("nothing to run: pass --kubeconfig (join a cluster) or --pod-manifest-path (standalone)");
+    }
+    let node_ip = match flags.node_ip {
+        Some(ip) => {
+            ip.parse::<std::net::IpAddr>().with_context(|| format!("--node-ip {ip:?} is not an IP address"))?;
+            ip
+        }
+        None => default_node_ip(),
+    };
+    Ok(AgentConfig {
+        kubeconfig: flags.kubeconfig,
+        node_name,
+        node_ip,
+        root_dir: flags.root_dir,
+        log_dir: kubelet.pod_logs_dir.clone(),
+        pod_manifest_path: flags.pod_manifest_path,
+        node_labels: parse_labels(&flags.node_labels).context("--node-labels")?,
+        register_with_taints: parse_taints(&flags.register_with_taints).context("--register-with-taints")?,
+        insecure_registries: flags.insecure_registries,
+        image_credentials: flags.image_credentials,
+        kubelet,
+    })
+}
+
+/// The first global IPv4 address from `ip -4 -o addr`-like data in /proc (falls back to loopback).
+fn default_node_ip() -> String {
+    let route = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let mut last_ip = None;
+    for line in route.lines() {
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ") {
+            last_ip = Some(ip.to_string());
+        } else if line.contains("/32 host LOCAL")
+            && let Some(ip) = last_ip.take()
+            && !ip.starts_with("127.")
+        {
+            return ip;
+        }
+    }
+    "127.0.0.1".into()
+}
+
+fn images_config(root: &std::path::Path, insecure: Vec<String>, credentials: Option<PathBuf>) -> ImagesConfig {
+    ImagesConfig {
+        root_dir: root.to_owned(),
+        registry: nodelet::images::pull::RegistryConfig { insecure_registries: insecure, max_layer_bytes: None },
+        credentials_file: credentials,
+        gc: Default::default(),
+    }
+}
+
+fn ps(root: &std::path::Path) -> Result<()> {
+    println!("{:<16} {:<40} {:<10} {:<9} {:>8}  CONTAINERS", "NAMESPACE", "NAME", "PHASE", "READY", "RESTARTS");
+    let dir = root.join("pods");
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let Ok(text) = std::fs::read(entry.path().join("status.json")) else { continue };
+        let local: nodelet::status::LocalStatus =
+            serde_json::from_slice(&text).with_context(|| format!("{}", entry.path().display()))?;
+        rows.push(local);
+    }
+    rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    for p in rows {
+        let statuses = p.status.container_statuses.unwrap_or_default();
+        let ready = statuses.iter().filter(|c| c.ready).count();
+        let restarts: i32 = statuses.iter().map(|c| c.restart_count).sum();
+        let states: Vec<String> = statuses
+            .iter()
+            .map(|c| {
+                let s = c.state.as_ref();
+                let what = if s.and_then(|s| s.running.as_ref()).is_some() {
+                    "Running".to_string()
+                } else if let Some(w) = s.and_then(|s| s.waiting.as_ref()) {
+                    w.reason.clone().unwrap_or_default()
+                } else if let Some(t) = s.and_then(|s| s.terminated.as_ref()) {
+                    format!("{}({})", t.reason.clone().unwrap_or_default(), t.exit_code)
+                } else {
+                    "?".into()
+                };
+                format!("{}={what}", c.name)
+            })
+            .collect();
+        println!(
+            "{:<16} {:<40} {:<10} {:<9} {:>8}  {}",
+            p.namespace,
+            p.name,
+            p.status.phase.unwrap_or_default(),
+            format!("{ready}/{}", statuses.len()),
+            restarts,
+            states.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn logs(pod_logs_dir: &std::path::Path, namespace: &str, pod: &str, container: Option<&str>) -> Result<()> {
+    let prefix = format!("{namespace}_{pod}");
+    let pod_dir = std::fs::read_dir(pod_logs_dir)
+        .with_context(|| format!("reading {}", pod_logs_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+        .with_context(|| format!("no logs for pod {namespace}/{pod}"))?;
+    let container_dir = match container {
+        Some(c) => pod_dir.join(c),
+        None => {
+            std::fs::read_dir(&pod_dir)?.flatten().map(|e| e.path()).min().context("the pod has no container logs")?
+        }
+    };
+    let latest = std::fs::read_dir(&container_dir)
+        .with_context(|| format!("no logs for container in {}", container_dir.display()))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".log").and_then(|n| n.parse::<u32>().ok()))
+        .max()
+        .context("no log files")?;
+    print!("{}", nodelet::logs::read_text(&container_dir.join(format!("{latest}.log")))?);
+    Ok(())
+}
+
+async fn image_command(config: ImagesConfig, command: ImageCommand) -> Result<()> {
+    let images = ImageManager::open(config)?;
+    match command {
+        ImageCommand::Pull { image } => {
+            let event = |e: nodelet::images::ImageEvent| eprintln!("{}: {}", e.reason, e.message);
+            let ready = images
+                .ensure(&image, PullPolicy::Always, &[], "cli", Arc::new(Progress::default()), &event)
+                .await
+                .map_err(|f| anyhow::anyhow!("{}: {}", f.reason, f.message))?;
+            println!("{}", ready.image_id);
+        }
+        ImageCommand::Import { layout, name, tag } => {
+            let ready = images.import(&layout, tag.as_deref(), &name)?;
+            println!("{} {}", ready.image, ready.image_id);
+        }
+        ImageCommand::Ls => {
+            println!("{:<60} {:<73} {:>12}", "NAME", "MANIFEST", "SIZE");
+            for record in images.store().images()? {
+                let name = record.names.first().cloned().unwrap_or_else(|| "<none>".into());
+                println!("{name:<60} {:<73} {:>12}", record.manifest, record.size);
+            }
+        }
+        ImageCommand::Check => {
+            let problems = images.store().check()?;
+            for p in &problems {
+                println!("{p}");
+            }
+            if !problems.is_empty() {
+                anyhow::bail!("{} problems in the image store", problems.len());
+            }
+        }
+    }
+    Ok(())
 }

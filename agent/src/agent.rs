@@ -1,0 +1,97 @@
+//! Wires the node together: runtime, images, cgroups, status manager, pod workers, pod sources and (with an API
+//! server) node registration and heartbeats. Data flows one way: sources -> pod workers -> runtime -> status.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use nodelet_cgroups::hierarchy::{Allocatable, Hierarchy};
+use nodelet_runtime::{Runtime, Zygote};
+use tokio::sync::mpsc;
+
+use crate::config::AgentConfig;
+use crate::events::Recorder;
+use crate::images::{ImageManager, ImagesConfig};
+use crate::node::{NodeFacts, NodeManager};
+use crate::pods::{Ctx, PodWorkers};
+use crate::status::StatusManager;
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("{}: invalid kubeconfig", path.display()))?;
+    kube::Client::try_from(config).context("building the API client")
+}
+
+/// Runs the node until SIGTERM or SIGINT. Containers keep running when the agent stops (like the kubelet).
+pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
+    let runtime = Runtime::new(zygote, config.root_dir.join("runtime")).context("starting the runtime")?;
+    let images = Arc::new(ImageManager::open(ImagesConfig {
+        root_dir: config.root_dir.clone(),
+        registry: crate::images::pull::RegistryConfig {
+            insecure_registries: config.insecure_registries.clone(),
+            max_layer_bytes: None,
+        },
+        credentials_file: config.image_credentials.clone(),
+        gc: crate::images::gc::GcPolicy {
+            high_threshold_percent: config.kubelet.image_gc_high_threshold_percent,
+            low_threshold_percent: config.kubelet.image_gc_low_threshold_percent,
+            minimum_age: config.kubelet.image_minimum_gc_age,
+        },
+    })?);
+    let facts = NodeFacts::gather(&config)?;
+    let allocatable = (facts.cpus * 1000, facts.memory_bytes);
+    let hierarchy = Hierarchy::detect(config.kubelet.cgroup_root.as_deref().unwrap_or("/")).context("cgroups")?;
+    hierarchy
+        .ensure_node(Allocatable { cpu_millis: allocatable.0, memory_bytes: allocatable.1, pids: None })
+        .context("creating the kubepods cgroups")?;
+    let client = match &config.kubeconfig {
+        Some(path) => Some(client_from(path).await?),
+        None => None,
+    };
+    let (status_tx, status_rx) = mpsc::unbounded_channel();
+    tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone()).run(status_rx));
+    let ctx = Arc::new(Ctx {
+        runtime,
+        images: images.clone(),
+        hierarchy,
+        config: config.clone(),
+        client: client.clone(),
+        events: Recorder::new(client.clone(), config.node_name.clone()),
+        status: status_tx,
+        allocatable,
+    });
+    let (source_tx, source_rx) = mpsc::channel(64);
+    tokio::spawn(PodWorkers::new(ctx).run(source_rx));
+    if let Some(dir) = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone()) {
+        tokio::spawn(crate::sources::file::watch(dir, config.node_name.clone(), source_tx.clone()));
+    }
+    if let Some(client) = client.clone() {
+        let node = Arc::new(NodeManager::new(client.clone(), config.clone())?);
+        node.register().await?;
+        let lease = node.clone();
+        tokio::spawn(async move { lease.run_lease().await });
+        tokio::spawn(async move { node.run_status().await });
+        tokio::spawn(crate::sources::api::watch(client, config.node_name.clone(), source_tx.clone()));
+    }
+    drop(source_tx);
+    let gc_images = images.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(300)).await;
+            if let Err(e) = gc_images.garbage_collect(&Default::default()) {
+                tracing::warn!(error = %e, "image GC failed");
+            }
+        }
+    });
+    tracing::info!(node = %config.node_name, standalone = config.kubeconfig.is_none(), "nodelet is running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping; containers keep running");
+    Ok(())
+}

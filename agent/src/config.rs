@@ -1,0 +1,239 @@
+//! The agent's configuration: kubelet flag names where they exist, and a subset of `KubeletConfiguration`
+//! (`kubelet.config.k8s.io/v1beta1`) read from `--config` with upstream's field names and defaults. Unknown
+//! fields and invalid values are startup errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// `--config`: the fields nodelet honours, named and defaulted as upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubeletConfiguration {
+    pub kind: Option<String>,
+    pub api_version: Option<String>,
+    pub max_pods: u32,
+    pub static_pod_path: Option<PathBuf>,
+    pub cgroup_root: Option<String>,
+    pub port: u16,
+    pub pod_logs_dir: PathBuf,
+    #[serde(with = "go_duration")]
+    pub node_status_update_frequency: Duration,
+    #[serde(with = "go_duration")]
+    pub node_status_report_frequency: Duration,
+    pub node_lease_duration_seconds: u32,
+    pub container_log_max_size: String,
+    pub container_log_max_files: u32,
+    #[serde(rename = "imageGCHighThresholdPercent")]
+    pub image_gc_high_threshold_percent: u8,
+    #[serde(rename = "imageGCLowThresholdPercent")]
+    pub image_gc_low_threshold_percent: u8,
+    #[serde(with = "go_duration", rename = "imageMinimumGCAge")]
+    pub image_minimum_gc_age: Duration,
+    #[serde(rename = "clusterDNS")]
+    pub cluster_dns: Vec<String>,
+    pub cluster_domain: Option<String>,
+    pub pod_pids_limit: Option<i64>,
+    #[serde(rename = "singleProcessOOMKill")]
+    pub single_process_oom_kill: Option<bool>,
+}
+
+impl Default for KubeletConfiguration {
+    fn default() -> Self {
+        KubeletConfiguration {
+            kind: None,
+            api_version: None,
+            max_pods: 110,
+            static_pod_path: None,
+            cgroup_root: None,
+            port: 10250,
+            pod_logs_dir: PathBuf::from("/var/log/pods"),
+            node_status_update_frequency: Duration::from_secs(10),
+            node_status_report_frequency: Duration::from_secs(300),
+            node_lease_duration_seconds: 40,
+            container_log_max_size: "10Mi".into(),
+            container_log_max_files: 5,
+            image_gc_high_threshold_percent: 85,
+            image_gc_low_threshold_percent: 80,
+            image_minimum_gc_age: Duration::from_secs(120),
+            cluster_dns: Vec::new(),
+            cluster_domain: None,
+            pod_pids_limit: None,
+            single_process_oom_kill: None,
+        }
+    }
+}
+
+impl KubeletConfiguration {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<KubeletConfiguration> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: KubeletConfiguration =
+            serde_yaml::from_str(&text).with_context(|| format!("{}: invalid KubeletConfiguration", path.display()))?;
+        config.validate().with_context(|| format!("{}: invalid KubeletConfiguration", path.display()))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(kind) = self.kind.as_deref().filter(|k| *k != "KubeletConfiguration") {
+            bail!("kind is {kind:?}, expected \"KubeletConfiguration\"");
+        }
+        if let Some(v) = self.api_version.as_deref().filter(|v| *v != "kubelet.config.k8s.io/v1beta1") {
+            bail!("apiVersion is {v:?}, expected \"kubelet.config.k8s.io/v1beta1\"");
+        }
+        if self.max_pods == 0 {
+            bail!("maxPods must be positive");
+        }
+        if self.container_log_max_files < 2 {
+            bail!("containerLogMaxFiles must be at least 2");
+        }
+        parse_quantity(&self.container_log_max_size).context("containerLogMaxSize")?;
+        Ok(())
+    }
+
+    pub fn container_log_max_bytes(&self) -> u64 {
+        parse_quantity(&self.container_log_max_size).unwrap_or(10 << 20)
+    }
+}
+
+/// A byte quantity like `10Mi`, `1G`, `512Ki` or a plain number.
+pub fn parse_quantity(text: &str) -> Result<u64> {
+    let suffixes: [(&str, u64); 8] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ];
+    let (number, multiplier) =
+        suffixes.iter().find_map(|(s, m)| text.strip_suffix(s).map(|n| (n, *m))).unwrap_or((text, 1));
+    let n: u64 = number.parse().with_context(|| format!("{text:?} is not a quantity"))?;
+    Ok(n * multiplier)
+}
+
+/// Go duration strings (`10s`, `5m0s`, `1h`), as KubeletConfiguration writes them.
+mod go_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let mut total = 0f64;
+        let mut rest = text;
+        if rest.is_empty() {
+            return Err("empty duration".into());
+        }
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+            let value: f64 = rest[..digits].parse().map_err(|_| format!("invalid duration {text:?}"))?;
+            rest = &rest[digits..];
+            let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let seconds = match &rest[..unit] {
+                "h" => 3600.0,
+                "m" => 60.0,
+                "s" => 1.0,
+                "ms" => 0.001,
+                _ => return Err(format!("invalid duration {text:?}")),
+            };
+            total += value * seconds;
+            rest = &rest[unit..];
+        }
+        Ok(Duration::from_secs_f64(total))
+    }
+}
+
+/// Everything the agent runs with, after flags and the config file are merged.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub node_ip: String,
+    pub root_dir: PathBuf,
+    /// `podLogsDir` (default `/var/log/pods`).
+    pub log_dir: PathBuf,
+    pub pod_manifest_path: Option<PathBuf>,
+    pub node_labels: Vec<(String, String)>,
+    pub register_with_taints: Vec<k8s_openapi::api::core::v1::Taint>,
+    pub insecure_registries: Vec<String>,
+    pub image_credentials: Option<PathBuf>,
+    pub kubelet: KubeletConfiguration,
+}
+
+/// `key=value,key2=value2` (`--node-labels`).
+pub fn parse_labels(text: &str) -> Result<Vec<(String, String)>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').with_context(|| format!("label {pair:?} is not key=value"))?;
+            if k.is_empty() {
+                bail!("label {pair:?} has an empty key");
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// `key=value:Effect,key2:Effect` (`--register-with-taints`).
+pub fn parse_taints(text: &str) -> Result<Vec<k8s_openapi::api::core::v1::Taint>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|spec| {
+            let (kv, effect) = spec.rsplit_once(':').with_context(|| format!("taint {spec:?} has no :Effect"))?;
+            if !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&effect) {
+                bail!("taint {spec:?}: effect must be NoSchedule, PreferNoSchedule or NoExecute");
+            }
+            let (key, value) = match kv.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (kv, None),
+            };
+            Ok(k8s_openapi::api::core::v1::Taint { key: key.into(), value, effect: effect.into(), time_added: None })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_durations_and_errors() {
+        let c: KubeletConfiguration = serde_yaml::from_str(
+            "kind: KubeletConfiguration\napiVersion: kubelet.config.k8s.io/v1beta1\nmaxPods: 20\nnodeStatusUpdateFrequency: 4s\nimageMinimumGCAge: 1m30s\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_pods, 20);
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(4));
+        assert_eq!(c.image_minimum_gc_age, Duration::from_secs(90));
+        assert_eq!(c.node_status_report_frequency, Duration::from_secs(300));
+        assert_eq!(c.container_log_max_bytes(), 10 << 20);
+        let err = serde_yaml::from_str::<KubeletConfiguration>("maxPod: 3\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `maxPod`"), "{err}");
+        assert!(serde_yaml::from_str::<KubeletConfiguration>("nodeStatusUpdateFrequency: soon\n").is_err());
+        let bad = KubeletConfiguration { kind: Some("Pod".into()), ..Default::default() };
+        assert!(bad.validate().is_err());
+        assert!(parse_quantity("12Mi").unwrap() == 12 << 20 && parse_quantity("x").is_err());
+    }
+
+    #[test]
+    fn labels_and_taints() {
+        assert_eq!(parse_labels("a=b,c=").unwrap(), [("a".into(), "b".into()), ("c".into(), "".into())]);
+        assert!(parse_labels("novalue").is_err());
+        let t = parse_taints("dedicated=gpu:NoSchedule,spot:PreferNoSchedule").unwrap();
+        assert_eq!(
+            (t[0].key.as_str(), t[0].value.as_deref(), t[0].effect.as_str()),
+            ("dedicated", Some("gpu"), "NoSchedule")
+        );
+        assert_eq!((t[1].key.as_str(), t[1].value.as_deref()), ("spot", None));
+        assert!(parse_taints("x=y:Sometimes").is_err());
+    }
+}

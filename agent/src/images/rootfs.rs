@@ -1,0 +1,113 @@
+//! A container's root filesystem: an overlay mount of the image's unpacked layers (read-only lower dirs, top
+//! layer first) with a per-container upper and work dir, under `<root-dir>/rootfs/<container-id>/`. The image
+//! it uses is recorded there, so image GC never removes layers a container still runs on.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+
+use super::digest::Digest;
+use super::error::{ImageError, Result};
+use super::store::{ImageRecord, Store, write_atomically};
+
+/// The kernel limits mount options to one page.
+const MAX_MOUNT_DATA: usize = 4095;
+
+/// Creates and removes container rootfs mounts.
+#[derive(Debug, Clone)]
+pub struct Rootfs {
+    dir: PathBuf,
+}
+
+impl Rootfs {
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Rootfs> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|e| ImageError::io("create", &dir, e))?;
+        Ok(Rootfs { dir })
+    }
+
+    fn container_dir(&self, id: &str) -> Result<PathBuf> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(ImageError::Mount { container: id.to_owned(), message: "invalid container id".into() });
+        }
+        Ok(self.dir.join(id))
+    }
+
+    /// Mounts the rootfs for container `id` from `image` and returns its path. Idempotent: an existing mount
+    /// for the same container is reused (after an agent restart).
+    pub fn prepare(&self, store: &Store, id: &str, image: &ImageRecord) -> Result<PathBuf> {
+        let dir = self.container_dir(id)?;
+        let merged = dir.join("merged");
+        if is_mountpoint(&merged) {
+            return Ok(merged);
+        }
+        let mut lower = Vec::new();
+        for chain_id in image.chain_ids().collect::<Vec<_>>().into_iter().rev() {
+            let path = store.layer_path(chain_id);
+            if !path.is_dir() {
+                return Err(ImageError::Mount {
+                    container: id.to_owned(),
+                    message: format!("layer {chain_id} is not unpacked"),
+                });
+            }
+            lower.push(path.display().to_string());
+        }
+        for sub in ["upper", "work", "merged"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(|e| ImageError::io("create", &path, e))?;
+        }
+        write_atomically(&dir.join("image"), image.manifest.as_str().as_bytes())?;
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            dir.join("upper").display(),
+            dir.join("work").display()
+        );
+        if data.len() > MAX_MOUNT_DATA {
+            return Err(ImageError::Mount {
+                container: id.to_owned(),
+                message: format!("{} layers make overlay options longer than a page", lower.len()),
+            });
+        }
+        nix::mount::mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
+            .map_err(|e| ImageError::Mount { container: id.to_owned(), message: format!("overlay mount: {e}") })?;
+        Ok(merged)
+    }
+
+    /// Unmounts and deletes the container's rootfs (its writable layer goes with it). Missing is fine.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let dir = self.container_dir(id)?;
+        let merged = dir.join("merged");
+        if is_mountpoint(&merged) {
+            nix::mount::umount2(&merged, MntFlags::MNT_DETACH)
+                .map_err(|e| ImageError::Mount { container: id.to_owned(), message: format!("unmount: {e}") })?;
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ImageError::io("remove", &dir, e)),
+        }
+    }
+
+    /// Image manifests that some container rootfs uses (for GC).
+    pub fn images_in_use(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.dir).map_err(|e| ImageError::io("list", &self.dir, e))?;
+        for entry in entries.flatten() {
+            if let Ok(text) = fs::read_to_string(entry.path().join("image"))
+                && let Ok(d) = Digest::parse(text.trim())
+            {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// True when `path` is a mount point in this mount namespace (listed in mountinfo).
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let target = path.display().to_string();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+}

@@ -1,0 +1,13 @@
+//! nodelet's agent: the kubelet half of the node. The binary (`main.rs`) is a thin CLI over these modules.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backoff;
+pub mod config;
+pub mod events;
+pub mod images;
+pub mod logs;
+pub mod node;
+pub mod pods;
+pub mod sources;
+pub mod status;

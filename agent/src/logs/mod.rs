@@ -1,0 +1,233 @@
+//! Container logs in the CRI format the kubelet reads (`/var/log/pods/<ns>_<pod>_<uid>/<ctr>/<restart>.log`,
+//! lines `<RFC3339Nano> <stdout|stderr> <F|P> <text>`), with size-based rotation like upstream's
+//! `containerLogMaxSize` / `containerLogMaxFiles`.
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+/// Longest line written as one entry; longer ones are split into partial (`P`) entries like containerd does.
+const MAX_LINE: usize = 16 * 1024;
+
+/// `<podLogsDir>/<ns>_<pod>_<uid>`.
+pub fn pod_log_dir(pod_logs_dir: &Path, namespace: &str, name: &str, uid: &str) -> PathBuf {
+    pod_logs_dir.join(format!("{namespace}_{name}_{uid}"))
+}
+
+/// `<pod log dir>/<container>/<restart>.log`.
+pub fn container_log_path(pod_dir: &Path, container: &str, restart: u32) -> PathBuf {
+    pod_dir.join(container).join(format!("{restart}.log"))
+}
+
+/// Rotation limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub max_files: u32,
+}
+
+/// Copies a container's stdout and stderr into its CRI log file until both streams end. Returns when done.
+pub async fn copy_streams(stdout: std::fs::File, stderr: std::fs::File, path: PathBuf, rotation: Rotation) {
+    let (tx, rx) = mpsc::channel::<(&'static str, Vec<u8>, bool)>(256);
+    for (name, file) in [("stdout", stdout), ("stderr", stderr)] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_file(file) else { return };
+            let mut reader = BufReader::with_capacity(MAX_LINE, pipe);
+            loop {
+                let mut line = Vec::new();
+                let complete = match read_line(&mut reader, &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => line.last() == Some(&b'\n'),
+                };
+                if complete {
+                    line.pop();
+                }
+                if tx.send((name, line, complete)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    write_log(rx, path, rotation).await;
+}
+
+/// Reads up to a newline or [`MAX_LINE`] bytes.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, out: &mut Vec<u8>) -> std::io::Result<usize> {
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(out.len());
+        }
+        let room = MAX_LINE - out.len();
+        let take = match buf.iter().take(room).position(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None => buf.len().min(room),
+        };
+        out.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if out.last() == Some(&b'\n') || out.len() >= MAX_LINE {
+            return Ok(out.len());
+        }
+    }
+}
+
+async fn write_log(mut rx: mpsc::Receiver<(&'static str, Vec<u8>, bool)>, path: PathBuf, rotation: Rotation) {
+    if let Some(dir) = path.parent() {
+        let _ = tokio::fs::create_dir_all(dir).await;
+    }
+    let open = |path: PathBuf| async move { tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await };
+    let Ok(mut file) = open(path.clone()).await else {
+        tracing::warn!(path = %path.display(), "cannot open container log");
+        return;
+    };
+    let mut size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    while let Some((stream, text, complete)) = rx.recv().await {
+        let mut entry = format!("{} {stream} {} ", cri_timestamp(), if complete { "F" } else { "P" }).into_bytes();
+        entry.extend_from_slice(&text);
+        entry.push(b'\n');
+        if size > 0 && size + entry.len() as u64 > rotation.max_bytes {
+            let _ = file.flush().await;
+            rotate(&path, rotation.max_files).await;
+            match open(path.clone()).await {
+                Ok(f) => file = f,
+                Err(_) => return,
+            }
+            size = 0;
+        }
+        if file.write_all(&entry).await.is_err() {
+            return;
+        }
+        size += entry.len() as u64;
+    }
+    let _ = file.flush().await;
+}
+
+/// `0.log` -> `0.log.<timestamp>`; the oldest rotated files go so that at most `max_files` remain.
+async fn rotate(path: &Path, max_files: u32) {
+    let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S%.6f").to_string();
+    let rotated = PathBuf::from(format!("{}.{stamp}", path.display()));
+    let _ = tokio::fs::rename(path, &rotated).await;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut old: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+                .collect()
+        })
+        .unwrap_or_default();
+    old.sort();
+    let keep = max_files.saturating_sub(1) as usize;
+    while old.len() > keep {
+        let _ = tokio::fs::remove_file(old.remove(0)).await;
+    }
+}
+
+/// RFC 3339 with nanoseconds, UTC, like Go's `time.RFC3339Nano`.
+pub fn cri_timestamp() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// One parsed CRI log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub timestamp: String,
+    pub stream: String,
+    pub partial: bool,
+    pub text: String,
+}
+
+/// Parses `<time> <stream> <F|P> <text>`.
+pub fn parse_line(line: &str) -> Option<LogLine> {
+    let mut parts = line.splitn(4, ' ');
+    let timestamp = parts.next()?.to_string();
+    let stream = parts.next()?.to_string();
+    let tag = parts.next()?;
+    let text = parts.next().unwrap_or("").to_string();
+    Some(LogLine { timestamp, stream, partial: tag == "P", text })
+}
+
+/// The text of a log file (and of its rotated predecessors, oldest first), partial lines joined.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(String::new()) };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+        .collect();
+    files.sort();
+    files.push(path.to_path_buf());
+    let mut out = String::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in text.lines().filter_map(parse_line) {
+            out.push_str(&line.text);
+            if !line.partial {
+                out.push('\n');
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(fd: std::os::fd::OwnedFd) -> std::fs::File {
+        std::fs::File::from(fd)
+    }
+
+    /// Runs one copier over fresh pipes, feeding it `lines` (from a thread: pipe writes block until it reads).
+    async fn copy(path: &Path, lines: Vec<(bool, String)>) {
+        let (out_r, out_w) = std::io::pipe().unwrap();
+        let (err_r, err_w) = std::io::pipe().unwrap();
+        let rotation = Rotation { max_bytes: 64 * 1024, max_files: 3 };
+        let writer = tokio::spawn(copy_streams(file(out_r.into()), file(err_r.into()), path.to_owned(), rotation));
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let (mut out, mut err) = (file(out_w.into()), file(err_w.into()));
+            for (to_err, line) in lines {
+                let target = if to_err { &mut err } else { &mut out };
+                writeln!(target, "{line}").unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_cri_lines_splits_long_ones_and_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = container_log_path(dir.path(), "c", 0);
+        let long = "x".repeat(MAX_LINE + 10);
+        let mut lines = vec![(false, "hello".to_string()), (true, "oops".to_string()), (false, long.clone())];
+        lines.extend((0..1500).map(|i| (false, format!("line {i:05} {}", "y".repeat(60)))));
+        copy(&path, lines).await;
+        let current = std::fs::read_to_string(&path).unwrap();
+        let first = parse_line(current.lines().next().unwrap()).unwrap();
+        assert!(first.timestamp.ends_with('Z') && first.timestamp.parse::<jiff::Timestamp>().is_ok());
+        let all = read_text(&path).unwrap();
+        // stdout and stderr are separate pipes: their relative order is not fixed.
+        assert!(all.starts_with("hello\n") && all.contains("\noops\n"), "{}", &all[..20]);
+        assert!(all.contains(&format!("{long}\n")), "partial lines are joined again");
+        assert!(all.ends_with(&format!("line 01499 {}\n", "y".repeat(60))));
+        let files = || std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+        assert_eq!(files(), 3, "0.log and two rotated files");
+        // More output: still three files, the oldest lines are gone.
+        copy(&path, (0..2000).map(|i| (false, format!("more {i:05} {}", "z".repeat(60)))).collect()).await;
+        assert_eq!(files(), 3);
+        let all = read_text(&path).unwrap();
+        assert!(!all.contains("hello") && all.ends_with(&format!("more 01999 {}\n", "z".repeat(60))));
+    }
+}

@@ -1,0 +1,186 @@
+//! The Node: registration, the heartbeat Lease in `kube-node-lease`, and the node status (capacity,
+//! allocatable, nodeInfo, addresses, conditions) patched every `nodeStatusUpdateFrequency` when it changed and
+//! at least every `nodeStatusReportFrequency`, like upstream's nodestatus and nodelease.
+
+mod info;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+
+use crate::config::AgentConfig;
+
+pub use info::NodeFacts;
+
+/// Registers the node and keeps its Lease and status fresh.
+pub struct NodeManager {
+    client: kube::Client,
+    config: AgentConfig,
+    facts: NodeFacts,
+}
+
+impl NodeManager {
+    pub fn new(client: kube::Client, config: AgentConfig) -> Result<NodeManager> {
+        let facts = NodeFacts::gather(&config)?;
+        Ok(NodeManager { client, config, facts })
+    }
+
+    /// Creates the Node object (or finds it already there, as after a restart), retrying until the API server
+    /// answers.
+    pub async fn register(&self) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let mut labels: BTreeMap<String, String> = [
+            ("kubernetes.io/hostname", self.config.node_name.as_str()),
+            ("kubernetes.io/os", "linux"),
+            ("kubernetes.io/arch", info::go_arch()),
+            ("beta.kubernetes.io/os", "linux"),
+            ("beta.kubernetes.io/arch", info::go_arch()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        labels.extend(self.config.node_labels.iter().cloned());
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(self.config.node_name.clone()),
+                labels: Some(labels),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                taints: (!self.config.register_with_taints.is_empty())
+                    .then(|| self.config.register_with_taints.clone()),
+                ..Default::default()
+            }),
+            status: Some(self.status(None)),
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match nodes.create(&PostParams::default(), &node).await {
+                Ok(_) => {
+                    tracing::info!(node = %self.config.node_name, "registered the node");
+                    return Ok(());
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    tracing::info!(node = %self.config.node_name, "node already registered");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering the node failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(7));
+                }
+            }
+        }
+    }
+
+    /// The node status as of now. `previous` keeps condition transition times.
+    fn status(&self, previous: Option<&NodeStatus>) -> NodeStatus {
+        let now = Time(Timestamp::now());
+        let condition = |kind: &str, status: &str, reason: &str, message: &str| {
+            let transition = previous
+                .and_then(|p| p.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == kind && c.status == status))
+                .and_then(|c| c.last_transition_time.clone())
+                .unwrap_or_else(|| now.clone());
+            NodeCondition {
+                type_: kind.into(),
+                status: status.into(),
+                reason: Some(reason.into()),
+                message: Some(message.into()),
+                last_heartbeat_time: Some(now.clone()),
+                last_transition_time: Some(transition),
+            }
+        };
+        let mut status = self.facts.status(&self.config);
+        status.conditions = Some(vec![
+            condition(
+                "MemoryPressure",
+                "False",
+                "KubeletHasSufficientMemory",
+                "kubelet has sufficient memory available",
+            ),
+            condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        ]);
+        status
+    }
+
+    /// Renews the Lease every `leaseDuration / 4` (10 s with the default 40 s), creating it when missing.
+    pub async fn run_lease(&self) {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        let name = self.config.node_name.clone();
+        let duration = self.config.kubelet.node_lease_duration_seconds;
+        let interval = Duration::from_secs(u64::from(duration).div_ceil(4).max(1));
+        loop {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some("kube-node-lease".into()),
+                    ..Default::default()
+                },
+                spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(name.clone()),
+                    lease_duration_seconds: Some(duration as i32),
+                    renew_time: Some(MicroTime(Timestamp::now())),
+                    ..Default::default()
+                }),
+            };
+            let patch = serde_json::json!({"spec": lease.spec});
+            let result = match leases.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    leases.create(&PostParams::default(), &lease).await.map(|_| ())
+                }
+                other => other.map(|_| ()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "renewing the node lease failed");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Patches the node status when it changed (conditions, capacity...) and at least every report interval.
+    pub async fn run_status(&self) {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let mut last: Option<(NodeStatus, Instant)> = None;
+        loop {
+            let previous = last.as_ref().map(|(s, _)| s);
+            let status = self.status(previous);
+            let changed = previous.is_none_or(|p| !same_ignoring_heartbeats(p, &status));
+            let due =
+                last.as_ref().is_none_or(|(_, at)| at.elapsed() >= self.config.kubelet.node_status_report_frequency);
+            if changed || due {
+                let patch = serde_json::json!({"status": status});
+                match nodes.patch_status(&self.config.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    Ok(_) => last = Some((status, Instant::now())),
+                    Err(e) => tracing::warn!(error = %e, "updating the node status failed"),
+                }
+            }
+            tokio::time::sleep(self.config.kubelet.node_status_update_frequency).await;
+        }
+    }
+}
+
+fn same_ignoring_heartbeats(a: &NodeStatus, b: &NodeStatus) -> bool {
+    let strip = |s: &NodeStatus| {
+        let mut s = s.clone();
+        for c in s.conditions.iter_mut().flatten() {
+            c.last_heartbeat_time = None;
+        }
+        serde_json::to_value(s).unwrap_or_default()
+    };
+    strip(a) == strip(b)
+}
+
+/// Reads the cluster's view of this node (for tests and `nodelet` diagnostics).
+pub async fn get(client: &kube::Client, name: &str) -> Result<Node> {
+    Api::<Node>::all(client.clone()).get(name).await.with_context(|| format!("reading node {name}"))
+}

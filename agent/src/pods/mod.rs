@@ -1,0 +1,158 @@
+//! Pod workers: one task per pod (see [`worker`]), created by the dispatcher when a source first shows a pod,
+//! after admission (pod count and resources against allocatable, upstream's `OutOf<resource>` rejections).
+
+pub mod resources;
+pub mod spec;
+pub mod state;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use nodelet_cgroups::hierarchy::Hierarchy;
+use nodelet_runtime::Runtime;
+use tokio::sync::mpsc;
+
+use crate::config::AgentConfig;
+use crate::events::Recorder;
+use crate::images::ImageManager;
+use crate::sources::SourceEvent;
+use crate::status::{StatusMessage, StatusSender};
+use state::{Phase, PodState};
+use worker::{Worker, WorkerMessage};
+
+/// What every pod worker shares.
+pub struct Ctx {
+    pub runtime: Runtime,
+    pub images: Arc<ImageManager>,
+    pub hierarchy: Hierarchy,
+    pub config: AgentConfig,
+    pub client: Option<kube::Client>,
+    pub events: Recorder,
+    pub status: StatusSender,
+    /// Node allocatable: (cpu millis, memory bytes).
+    pub allocatable: (u64, u64),
+}
+
+struct Admitted {
+    tx: mpsc::Sender<WorkerMessage>,
+    requests: (u64, u64),
+}
+
+/// Routes source events to pod workers.
+pub struct PodWorkers {
+    ctx: Arc<Ctx>,
+    workers: HashMap<String, Admitted>,
+    done_tx: mpsc::UnboundedSender<String>,
+    done_rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl PodWorkers {
+    pub fn new(ctx: Arc<Ctx>) -> PodWorkers {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        PodWorkers { ctx, workers: HashMap::new(), done_tx, done_rx }
+    }
+
+    pub async fn run(mut self, mut sources: mpsc::Receiver<SourceEvent>) {
+        loop {
+            tokio::select! {
+                event = sources.recv() => match event {
+                    Some(SourceEvent::Upsert(pod)) => self.upsert(*pod).await,
+                    Some(SourceEvent::Remove { uid }) => {
+                        if let Some(w) = self.workers.get(&uid) {
+                            let _ = w.tx.send(WorkerMessage::Remove).await;
+                        }
+                    }
+                    None => return,
+                },
+                Some(uid) = self.done_rx.recv() => {
+                    self.workers.remove(&uid);
+                }
+            }
+        }
+    }
+
+    async fn upsert(&mut self, pod: Pod) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if let Some(w) = self.workers.get(&uid) {
+            let _ = w.tx.send(WorkerMessage::Update(Box::new(pod))).await;
+            return;
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+        let pod_ref = crate::events::PodRef {
+            namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: uid.clone(),
+        };
+        if phase == "Succeeded" || phase == "Failed" {
+            // Finished before (or rejected): nothing runs; a deletion only needs the final delete.
+            if pod.metadata.deletion_timestamp.is_some() {
+                let _ = self.ctx.status.send(StatusMessage::Terminated { pod: pod_ref, delete: true });
+            }
+            return;
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            let _ = self.ctx.status.send(StatusMessage::Terminated { pod: pod_ref, delete: true });
+            return;
+        }
+        let requests = resources::pod_requests(&pod);
+        if let Err((reason, message)) = self.admit(requests) {
+            self.ctx.events.record(&pod_ref, None, true, reason, &message);
+            let state = PodState {
+                phase: Phase::Failed,
+                reason: Some(reason.to_string()),
+                message: Some(message),
+                sandbox_ready: false,
+                start_time: Timestamp::now(),
+                qos: resources::pod_qos(&pod),
+                host_ip: self.ctx.config.node_ip.clone(),
+                pod_ip: None,
+                init: Vec::new(),
+                containers: Vec::new(),
+            };
+            let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
+            return;
+        }
+        let (tx, rx) = mpsc::channel(16);
+        self.workers.insert(uid.clone(), Admitted { tx, requests });
+        let (ctx, done) = (self.ctx.clone(), self.done_tx.clone());
+        tokio::spawn(async move {
+            Worker::new(ctx, pod, rx).run().await;
+            let _ = done.send(uid);
+        });
+    }
+
+    /// Upstream's admission: pod count, then cpu and memory requests against allocatable.
+    fn admit(&self, (cpu, memory): (u64, u64)) -> Result<(), (&'static str, String)> {
+        let max_pods = u64::from(self.ctx.config.kubelet.max_pods);
+        let used = self.workers.len() as u64;
+        if used + 1 > max_pods {
+            return Err((
+                "OutOfpods",
+                format!("Node didn't have enough resource: pods, requested: 1, used: {used}, capacity: {max_pods}"),
+            ));
+        }
+        let (cap_cpu, cap_memory) = self.ctx.allocatable;
+        let used_cpu: u64 = self.workers.values().map(|w| w.requests.0).sum();
+        let used_memory: u64 = self.workers.values().map(|w| w.requests.1).sum();
+        if used_cpu + cpu > cap_cpu {
+            return Err((
+                "OutOfcpu",
+                format!(
+                    "Node didn't have enough resource: cpu, requested: {cpu}, used: {used_cpu}, capacity: {cap_cpu}"
+                ),
+            ));
+        }
+        if used_memory + memory > cap_memory {
+            return Err((
+                "OutOfmemory",
+                format!(
+                    "Node didn't have enough resource: memory, requested: {memory}, used: {used_memory}, capacity: {cap_memory}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

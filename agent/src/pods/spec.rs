@@ -1,0 +1,200 @@
+//! A Kubernetes container -> the runtime's `ContainerConfig`: image defaults, environment (with `fieldRef`,
+//! ConfigMap and Secret references resolved), security context and resources. A reference that cannot be
+//! resolved is a `CreateContainerConfigError`, as upstream.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
+use kube::Api;
+use nodelet_runtime::{ImageConfig, Security};
+
+/// The image's process defaults from its config blob.
+pub fn image_config(config_json: &[u8]) -> Result<ImageConfig> {
+    let v: serde_json::Value = serde_json::from_slice(config_json).context("image config is not JSON")?;
+    let c = &v["config"];
+    let strings = |key: &str| -> Vec<String> {
+        c[key].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    };
+    let text = |key: &str| c[key].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    Ok(ImageConfig {
+        entrypoint: strings("Entrypoint"),
+        cmd: strings("Cmd"),
+        env: strings("Env"),
+        working_dir: text("WorkingDir"),
+        user: text("User"),
+    })
+}
+
+/// Reads ConfigMaps and Secrets for env references (through the API server; none in standalone mode).
+pub struct Lookup<'a> {
+    pub client: Option<&'a kube::Client>,
+    pub namespace: &'a str,
+}
+
+impl Lookup<'_> {
+    async fn config_map(&self, name: &str) -> Result<Option<BTreeMap<String, String>>> {
+        let Some(client) = self.client else { return Ok(None) };
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), self.namespace);
+        Ok(api.get_opt(name).await?.map(|cm| cm.data.unwrap_or_default()))
+    }
+
+    async fn secret(&self, name: &str) -> Result<Option<BTreeMap<String, String>>> {
+        let Some(client) = self.client else { return Ok(None) };
+        let api: Api<Secret> = Api::namespaced(client.clone(), self.namespace);
+        Ok(api.get_opt(name).await?.map(|s| {
+            s.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .chain(s.string_data.unwrap_or_default())
+                .collect()
+        }))
+    }
+}
+
+/// The container's environment in order, as upstream builds it: `envFrom` first, then `env`, with `$(VAR)`
+/// references left for the runtime to expand.
+pub async fn environment(
+    pod: &Pod,
+    c: &Container,
+    host_ip: &str,
+    lookup: &Lookup<'_>,
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for source in c.env_from.iter().flatten() {
+        let prefix = source.prefix.clone().unwrap_or_default();
+        let (data, name, kind, optional) = if let Some(r) = &source.config_map_ref {
+            (lookup.config_map(&r.name).await?, r.name.clone(), "configmap", r.optional.unwrap_or(false))
+        } else if let Some(r) = &source.secret_ref {
+            (lookup.secret(&r.name).await?, r.name.clone(), "secret", r.optional.unwrap_or(false))
+        } else {
+            continue;
+        };
+        match data {
+            Some(data) => out.extend(data.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v))),
+            None if optional => {}
+            None => return Err(anyhow!("{kind} {name:?} not found")),
+        }
+    }
+    for var in c.env.iter().flatten() {
+        if let Some(value) = env_value(pod, var, host_ip, lookup).await? {
+            out.push((var.name.clone(), value));
+        }
+    }
+    Ok(out)
+}
+
+async fn env_value(pod: &Pod, var: &EnvVar, host_ip: &str, lookup: &Lookup<'_>) -> Result<Option<String>> {
+    let Some(from) = &var.value_from else { return Ok(Some(var.value.clone().unwrap_or_default())) };
+    if let Some(field) = &from.field_ref {
+        return field_value(pod, &field.field_path, host_ip).map(Some);
+    }
+    if let Some(r) = &from.config_map_key_ref {
+        let data = lookup.config_map(&r.name).await?;
+        return key_value(data, &r.name, &r.key, r.optional.unwrap_or(false), ("configmap", "ConfigMap"), lookup);
+    }
+    if let Some(r) = &from.secret_key_ref {
+        let data = lookup.secret(&r.name).await?;
+        return key_value(data, &r.name, &r.key, r.optional.unwrap_or(false), ("secret", "Secret"), lookup);
+    }
+    Err(anyhow!("env {}: unsupported valueFrom", var.name))
+}
+
+/// One key of a ConfigMap or Secret (`data` is `None` when the object is missing), with upstream's messages;
+/// `kind` is the (lower-case, API) spelling of the object's kind.
+fn key_value(
+    data: Option<BTreeMap<String, String>>,
+    name: &str,
+    key: &str,
+    optional: bool,
+    (lower, kind): (&str, &str),
+    lookup: &Lookup<'_>,
+) -> Result<Option<String>> {
+    match data {
+        Some(data) => match data.get(key) {
+            Some(v) => Ok(Some(v.clone())),
+            None if optional => Ok(None),
+            None => Err(anyhow!("couldn't find key {key} in {kind} {}/{name}", lookup.namespace)),
+        },
+        None if optional => Ok(None),
+        None => Err(anyhow!("{lower} {name:?} not found")),
+    }
+}
+
+/// The downward API fields a `fieldRef` may name.
+fn field_value(pod: &Pod, path: &str, host_ip: &str) -> Result<String> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let label = |map: &Option<BTreeMap<String, String>>, key: &str| {
+        map.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or_default()
+    };
+    if let Some(key) = path.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']")) {
+        return Ok(label(&meta.labels, key));
+    }
+    if let Some(key) = path.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']")) {
+        return Ok(label(&meta.annotations, key));
+    }
+    Ok(match path {
+        "metadata.name" => meta.name.clone().unwrap_or_default(),
+        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
+        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+        "status.hostIP" | "status.hostIPs" => host_ip.to_string(),
+        "status.podIP" | "status.podIPs" => {
+            if spec.and_then(|s| s.host_network).unwrap_or(false) {
+                host_ip.to_string()
+            } else {
+                String::new()
+            }
+        }
+        other => return Err(anyhow!("unsupported fieldRef {other:?}")),
+    })
+}
+
+/// The container's security settings, pod-level defaults first.
+pub fn security(pod: &Pod, c: &Container) -> Security {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let sc = c.security_context.as_ref();
+    let caps = sc.and_then(|s| s.capabilities.as_ref());
+    let seccomp = sc
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .or(pod_sc.and_then(|s| s.seccomp_profile.as_ref()))
+        .map(|p| p.type_.as_str());
+    let mut supplemental: Vec<u32> =
+        pod_sc.and_then(|s| s.supplemental_groups.clone()).unwrap_or_default().into_iter().map(|g| g as u32).collect();
+    if let Some(fs_group) = pod_sc.and_then(|s| s.fs_group) {
+        supplemental.push(fs_group as u32);
+    }
+    Security {
+        run_as_user: sc.and_then(|s| s.run_as_user).or(pod_sc.and_then(|s| s.run_as_user)).map(|u| u as u32),
+        run_as_group: sc.and_then(|s| s.run_as_group).or(pod_sc.and_then(|s| s.run_as_group)).map(|g| g as u32),
+        supplemental_groups: supplemental,
+        privileged: sc.and_then(|s| s.privileged).unwrap_or(false),
+        allow_privilege_escalation: sc.and_then(|s| s.allow_privilege_escalation),
+        read_only_root_filesystem: sc.and_then(|s| s.read_only_root_filesystem).unwrap_or(false),
+        capabilities_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
+        capabilities_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
+        seccomp: match seccomp {
+            Some("RuntimeDefault") => nodelet_runtime::Seccomp::RuntimeDefault,
+            _ => nodelet_runtime::Seccomp::Unconfined,
+        },
+    }
+}
+
+/// Decodes `.dockerconfigjson` of the pod's image pull secrets (missing ones are skipped, like upstream).
+pub async fn pull_secrets(pod: &Pod, client: Option<&kube::Client>) -> Vec<Vec<u8>> {
+    let (Some(client), Some(spec)) = (client, pod.spec.as_ref()) else { return Vec::new() };
+    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let mut out = Vec::new();
+    for r in spec.image_pull_secrets.iter().flatten() {
+        if let Ok(Some(secret)) = api.get_opt(&r.name).await
+            && let Some(data) = secret.data.as_ref().and_then(|d| d.get(".dockerconfigjson").or(d.get(".dockercfg")))
+        {
+            out.push(data.0.clone());
+        }
+    }
+    out
+}

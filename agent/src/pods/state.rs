@@ -1,0 +1,113 @@
+//! A pod worker's view of its pod: what each container is doing, as the kubelet reports it. The status manager
+//! turns this into the API's `PodStatus`.
+
+use jiff::Timestamp;
+use nodelet_cgroups::qos::QosClass;
+
+/// A container's state with upstream's reason strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    Waiting {
+        reason: String,
+        message: Option<String>,
+    },
+    Running {
+        started_at: Timestamp,
+    },
+    Terminated {
+        exit_code: i32,
+        signal: Option<i32>,
+        reason: String,
+        message: Option<String>,
+        started_at: Option<Timestamp>,
+        finished_at: Timestamp,
+        container_id: Option<String>,
+    },
+}
+
+impl ContainerState {
+    pub fn waiting(reason: &str, message: Option<String>) -> ContainerState {
+        ContainerState::Waiting { reason: reason.into(), message }
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(self, ContainerState::Running { .. })
+    }
+}
+
+/// One container of the pod, init or app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRecord {
+    pub name: String,
+    /// The image as written in the spec, until the image service normalises it.
+    pub image: String,
+    pub image_id: Option<String>,
+    /// `nodelet://<id>` of the current (or last) instance.
+    pub container_id: Option<String>,
+    pub state: ContainerState,
+    pub last_state: Option<ContainerState>,
+    pub restart_count: u32,
+    pub ready: bool,
+    pub started: bool,
+}
+
+impl ContainerRecord {
+    pub fn new(name: &str, image: &str, waiting_reason: &str) -> ContainerRecord {
+        ContainerRecord {
+            name: name.into(),
+            image: image.into(),
+            image_id: None,
+            container_id: None,
+            state: ContainerState::waiting(waiting_reason, None),
+            last_state: None,
+            restart_count: 0,
+            ready: false,
+            started: false,
+        }
+    }
+
+    /// Whether this container finished with exit code 0.
+    pub fn succeeded(&self) -> bool {
+        matches!(self.state, ContainerState::Terminated { exit_code: 0, .. })
+    }
+}
+
+/// Everything the status manager needs to write the pod's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodState {
+    pub phase: Phase,
+    /// For pods rejected at admission or evicted: `status.reason` / `status.message`.
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    pub sandbox_ready: bool,
+    pub start_time: Timestamp,
+    pub qos: QosClass,
+    pub host_ip: String,
+    pub pod_ip: Option<String>,
+    pub init: Vec<ContainerRecord>,
+    pub containers: Vec<ContainerRecord>,
+}
+
+/// `status.phase`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}

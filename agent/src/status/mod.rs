@@ -1,0 +1,159 @@
+//! The status manager: the only writer of pod status. Pod workers send it their pod's state; it patches the
+//! status subresource when something changed (strategic merge, so the scheduler's `PodScheduled` stays), retries
+//! failed writes, and once a terminating pod's containers are all gone deletes it with grace 0, as upstream does.
+//! Without an API server (standalone) it writes each pod's status to `<root-dir>/pods/<uid>/status.json`.
+
+pub mod pod_status;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use tokio::sync::mpsc;
+
+use crate::events::PodRef;
+use crate::pods::state::PodState;
+
+/// What pod workers tell the status manager.
+#[derive(Debug)]
+pub enum StatusMessage {
+    /// The pod's current state.
+    Update { pod: PodRef, state: Box<PodState> },
+    /// Everything of the pod is gone from the node; `delete` when the API object should go (graceful deletion).
+    Terminated { pod: PodRef, delete: bool },
+}
+
+/// The handle pod workers use.
+pub type StatusSender = mpsc::UnboundedSender<StatusMessage>;
+
+/// A written status as `nodelet ps` reads it in standalone mode.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct LocalStatus {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub status: PodStatus,
+}
+
+pub struct StatusManager {
+    client: Option<kube::Client>,
+    local_dir: PathBuf,
+    sent: HashMap<String, PodStatus>,
+    dirty: HashMap<String, (PodRef, PodStatus)>,
+}
+
+impl StatusManager {
+    pub fn new(client: Option<kube::Client>, root_dir: PathBuf) -> StatusManager {
+        StatusManager { client, local_dir: root_dir.join("pods"), sent: HashMap::new(), dirty: HashMap::new() }
+    }
+
+    /// Runs until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<StatusMessage>) {
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                message = rx.recv() => match message {
+                    Some(StatusMessage::Update { pod, state }) => {
+                        let status = pod_status::pod_status(&state, self.sent.get(&pod.uid));
+                        self.dirty.insert(pod.uid.clone(), (pod, status));
+                        self.flush().await;
+                    }
+                    Some(StatusMessage::Terminated { pod, delete }) => {
+                        tracing::debug!(uid = %pod.uid, delete, "pod terminated");
+                        self.flush().await;
+                        // Standalone, a pod that is gone from its source has nothing left to show.
+                        if delete || self.client.is_none() {
+                            self.delete(&pod).await;
+                        }
+                        self.sent.remove(&pod.uid);
+                        self.dirty.remove(&pod.uid);
+                    }
+                    None => return,
+                },
+                _ = retry.tick() => self.flush().await,
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        let pending: Vec<String> = self.dirty.keys().cloned().collect();
+        for uid in pending {
+            let Some((pod, status)) = self.dirty.get(&uid).cloned() else { continue };
+            if self.sent.get(&uid).is_some_and(|s| same_ignoring_times(s, &status)) {
+                self.dirty.remove(&uid);
+                continue;
+            }
+            match self.write(&pod, &status).await {
+                Ok(()) => {
+                    self.sent.insert(uid.clone(), status);
+                    self.dirty.remove(&uid);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "status update failed")
+                }
+            }
+        }
+    }
+
+    async fn write(&self, pod: &PodRef, status: &PodStatus) -> anyhow::Result<()> {
+        tracing::debug!(uid = %pod.uid, phase = ?status.phase, "writing pod status");
+        let Some(client) = self.client.clone() else {
+            let dir = self.local_dir.join(&pod.uid);
+            std::fs::create_dir_all(&dir)?;
+            let local = LocalStatus {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+                status: status.clone(),
+            };
+            let json = serde_json::to_vec_pretty(&local)?;
+            tokio::task::spawn_blocking(move || {
+                crate::images::store::write_atomically(&dir.join("status.json"), &json)
+            })
+            .await??;
+            return Ok(());
+        };
+        let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
+        let patch = serde_json::json!({"metadata": {"uid": pod.uid}, "status": status});
+        match pods.patch_status(&pod.name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+            Ok(_) => Ok(()),
+            // The pod is gone (or replaced by one with the same name): nothing left to report.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete(&self, pod: &PodRef) {
+        let Some(client) = self.client.clone() else {
+            let result = std::fs::remove_dir_all(self.local_dir.join(&pod.uid));
+            tracing::debug!(uid = %pod.uid, ?result, "local status removed");
+            return;
+        };
+        let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions { uid: Some(pod.uid.clone()), resource_version: None }),
+            ..Default::default()
+        };
+        match pods.delete(&pod.name, &params).await {
+            Ok(_) => tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "pod deleted after termination"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => tracing::warn!(error = %e, "deleting a terminated pod failed"),
+        }
+    }
+}
+
+/// Equal apart from condition transition times (which only move when a status changes anyway).
+fn same_ignoring_times(a: &PodStatus, b: &PodStatus) -> bool {
+    let strip = |s: &PodStatus| {
+        let mut s = s.clone();
+        for c in s.conditions.iter_mut().flatten() {
+            c.last_transition_time = None;
+        }
+        serde_json::to_value(s).unwrap_or_default()
+    };
+    strip(a) == strip(b)
+}

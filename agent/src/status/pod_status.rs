@@ -1,0 +1,113 @@
+//! `PodState` -> the API's `PodStatus`, with upstream's conditions, reasons and messages.
+
+use k8s_openapi::api::core::v1::{
+    ContainerState as ApiState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, HostIP, PodCondition, PodIP, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::pods::state::{ContainerRecord, ContainerState, Phase, PodState};
+
+fn api_state(state: &ContainerState) -> ApiState {
+    match state {
+        ContainerState::Waiting { reason, message } => ApiState {
+            waiting: Some(ContainerStateWaiting { reason: Some(reason.clone()), message: message.clone() }),
+            ..Default::default()
+        },
+        ContainerState::Running { started_at } => ApiState {
+            running: Some(ContainerStateRunning { started_at: Some(Time(*started_at)) }),
+            ..Default::default()
+        },
+        ContainerState::Terminated { exit_code, signal, reason, message, started_at, finished_at, container_id } => {
+            ApiState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: *exit_code,
+                    signal: *signal,
+                    reason: Some(reason.clone()),
+                    message: message.clone(),
+                    started_at: started_at.map(Time),
+                    finished_at: Some(Time(*finished_at)),
+                    container_id: container_id.clone(),
+                }),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn container_status(c: &ContainerRecord, init: bool) -> ContainerStatus {
+    ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        image_id: c.image_id.clone().unwrap_or_default(),
+        container_id: c.container_id.clone(),
+        state: Some(api_state(&c.state)),
+        last_state: Some(c.last_state.as_ref().map(api_state).unwrap_or_default()),
+        restart_count: c.restart_count as i32,
+        ready: c.ready,
+        started: if init { Some(c.state.is_running()) } else { Some(c.started) },
+        ..Default::default()
+    }
+}
+
+/// The API status for `state`. Condition transition times carry over from `previous` while a condition keeps its
+/// status.
+pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
+    let now = Time(jiff::Timestamp::now());
+    let condition = |kind: &str, ok: bool, reason: Option<String>, message: Option<String>| {
+        let status = if ok { "True" } else { "False" };
+        let since = previous
+            .and_then(|p| p.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == kind && c.status == status))
+            .and_then(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        PodCondition {
+            type_: kind.into(),
+            status: status.into(),
+            reason: if ok { None } else { reason },
+            message: if ok { None } else { message },
+            last_transition_time: Some(since),
+            last_probe_time: None,
+            observed_generation: None,
+        }
+    };
+    let incomplete: Vec<&str> = state.init.iter().filter(|c| !c.succeeded()).map(|c| c.name.as_str()).collect();
+    let unready: Vec<&str> = state.containers.iter().filter(|c| !c.ready).map(|c| c.name.as_str()).collect();
+    let initialized = incomplete.is_empty() || state.phase == Phase::Succeeded;
+    let completed = state.phase == Phase::Succeeded;
+    let (ready_reason, ready_message) = if completed {
+        (Some("PodCompleted".to_string()), None)
+    } else {
+        (
+            Some("ContainersNotReady".to_string()),
+            Some(format!("containers with unready status: [{}]", unready.join(" "))),
+        )
+    };
+    let conditions = vec![
+        condition("PodReadyToStartContainers", state.sandbox_ready, None, None),
+        condition(
+            "Initialized",
+            initialized,
+            Some("ContainersNotInitialized".into()),
+            Some(format!("containers with incomplete status: [{}]", incomplete.join(" "))),
+        ),
+        condition("Ready", unready.is_empty() && !completed, ready_reason.clone(), ready_message.clone()),
+        condition("ContainersReady", unready.is_empty() && !completed, ready_reason, ready_message),
+    ];
+    PodStatus {
+        phase: Some(state.phase.as_str().into()),
+        reason: state.reason.clone(),
+        message: state.message.clone(),
+        conditions: Some(conditions),
+        host_ip: Some(state.host_ip.clone()),
+        host_ips: Some(vec![HostIP { ip: state.host_ip.clone() }]),
+        pod_ip: state.pod_ip.clone(),
+        pod_ips: state.pod_ip.as_ref().map(|ip| vec![PodIP { ip: ip.clone() }]),
+        start_time: Some(Time(state.start_time)),
+        qos_class: Some(state.qos.as_str().into()),
+        init_container_statuses: (!state.init.is_empty())
+            .then(|| state.init.iter().map(|c| container_status(c, true)).collect()),
+        container_statuses: Some(state.containers.iter().map(|c| container_status(c, false)).collect()),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,245 @@
+//! nodelet as the only node of a real control plane (etcd, kube-apiserver, controller-manager, scheduler):
+//! registration and heartbeats, pods scheduled to it running with upstream-shaped statuses, logs on disk,
+//! restarts with CrashLoopBackOff, completion, image errors, graceful deletion, and NotReady/Ready when the agent
+//! stops and comes back.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use nodelet_integration::cluster::{Cluster, ClusterOptions};
+use nodelet_integration::registry::Registry;
+use nodelet_integration::testbed::{Need, ready};
+use support::{Nodelet, pod, wait_for, wait_pod};
+
+const NODE: &str = "nodelet-e2e";
+
+fn condition(node: &Node, kind: &str) -> Option<String> {
+    node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+fn container(p: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    p.status.as_ref()?.container_statuses.as_ref()?.first()
+}
+
+fn waiting_reason(p: &Pod) -> Option<&str> {
+    container(p)?.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
+}
+
+async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String, String)>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={pod}"))).await?;
+    Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect())
+}
+
+#[tokio::test]
+async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
+    if !ready("a_node_runs_pods_from_the_api_server", &[Need::Root, Need::ControlPlane, Need::Registry]) {
+        return Ok(());
+    }
+    let cluster = Cluster::start_with(ClusterOptions {
+        node_monitor_grace_period: Duration::from_secs(16),
+        ..Default::default()
+    })
+    .await?;
+    let registry = Registry::start().await?;
+    let kubeconfig = cluster.node_kubeconfig(NODE)?;
+    let mut node = Nodelet::start(
+        NODE,
+        "nodeLeaseDurationSeconds: 8\nnodeStatusUpdateFrequency: 2s\n",
+        &[
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--insecure-registry".into(),
+            registry.host(),
+            "--node-labels".into(),
+            "nodelet.dev/test=yes".into(),
+        ],
+    )?;
+    let client = cluster.admin().await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    // Registration: Ready, with capacity, nodeInfo, addresses, labels, and a Lease renewed.
+    let registered = wait_for("the node to be Ready", Duration::from_secs(60), || async {
+        Ok(nodes.get_opt(NODE).await?.filter(|n| condition(n, "Ready").as_deref() == Some("True")))
+    })
+    .await
+    .with_context(|| node.log())?;
+    let status = registered.status.clone().unwrap_or_default();
+    let info = status.node_info.clone().unwrap_or_default();
+    ensure!(info.container_runtime_version.starts_with("nodelet://"), "{info:?}");
+    ensure!(info.kubelet_version.starts_with("v1.37") && !info.kernel_version.is_empty(), "{info:?}");
+    ensure!(
+        status
+            .capacity
+            .as_ref()
+            .is_some_and(|c| c.contains_key("cpu") && c.contains_key("memory") && c["pods"].0 == "110")
+    );
+    ensure!(status.daemon_endpoints.and_then(|d| d.kubelet_endpoint).map(|e| e.port) == Some(10250));
+    let labels = registered.metadata.labels.clone().unwrap_or_default();
+    ensure!(labels.get("nodelet.dev/test").map(String::as_str) == Some("yes") && labels["kubernetes.io/os"] == "linux");
+    for kind in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
+        ensure!(condition(&registered, kind).as_deref() == Some("False"), "{kind}");
+    }
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let first = wait_for("the node's lease", Duration::from_secs(20), || async {
+        Ok(leases.get_opt(NODE).await?.and_then(|l| l.spec).and_then(|s| s.renew_time))
+    })
+    .await
+    .with_context(|| node.log())?;
+    wait_for("the lease to be renewed", Duration::from_secs(10), || async {
+        let now = leases.get(NODE).await?.spec.and_then(|s| s.renew_time);
+        Ok(now.filter(|t| t.0 > first.0).map(|_| ()))
+    })
+    .await?;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let image = registry.reference("busybox", "latest");
+
+    // A long-running pod: Running with upstream-shaped container status, output in its CRI log.
+    let started = Instant::now();
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'echo hello from nodelet; echo to stderr >&2; exec sleep 3600']\n"
+    ))).await?;
+    let web = wait_pod(&pods, "web", "Running and Ready", Duration::from_secs(60), |p| {
+        phase(p) == "Running" && container(p).is_some_and(|c| c.ready)
+    })
+    .await?;
+    let running_after = started.elapsed();
+    let c = container(&web).context("container status")?;
+    ensure!(c.state.as_ref().and_then(|s| s.running.as_ref()).is_some(), "{c:?}");
+    ensure!(c.container_id.as_deref().is_some_and(|id| id.starts_with("nodelet://")), "{c:?}");
+    ensure!(c.image == image && c.image_id.starts_with(&format!("{}/busybox@sha256:", registry.host())), "{c:?}");
+    ensure!(c.restart_count == 0 && c.started == Some(true));
+    let st = web.status.clone().unwrap_or_default();
+    ensure!(st.qos_class.as_deref() == Some("BestEffort") && st.host_ip.as_deref() == Some("127.0.0.1"));
+    ensure!(st.start_time.is_some());
+    let conds: Vec<(String, String)> =
+        st.conditions.unwrap_or_default().into_iter().map(|c| (c.type_, c.status)).collect();
+    for kind in ["PodScheduled", "PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready"] {
+        ensure!(conds.contains(&(kind.to_string(), "True".to_string())), "{kind} in {conds:?}");
+    }
+    let uid = web.metadata.uid.clone().unwrap_or_default();
+    let log = node.pod_logs_dir().join(format!("default_web_{uid}/main/0.log"));
+    let text = wait_for("the container's log", Duration::from_secs(10), || async {
+        let text = nodelet::logs::read_text(&log).unwrap_or_default();
+        Ok(Some(text).filter(|t| t.contains("hello from nodelet") && t.contains("to stderr")))
+    })
+    .await?;
+    let raw = std::fs::read_to_string(&log)?;
+    ensure!(raw.lines().any(|l| l.contains(" stdout F hello from nodelet")), "{raw}");
+    ensure!(raw.lines().any(|l| l.contains(" stderr F to stderr")), "{raw}");
+    // Events are posted asynchronously, so the last may land after the status that says Running.
+    let wanted = ["Pulling", "Pulled", "Created", "Started"];
+    wait_for("the web pod's lifecycle events", Duration::from_secs(10), || async {
+        let reasons: Vec<String> = events_for(&client, "web").await?.into_iter().map(|(r, _)| r).collect();
+        Ok(Some(()).filter(|_| wanted.iter().all(|w| reasons.iter().any(|r| r == w))))
+    })
+    .await?;
+    eprintln!("web: created -> Running in {running_after:?}; log: {text:?}");
+
+    // Init containers in order, then the app container; a completed pod with restartPolicy Never.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: job}}\nspec:\n  restartPolicy: Never\n  initContainers:\n  - {{name: first, image: {image}, command: [sh, -c, 'echo first']}}\n  - {{name: second, image: {image}, command: [sh, -c, 'echo second']}}\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'echo done']}}\n"
+    ))).await?;
+    let job = wait_pod(&pods, "job", "Succeeded", Duration::from_secs(60), |p| phase(p) == "Succeeded").await?;
+    let st = job.status.clone().unwrap_or_default();
+    let inits = st.init_container_statuses.unwrap_or_default();
+    ensure!(inits.len() == 2);
+    let finished = |s: &k8s_openapi::api::core::v1::ContainerStatus| {
+        s.state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| (t.reason.clone(), t.exit_code, t.started_at.clone(), t.finished_at.clone()))
+    };
+    let (r1, c1, _, f1) = finished(&inits[0]).context("first init terminated")?;
+    let (_, _, s2, _) = finished(&inits[1]).context("second init terminated")?;
+    ensure!(r1.as_deref() == Some("Completed") && c1 == 0);
+    ensure!(f1.map(|t| t.0) <= s2.map(|t| t.0), "init containers ran in order");
+    let main = finished(container(&job).context("main")?).context("main terminated")?;
+    ensure!(main.0.as_deref() == Some("Completed") && main.1 == 0);
+
+    // A crashing container: restarted, CrashLoopBackOff with the last exit in lastState.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: crash}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'echo crashing; exit 3']}}\n"
+    ))).await?;
+    let crash = wait_pod(&pods, "crash", "CrashLoopBackOff", Duration::from_secs(60), |p| {
+        waiting_reason(p) == Some("CrashLoopBackOff") && container(p).is_some_and(|c| c.restart_count >= 1)
+    })
+    .await?;
+    let c = container(&crash).context("crash status")?;
+    let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).context("lastState.terminated")?;
+    ensure!(last.exit_code == 3 && last.reason.as_deref() == Some("Error"), "{last:?}");
+    let message = c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.clone()).unwrap_or_default();
+    ensure!(message.starts_with("back-off 10s restarting failed container=main pod=crash_default("), "{message}");
+    ensure!(phase(&crash) == "Running");
+
+    // Image errors: a missing image goes ErrImagePull -> ImagePullBackOff; a missing ConfigMap is a config error.
+    pods.create(
+        &PostParams::default(),
+        &pod(&format!(
+            "metadata: {{name: noimage}}\nspec:\n  containers:\n  - {{name: main, image: {}/does-not-exist:1}}\n",
+            registry.host()
+        )),
+    )
+    .await?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: nocm}}\nspec:\n  containers:\n  - name: main\n    image: {image}\n    command: [sleep, '3600']\n    env:\n    - name: X\n      valueFrom: {{configMapKeyRef: {{name: missing, key: k}}}}\n"
+    ))).await?;
+    wait_pod(&pods, "noimage", "ImagePullBackOff", Duration::from_secs(60), |p| {
+        waiting_reason(p) == Some("ImagePullBackOff")
+    })
+    .await?;
+    let nocm = wait_pod(&pods, "nocm", "CreateContainerConfigError", Duration::from_secs(60), |p| {
+        waiting_reason(p) == Some("CreateContainerConfigError")
+    })
+    .await?;
+    let message = container(&nocm)
+        .and_then(|c| c.state.clone())
+        .and_then(|s| s.waiting)
+        .and_then(|w| w.message)
+        .unwrap_or_default();
+    ensure!(message.contains("configmap \"missing\" not found"), "{message}");
+    wait_for("a Failed event for noimage", Duration::from_secs(10), || async {
+        let events = events_for(&client, "noimage").await?;
+        Ok(events.iter().any(|(r, m)| r == "Failed" && m.starts_with("Failed to pull image")).then_some(()))
+    })
+    .await?;
+
+    // Graceful deletion: SIGTERM is ignored by the shell, so the grace period (3 s) passes, then SIGKILL.
+    let deleting = Instant::now();
+    pods.delete("web", &DeleteParams::default()).await?;
+    wait_for("web to be gone", Duration::from_secs(30), || async {
+        Ok(pods.get_opt("web").await?.is_none().then_some(()))
+    })
+    .await?;
+    let took = deleting.elapsed();
+    ensure!(took >= Duration::from_secs(3) && took < Duration::from_secs(15), "deletion took {took:?}");
+    wait_for("a Killing event for web", Duration::from_secs(10), || async {
+        let events = events_for(&client, "web").await?;
+        Ok(events.iter().any(|(r, m)| r == "Killing" && m == "Stopping container main").then_some(()))
+    })
+    .await?;
+
+    // The agent stops: the node goes NotReady (Unknown) upstream's way; back, it is Ready again.
+    node.stop();
+    wait_for("the node to go NotReady", Duration::from_secs(60), || async {
+        Ok(nodes.get(NODE).await.ok().filter(|n| condition(n, "Ready").as_deref() == Some("Unknown")).map(|_| ()))
+    })
+    .await?;
+    node.restart()?;
+    wait_for("the node to be Ready again", Duration::from_secs(60), || async {
+        Ok(nodes.get(NODE).await.ok().filter(|n| condition(n, "Ready").as_deref() == Some("True")).map(|_| ()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Standalone mode, as the README runs it: no API server, the shipped example manifests as static pods, the
+//! image imported from an OCI layout; `nodelet ps` and `nodelet logs` show the pods; manifests added, changed,
+//! broken and removed while the node runs.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use nodelet_integration::registry::Registry;
+use nodelet_integration::testbed::{Need, ready};
+use support::{Nodelet, wait_for};
+
+fn nodelet(args: &[&str]) -> Result<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_nodelet")).args(args).output()?;
+    ensure!(out.status.success(), "nodelet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The `nodelet ps` row of a pod whose name starts with `name`.
+fn row(ps: &str, name: &str) -> Option<String> {
+    ps.lines()
+        .find(|l| l.split_whitespace().nth(1).is_some_and(|n| n.starts_with(&format!("{name}-"))))
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn standalone_node_runs_the_example_manifests() -> Result<()> {
+    if !ready("standalone_node_runs_the_example_manifests", &[Need::Root, Need::Registry]) {
+        return Ok(());
+    }
+    // The busybox image as an OCI layout (what umoci writes in examples/run-standalone.sh), imported by name.
+    let registry = Registry::start().await?;
+    let work = tempfile::tempdir()?;
+    let layout = work.path().join("oci");
+    let status = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{}", registry.reference("busybox", "latest")))
+        .arg(format!("oci:{}:busybox", layout.display()))
+        .env("REGISTRY_AUTH_FILE", work.path().join("auth.json"))
+        .status()?;
+    ensure!(status.success(), "skopeo copy");
+    let manifests = work.path().join("pods");
+    std::fs::create_dir(&manifests)?;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pods");
+    for file in ["hello.yaml", "countdown.yaml"] {
+        std::fs::copy(examples.join(file), manifests.join(file))?;
+    }
+    // Imported before the node starts: one process at a time owns the image store.
+    let root_dir = work.path().join("root");
+    let root = root_dir.display().to_string();
+    let imported = nodelet(&[
+        "image",
+        "import",
+        "--root-dir",
+        &root,
+        &layout.display().to_string(),
+        "--tag",
+        "busybox",
+        "nodelet.local/busybox:latest",
+    ])?;
+    ensure!(imported.starts_with("nodelet.local/busybox:latest nodelet.local/busybox@sha256:"), "{imported}");
+    let mut node = Nodelet::start_with_root(
+        "standalone",
+        "",
+        &root_dir,
+        &["--pod-manifest-path".into(), manifests.display().to_string()],
+    )?;
+
+    let ps = || nodelet(&["ps", "--root-dir", &root]);
+    let logs_dir = node.pod_logs_dir().display().to_string();
+    let logs = |pod: &str, c: &str| nodelet(&["logs", pod, "-c", c, "--pod-logs-dir", &logs_dir]);
+    wait_for("hello Running and countdown Succeeded", Duration::from_secs(60), || async {
+        let ps = ps()?;
+        let hello = row(&ps, "hello").filter(|r| r.contains(" Running ") && r.contains("hello=Running"));
+        let countdown = row(&ps, "countdown").filter(|r| r.contains(" Succeeded ") && r.contains("count=Completed(0)"));
+        Ok(hello.and(countdown))
+    })
+    .await
+    .with_context(|| node.log())?;
+    let hello = wait_for("hello's output", Duration::from_secs(20), || async {
+        Ok(logs("hello", "hello").ok().filter(|l| l.contains("hello from nodelet #1")))
+    })
+    .await?;
+    ensure!(hello.starts_with("hello from nodelet #1\n"), "{hello}");
+    ensure!(logs("countdown", "count")? == "3\n2\n1\nliftoff\n");
+    ensure!(logs("countdown", "prepare")? == "preparing\n");
+
+    // A malformed manifest is logged with its file name and skipped; the other pods keep running.
+    std::fs::write(manifests.join("broken.yaml"), "apiVersion: v1\nkind: Pod\nspec: [not, a, spec]\n")?;
+    wait_for("the broken manifest to be reported", Duration::from_secs(20), || async {
+        Ok(node.log().contains("broken.yaml").then_some(()))
+    })
+    .await?;
+    node.ensure_running()?;
+
+    // A changed manifest replaces the pod; a removed one stops it.
+    let old = row(&ps()?, "hello").context("hello row")?;
+    let changed =
+        std::fs::read_to_string(manifests.join("hello.yaml"))?.replace("hello from nodelet", "changed manifest");
+    std::fs::write(manifests.join("hello.yaml"), changed)?;
+    wait_for("the changed pod's output", Duration::from_secs(30), || async {
+        Ok(logs("hello", "hello").ok().filter(|l| l.contains("changed manifest #1")))
+    })
+    .await?;
+    // The old pod stops within its grace period and its status goes; the new one runs.
+    wait_for("only the new hello", Duration::from_secs(30), || async {
+        let ps_now = ps()?;
+        let one = ps_now.lines().filter(|l| l.contains(" hello-")).count() == 1;
+        let dirs = std::fs::read_dir(node.root_dir().join("pods"))?.count();
+        Ok((one && dirs == 2 && row(&ps_now, "hello").is_some_and(|r| r.contains(" Running "))).then_some(()))
+    })
+    .await
+    .with_context(|| format!("before: {old}"))?;
+    std::fs::remove_file(manifests.join("hello.yaml"))?;
+    wait_for("hello to be gone", Duration::from_secs(30), || async {
+        Ok(row(&ps()?, "hello").is_none().then_some(()))
+    })
+    .await
+    .with_context(|| format!("{}\n{}", ps().unwrap_or_default(), node.log()))?;
+    ensure!(row(&ps()?, "countdown").is_some());
+    Ok(())
+}
