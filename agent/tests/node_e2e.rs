@@ -214,6 +214,23 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     })
     .await?;
 
+    // Admission: a pod bound straight to the node (past the scheduler) asking for more CPU than allocatable is
+    // rejected upstream's way: phase Failed, reason OutOfcpu, a Warning Event; the node keeps serving the rest.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: toobig}}\nspec:\n  nodeName: {NODE}\n  containers:\n  - name: main\n    image: {image}\n    command: [sleep, '3600']\n    resources: {{requests: {{cpu: '1000'}}}}\n"
+    ))).await?;
+    let toobig =
+        wait_pod(&pods, "toobig", "Failed with OutOfcpu", Duration::from_secs(30), |p| phase(p) == "Failed").await?;
+    let st = toobig.status.clone().unwrap_or_default();
+    ensure!(st.reason.as_deref() == Some("OutOfcpu"), "{st:?}");
+    ensure!(st.message.as_deref().is_some_and(|m| m.contains("Node didn't have enough resource: cpu")), "{st:?}");
+    wait_for("an OutOfcpu event", Duration::from_secs(10), || async {
+        let events = events_for(&client, "toobig").await?;
+        Ok(events.iter().any(|(r, _)| r == "OutOfcpu").then_some(()))
+    })
+    .await?;
+    ensure!(phase(&pods.get("web").await?) == "Running", "web must keep running after a rejected admission");
+
     // Graceful deletion: SIGTERM is ignored by the shell, so the grace period (3 s) passes, then SIGKILL.
     let deleting = Instant::now();
     pods.delete("web", &DeleteParams::default()).await?;
