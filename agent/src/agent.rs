@@ -65,8 +65,9 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     });
     let (source_tx, source_rx) = mpsc::channel(64);
     tokio::spawn(PodWorkers::new(ctx).run(source_rx));
+    let (statics_tx, statics_rx) = tokio::sync::watch::channel(Default::default());
     if let Some(dir) = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone()) {
-        tokio::spawn(crate::sources::file::watch(dir, config.node_name.clone(), source_tx.clone()));
+        tokio::spawn(crate::sources::file::watch(dir, config.node_name.clone(), source_tx.clone(), statics_tx));
     }
     if let Some(client) = client.clone() {
         let node = Arc::new(NodeManager::new(client.clone(), config.clone())?);
@@ -74,6 +75,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         let lease = node.clone();
         tokio::spawn(async move { lease.run_lease().await });
         tokio::spawn(async move { node.run_status().await });
+        tokio::spawn(crate::sources::mirror::run(client.clone(), config.node_name.clone(), statics_rx));
         tokio::spawn(crate::sources::api::watch(client, config.node_name.clone(), source_tx.clone()));
     }
     drop(source_tx);

@@ -12,6 +12,19 @@ pub struct PodRef {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// From the manifest folder: the API server holds only its mirror pod (same name, another UID).
+    pub static_pod: bool,
+}
+
+impl PodRef {
+    pub fn of(pod: &k8s_openapi::api::core::v1::Pod) -> PodRef {
+        PodRef {
+            namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            static_pod: crate::sources::mirror::is_static(pod),
+        }
+    }
 }
 
 /// Sends Events to the API server (or only logs them in standalone mode).

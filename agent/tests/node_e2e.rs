@@ -52,6 +52,16 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     .await?;
     let registry = Registry::start().await?;
     let kubeconfig = cluster.node_kubeconfig(NODE)?;
+    // A static pod in the manifest folder: shown in the API server as a mirror pod.
+    let manifests = tempfile::tempdir()?;
+    let static_manifest = manifests.path().join("static-web.yaml");
+    std::fs::write(
+        &static_manifest,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: static-web, labels: {{app: static}}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {}, command: [sleep, '3600']}}\n",
+            registry.reference("busybox", "latest")
+        ),
+    )?;
     let mut node = Nodelet::start(
         NODE,
         "nodeLeaseDurationSeconds: 8\nnodeStatusUpdateFrequency: 2s\n",
@@ -62,6 +72,8 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
             registry.host(),
             "--node-labels".into(),
             "nodelet.dev/test=yes".into(),
+            "--pod-manifest-path".into(),
+            manifests.path().display().to_string(),
         ],
     )?;
     let client = cluster.admin().await?;
@@ -211,6 +223,33 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     wait_for("a Failed event for noimage", Duration::from_secs(10), || async {
         let events = events_for(&client, "noimage").await?;
         Ok(events.iter().any(|(r, m)| r == "Failed" && m.starts_with("Failed to pull image")).then_some(()))
+    })
+    .await?;
+
+    // Mirror pod: the static pod appears with the mirror annotation, owned by the Node, with its status; deleted by
+    // someone, it is recreated (a new UID) while the static pod keeps running; the manifest removed, it goes.
+    let mirror_name = format!("static-web-{NODE}");
+    let mirror = wait_pod(&pods, &mirror_name, "a Running mirror pod", Duration::from_secs(60), |p| {
+        phase(p) == "Running" && container(p).is_some_and(|c| c.ready)
+    })
+    .await?;
+    let annotations = mirror.metadata.annotations.clone().unwrap_or_default();
+    ensure!(annotations.contains_key("kubernetes.io/config.mirror"), "{annotations:?}");
+    ensure!(annotations.get("kubernetes.io/config.source").map(String::as_str) == Some("file"), "{annotations:?}");
+    let owners = mirror.metadata.owner_references.clone().unwrap_or_default();
+    ensure!(owners.iter().any(|o| o.kind == "Node" && o.name == NODE), "{owners:?}");
+    let first_container = container(&mirror).and_then(|c| c.container_id.clone());
+    let first_uid = mirror.metadata.uid.clone();
+    pods.delete(&mirror_name, &DeleteParams::default()).await?;
+    let recreated = wait_pod(&pods, &mirror_name, "the mirror pod recreated", Duration::from_secs(60), |p| {
+        p.metadata.uid != first_uid && phase(p) == "Running"
+    })
+    .await?;
+    let c = container(&recreated).context("the recreated mirror's container status")?;
+    ensure!(c.container_id == first_container && c.restart_count == 0, "the static pod must not restart: {c:?}");
+    std::fs::remove_file(&static_manifest)?;
+    wait_for("the mirror pod to go with its manifest", Duration::from_secs(30), || async {
+        Ok(pods.get_opt(&mirror_name).await?.is_none().then_some(()))
     })
     .await?;
 

@@ -81,11 +81,7 @@ impl PodWorkers {
             return;
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
-        let pod_ref = crate::events::PodRef {
-            namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: pod.metadata.name.clone().unwrap_or_default(),
-            uid: uid.clone(),
-        };
+        let pod_ref = crate::events::PodRef::of(&pod);
         if phase == "Succeeded" || phase == "Failed" {
             // Finished before (or rejected): nothing runs; a deletion only needs the final delete.
             if pod.metadata.deletion_timestamp.is_some() {

@@ -70,11 +70,7 @@ fn restart_policy(pod: &Pod) -> &str {
 }
 
 fn pod_ref(pod: &Pod) -> PodRef {
-    PodRef {
-        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: pod.metadata.name.clone().unwrap_or_default(),
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-    }
+    PodRef::of(pod)
 }
 
 impl Worker {

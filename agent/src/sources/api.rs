@@ -26,6 +26,15 @@ pub async fn watch(client: kube::Client, node: String, tx: mpsc::Sender<SourceEv
                 continue;
             }
         };
+        // Mirror pods are this node's own copies of static pods: shown, never run.
+        let event = match event {
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) | watcher::Event::Delete(pod)
+                if super::mirror::is_mirror(&pod) =>
+            {
+                continue;
+            }
+            other => other,
+        };
         let sent = match event {
             watcher::Event::Init => {
                 relisted.clear();

@@ -4,12 +4,14 @@
 //! where it came from. A changed file replaces the pod; a malformed one is logged with its name and skipped.
 
 use std::collections::HashMap;
+
+use super::mirror::StaticPods;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::SourceEvent;
 
@@ -60,8 +62,8 @@ fn manifests(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Watches `dir` until the receiver is gone.
-pub async fn watch(dir: PathBuf, node: String, tx: mpsc::Sender<SourceEvent>) {
+/// Watches `dir` until the receiver is gone; `statics` always holds the current static pods (for mirror pods).
+pub async fn watch(dir: PathBuf, node: String, tx: mpsc::Sender<SourceEvent>, statics: watch::Sender<StaticPods>) {
     // file -> (uid, pod); and the last error reported per file content, so a bad file is logged once.
     let mut current: HashMap<PathBuf, String> = HashMap::new();
     let mut reported: HashMap<PathBuf, String> = HashMap::new();
@@ -80,6 +82,9 @@ pub async fn watch(dir: PathBuf, node: String, tx: mpsc::Sender<SourceEvent>) {
                             }
                         }
                         tracing::info!(file = %path.display(), pod = ?pod.metadata.name, "static pod");
+                        statics.send_modify(|s| {
+                            s.insert(uid.clone(), pod.clone());
+                        });
                         if tx.send(SourceEvent::Upsert(Box::new(pod))).await.is_err() {
                             return;
                         }
@@ -107,6 +112,11 @@ pub async fn watch(dir: PathBuf, node: String, tx: mpsc::Sender<SourceEvent>) {
                 }
             }
         }
+        statics.send_if_modified(|s| {
+            let before = s.len();
+            s.retain(|uid, _| seen.values().any(|u| u == uid));
+            s.len() != before
+        });
         current = seen;
         tokio::time::sleep(INTERVAL).await;
     }

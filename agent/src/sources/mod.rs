@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod file;
+pub mod mirror;
 
 use k8s_openapi::api::core::v1::Pod;
 

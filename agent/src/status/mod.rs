@@ -29,6 +29,9 @@ pub enum StatusMessage {
 /// The handle pod workers use.
 pub type StatusSender = mpsc::UnboundedSender<StatusMessage>;
 
+/// Retry ticks (1 s) between re-sends of static pods' statuses to their mirror pods.
+const MIRROR_REFRESH_TICKS: u64 = 10;
+
 /// A written status as `nodelet ps` reads it in standalone mode.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct LocalStatus {
@@ -43,16 +46,25 @@ pub struct StatusManager {
     local_dir: PathBuf,
     sent: HashMap<String, PodStatus>,
     dirty: HashMap<String, (PodRef, PodStatus)>,
+    /// Static pods whose status was sent, by UID: re-sent now and then, see `refresh_mirrors`.
+    statics: HashMap<String, PodRef>,
 }
 
 impl StatusManager {
     pub fn new(client: Option<kube::Client>, root_dir: PathBuf) -> StatusManager {
-        StatusManager { client, local_dir: root_dir.join("pods"), sent: HashMap::new(), dirty: HashMap::new() }
+        StatusManager {
+            client,
+            local_dir: root_dir.join("pods"),
+            sent: HashMap::new(),
+            dirty: HashMap::new(),
+            statics: HashMap::new(),
+        }
     }
 
     /// Runs until every sender is gone.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<StatusMessage>) {
         let mut retry = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 message = rx.recv() => match message {
@@ -70,10 +82,36 @@ impl StatusManager {
                         }
                         self.sent.remove(&pod.uid);
                         self.dirty.remove(&pod.uid);
+                        self.statics.remove(&pod.uid);
                     }
                     None => return,
                 },
-                _ = retry.tick() => self.flush().await,
+                _ = retry.tick() => {
+                    ticks += 1;
+                    if ticks.is_multiple_of(MIRROR_REFRESH_TICKS) {
+                        self.refresh_mirrors();
+                    }
+                    self.flush().await
+                }
+            }
+        }
+    }
+
+    /// Sends static pods' statuses again: a mirror pod deleted and recreated by someone starts with none.
+    fn refresh_mirrors(&mut self) {
+        if self.client.is_none() {
+            return;
+        }
+        let statics: Vec<(String, PodStatus)> = self
+            .sent
+            .iter()
+            .filter(|(uid, _)| !self.dirty.contains_key(*uid) && self.statics.contains_key(*uid))
+            .map(|(uid, status)| (uid.clone(), status.clone()))
+            .collect();
+        for (uid, status) in statics {
+            if let Some(pod) = self.statics.get(&uid).cloned() {
+                self.sent.remove(&uid);
+                self.dirty.insert(uid, (pod, status));
             }
         }
     }
@@ -89,6 +127,9 @@ impl StatusManager {
             match self.write(&pod, &status).await {
                 Ok(()) => {
                     self.sent.insert(uid.clone(), status);
+                    if pod.static_pod {
+                        self.statics.insert(uid.clone(), pod);
+                    }
                     self.dirty.remove(&uid);
                 }
                 Err(e) => {
@@ -117,9 +158,15 @@ impl StatusManager {
             return Ok(());
         };
         let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
-        let patch = serde_json::json!({"metadata": {"uid": pod.uid}, "status": status});
+        // A static pod's status goes to its mirror pod, which has a UID of its own.
+        let patch = match pod.static_pod {
+            true => serde_json::json!({"status": status}),
+            false => serde_json::json!({"metadata": {"uid": pod.uid}, "status": status}),
+        };
         match pods.patch_status(&pod.name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
             Ok(_) => Ok(()),
+            // The mirror pod is not there yet (or is being recreated): retried.
+            Err(kube::Error::Api(e)) if e.code == 404 && pod.static_pod => anyhow::bail!("no mirror pod yet"),
             // The pod is gone (or replaced by one with the same name): nothing left to report.
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
             Err(e) => Err(e.into()),
@@ -127,6 +174,10 @@ impl StatusManager {
     }
 
     async fn delete(&self, pod: &PodRef) {
+        if pod.static_pod && self.client.is_some() {
+            // Its mirror pod is the mirror client's to delete.
+            return;
+        }
         let Some(client) = self.client.clone() else {
             let result = std::fs::remove_dir_all(self.local_dir.join(&pod.uid));
             tracing::debug!(uid = %pod.uid, ?result, "local status removed");
