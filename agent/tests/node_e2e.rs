@@ -253,6 +253,23 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     })
     .await?;
 
+    // An invalid command: the container cannot start; StartError with exit code 128 and the reason, a Failed event.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: badcmd}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [/no/such/binary]}}\n"
+    ))).await?;
+    let badcmd = wait_pod(&pods, "badcmd", "Failed", Duration::from_secs(60), |p| phase(p) == "Failed").await?;
+    let terminated = container(&badcmd)
+        .and_then(|c| c.state.clone())
+        .and_then(|s| s.terminated)
+        .context("badcmd's container terminated")?;
+    ensure!(terminated.reason.as_deref() == Some("StartError") && terminated.exit_code == 128, "{terminated:?}");
+    ensure!(terminated.message.as_deref().is_some_and(|m| m.contains("/no/such/binary")), "{terminated:?}");
+    wait_for("a Failed event for badcmd", Duration::from_secs(10), || async {
+        let events = events_for(&client, "badcmd").await?;
+        Ok(events.iter().any(|(r, m)| r == "Failed" && m.contains("/no/such/binary")).then_some(()))
+    })
+    .await?;
+
     // Admission: a pod bound straight to the node (past the scheduler) asking for more CPU than allocatable is
     // rejected upstream's way: phase Failed, reason OutOfcpu, a Warning Event; the node keeps serving the rest.
     pods.create(&PostParams::default(), &pod(&format!(

@@ -333,7 +333,13 @@ impl Worker {
         restart: u32,
     ) -> Result<Container, String> {
         let (io, pipes) = ContainerIo::pipes(config.stdin).map_err(|e| e.to_string())?;
-        let container = self.ctx.runtime.create(config, io).await.map_err(|e| e.to_string())?;
+        let container = match self.ctx.runtime.create(config, io).await {
+            Ok(container) => container,
+            Err(e) => {
+                self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
+                return Err(e.to_string());
+            }
+        };
         self.event(Some((&c.name, init)), false, "Created", &format!("Created container: {}", c.name));
         let path = logs::container_log_path(&self.log_dir, &c.name, restart);
         let rotation = logs::Rotation {
