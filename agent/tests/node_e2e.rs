@@ -193,6 +193,18 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     let message = c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.clone()).unwrap_or_default();
     ensure!(message.starts_with("back-off 10s restarting failed container=main pod=crash_default("), "{message}");
     ensure!(phase(&crash) == "Running");
+    // Upstream's timing: the first exit restarts at once, the second waits 10 s (from its finishedAt).
+    ensure!(c.restart_count == 1, "restarted more than once before the back-off: {c:?}");
+    let second_finished = last.finished_at.clone().context("finishedAt")?.0;
+    let crash = wait_pod(&pods, "crash", "the third run", Duration::from_secs(40), |p| {
+        container(p)
+            .is_some_and(|c| c.restart_count >= 2 && c.last_state.as_ref().is_some_and(|s| s.terminated.is_some()))
+    })
+    .await?;
+    let third = container(&crash).and_then(|c| c.last_state.clone()).and_then(|s| s.terminated).context("third run")?;
+    let third_started = third.started_at.clone().context("startedAt")?.0;
+    let waited = third_started.duration_since(second_finished).as_secs_f64();
+    ensure!((9.0..=15.0).contains(&waited), "back-off before the third run was {waited} s (want 10 s)");
 
     // Image errors: a missing image goes ErrImagePull -> ImagePullBackOff; a missing ConfigMap is a config error.
     pods.create(
