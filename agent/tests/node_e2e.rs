@@ -45,7 +45,7 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     if !ready("a_node_runs_pods_from_the_api_server", &[Need::Root, Need::ControlPlane, Need::Registry]) {
         return Ok(());
     }
-    let cluster = Cluster::start_with(ClusterOptions {
+    let mut cluster = Cluster::start_with(ClusterOptions {
         node_monitor_grace_period: Duration::from_secs(16),
         ..Default::default()
     })
@@ -313,6 +313,17 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
         Ok(events.iter().any(|(r, m)| r == "Killing" && m == "Stopping container main").then_some(()))
     })
     .await?;
+
+    // The API server restarts: the pod watch resumes (a re-list), so a pod created afterwards runs.
+    cluster.restart_apiserver().await?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: after-restart}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    wait_pod(&pods, "after-restart", "Running after an API server restart", Duration::from_secs(90), |p| {
+        phase(p) == "Running"
+    })
+    .await
+    .with_context(|| node.log())?;
 
     // The agent stops: the node goes NotReady (Unknown) upstream's way; back, it is Ready again.
     node.stop();

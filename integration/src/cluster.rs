@@ -46,6 +46,7 @@ pub struct Cluster {
     pki: Pki,
     server: String,
     admin_kubeconfig: PathBuf,
+    etcd_url: String,
     dir: TempDir,
 }
 
@@ -65,18 +66,13 @@ impl Cluster {
         let admin_kubeconfig = dir.path().join("admin.kubeconfig");
         let admin = pki.client("admin", "nodelet-test-admin", &["system:masters"])?;
         kubeconfig::write(&admin_kubeconfig, &server, &pki.ca_pem(), "admin", &admin)?;
-        let mut cluster = Cluster { procs: Vec::new(), pki, server, admin_kubeconfig, dir };
+        let mut cluster = Cluster { procs: Vec::new(), pki, server, admin_kubeconfig, etcd_url: String::new(), dir };
         let deadline = Instant::now() + opts.start_timeout;
 
-        let etcd_url = cluster.start_etcd()?;
-        cluster.start_apiserver(api_port, &etcd_url)?;
+        cluster.etcd_url = cluster.start_etcd()?;
+        cluster.start_apiserver(api_port, &cluster.etcd_url.clone())?;
+        cluster.wait_ready(deadline).await?;
         let client = cluster.admin().await?;
-        cluster
-            .wait_until("kube-apiserver /readyz", deadline, || async {
-                let req = http::Request::get("/readyz").body(Vec::new())?;
-                Ok(client.request_text(req).await? == "ok")
-            })
-            .await?;
 
         cluster.start_controller_manager(&opts)?;
         cluster.start_scheduler()?;
@@ -87,6 +83,27 @@ impl Cluster {
             })
             .await?;
         Ok(cluster)
+    }
+
+    /// Stops the API server and starts it again on the same port and etcd: clients' watches break and must
+    /// resume. Returns once it is ready again.
+    pub async fn restart_apiserver(&mut self) -> Result<()> {
+        let at = self.procs.iter().position(|p| p.name() == "kube-apiserver").context("no kube-apiserver running")?;
+        self.procs.remove(at).stop(Duration::from_secs(5));
+        let port: u16 = self.server.rsplit(':').next().unwrap_or_default().parse()?;
+        self.start_apiserver(port, &self.etcd_url.clone())?;
+        let restarted = self.procs.pop().context("the restarted kube-apiserver")?;
+        self.procs.insert(at, restarted);
+        self.wait_ready(Instant::now() + Duration::from_secs(60)).await
+    }
+
+    async fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
+        let client = self.admin().await?;
+        self.wait_until("kube-apiserver /readyz", deadline, || async {
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            Ok(client.request_text(req).await.is_ok_and(|t| t == "ok"))
+        })
+        .await
     }
 
     /// The API server's URL (`https://127.0.0.1:<port>`).
