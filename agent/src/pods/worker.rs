@@ -69,14 +69,10 @@ fn restart_policy(pod: &Pod) -> &str {
     pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always")
 }
 
-fn pod_ref(pod: &Pod) -> PodRef {
-    PodRef::of(pod)
-}
-
 impl Worker {
     pub fn new(ctx: Arc<Ctx>, pod: Pod, rx: mpsc::Receiver<WorkerMessage>) -> Worker {
         let spec = pod.spec.clone().unwrap_or_default();
-        let pod_ref = pod_ref(&pod);
+        let pod_ref = PodRef::of(&pod);
         let host_network = spec.host_network.unwrap_or(false);
         let init: Vec<ContainerRecord> = spec
             .init_containers

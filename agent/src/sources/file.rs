@@ -4,8 +4,6 @@
 //! where it came from. A changed file replaces the pod; a malformed one is logged with its name and skipped.
 
 use std::collections::HashMap;
-
-use super::mirror::StaticPods;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::SourceEvent;
+use super::mirror::StaticPods;
 
 /// How often the folder is re-read (upstream's file source checks every 20 s; nodelet is quicker).
 const INTERVAL: Duration = Duration::from_secs(2);

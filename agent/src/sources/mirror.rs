@@ -4,7 +4,7 @@
 //! replaced when its static pod changes and deleted when the manifest goes. Mirrors are never run: the API source
 //! skips them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -81,12 +81,12 @@ async fn sync(client: &kube::Client, node: &str, wanted: &StaticPods) -> anyhow:
     let listed = all.list(&ListParams::default().fields(&format!("spec.nodeName={node}"))).await?;
     let mirrors: Vec<Pod> = listed.items.into_iter().filter(is_mirror).collect();
     let key = |p: &Pod| (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default());
-    let mut present: BTreeMap<(String, String), &Pod> = BTreeMap::new();
+    let mut present: BTreeSet<(String, String)> = BTreeSet::new();
     for mirror in &mirrors {
         let hash = annotation(mirror, MIRROR_ANNOTATION).unwrap_or_default();
         let current = wanted.values().any(|s| key(s) == key(mirror) && annotation(s, HASH_ANNOTATION) == Some(hash));
         if current && mirror.metadata.deletion_timestamp.is_none() {
-            present.insert(key(mirror), mirror);
+            present.insert(key(mirror));
         } else {
             // Its static pod changed or went, or someone deletes it (gracefully, waiting for the node as every
             // pod does): the old mirror goes now, and a current one is created below.
@@ -95,7 +95,7 @@ async fn sync(client: &kube::Client, node: &str, wanted: &StaticPods) -> anyhow:
     }
     let mut node_object = None;
     for static_pod in wanted.values() {
-        if present.contains_key(&key(static_pod)) {
+        if present.contains(&key(static_pod)) {
             continue;
         }
         let node_object = match &node_object {

@@ -102,16 +102,12 @@ impl StatusManager {
         if self.client.is_none() {
             return;
         }
-        let statics: Vec<(String, PodStatus)> = self
-            .sent
-            .iter()
-            .filter(|(uid, _)| !self.dirty.contains_key(*uid) && self.statics.contains_key(*uid))
-            .map(|(uid, status)| (uid.clone(), status.clone()))
-            .collect();
-        for (uid, status) in statics {
-            if let Some(pod) = self.statics.get(&uid).cloned() {
-                self.sent.remove(&uid);
-                self.dirty.insert(uid, (pod, status));
+        for (uid, pod) in &self.statics {
+            if self.dirty.contains_key(uid) {
+                continue;
+            }
+            if let Some(status) = self.sent.remove(uid) {
+                self.dirty.insert(uid.clone(), (pod.clone(), status));
             }
         }
     }
