@@ -13,7 +13,9 @@ use crate::events::Recorder;
 use crate::images::{ImageManager, ImagesConfig};
 use crate::node::{NodeFacts, NodeManager};
 use crate::pods::{Ctx, PodWorkers};
+use crate::server::{KubeletApi, auth::Auth, tls};
 use crate::status::StatusManager;
+use crate::status::view::PodView;
 
 /// A kube client from a kubeconfig file.
 pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
@@ -23,6 +25,41 @@ pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
         .await
         .with_context(|| format!("{}: invalid kubeconfig", path.display()))?;
     kube::Client::try_from(config).context("building the API client")
+}
+
+/// Starts the kubelet API server. Standalone, it runs only when configured to need no API server (AlwaysAllow).
+fn start_kubelet_api(config: &AgentConfig, client: Option<kube::Client>, pods: PodView) -> Result<()> {
+    let kubelet = &config.kubelet;
+    let auth = match Auth::new(kubelet, client, &config.node_name) {
+        Ok(auth) => auth,
+        Err(e) if config.kubeconfig.is_none() => {
+            tracing::info!("kubelet API off: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let configured = kubelet
+        .tls_cert_file
+        .clone()
+        .zip(kubelet.tls_private_key_file.clone())
+        .map(|(cert, key)| tls::TlsFiles { cert, key });
+    let files = tls::serving_files(configured, &config.root_dir.join("pki"), &config.node_name, &config.node_ip)?;
+    let tls = tls::server_config(&files, kubelet.authentication.x509.client_ca_file.as_deref())
+        .context("the kubelet API's TLS configuration")?;
+    let ip: std::net::IpAddr = kubelet.address.parse().context("address")?;
+    let api = KubeletApi { auth, pods, pod_logs_dir: config.log_dir.clone() };
+    let address = std::net::SocketAddr::new(ip, kubelet.port);
+    // Bound here so that a taken port is a startup error, not a log line.
+    let listener =
+        std::net::TcpListener::bind(address).with_context(|| format!("binding the kubelet API to {address}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(async move {
+        if let Err(e) = crate::server::serve(listener, tls, api).await {
+            tracing::error!(error = %format!("{e:#}"), "the kubelet API stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Runs the node until SIGTERM or SIGINT. Containers keep running when the agent stops (like the kubelet).
@@ -51,8 +88,10 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         Some(path) => Some(client_from(path).await?),
         None => None,
     };
+    let view = PodView::default();
     let (status_tx, status_rx) = mpsc::unbounded_channel();
-    tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone()).run(status_rx));
+    tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone(), view.clone()).run(status_rx));
+    start_kubelet_api(&config, client.clone(), view.clone())?;
     let ctx = Arc::new(Ctx {
         runtime,
         images: images.clone(),
@@ -61,6 +100,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         client: client.clone(),
         events: Recorder::new(client.clone(), config.node_name.clone()),
         status: status_tx,
+        view,
         allocatable,
     });
     let (source_tx, source_rx) = mpsc::channel(64);

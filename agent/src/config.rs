@@ -17,7 +17,14 @@ pub struct KubeletConfiguration {
     pub max_pods: u32,
     pub static_pod_path: Option<PathBuf>,
     pub cgroup_root: Option<String>,
+    /// The kubelet API's address and port.
+    pub address: String,
     pub port: u16,
+    /// The kubelet API's serving certificate; without it, a self-signed one is made under `<root-dir>/pki`.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_private_key_file: Option<PathBuf>,
+    pub authentication: Authentication,
+    pub authorization: Authorization,
     pub pod_logs_dir: PathBuf,
     #[serde(with = "go_duration")]
     pub node_status_update_frequency: Duration,
@@ -48,7 +55,12 @@ impl Default for KubeletConfiguration {
             max_pods: 110,
             static_pod_path: None,
             cgroup_root: None,
+            address: "0.0.0.0".into(),
             port: 10250,
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            authentication: Authentication::default(),
+            authorization: Authorization::default(),
             pod_logs_dir: PathBuf::from("/var/log/pods"),
             node_status_update_frequency: Duration::from_secs(10),
             node_status_report_frequency: Duration::from_secs(300),
@@ -66,6 +78,76 @@ impl Default for KubeletConfiguration {
     }
 }
 
+/// `authentication`: who may call the kubelet API (v1beta1 defaults: no anonymous, token webhook on).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Authentication {
+    pub x509: X509Authentication,
+    pub webhook: WebhookAuthentication,
+    pub anonymous: AnonymousAuthentication,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct X509Authentication {
+    /// Client certificates signed by this CA authenticate as their CN (user) and O (groups).
+    #[serde(rename = "clientCAFile")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WebhookAuthentication {
+    /// Bearer tokens are checked with TokenReviews.
+    pub enabled: bool,
+    #[serde(with = "go_duration", rename = "cacheTTL")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for WebhookAuthentication {
+    fn default() -> Self {
+        WebhookAuthentication { enabled: true, cache_ttl: Duration::from_secs(120) }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AnonymousAuthentication {
+    pub enabled: bool,
+}
+
+/// `authorization`: `Webhook` (SubjectAccessReviews, the v1beta1 default) or `AlwaysAllow`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Authorization {
+    pub mode: String,
+    pub webhook: WebhookAuthorization,
+}
+
+impl Default for Authorization {
+    fn default() -> Self {
+        Authorization { mode: "Webhook".into(), webhook: WebhookAuthorization::default() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WebhookAuthorization {
+    #[serde(with = "go_duration", rename = "cacheAuthorizedTTL")]
+    pub cache_authorized_ttl: Duration,
+    #[serde(with = "go_duration", rename = "cacheUnauthorizedTTL")]
+    pub cache_unauthorized_ttl: Duration,
+}
+
+impl Default for WebhookAuthorization {
+    fn default() -> Self {
+        WebhookAuthorization {
+            cache_authorized_ttl: Duration::from_secs(300),
+            cache_unauthorized_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
 impl KubeletConfiguration {
     /// Reads and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<KubeletConfiguration> {
@@ -76,7 +158,8 @@ impl KubeletConfiguration {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks values the types cannot (also after flags override the file).
+    pub fn validate(&self) -> Result<()> {
         if let Some(kind) = self.kind.as_deref().filter(|k| *k != "KubeletConfiguration") {
             bail!("kind is {kind:?}, expected \"KubeletConfiguration\"");
         }
@@ -90,6 +173,13 @@ impl KubeletConfiguration {
             bail!("containerLogMaxFiles must be at least 2");
         }
         parse_quantity(&self.container_log_max_size).context("containerLogMaxSize")?;
+        if !["Webhook", "AlwaysAllow"].contains(&self.authorization.mode.as_str()) {
+            bail!("authorization.mode is {:?}, expected \"Webhook\" or \"AlwaysAllow\"", self.authorization.mode);
+        }
+        if self.tls_cert_file.is_some() != self.tls_private_key_file.is_some() {
+            bail!("tlsCertFile and tlsPrivateKeyFile go together");
+        }
+        self.address.parse::<std::net::IpAddr>().with_context(|| format!("address {:?}", self.address))?;
         Ok(())
     }
 
@@ -222,6 +312,19 @@ mod tests {
         let bad = KubeletConfiguration { kind: Some("Pod".into()), ..Default::default() };
         assert!(bad.validate().is_err());
         assert!(parse_quantity("12Mi").unwrap() == 12 << 20 && parse_quantity("x").is_err());
+        let auth: KubeletConfiguration = serde_yaml::from_str(
+            "authentication:\n  x509: {clientCAFile: /ca.crt}\n  webhook: {enabled: false}\nauthorization: {mode: AlwaysAllow}\n",
+        )
+        .unwrap();
+        assert_eq!(auth.authentication.x509.client_ca_file.as_deref(), Some(std::path::Path::new("/ca.crt")));
+        assert!(!auth.authentication.webhook.enabled && !auth.authentication.anonymous.enabled);
+        assert!(auth.validate().is_ok());
+        let defaults = KubeletConfiguration::default();
+        assert!(defaults.authentication.webhook.enabled && defaults.authorization.mode == "Webhook");
+        let bad = KubeletConfiguration { address: "here".into(), ..Default::default() };
+        assert!(bad.validate().is_err());
+        let bad: KubeletConfiguration = serde_yaml::from_str("authorization: {mode: RBAC}\n").unwrap();
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -9,5 +9,6 @@ pub mod images;
 pub mod logs;
 pub mod node;
 pub mod pods;
+pub mod server;
 pub mod sources;
 pub mod status;

@@ -37,6 +37,21 @@ struct Flags {
     /// Overrides `cgroupRoot` (default `/`).
     #[arg(long)]
     cgroup_root: Option<String>,
+    /// Overrides `port` (the kubelet API, default 10250).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Overrides `address` (the kubelet API's bind address, default 0.0.0.0).
+    #[arg(long)]
+    address: Option<String>,
+    /// Overrides `tlsCertFile` (the kubelet API's serving certificate, PEM).
+    #[arg(long)]
+    tls_cert_file: Option<PathBuf>,
+    /// Overrides `tlsPrivateKeyFile`.
+    #[arg(long)]
+    tls_private_key_file: Option<PathBuf>,
+    /// Overrides `authentication.x509.clientCAFile`: client certificates signed by it authenticate.
+    #[arg(long)]
+    client_ca_file: Option<PathBuf>,
     /// Labels to register the node with: `key=value,...`.
     #[arg(long, default_value = "")]
     node_labels: String,
@@ -133,6 +148,16 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
     if flags.cgroup_root.is_some() {
         kubelet.cgroup_root = flags.cgroup_root.clone();
     }
+    kubelet.port = flags.port.unwrap_or(kubelet.port);
+    kubelet.address = flags.address.clone().unwrap_or(kubelet.address);
+    if flags.tls_cert_file.is_some() || flags.tls_private_key_file.is_some() {
+        kubelet.tls_cert_file = flags.tls_cert_file.clone();
+        kubelet.tls_private_key_file = flags.tls_private_key_file.clone();
+    }
+    if flags.client_ca_file.is_some() {
+        kubelet.authentication.x509.client_ca_file = flags.client_ca_file.clone();
+    }
+    kubelet.validate().context("invalid flags")?;
     let node_name = match flags.hostname_override {
         Some(name) => name,
         None => rustix::system::uname().nodename().to_string_lossy().into_owned(),

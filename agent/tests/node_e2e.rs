@@ -34,6 +34,26 @@ fn waiting_reason(p: &Pod) -> Option<&str> {
     container(p)?.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
 }
 
+/// `kubectl` (admin) with `args`: (success, stdout, stderr).
+fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = cluster.kubectl().args(args).output().context("running kubectl")?;
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    Ok((out.status.success(), text(out.stdout), text(out.stderr)))
+}
+
+/// A request straight to the kubelet API with `curl` (optionally with a client certificate): (HTTP code, body).
+fn kubelet_get(port: u16, path: &str, cert: Option<&nodelet_integration::certs::CertFiles>) -> Result<(u16, String)> {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"]);
+    if let Some(c) = cert {
+        cmd.arg("--cert").arg(&c.cert).arg("--key").arg(&c.key);
+    }
+    let out = cmd.arg(format!("https://127.0.0.1:{port}{path}")).output().context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
+    Ok((code.parse().with_context(|| format!("curl: {text}"))?, body.to_string()))
+}
+
 async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String, String)>> {
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={pod}"))).await?;
@@ -62,10 +82,15 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
             registry.reference("busybox", "latest")
         ),
     )?;
+    let port = nodelet_integration::ports::free_port()?;
     let mut node = Nodelet::start(
         NODE,
-        "nodeLeaseDurationSeconds: 8\nnodeStatusUpdateFrequency: 2s\n",
+        "nodeLeaseDurationSeconds: 8\nnodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
         &[
+            "--port".into(),
+            port.to_string(),
+            "--client-ca-file".into(),
+            cluster.pki().ca().cert.display().to_string(),
             "--kubeconfig".into(),
             kubeconfig.display().to_string(),
             "--insecure-registry".into(),
@@ -95,7 +120,7 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
             .as_ref()
             .is_some_and(|c| c.contains_key("cpu") && c.contains_key("memory") && c["pods"].0 == "110")
     );
-    ensure!(status.daemon_endpoints.and_then(|d| d.kubelet_endpoint).map(|e| e.port) == Some(10250));
+    ensure!(status.daemon_endpoints.and_then(|d| d.kubelet_endpoint).map(|e| e.port) == Some(i32::from(port)));
     let labels = registered.metadata.labels.clone().unwrap_or_default();
     ensure!(labels.get("nodelet.dev/test").map(String::as_str) == Some("yes") && labels["kubernetes.io/os"] == "linux");
     for kind in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
@@ -158,6 +183,52 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     .await?;
     eprintln!("web: created -> Running in {running_after:?}; log: {text:?}");
 
+    // `kubectl logs` goes through the API server to nodelet's kubelet API (TLS, its client certificate checked
+    // against the cluster CA, authorized by a SubjectAccessReview).
+    let (ok, out, err) = kubectl(&cluster, &["logs", "web"])?;
+    ensure!(ok && out.contains("hello from nodelet\n") && out.contains("to stderr\n"), "kubectl logs: {out:?} {err}");
+    let (ok, out, err) = kubectl(&cluster, &["logs", "web", "--limit-bytes=5"])?;
+    ensure!(ok && out.len() == 5, "--limit-bytes: {out:?} {err}");
+    let (ok, out, err) = kubectl(&cluster, &["logs", "web", "--tail=1", "--timestamps"])?;
+    let (stamp, line) = out.trim_end().split_once(' ').unwrap_or_default();
+    ensure!(
+        ok && out.lines().count() == 1 && stamp.parse::<jiff::Timestamp>().is_ok(),
+        "--tail/--timestamps: {out:?} {err}"
+    );
+    ensure!(text.contains(line), "--tail=1 gave {line:?}");
+    let (ok, out, _) = kubectl(&cluster, &["logs", "web", "--since=1h"])?;
+    ensure!(ok && out.contains("hello from nodelet"), "--since: {out:?}");
+    let (ok, _, err) = kubectl(&cluster, &["logs", "web", "--previous"])?;
+    ensure!(!ok && err.contains("previous terminated container \"main\" in pod \"web\" not found"), "{err}");
+    // Straight to the kubelet API: no certificate is 401, a cluster identity without RBAC 403, the API server's
+    // identity (system:masters) sees the node's pods.
+    ensure!(kubelet_get(port, "/pods", None)?.0 == 401);
+    let nobody = cluster.pki().client("nobody", "nobody", &[])?;
+    let (code, body) = kubelet_get(port, "/pods", Some(&nobody))?;
+    ensure!(code == 403 && body.contains("user=nobody"), "{code} {body}");
+    let master = cluster.pki().client("kubelet-test-master", "tester", &["system:masters"])?;
+    let (code, body) = kubelet_get(port, "/pods", Some(&master))?;
+    let list: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{code} {body}"))?;
+    let names: Vec<&str> =
+        list["items"].as_array().into_iter().flatten().filter_map(|p| p["metadata"]["name"].as_str()).collect();
+    ensure!(code == 200 && list["kind"] == "PodList" && names.contains(&"web"), "{names:?}");
+    let web_status = list["items"].as_array().into_iter().flatten().find(|p| p["metadata"]["name"] == "web");
+    ensure!(web_status.is_some_and(|p| p["status"]["phase"] == "Running"), "{web_status:?}");
+    ensure!(kubelet_get(port, "/healthz", Some(&master))? == (200, "ok\n".into()));
+
+    // `kubectl logs -f` follows the output as it is written and ends by itself when the container does.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: ticker}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'for i in 1 2 3 4 5; do echo tick $i; sleep 1; done']}}\n"
+    ))).await?;
+    wait_pod(&pods, "ticker", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let mut follow = cluster.kubectl();
+    follow.args(["logs", "-f", "ticker"]).stdout(std::process::Stdio::piped());
+    let follow = tokio::task::spawn_blocking(move || follow.output());
+    let followed =
+        tokio::time::timeout(Duration::from_secs(30), follow).await.context("kubectl logs -f never ended")???;
+    let out = String::from_utf8_lossy(&followed.stdout);
+    ensure!(out == "tick 1\ntick 2\ntick 3\ntick 4\ntick 5\n", "kubectl logs -f: {out:?}");
+
     // Init containers in order, then the app container; a completed pod with restartPolicy Never.
     pods.create(&PostParams::default(), &pod(&format!(
         "metadata: {{name: job}}\nspec:\n  restartPolicy: Never\n  initContainers:\n  - {{name: first, image: {image}, command: [sh, -c, 'echo first']}}\n  - {{name: second, image: {image}, command: [sh, -c, 'echo second']}}\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'echo done']}}\n"
@@ -196,6 +267,8 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     // Upstream's timing: the first exit restarts at once, the second waits 10 s (from its finishedAt).
     ensure!(c.restart_count == 1, "restarted more than once before the back-off: {c:?}");
     let second_finished = last.finished_at.clone().context("finishedAt")?.0;
+    let (ok, out, err) = kubectl(&cluster, &["logs", "crash", "--previous"])?;
+    ensure!(ok && out == "crashing\n", "kubectl logs --previous: {out:?} {err}");
     let crash = wait_pod(&pods, "crash", "the third run", Duration::from_secs(40), |p| {
         container(p)
             .is_some_and(|c| c.restart_count >= 2 && c.last_state.as_ref().is_some_and(|s| s.terminated.is_some()))
@@ -232,6 +305,8 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
         .and_then(|w| w.message)
         .unwrap_or_default();
     ensure!(message.contains("configmap \"missing\" not found"), "{message}");
+    let (ok, _, err) = kubectl(&cluster, &["logs", "noimage"])?;
+    ensure!(!ok && err.contains("is waiting to start: trying and failing to pull image"), "{err}");
     wait_for("a Failed event for noimage", Duration::from_secs(10), || async {
         let events = events_for(&client, "noimage").await?;
         Ok(events.iter().any(|(r, m)| r == "Failed" && m.starts_with("Failed to pull image")).then_some(()))

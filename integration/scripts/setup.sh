@@ -7,6 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 pkgs=(
   docker-registry apache2-utils                # OCI registry, htpasswd for its basic auth
   umoci skopeo busybox-static jq python3       # daemonless image building
+  curl                                         # direct kubelet API requests
   containernetworking-plugins iproute2 iptables  # CNI plugins, test network namespaces
   libseccomp-dev pkg-config                    # libcontainer's seccomp support
   crun runc containerd                         # side-by-side runtime and image-pull benchmarks

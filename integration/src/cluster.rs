@@ -202,6 +202,8 @@ impl Cluster {
             .arg(format!("--client-ca-file={}", ca.display()))
             .arg(format!("--kubelet-client-certificate={}", kubelet_client.cert.display()))
             .arg(format!("--kubelet-client-key={}", kubelet_client.key.display()))
+            // Like kubeadm: test node names do not resolve, their InternalIP does.
+            .arg("--kubelet-preferred-address-types=InternalIP,Hostname")
             .arg(format!("--service-account-key-file={}", sa.cert.display()))
             .arg(format!("--service-account-signing-key-file={}", sa.key.display()))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")

@@ -2,6 +2,8 @@
 //! lines `<RFC3339Nano> <stdout|stderr> <F|P> <text>`), with size-based rotation like upstream's
 //! `containerLogMaxSize` / `containerLogMaxFiles`.
 
+pub mod read;
+
 use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

@@ -32,6 +32,8 @@ pub struct Ctx {
     pub client: Option<kube::Client>,
     pub events: Recorder,
     pub status: StatusSender,
+    /// What the kubelet API shows; the dispatcher adds and removes pods.
+    pub view: crate::status::view::PodView,
     /// Node allocatable: (cpu millis, memory bytes).
     pub allocatable: (u64, u64),
 }
@@ -69,6 +71,7 @@ impl PodWorkers {
                 },
                 Some(uid) = self.done_rx.recv() => {
                     self.workers.remove(&uid);
+                    self.ctx.view.remove(&uid);
                 }
             }
         }
@@ -77,6 +80,7 @@ impl PodWorkers {
     async fn upsert(&mut self, pod: Pod) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         if let Some(w) = self.workers.get(&uid) {
+            self.ctx.view.upsert(pod.clone());
             let _ = w.tx.send(WorkerMessage::Update(Box::new(pod))).await;
             return;
         }
@@ -113,6 +117,7 @@ impl PodWorkers {
         }
         let (tx, rx) = mpsc::channel(16);
         self.workers.insert(uid.clone(), Admitted { tx, requests });
+        self.ctx.view.upsert(pod.clone());
         let (ctx, done) = (self.ctx.clone(), self.done_tx.clone());
         tokio::spawn(async move {
             Worker::new(ctx, pod, rx).run().await;

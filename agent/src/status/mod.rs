@@ -4,6 +4,7 @@
 //! Without an API server (standalone) it writes each pod's status to `<root-dir>/pods/<uid>/status.json`.
 
 pub mod pod_status;
+pub mod view;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -48,16 +49,18 @@ pub struct StatusManager {
     dirty: HashMap<String, (PodRef, PodStatus)>,
     /// Static pods whose status was sent, by UID: re-sent now and then, see `refresh_mirrors`.
     statics: HashMap<String, PodRef>,
+    view: view::PodView,
 }
 
 impl StatusManager {
-    pub fn new(client: Option<kube::Client>, root_dir: PathBuf) -> StatusManager {
+    pub fn new(client: Option<kube::Client>, root_dir: PathBuf, view: view::PodView) -> StatusManager {
         StatusManager {
             client,
             local_dir: root_dir.join("pods"),
             sent: HashMap::new(),
             dirty: HashMap::new(),
             statics: HashMap::new(),
+            view,
         }
     }
 
@@ -70,6 +73,7 @@ impl StatusManager {
                 message = rx.recv() => match message {
                     Some(StatusMessage::Update { pod, state }) => {
                         let status = pod_status::pod_status(&state, self.sent.get(&pod.uid));
+                        self.view.set_status(&pod.uid, &status);
                         self.dirty.insert(pod.uid.clone(), (pod, status));
                         self.flush().await;
                     }

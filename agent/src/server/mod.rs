@@ -1,0 +1,155 @@
+//! The kubelet API (`:10250`, TLS): `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}`, behind
+//! upstream's authentication and authorization, so that `kubectl logs` works through the API server.
+
+pub mod auth;
+pub mod container_logs;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::{Method, Request, Response, StatusCode};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+
+use crate::status::view::PodView;
+use auth::{Attributes, Auth, Denied};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// What requests are served from.
+pub struct KubeletApi {
+    pub auth: Auth,
+    pub pods: PodView,
+    pub pod_logs_dir: PathBuf,
+}
+
+/// Serves the API on `listener` until the process ends; a connection's failure affects only that connection.
+pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig, api: KubeletApi) -> Result<()> {
+    tracing::info!(address = %listener.local_addr()?, "serving the kubelet API");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let api = Arc::new(api);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a kubelet API connection failed");
+                continue;
+            }
+        };
+        let (acceptor, api) = (acceptor.clone(), api.clone());
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            };
+            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+            let service = hyper::service::service_fn(move |req| {
+                let (api, cert) = (api.clone(), cert.clone());
+                async move { Ok::<_, Infallible>(api.handle(req, cert.as_ref()).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+                tracing::debug!(%peer, error = %e, "kubelet API connection ended");
+            }
+        });
+    }
+}
+
+impl KubeletApi {
+    async fn handle<B>(&self, req: Request<B>, cert: Option<&CertificateDer<'static>>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let bearer = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let allowed = match self.auth.authenticate(cert, bearer).await {
+            Ok(user) => self.auth.authorize(&user, &Attributes::of(req.method(), &path)).await.map(|_| user),
+            Err(e) => Err(e),
+        };
+        let user = match allowed {
+            Ok(user) => user,
+            Err(e) => {
+                let code = match e {
+                    Denied::Unauthenticated => StatusCode::UNAUTHORIZED,
+                    Denied::Forbidden { .. } => StatusCode::FORBIDDEN,
+                    Denied::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                tracing::debug!(%path, error = %e, "kubelet API request refused");
+                return text(code, e.to_string());
+            }
+        };
+        tracing::debug!(%path, user = %user.name, "kubelet API request");
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok".into()),
+            (&Method::GET, ["pods"] | ["pods", ""]) => self.pods(),
+            (&Method::GET, ["containerLogs", namespace, pod, container]) => {
+                self.container_logs(namespace, pod, container, req.uri().query())
+            }
+            _ => text(StatusCode::NOT_FOUND, "404 page not found".into()),
+        }
+    }
+
+    fn pods(&self) -> Response<Body> {
+        let list = serde_json::json!({
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {},
+            "items": self.pods.list(),
+        });
+        let mut response = Response::new(full(serde_json::to_vec(&list).unwrap_or_default()));
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, "application/json".parse().expect("static"));
+        response
+    }
+
+    fn container_logs(&self, namespace: &str, name: &str, container: &str, query: Option<&str>) -> Response<Body> {
+        let (options, previous) = match container_logs::options(query) {
+            Ok(o) => o,
+            Err(e) => return refused(e),
+        };
+        let Some(pod) = self.pods.get(namespace, name) else {
+            return text(StatusCode::NOT_FOUND, format!("pod {name:?} does not exist"));
+        };
+        let id = match container_logs::container_id(&pod, container, previous) {
+            Ok(id) => id,
+            Err(e) => return refused(e),
+        };
+        let Some(path) = container_logs::log_path(&self.pod_logs_dir, &pod, container, &id).filter(|p| p.exists())
+        else {
+            return text(StatusCode::BAD_REQUEST, format!("no log for container {container:?} in pod {name:?}"));
+        };
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        let (view, namespace, name, container) =
+            (self.pods.clone(), namespace.to_string(), name.to_string(), container.to_string());
+        tokio::spawn(async move {
+            let running = move || container_logs::is_running(view.get(&namespace, &name), &container, &id);
+            if let Err(e) = crate::logs::read::stream(path.clone(), options, running, tx).await {
+                tracing::warn!(path = %path.display(), error = %e, "streaming a container log failed");
+            }
+        });
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        let mut response = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, "text/plain".parse().expect("static"));
+        response
+    }
+}
+
+fn full(data: Vec<u8>) -> Body {
+    Full::new(Bytes::from(data)).boxed()
+}
+
+fn text(code: StatusCode, message: String) -> Response<Body> {
+    let mut response = Response::new(full(format!("{message}\n").into_bytes()));
+    *response.status_mut() = code;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static"));
+    response
+}
+
+fn refused(e: container_logs::Refusal) -> Response<Body> {
+    text(StatusCode::from_u16(e.code).unwrap_or(StatusCode::BAD_REQUEST), e.message)
+}
