@@ -12,6 +12,7 @@ use crate::config::AgentConfig;
 use crate::events::Recorder;
 use crate::images::{ImageManager, ImagesConfig};
 use crate::node::{NodeFacts, NodeManager};
+use crate::pods::restore::{Leftovers, SavedStates};
 use crate::pods::{Ctx, PodWorkers};
 use crate::server::{KubeletApi, auth::Auth, tls};
 use crate::status::StatusManager;
@@ -65,6 +66,7 @@ fn start_kubelet_api(config: &AgentConfig, client: Option<kube::Client>, pods: P
 /// Runs the node until SIGTERM or SIGINT. Containers keep running when the agent stops (like the kubelet).
 pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     let runtime = Runtime::new(zygote, config.root_dir.join("runtime")).context("starting the runtime")?;
+    let leftovers = Leftovers::find(&runtime).await;
     let images = Arc::new(ImageManager::open(ImagesConfig {
         root_dir: config.root_dir.clone(),
         registry: crate::images::pull::RegistryConfig {
@@ -101,12 +103,16 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         events: Recorder::new(client.clone(), config.node_name.clone()),
         status: status_tx,
         view,
+        leftovers,
+        states: SavedStates::new(&config.root_dir),
         allocatable,
     });
+    let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());
+    let sources = usize::from(manifests.is_some()) + usize::from(client.is_some());
     let (source_tx, source_rx) = mpsc::channel(64);
-    tokio::spawn(PodWorkers::new(ctx).run(source_rx));
+    tokio::spawn(PodWorkers::new(ctx, sources).run(source_rx));
     let (statics_tx, statics_rx) = tokio::sync::watch::channel(Default::default());
-    if let Some(dir) = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone()) {
+    if let Some(dir) = manifests {
         tokio::spawn(crate::sources::file::watch(dir, config.node_name.clone(), source_tx.clone(), statics_tx));
     }
     if let Some(client) = client.clone() {

@@ -400,8 +400,23 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     .await
     .with_context(|| node.log())?;
 
-    // The agent stops: the node goes NotReady (Unknown) upstream's way; back, it is Ready again.
-    node.stop();
+    // Restart survival: a pod that writes a line a second, and one that will be deleted while the agent is down.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: survivor}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'i=0; while true; do i=$((i+1)); echo beat $i; sleep 1; done']}}\n"
+    ))).await?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: orphan}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    let before = wait_pod(&pods, "survivor", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let orphan = wait_pod(&pods, "orphan", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let orphan_uid = orphan.metadata.uid.clone().unwrap_or_default();
+    let survivor_uid = before.metadata.uid.clone().unwrap_or_default();
+    let before = container(&before).cloned().context("survivor's status")?;
+
+    // kill -9: the node goes NotReady (Unknown) upstream's way; containers keep running. The orphan is force-deleted
+    // meanwhile. Back, the node is Ready again and takes its pods over: no restarts, the same statuses.
+    node.kill();
+    pods.delete("orphan", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
     wait_for("the node to go NotReady", Duration::from_secs(60), || async {
         Ok(nodes.get(NODE).await.ok().filter(|n| condition(n, "Ready").as_deref() == Some("Unknown")).map(|_| ()))
     })
@@ -412,5 +427,35 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     })
     .await
     .with_context(|| node.log())?;
+    let after = container(&pods.get("survivor").await?).cloned().context("survivor's status")?;
+    ensure!(after.container_id == before.container_id && after.restart_count == 0, "restarted: {after:?}");
+    ensure!(after.state == before.state && after.ready, "status changed: {before:?} -> {after:?}");
+    // Its output went on while no agent read it and is in its log, every line, in order.
+    let beats = wait_for("the survivor's log to go on", Duration::from_secs(30), || async {
+        let (ok, out, _) = kubectl(&cluster, &["logs", "survivor"])?;
+        let beats: Vec<u32> = out.lines().filter_map(|l| l.strip_prefix("beat ")?.parse().ok()).collect();
+        Ok(Some(beats).filter(|b| ok && b.len() >= 20))
+    })
+    .await
+    .with_context(|| node.log())?;
+    ensure!(beats.iter().copied().eq(1..=beats.len() as u32), "lines lost or repeated: {beats:?}");
+    // What the force-deleted pod left is removed once the API server's pods are known.
+    let records = node.root_dir().join("runtime/records");
+    wait_for("the orphan's container to be removed", Duration::from_secs(30), || async {
+        let left =
+            std::fs::read_dir(&records)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&orphan_uid));
+        let state = node.root_dir().join(format!("pod-state/{orphan_uid}.json")).exists();
+        Ok((!left && !state).then_some(()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    // The taken-over container stops gracefully on deletion, and its records go with it.
+    pods.delete("survivor", &DeleteParams::default()).await?;
+    wait_for("survivor to be gone", Duration::from_secs(30), || async {
+        Ok(pods.get_opt("survivor").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    ensure!(!node.root_dir().join(format!("pod-state/{survivor_uid}.json")).exists());
     Ok(())
 }

@@ -36,6 +36,11 @@ impl QosClass {
             QosClass::BestEffort => "BestEffort",
         }
     }
+
+    /// The class named `name` (as [`QosClass::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<QosClass> {
+        [QosClass::Guaranteed, QosClass::Burstable, QosClass::BestEffort].into_iter().find(|q| q.as_str() == name)
+    }
 }
 
 fn set(v: Option<u64>) -> Option<u64> {

@@ -45,16 +45,40 @@ pub struct IoPipes {
 
 impl ContainerIo {
     /// Pipes for stdout and stderr (and stdin when `stdin`), returning the container's ends and the caller's.
+    ///
+    /// The container's stdout and stderr ends are opened read-write: the container itself then always holds a
+    /// reader, so it never gets SIGPIPE/EPIPE while the agent is down (it blocks once the 1 MiB pipe is full), and
+    /// a restarted agent picks the output up again with [`Runtime::reopen_output`].
     pub fn pipes(stdin: bool) -> Result<(Self, IoPipes), RuntimeError> {
         let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(RuntimeError::sys("pipe2"));
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let (in_r, in_w) = if stdin { pipe().map(|(r, w)| (Some(r), Some(w)))? } else { (None, None) };
         Ok((
-            Self { stdin: in_r, stdout: Some(out_w), stderr: Some(err_w) },
+            Self { stdin: in_r, stdout: Some(read_write(out_w)?), stderr: Some(read_write(err_w)?) },
             IoPipes { stdin: in_w.map(File::from), stdout: File::from(out_r), stderr: File::from(err_r) },
         ))
     }
+}
+
+/// Capacity asked for the output pipes: what a container may write while no agent reads (the default
+/// `fs.pipe-max-size`).
+const OUTPUT_PIPE_BYTES: i32 = 1 << 20;
+
+/// The same pipe opened read-write, with a larger buffer (best effort: a lower `pipe-max-size` keeps the default).
+fn read_write(end: OwnedFd) -> Result<OwnedFd, RuntimeError> {
+    let _ = nix::fcntl::fcntl(end.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_BYTES));
+    let flags = nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC;
+    let path = format!("/proc/self/fd/{}", end.as_raw_fd());
+    let fd = nix::fcntl::open(path.as_str(), flags, nix::sys::stat::Mode::empty())
+        .map_err(RuntimeError::sys("reopening a pipe read-write"))?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The inode of a pipe (or other file) descriptor.
+fn inode(fd: &OwnedFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|st| st.st_ino)
 }
 
 /// How a container's init (or an exec'd process) ended.
@@ -93,6 +117,8 @@ pub struct Container {
     pty: Option<Arc<OwnedFd>>,
     /// Re-adopted after an agent restart: exits are seen through the pidfd only.
     adopted: bool,
+    /// Inodes of the stdout and stderr pipes given at create, to find them again after a restart.
+    output: Option<(u64, u64)>,
 }
 
 impl Container {
@@ -198,6 +224,7 @@ impl Runtime {
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
         state::write_atomic(&bundle.join("config.json"), &json)?;
         let stdio = [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()];
+        let output = io.stdout.as_ref().and_then(inode).zip(io.stderr.as_ref().and_then(inode));
         let fds: Vec<OwnedFd> = [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect();
         let req = Request::Create {
             id: cfg.id.clone(),
@@ -224,7 +251,8 @@ impl Runtime {
                 .map_err(|e| fail(format!("joining the unified cgroup: {e}")))?;
             let pidfd = pidfd_open(pid).map_err(RuntimeError::sys("pidfd_open"))?;
             let start_time = state::start_time(pid).ok_or_else(|| fail("init exited during create".into()))?;
-            let record = Record { id: cfg.id.clone(), pid, start_time, cgroups_path: cfg.cgroups_path.clone(), bundle };
+            let record =
+                Record { id: cfg.id.clone(), pid, start_time, cgroups_path: cfg.cgroups_path.clone(), bundle, output };
             record.save(&self.records())?;
             Ok::<_, RuntimeError>(pidfd)
         };
@@ -236,6 +264,7 @@ impl Runtime {
                 pidfd: Arc::new(pidfd),
                 pty: pty.map(Arc::new),
                 adopted: false,
+                output,
             }),
             Err(e) => {
                 self.cleanup(&cfg.id, &cfg.cgroups_path).await;
@@ -425,6 +454,7 @@ impl Runtime {
                     pidfd: Arc::new(pidfd),
                     pty: None,
                     adopted: true,
+                    output: r.output,
                 }),
                 None => {
                     tracing::info!(id = %r.id, "container exited while the agent was down; cleaning up");
@@ -433,6 +463,22 @@ impl Runtime {
             }
         }
         live
+    }
+
+    /// Read ends of a re-adopted container's stdout and stderr pipes (opened through its init's descriptors 1
+    /// and 2, checked to be the pipes it was created with), so that its output is relayed again after a restart.
+    /// `None` when it was created without pipes or its init has replaced them.
+    pub fn reopen_output(&self, c: &Container) -> Option<(File, File)> {
+        let (out_ino, err_ino) = c.output?;
+        let open = |n: i32, ino: u64| {
+            let flags = nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
+            let path = format!("/proc/{}/fd/{n}", c.pid);
+            let fd = nix::fcntl::open(path.as_str(), flags, nix::sys::stat::Mode::empty()).ok()?;
+            // SAFETY: `open` just returned this descriptor and nothing else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            (inode(&fd) == Some(ino)).then(|| File::from(fd))
+        };
+        Some((open(1, out_ino)?, open(2, err_ino)?))
     }
 
     /// Creates a pod sandbox: the pod's own network (loopback up), IPC and UTS namespaces as configured, kept as

@@ -66,6 +66,35 @@ impl Sandbox {
         }
     }
 
+    /// Namespace files that exist but are no longer bind mounts (the agent restarted in another mount namespace,
+    /// or someone unmounted them): the sandbox must not be used as is, or its containers would get the host's.
+    pub fn broken(&self) -> Vec<&'static str> {
+        ["net", "ipc", "uts", "pid"]
+            .into_iter()
+            .filter(|name| {
+                let path = self.dir.join(name);
+                path.exists() && !is_nsfs(&path)
+            })
+            .collect()
+    }
+
+    /// Mounts the namespaces again from a live member: `member` (a container init in the pod) for net/ipc/uts,
+    /// the holder process for pid. Returns the repaired sandbox, or an error naming what could not be restored.
+    pub fn repair(&self, member: Option<i32>) -> Result<Sandbox, String> {
+        for name in self.broken() {
+            let pid = match name {
+                "pid" => read_holder(&self.dir),
+                _ => member,
+            };
+            let pid = pid.ok_or_else(|| format!("no live process holds the sandbox's {name} namespace"))?;
+            let source = format!("/proc/{pid}/ns/{name}");
+            let target = self.dir.join(name);
+            mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(|e| format!("bind-mounting {source} to {}: {e}", target.display()))?;
+        }
+        Ok(Sandbox::open(&self.id, &self.dir))
+    }
+
     /// The namespaces of a container in this pod. Its PID namespace is the pod's shared one, or its own
     /// (`Private`), or the host's when `host_pid` (`hostPID`).
     pub fn namespaces(&self, host_pid: bool) -> Namespaces {

@@ -23,6 +23,9 @@ pub struct Record {
     pub cgroups_path: String,
     /// The OCI bundle directory.
     pub bundle: PathBuf,
+    /// Inodes of the stdout and stderr pipes, to relay its output again after an agent restart.
+    #[serde(default)]
+    pub output: Option<(u64, u64)>,
 }
 
 /// Start time of `pid` in clock ticks since boot, if it is alive.
@@ -85,7 +88,14 @@ mod tests {
     #[test]
     fn records_round_trip_and_garbage_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Record { id: "c1".into(), pid: 42, start_time: 7, cgroups_path: "/x".into(), bundle: "/b".into() };
+        let r = Record {
+            id: "c1".into(),
+            pid: 42,
+            start_time: 7,
+            cgroups_path: "/x".into(),
+            bundle: "/b".into(),
+            output: Some((3, 4)),
+        };
         r.save(dir.path()).unwrap();
         std::fs::write(dir.path().join("c2.json"), b"{ half a rec").unwrap();
         std::fs::write(dir.path().join("c3.tmp"), b"leftover").unwrap();

@@ -361,7 +361,10 @@ fn agent_mode(action: &str, id: &str, state: &Path) -> i32 {
         match action {
             "create" => {
                 let env = Env { rootfs: state.parent().unwrap().join("rootfs"), state: state.to_path_buf() };
-                let c = runtime.create(&config(&env, id, &["sleep", "1000"]), ContainerIo::default()).await?;
+                // It writes all the time, also while no agent reads: it must not die of SIGPIPE.
+                let (io, _pipes) = ContainerIo::pipes(false)?;
+                let script = "echo first; while true; do echo tick; sleep 0.05; done";
+                let c = runtime.create(&config(&env, id, &["sh", "-c", script]), io).await?;
                 runtime.start(&c).await?;
                 println!("{}", c.pid);
                 Ok(())
@@ -370,6 +373,18 @@ fn agent_mode(action: &str, id: &str, state: &Path) -> i32 {
                 let found = runtime.list().await;
                 ensure!(found.len() == 1 && found[0].id == id && found[0].adopted(), "list(): {found:?}");
                 let c = &found[0];
+                // Its output, written while no agent ran, is waiting in the pipe it was created with.
+                let (mut stdout, _stderr) = runtime.reopen_output(c).context("reopening the output pipes")?;
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&seen);
+                ensure!(text.starts_with("first\ntick\ntick\n"), "output kept while the agent was down: {text:?}");
                 let (code, out, _) = runtime
                     .exec_sync(
                         c,

@@ -2,6 +2,7 @@
 //! after admission (pod count and resources against allocatable, upstream's `OutOf<resource>` rejections).
 
 pub mod resources;
+pub mod restore;
 pub mod spec;
 pub mod state;
 pub mod worker;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use nodelet_cgroups::hierarchy::Hierarchy;
+use nodelet_cgroups::qos::QosClass;
 use nodelet_runtime::Runtime;
 use tokio::sync::mpsc;
 
@@ -34,6 +36,10 @@ pub struct Ctx {
     pub status: StatusSender,
     /// What the kubelet API shows; the dispatcher adds and removes pods.
     pub view: crate::status::view::PodView,
+    /// The previous agent process's containers and sandboxes, until claimed or removed.
+    pub leftovers: restore::Leftovers,
+    /// Where pod workers save their records.
+    pub states: restore::SavedStates,
     /// Node allocatable: (cpu millis, memory bytes).
     pub allocatable: (u64, u64),
 }
@@ -49,12 +55,15 @@ pub struct PodWorkers {
     workers: HashMap<String, Admitted>,
     done_tx: mpsc::UnboundedSender<String>,
     done_rx: mpsc::UnboundedReceiver<String>,
+    /// Sources that have not yet delivered their first complete set of pods.
+    unsynced: usize,
 }
 
 impl PodWorkers {
-    pub fn new(ctx: Arc<Ctx>) -> PodWorkers {
+    /// `sources`: how many pod sources will report [`SourceEvent::Synced`].
+    pub fn new(ctx: Arc<Ctx>, sources: usize) -> PodWorkers {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        PodWorkers { ctx, workers: HashMap::new(), done_tx, done_rx }
+        PodWorkers { ctx, workers: HashMap::new(), done_tx, done_rx, unsynced: sources }
     }
 
     pub async fn run(mut self, mut sources: mpsc::Receiver<SourceEvent>) {
@@ -65,6 +74,12 @@ impl PodWorkers {
                     Some(SourceEvent::Remove { uid }) => {
                         if let Some(w) = self.workers.get(&uid) {
                             let _ = w.tx.send(WorkerMessage::Remove).await;
+                        }
+                    }
+                    Some(SourceEvent::Synced) => {
+                        self.unsynced = self.unsynced.saturating_sub(1);
+                        if self.unsynced == 0 {
+                            self.remove_leftovers();
                         }
                     }
                     None => return,
@@ -118,10 +133,43 @@ impl PodWorkers {
         let (tx, rx) = mpsc::channel(16);
         self.workers.insert(uid.clone(), Admitted { tx, requests });
         self.ctx.view.upsert(pod.clone());
+        let inherited = self.ctx.leftovers.claim(&uid, &self.ctx.states);
         let (ctx, done) = (self.ctx.clone(), self.done_tx.clone());
         tokio::spawn(async move {
-            Worker::new(ctx, pod, rx).run().await;
+            Worker::new(ctx, pod, rx, inherited).run().await;
             let _ = done.send(uid);
+        });
+    }
+
+    /// Once every source has said what it wants: removes what the previous agent left that no pod claimed
+    /// (containers, sandboxes, saved records and pod cgroups of pods deleted while the agent was down).
+    fn remove_leftovers(&self) {
+        let (containers, sandboxes) = self.ctx.leftovers.unclaimed();
+        let stale: Vec<String> = self.ctx.states.uids().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            for c in containers {
+                tracing::info!(container = %c.id, "removing a container no pod wants");
+                let _ = ctx.runtime.delete(&c).await;
+                let _ = ctx.images.rootfs().remove(&c.id);
+            }
+            for sandbox in sandboxes {
+                let _ = ctx.runtime.remove_sandbox(&sandbox).await;
+            }
+            for uid in stale {
+                let qos = ctx.states.load(&uid).and_then(|s| QosClass::parse(&s.qos));
+                if let Some(qos) = qos {
+                    let (ctx, pod) = (ctx.clone(), uid.clone());
+                    let removed = tokio::task::spawn_blocking(move || {
+                        ctx.hierarchy.remove_pod(qos, &pod, std::time::Duration::from_secs(10))
+                    })
+                    .await;
+                    if let Ok(Err(e)) = removed {
+                        tracing::warn!(%uid, error = %e, "removing a leftover pod cgroup");
+                    }
+                }
+                ctx.states.remove(&uid);
+            }
         });
     }
 

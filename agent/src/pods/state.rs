@@ -5,7 +5,7 @@ use jiff::Timestamp;
 use nodelet_cgroups::qos::QosClass;
 
 /// A container's state with upstream's reason strings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ContainerState {
     Waiting {
         reason: String,
@@ -36,7 +36,7 @@ impl ContainerState {
 }
 
 /// One container of the pod, init or app.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ContainerRecord {
     pub name: String,
     /// The image as written in the spec, until the image service normalises it.

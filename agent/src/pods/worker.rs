@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{Container as ApiContainer, Pod};
 use nodelet_runtime::{Container, ContainerConfig, ContainerExit, ContainerIo, Sandbox, SandboxConfig};
 use tokio::sync::mpsc;
 
+use super::restore::{Inherited, Saved};
 use super::state::{ContainerRecord, ContainerState, Phase, PodState};
 use super::{Ctx, resources, spec};
 use crate::backoff::Backoff;
@@ -63,6 +64,10 @@ pub struct Worker {
     sandbox: Option<Sandbox>,
     torn_down: bool,
     log_dir: PathBuf,
+    /// What the previous agent process left of this pod, taken over when the worker starts.
+    inherited: Option<Inherited>,
+    /// The records last saved (see [`super::restore`]).
+    saved: Option<Saved>,
 }
 
 fn restart_policy(pod: &Pod) -> &str {
@@ -70,7 +75,7 @@ fn restart_policy(pod: &Pod) -> &str {
 }
 
 impl Worker {
-    pub fn new(ctx: Arc<Ctx>, pod: Pod, rx: mpsc::Receiver<WorkerMessage>) -> Worker {
+    pub fn new(ctx: Arc<Ctx>, pod: Pod, rx: mpsc::Receiver<WorkerMessage>, inherited: Inherited) -> Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         let pod_ref = PodRef::of(&pod);
         let host_network = spec.host_network.unwrap_or(false);
@@ -113,10 +118,19 @@ impl Worker {
             sandbox: None,
             torn_down: false,
             log_dir,
+            inherited: Some(inherited),
+            saved: None,
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let saved = Saved::of(&self.state);
+        if self.saved.as_ref() != Some(&saved) {
+            if let Err(e) = self.ctx.states.save(&self.pod_ref.uid, &saved) {
+                tracing::warn!(pod = %self.pod_ref.name, error = %e, "saving the pod's state");
+            }
+            self.saved = Some(saved);
+        }
         let _ = self
             .ctx
             .status
@@ -129,6 +143,10 @@ impl Worker {
 
     /// Runs the pod until it is deleted or removed.
     pub async fn run(mut self) {
+        if let Some(inherited) = self.inherited.take() {
+            self.take_over(inherited).await;
+            self.update_phase();
+        }
         self.publish();
         loop {
             if self.sandbox.is_none()
@@ -154,6 +172,7 @@ impl Worker {
                 message = self.rx.recv() => match message {
                     None | Some(WorkerMessage::Remove) => {
                         self.terminate(None, false).await;
+                        self.ctx.states.remove(&self.pod_ref.uid);
                         return;
                     }
                     Some(WorkerMessage::Update(pod)) => {
@@ -162,6 +181,7 @@ impl Worker {
                         self.pod = *pod;
                         if deleting {
                             self.terminate(grace, true).await;
+                            self.ctx.states.remove(&self.pod_ref.uid);
                             return;
                         }
                     }
@@ -169,6 +189,104 @@ impl Worker {
                 Some(exit) = self.exits_rx.recv() => self.on_exit(exit).await,
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
+        }
+    }
+
+    /// Takes over what the previous agent process left: the saved records, the sandbox and the containers still
+    /// running (their output is relayed again, their exits watched). A container that died meanwhile is reported
+    /// as upstream reports a container it cannot find, and restarted per policy.
+    async fn take_over(&mut self, inherited: Inherited) {
+        let Inherited { saved, mut containers, sandbox } = inherited;
+        let Some(saved) = saved else {
+            // Nothing says what these were: start afresh.
+            for (_, c) in containers {
+                let _ = self.ctx.runtime.delete(&c).await;
+                let _ = self.ctx.images.rootfs().remove(&c.id);
+            }
+            if let Some(sandbox) = sandbox {
+                let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+            }
+            return;
+        };
+        tracing::info!(pod = %self.pod_ref.name, live = containers.len(), "taking over the pod from the previous agent");
+        self.state.start_time = saved.start_time;
+        for (records, init) in [(saved.init, true), (saved.containers, false)] {
+            for record in records {
+                let mine = if init { &mut self.state.init } else { &mut self.state.containers };
+                if let Some(slot) = mine.iter_mut().find(|r| r.name == record.name) {
+                    *slot = record;
+                }
+            }
+        }
+        let member = containers.values().next().map(|c| c.pid);
+        if let Some(sandbox) = sandbox {
+            match sandbox.repair(member) {
+                Ok(sandbox) => {
+                    self.sandbox = Some(sandbox);
+                    self.state.sandbox_ready = true;
+                }
+                Err(e) => {
+                    tracing::info!(pod = %self.pod_ref.name, error = %e, "the pod's sandbox is gone: making a new one");
+                    let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+                }
+            }
+        }
+        let now = Timestamp::now();
+        let records: Vec<(bool, usize, String, String, Timestamp)> = self
+            .state
+            .init
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (true, i, r))
+            .chain(self.state.containers.iter().enumerate().map(|(i, r)| (false, i, r)))
+            .filter_map(|(init, i, r)| match r.state {
+                ContainerState::Running { started_at } => {
+                    let id = r.container_id.as_deref()?.strip_prefix("nodelet://")?.to_string();
+                    Some((init, i, r.name.clone(), id, started_at))
+                }
+                _ => None,
+            })
+            .collect();
+        for (init, index, name, id, started_at) in records {
+            let mut live = containers.remove(&id);
+            if self.sandbox.is_none()
+                && let Some(c) = live.take()
+            {
+                // Its pod's namespaces are gone: it cannot go on as part of the pod.
+                let _ = self.ctx.runtime.delete(&c).await;
+                let _ = self.ctx.images.rootfs().remove(&c.id);
+            }
+            let Some(container) = live else {
+                let exit = ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false };
+                let message = "The container could not be located when the pod was terminated".to_string();
+                self.finish(&name, init, index, &id, exit, Some(started_at), Some(message), now);
+                continue;
+            };
+            match self.ctx.runtime.reopen_output(&container) {
+                Some((stdout, stderr)) => {
+                    let restart = id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
+                    let path = logs::container_log_path(&self.log_dir, &name, restart);
+                    tokio::spawn(logs::copy_streams(stdout, stderr, path, self.log_rotation()));
+                }
+                None => tracing::warn!(container = %id, "cannot reopen the container's output: its log stops here"),
+            }
+            let ran = Duration::try_from(now.duration_since(started_at)).unwrap_or_default();
+            let started = Instant::now().checked_sub(ran).unwrap_or_else(Instant::now);
+            self.running
+                .insert(name.clone(), Running { container: container.clone(), id: id.clone(), started_at, started });
+            self.watch_exit(name, id, container);
+        }
+        // Containers no record claims (created just before the crash): not ours to guess about.
+        for (_, c) in containers {
+            let _ = self.ctx.runtime.delete(&c).await;
+            let _ = self.ctx.images.rootfs().remove(&c.id);
+        }
+    }
+
+    fn log_rotation(&self) -> logs::Rotation {
+        logs::Rotation {
+            max_bytes: self.ctx.config.kubelet.container_log_max_bytes(),
+            max_files: self.ctx.config.kubelet.container_log_max_files,
         }
     }
 
@@ -338,11 +456,7 @@ impl Worker {
         };
         self.event(Some((&c.name, init)), false, "Created", &format!("Created container: {}", c.name));
         let path = logs::container_log_path(&self.log_dir, &c.name, restart);
-        let rotation = logs::Rotation {
-            max_bytes: self.ctx.config.kubelet.container_log_max_bytes(),
-            max_files: self.ctx.config.kubelet.container_log_max_files,
-        };
-        tokio::spawn(logs::copy_streams(pipes.stdout, pipes.stderr, path, rotation));
+        tokio::spawn(logs::copy_streams(pipes.stdout, pipes.stderr, path, self.log_rotation()));
         if let Err(e) = self.ctx.runtime.start(&container).await {
             let _ = self.ctx.runtime.delete(&container).await;
             self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
@@ -353,13 +467,18 @@ impl Worker {
     }
 
     fn watch(&mut self, name: String, id: String, container: Container, started_at: Timestamp) {
-        let (runtime, tx, c) = (self.ctx.runtime.clone(), self.exits_tx.clone(), container.clone());
-        let (n, i) = (name.clone(), id.clone());
+        let running = Running { container: container.clone(), id: id.clone(), started_at, started: Instant::now() };
+        self.running.insert(name.clone(), running);
+        self.watch_exit(name, id, container);
+    }
+
+    /// Sends the container's exit to this worker when it comes.
+    fn watch_exit(&self, name: String, id: String, container: Container) {
+        let (runtime, tx) = (self.ctx.runtime.clone(), self.exits_tx.clone());
         tokio::spawn(async move {
-            let exit = runtime.wait(&c).await;
-            let _ = tx.send(Exit { name: n, id: i, exit });
+            let exit = runtime.wait(&container).await;
+            let _ = tx.send(Exit { name, id, exit });
         });
-        self.running.insert(name, Running { container, id, started_at, started: Instant::now() });
     }
 
     fn config_error(&mut self, c: &ApiContainer, init: bool, index: usize, message: String) {
@@ -450,6 +569,8 @@ impl Worker {
         finished_at: Timestamp,
     ) {
         let reason = match (message.is_some(), exit.oom_killed, exit.code) {
+            // Exited while no agent was its parent: the kernel kept no status for us.
+            _ if !exit.status_known => "ContainerStatusUnknown",
             (true, _, _) => "StartError",
             (_, true, _) => "OOMKilled",
             (_, _, 0) => "Completed",

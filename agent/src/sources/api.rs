@@ -18,6 +18,7 @@ pub async fn watch(client: kube::Client, node: String, tx: mpsc::Sender<SourceEv
     let mut stream = watcher(pods, config).default_backoff().boxed();
     let mut known: HashSet<String> = HashSet::new();
     let mut relisted: HashSet<String> = HashSet::new();
+    let mut synced = false;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(e) => e,
@@ -52,6 +53,10 @@ pub async fn watch(client: kube::Client, node: String, tx: mpsc::Sender<SourceEv
                 for uid in gone {
                     known.remove(&uid);
                     result = result.and(tx.send(SourceEvent::Remove { uid }).await);
+                }
+                if !synced {
+                    synced = true;
+                    result = result.and(tx.send(SourceEvent::Synced).await);
                 }
                 result
             }

@@ -66,6 +66,7 @@ pub async fn watch(dir: PathBuf, node: String, tx: mpsc::Sender<SourceEvent>, st
     // file -> (uid, pod); and the last error reported per file content, so a bad file is logged once.
     let mut current: HashMap<PathBuf, String> = HashMap::new();
     let mut reported: HashMap<PathBuf, String> = HashMap::new();
+    let mut synced = false;
     loop {
         let mut seen: HashMap<PathBuf, String> = HashMap::new();
         for path in manifests(&dir) {
@@ -116,6 +117,13 @@ pub async fn watch(dir: PathBuf, node: String, tx: mpsc::Sender<SourceEvent>, st
             s.retain(|uid, _| seen.values().any(|u| u == uid));
             s.len() != before
         });
+        // After the first pass every manifest there is has been delivered.
+        if !synced {
+            if tx.send(SourceEvent::Synced).await.is_err() {
+                return;
+            }
+            synced = true;
+        }
         current = seen;
         tokio::time::sleep(INTERVAL).await;
     }

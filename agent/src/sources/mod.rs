@@ -14,4 +14,6 @@ pub enum SourceEvent {
     Upsert(Box<Pod>),
     /// A pod that is gone from its source.
     Remove { uid: String },
+    /// The source has delivered its first complete set of pods (upstream's "sources ready").
+    Synced,
 }
