@@ -5,7 +5,7 @@
 #   examples/run-standalone.sh [nodelet flags...]      then, in another shell:  nodelet ps ; nodelet logs hello
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(umoci busybox-static libseccomp-dev pkg-config)
+pkgs=(umoci busybox-static libseccomp-dev pkg-config containernetworking-plugins iptables)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -75,10 +75,24 @@ async fn main() {
     let cluster = Cluster::start().await.expect("control plane (run integration/scripts/setup.sh)");
     let registry = Registry::start().await.expect("registry");
     let kubeconfig = cluster.node_kubeconfig("bench").expect("node kubeconfig");
+    let net_d = support::loopback_only_network().expect("CNI conf dir");
+    let port = nodelet_integration::ports::free_port().expect("a port").to_string();
     let node = Nodelet::start(
         "bench",
         &format!("maxPods: {}\n", 2 * n + 10),
-        &["--kubeconfig".into(), kubeconfig.display().to_string(), "--insecure-registry".into(), registry.host()],
+        &[
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--insecure-registry".into(),
+            registry.host(),
+            // On the host's network: pods get loopback only (no bridge or iptables rules on the host).
+            "--cni-conf-dir".into(),
+            net_d.path().display().to_string(),
+            "--address".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port,
+        ],
     )
     .expect("nodelet");
     let client = cluster.admin().await.expect("client");

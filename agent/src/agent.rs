@@ -11,6 +11,8 @@ use tokio::sync::mpsc;
 use crate::config::AgentConfig;
 use crate::events::Recorder;
 use crate::images::{ImageManager, ImagesConfig};
+use crate::network::dns::NodeDns;
+use crate::network::{Network, NetworkConfig};
 use crate::node::{NodeFacts, NodeManager};
 use crate::pods::restore::{Leftovers, SavedStates};
 use crate::pods::{Ctx, PodWorkers};
@@ -105,6 +107,18 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         view,
         leftovers,
         states: SavedStates::new(&config.root_dir),
+        network: Network::new(NetworkConfig {
+            conf_dir: config.cni_conf_dir.clone(),
+            bin_dirs: config.cni_bin_dirs.clone(),
+            pod_cidr: config.kubelet.pod_cidr.clone().unwrap_or_else(|| "10.88.0.0/16".into()),
+            root_dir: config.root_dir.clone(),
+            dns: NodeDns {
+                cluster_dns: config.kubelet.cluster_dns.clone(),
+                cluster_domain: config.kubelet.cluster_domain.clone(),
+                host_resolv_conf: std::fs::read_to_string(&config.kubelet.resolv_conf).unwrap_or_default(),
+            },
+            node_name: config.node_name.clone(),
+        }),
         allocatable,
     });
     let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());

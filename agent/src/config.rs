@@ -42,6 +42,11 @@ pub struct KubeletConfiguration {
     #[serde(rename = "clusterDNS")]
     pub cluster_dns: Vec<String>,
     pub cluster_domain: Option<String>,
+    /// The node's resolv.conf, the base of pods' with dnsPolicy Default.
+    pub resolv_conf: PathBuf,
+    /// The pod range of nodelet's built-in default network.
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
     pub pod_pids_limit: Option<i64>,
     #[serde(rename = "singleProcessOOMKill")]
     pub single_process_oom_kill: Option<bool>,
@@ -72,6 +77,8 @@ impl Default for KubeletConfiguration {
             image_minimum_gc_age: Duration::from_secs(120),
             cluster_dns: Vec::new(),
             cluster_domain: None,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            pod_cidr: None,
             pod_pids_limit: None,
             single_process_oom_kill: None,
         }
@@ -180,6 +187,14 @@ impl KubeletConfiguration {
             bail!("tlsCertFile and tlsPrivateKeyFile go together");
         }
         self.address.parse::<std::net::IpAddr>().with_context(|| format!("address {:?}", self.address))?;
+        if let Some(cidr) = &self.pod_cidr {
+            let (ip, bits) = cidr.split_once('/').with_context(|| format!("podCIDR {cidr:?} is not a CIDR"))?;
+            ip.parse::<std::net::IpAddr>().with_context(|| format!("podCIDR {cidr:?}"))?;
+            bits.parse::<u8>().ok().filter(|b| *b <= 128).with_context(|| format!("podCIDR {cidr:?}"))?;
+        }
+        for ip in &self.cluster_dns {
+            ip.parse::<std::net::IpAddr>().with_context(|| format!("clusterDNS {ip:?} is not an IP address"))?;
+        }
         Ok(())
     }
 
@@ -256,6 +271,10 @@ pub struct AgentConfig {
     pub register_with_taints: Vec<k8s_openapi::api::core::v1::Taint>,
     pub insecure_registries: Vec<String>,
     pub image_credentials: Option<PathBuf>,
+    /// CNI network configurations (the first file by name is used; none: the built-in default network).
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked for, in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
     pub kubelet: KubeletConfiguration,
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod events;
 pub mod images;
 pub mod logs;
+pub mod network;
 pub mod node;
 pub mod pods;
 pub mod server;

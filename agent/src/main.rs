@@ -52,6 +52,22 @@ struct Flags {
     /// Overrides `authentication.x509.clientCAFile`: client certificates signed by it authenticate.
     #[arg(long)]
     client_ca_file: Option<PathBuf>,
+    /// CNI network configurations: the first file by name is used; without one, the built-in default network
+    /// (bridge `nodelet0`, host-local IPAM over `--pod-cidr`, portmap).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Directories with CNI plugins, comma-separated.
+    #[arg(long, default_value = "/opt/cni/bin,/usr/lib/cni")]
+    cni_bin_dir: String,
+    /// Overrides `podCIDR`: the built-in default network's range (default 10.88.0.0/16).
+    #[arg(long)]
+    pod_cidr: Option<String>,
+    /// Overrides `clusterDNS`: DNS servers for ClusterFirst pods, comma-separated.
+    #[arg(long)]
+    cluster_dns: Option<String>,
+    /// Overrides `clusterDomain`.
+    #[arg(long)]
+    cluster_domain: Option<String>,
     /// Labels to register the node with: `key=value,...`.
     #[arg(long, default_value = "")]
     node_labels: String,
@@ -157,6 +173,15 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
     if flags.client_ca_file.is_some() {
         kubelet.authentication.x509.client_ca_file = flags.client_ca_file.clone();
     }
+    if flags.pod_cidr.is_some() {
+        kubelet.pod_cidr = flags.pod_cidr.clone();
+    }
+    if let Some(dns) = &flags.cluster_dns {
+        kubelet.cluster_dns = dns.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    }
+    if flags.cluster_domain.is_some() {
+        kubelet.cluster_domain = flags.cluster_domain.clone();
+    }
     kubelet.validate().context("invalid flags")?;
     let node_name = match flags.hostname_override {
         Some(name) => name,
@@ -185,6 +210,8 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
         register_with_taints: parse_taints(&flags.register_with_taints).context("--register-with-taints")?,
         insecure_registries: flags.insecure_registries,
         image_credentials: flags.image_credentials,
+        cni_conf_dir: flags.cni_conf_dir,
+        cni_bin_dirs: flags.cni_bin_dir.split(',').filter(|s| !s.is_empty()).map(PathBuf::from).collect(),
         kubelet,
     })
 }
@@ -217,7 +244,10 @@ fn images_config(root: &std::path::Path, insecure: Vec<String>, credentials: Opt
 }
 
 fn ps(root: &std::path::Path) -> Result<()> {
-    println!("{:<16} {:<40} {:<10} {:<9} {:>8}  CONTAINERS", "NAMESPACE", "NAME", "PHASE", "READY", "RESTARTS");
+    println!(
+        "{:<16} {:<40} {:<10} {:<9} {:>8}  {:<15}  CONTAINERS",
+        "NAMESPACE", "NAME", "PHASE", "READY", "RESTARTS", "IP"
+    );
     let dir = root.join("pods");
     let mut rows = Vec::new();
     for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -248,12 +278,13 @@ fn ps(root: &std::path::Path) -> Result<()> {
             })
             .collect();
         println!(
-            "{:<16} {:<40} {:<10} {:<9} {:>8}  {}",
+            "{:<16} {:<40} {:<10} {:<9} {:>8}  {:<15}  {}",
             p.namespace,
             p.name,
             p.status.phase.unwrap_or_default(),
             format!("{ready}/{}", statuses.len()),
             restarts,
+            p.status.pod_ip.unwrap_or_else(|| "<none>".into()),
             states.join(" ")
         );
     }

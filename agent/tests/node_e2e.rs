@@ -83,6 +83,9 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
         ),
     )?;
     let port = nodelet_integration::ports::free_port()?;
+    // The API server is on the host's loopback, so this node stays in the host's network namespace: its pods get
+    // only loopback (the pod network is tested in a namespace of its own, tests/network.rs).
+    let net_d = support::loopback_only_network()?;
     let mut node = Nodelet::start(
         NODE,
         "nodeLeaseDurationSeconds: 8\nnodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
@@ -91,6 +94,8 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
             port.to_string(),
             "--client-ca-file".into(),
             cluster.pki().ca().cert.display().to_string(),
+            "--cni-conf-dir".into(),
+            net_d.path().display().to_string(),
             "--kubeconfig".into(),
             kubeconfig.display().to_string(),
             "--insecure-registry".into(),

@@ -5,19 +5,14 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{Nodelet, wait_for};
+use support::{Netns, Nodelet, wait_for};
 
-fn nodelet(args: &[&str]) -> Result<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodelet")).args(args).output()?;
-    ensure!(out.status.success(), "nodelet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?)
-}
+use support::nodelet_cli as nodelet;
 
 /// The `nodelet ps` row of a pod whose name starts with `name`.
 fn row(ps: &str, name: &str) -> Option<String> {
@@ -31,42 +26,30 @@ async fn standalone_node_runs_the_example_manifests() -> Result<()> {
     if !ready("standalone_node_runs_the_example_manifests", &[Need::Root, Need::Registry]) {
         return Ok(());
     }
-    // The busybox image as an OCI layout (what umoci writes in examples/run-standalone.sh), imported by name.
     let registry = Registry::start().await?;
     let work = tempfile::tempdir()?;
-    let layout = work.path().join("oci");
-    let status = Command::new("skopeo")
-        .args(["copy", "-q", "--src-tls-verify=false"])
-        .arg(format!("docker://{}", registry.reference("busybox", "latest")))
-        .arg(format!("oci:{}:busybox", layout.display()))
-        .env("REGISTRY_AUTH_FILE", work.path().join("auth.json"))
-        .status()?;
-    ensure!(status.success(), "skopeo copy");
     let manifests = work.path().join("pods");
     std::fs::create_dir(&manifests)?;
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pods");
     for file in ["hello.yaml", "countdown.yaml"] {
         std::fs::copy(examples.join(file), manifests.join(file))?;
     }
-    // Imported before the node starts: one process at a time owns the image store.
     let root_dir = work.path().join("root");
     let root = root_dir.display().to_string();
-    let imported = nodelet(&[
-        "image",
-        "import",
-        "--root-dir",
-        &root,
-        &layout.display().to_string(),
-        "--tag",
-        "busybox",
-        "nodelet.local/busybox:latest",
-    ])?;
-    ensure!(imported.starts_with("nodelet.local/busybox:latest nodelet.local/busybox@sha256:"), "{imported}");
-    let mut node = Nodelet::start_with_root(
+    support::import_busybox(&registry, work.path(), &root_dir)?;
+    // Its own network namespace: the built-in pod network (bridge, veths, iptables rules) is made there.
+    let netns = Netns::create("standalone", "192.168.78.1")?;
+    let mut node = Nodelet::start_in_netns(
         "standalone",
         "",
         &root_dir,
-        &["--pod-manifest-path".into(), manifests.display().to_string()],
+        &netns,
+        &[
+            "--pod-manifest-path".into(),
+            manifests.display().to_string(),
+            "--cni-conf-dir".into(),
+            work.path().join("net.d").display().to_string(),
+        ],
     )?;
 
     let ps = || nodelet(&["ps", "--root-dir", &root]);

@@ -40,6 +40,8 @@ pub struct Ctx {
     pub leftovers: restore::Leftovers,
     /// Where pod workers save their records.
     pub states: restore::SavedStates,
+    /// Pod networking (CNI).
+    pub network: crate::network::Network,
     /// Node allocatable: (cpu millis, memory bytes).
     pub allocatable: (u64, u64),
 }
@@ -146,15 +148,39 @@ impl PodWorkers {
     fn remove_leftovers(&self) {
         let (containers, sandboxes) = self.ctx.leftovers.unclaimed();
         let stale: Vec<String> = self.ctx.states.uids().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
+        // Network attachments of sandboxes that are gone (their DEL needs only the cache).
+        let detached: Vec<String> =
+            self.ctx.network.attached().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            let mut containers = containers;
+            for sandbox in sandboxes {
+                // Its containers first keep the namespaces alive, so the network is released completely (the
+                // bridge plugin finds its addresses, and with them its iptables rules, in the namespace).
+                let prefix = format!("{}-", sandbox.id);
+                let (members, rest): (Vec<_>, Vec<_>) = containers.into_iter().partition(|c| c.id.starts_with(&prefix));
+                containers = rest;
+                let sandbox = sandbox.repair(members.first().map(|c| c.pid)).unwrap_or(sandbox);
+                if let Err(e) = ctx.network.detach(&sandbox.id).await {
+                    tracing::warn!(sandbox = %sandbox.id, error = %e, "releasing a leftover pod network");
+                }
+                for c in members {
+                    tracing::info!(container = %c.id, "removing a container no pod wants");
+                    let _ = ctx.runtime.delete(&c).await;
+                    let _ = ctx.images.rootfs().remove(&c.id);
+                }
+                let _ = ctx.runtime.remove_sandbox(&sandbox).await;
+            }
             for c in containers {
                 tracing::info!(container = %c.id, "removing a container no pod wants");
                 let _ = ctx.runtime.delete(&c).await;
                 let _ = ctx.images.rootfs().remove(&c.id);
             }
-            for sandbox in sandboxes {
-                let _ = ctx.runtime.remove_sandbox(&sandbox).await;
+            for uid in detached {
+                if let Err(e) = ctx.network.detach(&uid).await {
+                    tracing::warn!(sandbox = %uid, error = %e, "releasing a leftover pod network");
+                }
+                ctx.network.remove_files(&uid);
             }
             for uid in stale {
                 let qos = ctx.states.load(&uid).and_then(|s| QosClass::parse(&s.qos));

@@ -68,6 +68,8 @@ pub struct Worker {
     inherited: Option<Inherited>,
     /// The records last saved (see [`super::restore`]).
     saved: Option<Saved>,
+    /// Bind mounts of the pod's resolv.conf, hosts and hostname.
+    name_files: Vec<nodelet_runtime::Mount>,
 }
 
 fn restart_policy(pod: &Pod) -> &str {
@@ -120,6 +122,7 @@ impl Worker {
             log_dir,
             inherited: Some(inherited),
             saved: None,
+            name_files: Vec::new(),
         }
     }
 
@@ -204,6 +207,7 @@ impl Worker {
                 let _ = self.ctx.images.rootfs().remove(&c.id);
             }
             if let Some(sandbox) = sandbox {
+                let _ = self.ctx.network.detach(&sandbox.id).await;
                 let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
             }
             return;
@@ -222,11 +226,21 @@ impl Worker {
         if let Some(sandbox) = sandbox {
             match sandbox.repair(member) {
                 Ok(sandbox) => {
+                    if let Some(ip) = self.ctx.network.ips(&sandbox.id).first() {
+                        self.state.pod_ip = Some(ip.clone());
+                    }
+                    if let Err(e) = self.ctx.network.check(&sandbox.id).await {
+                        tracing::warn!(pod = %self.pod_ref.name, error = %e, "the pod's network is not as it was set up");
+                    }
+                    self.name_files = self.ctx.network.file_mounts(&self.pod_ref.uid);
                     self.sandbox = Some(sandbox);
                     self.state.sandbox_ready = true;
                 }
                 Err(e) => {
                     tracing::info!(pod = %self.pod_ref.name, error = %e, "the pod's sandbox is gone: making a new one");
+                    if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
+                        tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
+                    }
                     let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
                 }
             }
@@ -315,9 +329,35 @@ impl Worker {
                 share_pid: spec.share_process_namespace.unwrap_or(false),
             })
             .await?;
+        let connected = self.connect(&sandbox, host_network).await;
+        if let Err(e) = connected {
+            if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
+                tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
+            }
+            let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+            return Err(e);
+        }
         self.sandbox = Some(sandbox);
         self.state.sandbox_ready = true;
         self.next_attempt.remove("");
+        Ok(())
+    }
+
+    /// Attaches the sandbox to the pod network (not for hostNetwork pods) and writes the pod's name files.
+    async fn connect(&mut self, sandbox: &Sandbox, host_network: bool) -> anyhow::Result<()> {
+        if !host_network {
+            let netns = sandbox.net.clone().ok_or_else(|| anyhow::anyhow!("the sandbox has no network namespace"))?;
+            let ips = self
+                .ctx
+                .network
+                .attach(&self.pod, &sandbox.id, &netns)
+                .await
+                .map_err(|e| anyhow::anyhow!("failed to set up network for sandbox {:?}: {e}", sandbox.id))?;
+            self.state.pod_ip = ips.first().cloned();
+        }
+        let ips: Vec<String> = self.state.pod_ip.iter().cloned().collect();
+        self.name_files =
+            self.ctx.network.write_files(&self.pod, &self.pod_ref.uid, &ips).map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
@@ -511,7 +551,7 @@ impl Worker {
             env,
             working_dir: c.working_dir.clone(),
             security: spec::security(&self.pod, c),
-            mounts: Vec::new(),
+            mounts: self.name_files.clone(),
             namespaces: sandbox.namespaces(spec.host_pid.unwrap_or(false)),
             hostname: None,
             cgroups_path,
@@ -715,11 +755,15 @@ impl Worker {
     /// Removes the sandbox and the pod cgroup (containers are gone already).
     async fn tear_down(&mut self) {
         self.torn_down = true;
-        if let Some(sandbox) = self.sandbox.take()
-            && let Err(e) = self.ctx.runtime.remove_sandbox(&sandbox).await
-        {
-            tracing::warn!(pod = %self.pod_ref.name, error = %e, "removing the sandbox");
+        if let Some(sandbox) = self.sandbox.take() {
+            if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
+                tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
+            }
+            if let Err(e) = self.ctx.runtime.remove_sandbox(&sandbox).await {
+                tracing::warn!(pod = %self.pod_ref.name, error = %e, "removing the sandbox");
+            }
         }
+        self.ctx.network.remove_files(&self.pod_ref.uid);
         self.state.sandbox_ready = false;
         // Removal retries (sleeping) while the cgroup drains: keep it off the async threads.
         let (ctx, qos, uid) = (self.ctx.clone(), self.state.qos, self.pod_ref.uid.clone());

@@ -19,6 +19,108 @@ pub struct Nodelet {
     sandbox: String,
     process: Option<Process>,
     args: Vec<String>,
+    /// The network namespace it runs in (a [`Netns`]), if not the host's.
+    netns: Option<String>,
+}
+
+/// Runs the `nodelet` CLI (e.g. `ps`, `logs`, `image import`): its stdout, or an error with its stderr.
+pub fn nodelet_cli(args: &[&str]) -> Result<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_nodelet")).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "nodelet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Imports the registry's busybox image into the store at `root_dir` as `nodelet.local/busybox:latest`, through an
+/// OCI layout (what umoci writes in examples/run-standalone.sh): nodes with no registry to pull from. Before the
+/// node starts: one process at a time owns the image store.
+pub fn import_busybox(registry: &nodelet_integration::registry::Registry, work: &Path, root_dir: &Path) -> Result<()> {
+    let layout = work.join("oci");
+    let status = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{}", registry.reference("busybox", "latest")))
+        .arg(format!("oci:{}:busybox", layout.display()))
+        .env("REGISTRY_AUTH_FILE", work.join("auth.json"))
+        .status()?;
+    anyhow::ensure!(status.success(), "skopeo copy");
+    let root = root_dir.display().to_string();
+    let layout = layout.display().to_string();
+    let imported = nodelet_cli(&[
+        "image",
+        "import",
+        "--root-dir",
+        &root,
+        &layout,
+        "--tag",
+        "busybox",
+        "nodelet.local/busybox:latest",
+    ])?;
+    anyhow::ensure!(imported.starts_with("nodelet.local/busybox:latest nodelet.local/busybox@sha256:"), "{imported}");
+    Ok(())
+}
+
+/// A CNI conf dir whose network is loopback only: for nodes that must stay in the host's network namespace (the
+/// API server listens on its loopback), so that no bridge, veth or iptables rule is made on the host.
+pub fn loopback_only_network() -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("99-loopback.conf"),
+        r#"{"cniVersion": "1.0.0", "name": "lo-only", "type": "loopback"}"#,
+    )?;
+    Ok(dir)
+}
+
+/// Kills and reaps a helper process on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A network namespace for a test node, so that its pod network (bridge, veths, iptables rules) stays out of
+/// the host's: loopback, which also holds the node IP (this kernel has no dummy interfaces). Deleted on drop.
+pub struct Netns {
+    pub name: String,
+    pub node_ip: String,
+}
+
+impl Netns {
+    pub fn create(tag: &str, node_ip: &str) -> Result<Netns> {
+        let name = format!("nodelet-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip").args(args).output().context("running ip")?;
+            anyhow::ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        };
+        let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name: name.clone(), node_ip: node_ip.into() };
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        ip(&["-n", &name, "addr", "add", &format!("{node_ip}/32"), "dev", "lo"])?;
+        Ok(ns)
+    }
+
+    /// `args` run in the namespace.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name)).args(args);
+        cmd
+    }
+
+    /// Runs `args` in the namespace: its stdout, or an error with its stderr.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self.command(args).output()?;
+        anyhow::ensure!(out.status.success(), "{args:?} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+    }
 }
 
 fn script() -> PathBuf {
@@ -28,15 +130,28 @@ fn script() -> PathBuf {
 impl Nodelet {
     /// Starts nodelet with `args` besides the ones every test needs (root dir, config, node name and IP).
     pub fn start(name: &str, config_yaml: &str, args: &[String]) -> Result<Nodelet> {
-        Nodelet::start_in(name, config_yaml, None, args)
+        Nodelet::start_in(name, config_yaml, None, None, args)
     }
 
-    /// Like [`Nodelet::start`] with a given `--root-dir` (prepared by the test, e.g. with imported images).
-    pub fn start_with_root(name: &str, config_yaml: &str, root: &Path, args: &[String]) -> Result<Nodelet> {
-        Nodelet::start_in(name, config_yaml, Some(root), args)
+    /// Like [`Nodelet::start`] with a given `--root-dir` (prepared by the test, e.g. with imported images), in the
+    /// network namespace `netns` (its node IP is the node's).
+    pub fn start_in_netns(
+        name: &str,
+        config_yaml: &str,
+        root: &Path,
+        netns: &Netns,
+        args: &[String],
+    ) -> Result<Nodelet> {
+        Nodelet::start_in(name, config_yaml, Some(root), Some(netns), args)
     }
 
-    fn start_in(name: &str, config_yaml: &str, root: Option<&Path>, args: &[String]) -> Result<Nodelet> {
+    fn start_in(
+        name: &str,
+        config_yaml: &str,
+        root: Option<&Path>,
+        netns: Option<&Netns>,
+        args: &[String],
+    ) -> Result<Nodelet> {
         let dir = tempfile::Builder::new().prefix("nodelet-e2e-").tempdir()?;
         let root = root.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("root"));
         let config = dir.path().join("kubelet.yaml");
@@ -55,7 +170,7 @@ impl Nodelet {
             "--hostname-override".into(),
             name.into(),
             "--node-ip".into(),
-            "127.0.0.1".into(),
+            netns.map_or("127.0.0.1", |n| n.node_ip.as_str()).into(),
         ];
         all.extend(args.iter().cloned());
         let mut n = Nodelet {
@@ -65,6 +180,7 @@ impl Nodelet {
             dir,
             process: None,
             args: all,
+            netns: netns.map(|n| n.name.clone()),
         };
         n.restart()?;
         Ok(n)
@@ -72,7 +188,15 @@ impl Nodelet {
 
     /// (Re)starts the process with the same arguments.
     pub fn restart(&mut self) -> Result<()> {
-        let mut cmd = Command::new("sh");
+        let mut cmd = match &self.netns {
+            // nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup hierarchies.
+            Some(ns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}")).arg("sh");
+                cmd
+            }
+            None => Command::new("sh"),
+        };
         cmd.arg(script()).args(["run", &self.sandbox, "--", env!("CARGO_BIN_EXE_nodelet")]).args(&self.args);
         cmd.env("NODELET_LOG", std::env::var("NODELET_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()));
         self.process = Some(Process::spawn(&format!("nodelet-{}", self.name), cmd, self.dir.path())?);
