@@ -2,7 +2,8 @@
 //! interface): nodelet's built-in CNI network (bridge + host-local + portmap from Debian's plugins) gives pods
 //! their IPs; pods reach each other and the node; a hostPort answers on the node IP; resolv.conf and /etc/hosts
 //! follow dnsPolicy and hostAliases; a broken CNI config is a clear sandbox failure that leaks nothing; after a
-//! kill -9 of nodelet, removing a pod still releases its IP, veth and iptables rules.
+//! kill -9 of nodelet, removing a pod still releases its IP, veth and iptables rules; 100 pods come and go and
+//! leave no IP, veth, rule or cache entry behind.
 
 mod support;
 
@@ -143,6 +144,11 @@ async fn pods_get_a_network() -> Result<()> {
     // kill -9 and back: the pods keep their IPs; a pod removed afterwards releases its IP, veth and rules.
     node.kill();
     node.restart()?;
+    wait_for("the restarted node to take its three pods over", Duration::from_secs(30), || async {
+        Ok((node.log().matches("taking over the pod from the previous agent").count() == 3).then_some(()))
+    })
+    .await
+    .with_context(|| node.log())?;
     wait_for("the client still reaching the server after the restart", Duration::from_secs(30), || async {
         let ok =
             netns.run(&["busybox", "wget", "-qO-", &format!("http://{NODE_IP}:30080/")]).is_ok_and(|a| a == "pong\n");
@@ -154,15 +160,46 @@ async fn pods_get_a_network() -> Result<()> {
         std::fs::remove_file(manifests.join(file))?;
     }
     let ipam = root_dir.join("cni/networks/nodelet");
-    wait_for("every pod's network released", Duration::from_secs(60), || async {
+    let released = || -> Result<bool> {
         let leases = std::fs::read_dir(&ipam)?
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("10.79."))
             .count();
-        Ok((leases == 0 && veths(&netns)? == 0).then_some(()))
-    })
-    .await
-    .with_context(|| node.log())?;
+        // The cache entry goes last, once DEL has finished (iptables rules included).
+        let cached = std::fs::read_dir(root_dir.join("network"))?.count();
+        Ok(leases == 0 && cached == 0 && veths(&netns)? == 0)
+    };
+    wait_for("every pod's network released", Duration::from_secs(60), || async { Ok(released()?.then_some(())) })
+        .await
+        .with_context(|| node.log())?;
+
+    // 100 pods come and go, 25 at a time: nothing is left of any of them.
+    for round in 0..4 {
+        for i in 0..25 {
+            write(
+                &manifests.join(format!("churn-{i}.yaml")),
+                &format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: churn{round}x{i}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers:\n  - {{name: main, image: nodelet.local/busybox:latest, imagePullPolicy: Never, command: [sleep, '3600']}}\n"
+                ),
+            )?;
+        }
+        wait_for("25 pods Running", Duration::from_secs(120), || async {
+            let ps = nodelet_cli(&["ps", "--root-dir", &root])?;
+            let running =
+                ps.lines().filter(|l| l.contains(&format!("churn{round}x")) && l.contains(" Running ")).count();
+            Ok((running == 25 && veths(&netns)? == 25).then_some(()))
+        })
+        .await
+        .with_context(|| node.log())?;
+        for i in 0..25 {
+            std::fs::remove_file(manifests.join(format!("churn-{i}.yaml")))?;
+        }
+        wait_for("the 25 pods' networks released", Duration::from_secs(120), || async {
+            Ok(released()?.then_some(()))
+        })
+        .await
+        .with_context(|| node.log())?;
+    }
     let rules = netns.run(&["iptables-save", "-t", "nat"])?;
     ensure!(!rules.contains("10.79.0.") && !rules.contains("30080"), "rules left behind:\n{rules}\n{}", node.log());
     Ok(())

@@ -149,7 +149,7 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     // A long-running pod: Running with upstream-shaped container status, output in its CRI log.
     let started = Instant::now();
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'echo hello from nodelet; echo to stderr >&2; exec sleep 3600']\n"
+        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'echo hello from nodelet; echo to stderr >&2; echo svc=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT; exec sleep 3600']\n"
     ))).await?;
     let web = wait_pod(&pods, "web", "Running and Ready", Duration::from_secs(60), |p| {
         phase(p) == "Running" && container(p).is_some_and(|c| c.ready)
@@ -173,9 +173,11 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     let log = node.pod_logs_dir().join(format!("default_web_{uid}/main/0.log"));
     let text = wait_for("the container's log", Duration::from_secs(10), || async {
         let text = nodelet::logs::read_text(&log).unwrap_or_default();
-        Ok(Some(text).filter(|t| t.contains("hello from nodelet") && t.contains("to stderr")))
+        Ok(Some(text).filter(|t| t.contains("hello from nodelet") && t.contains("to stderr") && t.contains("svc=")))
     })
     .await?;
+    // Service links: the API server's `kubernetes` Service.
+    ensure!(text.contains("svc=10.96.0.1:443\n"), "service environment: {text}");
     let raw = std::fs::read_to_string(&log)?;
     ensure!(raw.lines().any(|l| l.contains(" stdout F hello from nodelet")), "{raw}");
     ensure!(raw.lines().any(|l| l.contains(" stderr F to stderr")), "{raw}");

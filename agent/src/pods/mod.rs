@@ -3,6 +3,7 @@
 
 pub mod resources;
 pub mod restore;
+pub mod service_env;
 pub mod spec;
 pub mod state;
 pub mod worker;

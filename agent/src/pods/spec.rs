@@ -82,6 +82,13 @@ pub async fn environment(
             out.push((var.name.clone(), value));
         }
     }
+    // Service variables come last, and only where the container does not define the name itself.
+    let services = super::service_env::services_for(pod, lookup.client).await.context("listing services")?;
+    for (name, value) in super::service_env::from_services(&services) {
+        if !out.iter().any(|(n, _)| *n == name) {
+            out.push((name, value));
+        }
+    }
     Ok(out)
 }
 
