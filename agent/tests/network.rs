@@ -1,7 +1,7 @@
 //! Pod networking end to end, on a standalone node in a network namespace of the test's own (node IP on a dummy
 //! interface): nodelet's built-in CNI network (bridge + host-local + portmap from Debian's plugins) gives pods
-//! their IPs; pods reach each other and the node; a hostPort answers on the node IP; resolv.conf and /etc/hosts
-//! follow dnsPolicy and hostAliases; a broken CNI config is a clear sandbox failure that leaks nothing; after a
+//! their IPs; pods reach each other and the node; a hostPort answers on the node IP; resolv.conf follows each
+//! dnsPolicy and /etc/hosts the hostAliases; a broken CNI config is a clear sandbox failure that leaks nothing; after a
 //! kill -9 of nodelet, removing a pod still releases its IP, veth and iptables rules; 100 pods come and go and
 //! leave no IP, veth, rule or cache entry behind.
 
@@ -115,6 +115,40 @@ async fn pods_get_a_network() -> Result<()> {
     // The hostPort answers on the node IP.
     let answer = netns.run(&["busybox", "wget", "-qO-", &format!("http://{NODE_IP}:30080/")])?;
     ensure!(answer == "pong\n", "hostPort: {answer:?}");
+
+    // The other dnsPolicies: None with dnsConfig, and a hostNetwork pod with ClusterFirstWithHostNet (which also
+    // gets the node's IP and the node's /etc/hosts).
+    write(
+        &manifests.join("dnsnone.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: dnsnone}\nspec:\n  restartPolicy: Never\n  dnsPolicy: None\n  dnsConfig: {nameservers: [1.1.1.1], searches: [a.example], options: [{name: ndots, value: '2'}]}\n  containers:\n  - {name: main, image: nodelet.local/busybox:latest, imagePullPolicy: Never, command: [cat, /etc/resolv.conf]}\n",
+    )?;
+    write(
+        &manifests.join("hostnet.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: hostnet}\nspec:\n  restartPolicy: Never\n  hostNetwork: true\n  dnsPolicy: ClusterFirstWithHostNet\n  containers:\n  - {name: main, image: nodelet.local/busybox:latest, imagePullPolicy: Never, command: [cat, /etc/resolv.conf]}\n",
+    )?;
+    let finished = |name: &'static str| {
+        let root = root.clone();
+        async move { Ok(pod_row(&root, name)?.filter(|(phase, _)| phase == "Succeeded").map(|r| r.1)) }
+    };
+    wait_for("dnsnone to finish", Duration::from_secs(60), || finished("dnsnone")).await.with_context(|| node.log())?;
+    let hostnet_ip = wait_for("hostnet to finish", Duration::from_secs(60), || finished("hostnet"))
+        .await
+        .with_context(|| node.log())?;
+    ensure!(
+        logs("dnsnone")? == "search a.example\nnameserver 1.1.1.1\noptions ndots:2\n",
+        "None: {}",
+        logs("dnsnone")?
+    );
+    ensure!(
+        logs("hostnet")?
+            == "search default.svc.cluster.local svc.cluster.local cluster.local corp.example\nnameserver 10.96.0.10\noptions ndots:5\n",
+        "ClusterFirstWithHostNet: {}",
+        logs("hostnet")?
+    );
+    ensure!(hostnet_ip == NODE_IP, "a hostNetwork pod's IP is the node's: {hostnet_ip}");
+    for file in ["dnsnone.yaml", "hostnet.yaml"] {
+        std::fs::remove_file(manifests.join(file))?;
+    }
 
     // A broken CNI config: the new pod's sandbox fails with the file named, nothing is left of it; fixed, it runs.
     write(&net_d.join("00-broken.conflist"), "{ not json")?;
