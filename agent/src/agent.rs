@@ -107,6 +107,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         view,
         leftovers,
         states: SavedStates::new(&config.root_dir),
+        services: client.clone().map(crate::pods::service_env::ServiceCache::start),
         network: Network::new(NetworkConfig {
             conf_dir: config.cni_conf_dir.clone(),
             bin_dirs: config.cni_bin_dirs.clone(),

@@ -43,6 +43,8 @@ pub struct Ctx {
     pub states: restore::SavedStates,
     /// Pod networking (CNI).
     pub network: crate::network::Network,
+    /// The cluster's services, for containers' service variables (with an API server).
+    pub services: Option<service_env::ServiceCache>,
     /// Node allocatable: (cpu millis, memory bytes).
     pub allocatable: (u64, u64),
 }

@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 
 /// The variables of `services`, in upstream's order (services by name, each one's variables together).
 pub fn from_services(services: &[Service]) -> Vec<(String, String)> {
@@ -41,27 +43,53 @@ fn env_name(name: &str) -> String {
     name.to_uppercase().replace('-', "_")
 }
 
-/// The services whose variables the pod's containers get (none without an API server).
-pub async fn services_for(pod: &Pod, client: Option<&kube::Client>) -> Result<Vec<Service>> {
-    let Some(client) = client else { return Ok(Vec::new()) };
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let links = pod.spec.as_ref().and_then(|s| s.enable_service_links).unwrap_or(true);
-    let mut by_name: BTreeMap<String, Service> = BTreeMap::new();
-    let defaults: Api<Service> = Api::namespaced(client.clone(), "default");
-    if let Some(master) = defaults.get_opt("kubernetes").await? {
-        by_name.insert("kubernetes".into(), master);
+/// The cluster's Services, kept current by a watch (the kubelet's service lister): container starts read it
+/// instead of asking the API server.
+#[derive(Clone)]
+pub struct ServiceCache {
+    store: reflector::Store<Service>,
+}
+
+impl ServiceCache {
+    /// Starts the watch (it re-lists and retries with back-off on its own).
+    pub fn start(client: kube::Client) -> ServiceCache {
+        let (store, writer) = reflector::store();
+        let stream = reflector::reflector(writer, watcher(Api::<Service>::all(client), watcher::Config::default()))
+            .default_backoff()
+            .touched_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    tracing::debug!(error = %e, "service watch failed; retrying");
+                }
+            }
+        });
+        ServiceCache { store }
     }
-    if links {
-        let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-        for service in api.list(&Default::default()).await?.items {
+
+    /// The services whose variables a pod's containers get; waits for the first list (like upstream, which
+    /// refuses to build environments before services were read once).
+    pub async fn services_for(&self, pod: &Pod) -> Result<Vec<Service>> {
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.store.wait_until_ready())
+            .await
+            .map_err(|_| anyhow::anyhow!("services have not yet been read at least once"))?
+            .map_err(|e| anyhow::anyhow!("service watch: {e}"))?;
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let links = pod.spec.as_ref().and_then(|s| s.enable_service_links).unwrap_or(true);
+        let mut by_name: BTreeMap<String, Service> = BTreeMap::new();
+        for service in self.store.state() {
+            let ns = service.metadata.namespace.as_deref().unwrap_or_default();
             let name = service.metadata.name.clone().unwrap_or_default();
-            // The master service keeps its place; the namespace's own services are added.
-            if namespace != "default" || name != "kubernetes" {
-                by_name.entry(name).or_insert(service);
+            // Always the master service; the pod namespace's own with service links.
+            if ns == "default" && name == "kubernetes" {
+                by_name.insert(name, (*service).clone());
+            } else if ns == namespace && links {
+                by_name.entry(name).or_insert_with(|| (*service).clone());
             }
         }
+        Ok(by_name.into_values().collect())
     }
-    Ok(by_name.into_values().collect())
 }
 
 #[cfg(test)]

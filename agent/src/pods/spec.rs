@@ -30,6 +30,8 @@ pub fn image_config(config_json: &[u8]) -> Result<ImageConfig> {
 pub struct Lookup<'a> {
     pub client: Option<&'a kube::Client>,
     pub namespace: &'a str,
+    /// The cluster's services (with an API server).
+    pub services: Option<&'a super::service_env::ServiceCache>,
 }
 
 impl Lookup<'_> {
@@ -83,7 +85,10 @@ pub async fn environment(
         }
     }
     // Service variables come last, and only where the container does not define the name itself.
-    let services = super::service_env::services_for(pod, lookup.client).await.context("listing services")?;
+    let services = match lookup.services {
+        Some(cache) => cache.services_for(pod).await?,
+        None => Vec::new(),
+    };
     for (name, value) in super::service_env::from_services(&services) {
         if !out.iter().any(|(n, _)| *n == name) {
             out.push((name, value));

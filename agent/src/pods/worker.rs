@@ -536,7 +536,11 @@ impl Worker {
         let spec = self.pod.spec.clone().unwrap_or_default();
         let sandbox = self.sandbox.as_ref().ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
         let image = spec::image_config(&self.ctx.images.store().read_blob(&ready.record.config)?)?;
-        let lookup = spec::Lookup { client: self.ctx.client.as_ref(), namespace: &self.pod_ref.namespace };
+        let lookup = spec::Lookup {
+            client: self.ctx.client.as_ref(),
+            namespace: &self.pod_ref.namespace,
+            services: self.ctx.services.as_ref(),
+        };
         let env = spec::environment(&self.pod, c, &self.ctx.config.node_ip, &lookup).await?;
         let pod_cgroup = nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid);
         let cgroup_root = self.ctx.config.kubelet.cgroup_root.clone().unwrap_or_default();
