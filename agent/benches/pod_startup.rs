@@ -18,15 +18,22 @@ use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use support::{Nodelet, pod, wait_for};
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+                l.strip_prefix(field)?
+                    .strip_prefix(':')
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
             })
         })
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
@@ -107,6 +114,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = node.pid().expect("nodelet pid");
     let idle = rss_kib(pid);
+    let (idle_anon, idle_file) = (status_kib(pid, "RssAnon"), status_kib(pid, "RssFile"));
 
     let mut sequential = Vec::new();
     for i in 0..n {
@@ -123,6 +131,11 @@ async fn main() {
     .expect("cleanup");
     let names: Vec<String> = (0..n).map(|i| format!("burst-{i}")).collect();
     let mut burst = run_batch(&pods, &image, &names).await;
+    // Which of the one-at-a-time pods were slowest (an outlier early on is warm-up, late on something periodic).
+    let mut order: Vec<(usize, Duration)> = sequential.iter().copied().enumerate().collect();
+    order.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+    let slowest: Vec<String> =
+        order.iter().take(3).map(|(i, t)| format!("seq-{i} {:.0} ms", t.as_secs_f64() * 1000.0)).collect();
     sequential.sort();
     burst.sort();
     println!("pod created -> Running (watch), image present, {n} pods, nodelet as the only node\n");
@@ -136,6 +149,13 @@ async fn main() {
         );
     }
     println!("\nagent RSS: idle {:.1} MiB, with {n} pods {:.1} MiB", idle as f64 / 1024.0, with_pods as f64 / 1024.0);
+    println!("slowest one at a time: {}", slowest.join(", "));
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!(
+        "idle RSS split: {:.1} MiB anonymous, {:.1} MiB file-backed (the binary's pages)",
+        mib(idle_anon),
+        mib(idle_file)
+    );
     let _ = pods.delete_collection(&DeleteParams::default(), &ListParams::default().labels("bench=startup")).await;
     wait_for("pods gone", Duration::from_secs(300), || async {
         Ok(pods.list(&ListParams::default().labels("bench=startup")).await?.items.is_empty().then_some(()))

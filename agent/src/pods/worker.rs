@@ -271,6 +271,7 @@ impl Worker {
                 let _ = self.ctx.images.rootfs().remove(&c.id);
             }
             let Some(container) = live else {
+                let _ = self.ctx.images.rootfs().remove(&id);
                 let exit = ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false };
                 let message = "The container could not be located when the pod was terminated".to_string();
                 self.finish(&name, init, index, &id, exit, Some(started_at), Some(message), now);
