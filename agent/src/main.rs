@@ -129,7 +129,11 @@ enum ImageCommand {
 fn main() -> Result<()> {
     let flags = Flags::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NODELET_LOG").unwrap_or_else(|_| "info".into()))
+        // libcgroups warns about every v1 controller it does not know, for every container: kept out by default.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NODELET_LOG")
+                .unwrap_or_else(|_| "info,libcgroups=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match flags.command {

@@ -198,7 +198,10 @@ impl Nodelet {
             None => Command::new("sh"),
         };
         cmd.arg(script()).args(["run", &self.sandbox, "--", env!("CARGO_BIN_EXE_nodelet")]).args(&self.args);
-        cmd.env("NODELET_LOG", std::env::var("NODELET_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()));
+        cmd.env(
+            "NODELET_LOG",
+            std::env::var("NODELET_TEST_LOG").unwrap_or_else(|_| "info,kube=warn,libcgroups=error".into()),
+        );
         self.process = Some(Process::spawn(&format!("nodelet-{}", self.name), cmd, self.dir.path())?);
         Ok(())
     }
