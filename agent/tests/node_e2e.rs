@@ -82,6 +82,8 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
             registry.reference("busybox", "latest")
         ),
     )?;
+    // The registry again behind a proxy that can stall (a pull that hangs).
+    let proxy = nodelet_integration::proxy::Proxy::start(&registry.host()).await?;
     let port = nodelet_integration::ports::free_port()?;
     // The API server is on the host's loopback, so this node stays in the host's network namespace: its pods get
     // only loopback (the pod network is tested in a namespace of its own, tests/network.rs).
@@ -100,6 +102,8 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
             kubeconfig.display().to_string(),
             "--insecure-registry".into(),
             registry.host(),
+            "--insecure-registry".into(),
+            proxy.host().into(),
             "--node-labels".into(),
             "nodelet.dev/test=yes".into(),
             "--pod-manifest-path".into(),
@@ -312,6 +316,28 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
         .and_then(|w| w.message)
         .unwrap_or_default();
     ensure!(message.contains("configmap \"missing\" not found"), "{message}");
+    // A pod deleted while its image pull hangs is stopped and removed at once (the pull goes on in the background).
+    proxy.stall_after(0);
+    pods.create(
+        &PostParams::default(),
+        &pod(&format!(
+            "metadata: {{name: slowpull}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {}/busybox:latest}}\n",
+            proxy.host()
+        )),
+    )
+    .await?;
+    wait_for("slowpull's Pulling event", Duration::from_secs(60), || async {
+        Ok(events_for(&client, "slowpull").await?.iter().any(|(r, _)| r == "Pulling").then_some(()))
+    })
+    .await?;
+    let deleting = Instant::now();
+    pods.delete("slowpull", &DeleteParams::default()).await?;
+    wait_for("slowpull to be gone", Duration::from_secs(30), || async {
+        Ok(pods.get_opt("slowpull").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    ensure!(deleting.elapsed() < Duration::from_secs(10), "deletion waited for the pull: {:?}", deleting.elapsed());
     let (ok, _, err) = kubectl(&cluster, &["logs", "noimage"])?;
     ensure!(!ok && err.contains("is waiting to start: trying and failing to pull image"), "{err}");
     wait_for("a Failed event for noimage", Duration::from_secs(10), || async {

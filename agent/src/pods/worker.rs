@@ -70,6 +70,8 @@ pub struct Worker {
     saved: Option<Saved>,
     /// Bind mounts of the pod's resolv.conf, hosts and hostname.
     name_files: Vec<nodelet_runtime::Mount>,
+    /// A message that arrived while a container was being prepared (`None`: the dispatcher is gone), handled first.
+    pending: Option<Option<WorkerMessage>>,
 }
 
 fn restart_policy(pod: &Pod) -> &str {
@@ -123,6 +125,7 @@ impl Worker {
             inherited: Some(inherited),
             saved: None,
             name_files: Vec::new(),
+            pending: None,
         }
     }
 
@@ -171,26 +174,39 @@ impl Worker {
             let now = Instant::now();
             self.next_attempt.retain(|_, at| *at > now);
             let wake = self.next_attempt.values().min().copied().unwrap_or(now + Duration::from_secs(3600));
+            if let Some(message) = self.pending.take() {
+                if self.handle(message).await {
+                    return;
+                }
+                continue;
+            }
             tokio::select! {
-                message = self.rx.recv() => match message {
-                    None | Some(WorkerMessage::Remove) => {
-                        self.terminate(None, false).await;
-                        self.ctx.states.remove(&self.pod_ref.uid);
-                        return;
-                    }
-                    Some(WorkerMessage::Update(pod)) => {
-                        let deleting = pod.metadata.deletion_timestamp.is_some();
-                        let grace = pod.metadata.deletion_grace_period_seconds;
-                        self.pod = *pod;
-                        if deleting {
-                            self.terminate(grace, true).await;
-                            self.ctx.states.remove(&self.pod_ref.uid);
-                            return;
-                        }
-                    }
+                message = self.rx.recv() => if self.handle(message).await {
+                    return;
                 },
                 Some(exit) = self.exits_rx.recv() => self.on_exit(exit).await,
                 _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    /// Acts on a dispatcher message; true when the worker is done (the pod was deleted or removed).
+    async fn handle(&mut self, message: Option<WorkerMessage>) -> bool {
+        match message {
+            None | Some(WorkerMessage::Remove) => {
+                self.terminate(None, false).await;
+                self.ctx.states.remove(&self.pod_ref.uid);
+                true
+            }
+            Some(WorkerMessage::Update(pod)) => {
+                let deleting = pod.metadata.deletion_timestamp.is_some();
+                let grace = pod.metadata.deletion_grace_period_seconds;
+                self.pod = *pod;
+                if deleting {
+                    self.terminate(grace, true).await;
+                    self.ctx.states.remove(&self.pod_ref.uid);
+                }
+                deleting
             }
         }
     }
@@ -411,6 +427,10 @@ impl Worker {
 
     /// Pulls the image, builds the container and starts it. Failures become the container's waiting reason.
     async fn start(&mut self, c: &ApiContainer, init: bool, index: usize) {
+        if self.pending.is_some() {
+            // A deletion (or removal) came in while an earlier container was being prepared: nothing more starts.
+            return;
+        }
         let image = c.image.clone().unwrap_or_default();
         let policy = match PullPolicy::for_container(&image, c.image_pull_policy.as_deref()) {
             Ok(p) => p,
@@ -422,12 +442,33 @@ impl Worker {
         let record_event = move |e: crate::images::ImageEvent| {
             events.record(&pod_ref, Some((&name, init)), e.warning, e.reason, &e.message)
         };
-        let ready = match self
-            .ctx
-            .images
-            .ensure(&image, policy, &secrets, &key, Arc::new(Progress::default()), &record_event)
-            .await
-        {
+        // The pull runs as a task of its own, so that a deletion or removal arriving meanwhile is acted on at once
+        // (the pull goes on in the background and its layers stay for the next user).
+        let images = self.ctx.images.clone();
+        let image_name = image.clone();
+        let mut pull = tokio::spawn(async move {
+            images.ensure(&image_name, policy, &secrets, &key, Arc::new(Progress::default()), &record_event).await
+        });
+        let pulled = loop {
+            tokio::select! {
+                pulled = &mut pull => break pulled,
+                message = self.rx.recv() => match message {
+                    Some(WorkerMessage::Update(pod)) if pod.metadata.deletion_timestamp.is_none() => self.pod = *pod,
+                    other => {
+                        self.pending = Some(other);
+                        return;
+                    }
+                },
+            }
+        };
+        let pulled = match pulled {
+            Ok(pulled) => pulled,
+            Err(e) => {
+                let message = format!("pulling the image stopped: {e}");
+                return self.config_error(c, init, index, message);
+            }
+        };
+        let ready = match pulled {
             Ok(ready) => ready,
             Err(failure) => {
                 let record = self.record(init, index);
