@@ -15,6 +15,9 @@ use rustls::pki_types::CertificateDer;
 
 use crate::config::KubeletConfiguration;
 
+/// Cache size above which expired token reviews and decisions are dropped.
+const CACHE_ENTRIES: usize = 1024;
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct User {
@@ -149,7 +152,11 @@ impl Auth {
             .user
             .filter(|_| status.authenticated == Some(true))
             .map(|u| User { name: u.username.unwrap_or_default(), groups: u.groups.unwrap_or_default() });
-        lock(&self.tokens).insert(token.to_string(), (user.clone(), Instant::now()));
+        let mut tokens = lock(&self.tokens);
+        if tokens.len() >= CACHE_ENTRIES {
+            tokens.retain(|_, (_, at)| at.elapsed() < self.token_ttl);
+        }
+        tokens.insert(token.to_string(), (user.clone(), Instant::now()));
         Ok(user)
     }
 
@@ -197,7 +204,12 @@ impl Auth {
             .await
             .map_err(|e| Denied::Failed(format!("subject access review: {e}")))?;
         let allowed = reviewed.status.is_some_and(|s| s.allowed);
-        lock(&self.decisions).insert(key, (allowed, Instant::now()));
+        let mut decisions = lock(&self.decisions);
+        if decisions.len() >= CACHE_ENTRIES {
+            let ttl = self.allowed_ttl.max(self.denied_ttl);
+            decisions.retain(|_, (_, at)| at.elapsed() < ttl);
+        }
+        decisions.insert(key, (allowed, Instant::now()));
         Ok(allowed)
     }
 }
