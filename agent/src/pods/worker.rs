@@ -3,6 +3,9 @@
 //! upstream's CrashLoopBackOff, and on deletion stops them within the grace period. Every change goes to the
 //! status manager.
 
+mod take_over;
+mod termination;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -208,109 +211,6 @@ impl Worker {
                 }
                 deleting
             }
-        }
-    }
-
-    /// Takes over what the previous agent process left: the saved records, the sandbox and the containers still
-    /// running (their output is relayed again, their exits watched). A container that died meanwhile is reported
-    /// as upstream reports a container it cannot find, and restarted per policy.
-    async fn take_over(&mut self, inherited: Inherited) {
-        let Inherited { saved, mut containers, sandbox } = inherited;
-        let Some(saved) = saved else {
-            // Nothing says what these were: start afresh.
-            for (_, c) in containers {
-                let _ = self.ctx.runtime.delete(&c).await;
-                let _ = self.ctx.images.rootfs().remove(&c.id);
-            }
-            if let Some(sandbox) = sandbox {
-                let _ = self.ctx.network.detach(&sandbox.id).await;
-                let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
-            }
-            return;
-        };
-        tracing::info!(pod = %self.pod_ref.name, live = containers.len(), "taking over the pod from the previous agent");
-        self.state.start_time = saved.start_time;
-        for (records, init) in [(saved.init, true), (saved.containers, false)] {
-            for record in records {
-                let mine = if init { &mut self.state.init } else { &mut self.state.containers };
-                if let Some(slot) = mine.iter_mut().find(|r| r.name == record.name) {
-                    *slot = record;
-                }
-            }
-        }
-        let member = containers.values().next().map(|c| c.pid);
-        if let Some(sandbox) = sandbox {
-            match sandbox.repair(member) {
-                Ok(sandbox) => {
-                    if let Some(ip) = self.ctx.network.ips(&sandbox.id).first() {
-                        self.state.pod_ip = Some(ip.clone());
-                    }
-                    if let Err(e) = self.ctx.network.check(&sandbox.id).await {
-                        tracing::warn!(pod = %self.pod_ref.name, error = %e, "the pod's network is not as it was set up");
-                    }
-                    self.name_files = self.ctx.network.file_mounts(&self.pod_ref.uid);
-                    self.sandbox = Some(sandbox);
-                    self.state.sandbox_ready = true;
-                }
-                Err(e) => {
-                    tracing::info!(pod = %self.pod_ref.name, error = %e, "the pod's sandbox is gone: making a new one");
-                    if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
-                        tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
-                    }
-                    let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
-                }
-            }
-        }
-        let now = Timestamp::now();
-        let records: Vec<(bool, usize, String, String, Timestamp)> = self
-            .state
-            .init
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (true, i, r))
-            .chain(self.state.containers.iter().enumerate().map(|(i, r)| (false, i, r)))
-            .filter_map(|(init, i, r)| match r.state {
-                ContainerState::Running { started_at } => {
-                    let id = r.container_id.as_deref()?.strip_prefix("nodelet://")?.to_string();
-                    Some((init, i, r.name.clone(), id, started_at))
-                }
-                _ => None,
-            })
-            .collect();
-        for (init, index, name, id, started_at) in records {
-            let mut live = containers.remove(&id);
-            if self.sandbox.is_none()
-                && let Some(c) = live.take()
-            {
-                // Its pod's namespaces are gone: it cannot go on as part of the pod.
-                let _ = self.ctx.runtime.delete(&c).await;
-                let _ = self.ctx.images.rootfs().remove(&c.id);
-            }
-            let Some(container) = live else {
-                let _ = self.ctx.images.rootfs().remove(&id);
-                let exit = ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false };
-                let message = "The container could not be located when the pod was terminated".to_string();
-                self.finish(&name, init, index, &id, exit, Some(started_at), Some(message), now);
-                continue;
-            };
-            match self.ctx.runtime.reopen_output(&container) {
-                Some((stdout, stderr)) => {
-                    let restart = id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
-                    let path = logs::container_log_path(&self.log_dir, &name, restart);
-                    tokio::spawn(logs::copy_streams(stdout, stderr, path, self.log_rotation()));
-                }
-                None => tracing::warn!(container = %id, "cannot reopen the container's output: its log stops here"),
-            }
-            let ran = Duration::try_from(now.duration_since(started_at)).unwrap_or_default();
-            let started = Instant::now().checked_sub(ran).unwrap_or_else(Instant::now);
-            self.running
-                .insert(name.clone(), Running { container: container.clone(), id: id.clone(), started_at, started });
-            self.watch_exit(name, id, container);
-        }
-        // Containers no record claims (created just before the crash): not ours to guess about.
-        for (_, c) in containers {
-            let _ = self.ctx.runtime.delete(&c).await;
-            let _ = self.ctx.images.rootfs().remove(&c.id);
         }
     }
 
@@ -729,94 +629,6 @@ impl Worker {
             self.state.phase = if all_ok { Phase::Succeeded } else { Phase::Failed };
         } else if self.state.containers.iter().any(|c| c.started) {
             self.state.phase = Phase::Running;
-        }
-    }
-
-    /// Stops every running container within the grace period, then removes what the pod had on the node.
-    async fn terminate(&mut self, grace: Option<i64>, delete: bool) {
-        let grace =
-            grace.or(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds)).unwrap_or(30).max(0)
-                as u64;
-        let mut stops = Vec::new();
-        for (name, running) in self.running.drain() {
-            let (init, _) = (self.state.init.iter().any(|c| c.name == name), ());
-            self.ctx.events.record(
-                &self.pod_ref,
-                Some((&name, init)),
-                false,
-                "Killing",
-                &format!("Stopping container {name}"),
-            );
-            let runtime = self.ctx.runtime.clone();
-            stops.push(tokio::spawn(async move {
-                let exit = runtime.stop(&running.container, Duration::from_secs(grace)).await;
-                tracing::debug!(container = %running.id, ?exit, "stopped");
-                let _ = runtime.delete(&running.container).await;
-                tracing::debug!(container = %running.id, "deleted");
-                (name, running, exit)
-            }));
-        }
-        for stop in stops {
-            let Ok((name, running, exit)) = stop.await else { continue };
-            let _ = self.ctx.images.rootfs().remove(&running.id);
-            let (init, index) = self.locate(&name);
-            let terminated = ContainerState::Terminated {
-                exit_code: exit.code,
-                signal: exit.signal,
-                reason: if exit.oom_killed {
-                    "OOMKilled"
-                } else if exit.code == 0 {
-                    "Completed"
-                } else {
-                    "Error"
-                }
-                .into(),
-                message: None,
-                started_at: Some(running.started_at),
-                finished_at: Timestamp::now(),
-                container_id: Some(format!("nodelet://{}", running.id)),
-            };
-            let record = self.record(init, index);
-            record.state = terminated;
-            record.ready = false;
-        }
-        for record in self.state.containers.iter_mut().chain(self.state.init.iter_mut()) {
-            record.ready = false;
-        }
-        if !self.state.phase.is_terminal() {
-            let all_ok = self.state.containers.iter().all(|c| c.succeeded());
-            let started = self.state.containers.iter().any(|c| c.started);
-            self.state.phase = match (started, all_ok) {
-                (true, true) => Phase::Succeeded,
-                (true, false) => Phase::Failed,
-                (false, _) => Phase::Failed,
-            };
-        }
-        self.tear_down().await;
-        tracing::debug!(pod = %self.pod_ref.uid, "torn down");
-        self.publish();
-        let _ = self.ctx.status.send(StatusMessage::Terminated { pod: self.pod_ref.clone(), delete });
-    }
-
-    /// Removes the sandbox and the pod cgroup (containers are gone already).
-    async fn tear_down(&mut self) {
-        self.torn_down = true;
-        if let Some(sandbox) = self.sandbox.take() {
-            if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
-                tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
-            }
-            if let Err(e) = self.ctx.runtime.remove_sandbox(&sandbox).await {
-                tracing::warn!(pod = %self.pod_ref.name, error = %e, "removing the sandbox");
-            }
-        }
-        self.ctx.network.remove_files(&self.pod_ref.uid);
-        self.state.sandbox_ready = false;
-        // Removal retries (sleeping) while the cgroup drains: keep it off the async threads.
-        let (ctx, qos, uid) = (self.ctx.clone(), self.state.qos, self.pod_ref.uid.clone());
-        let removed =
-            tokio::task::spawn_blocking(move || ctx.hierarchy.remove_pod(qos, &uid, Duration::from_secs(10))).await;
-        if let Ok(Err(e)) = removed {
-            tracing::warn!(pod = %self.pod_ref.name, error = %e, "removing the pod cgroup");
         }
     }
 }

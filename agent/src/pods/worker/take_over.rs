@@ -1,0 +1,116 @@
+//! Taking a pod over from the previous agent process (see [`crate::pods::restore`]).
+
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use nodelet_runtime::ContainerExit;
+
+use super::{Running, Worker};
+use crate::logs;
+use crate::pods::restore::Inherited;
+use crate::pods::state::ContainerState;
+
+impl Worker {
+    /// Takes over what the previous agent process left: the saved records, the sandbox and the containers still
+    /// running (their output is relayed again, their exits watched). A container that died meanwhile is reported
+    /// as upstream reports a container it cannot find, and restarted per policy.
+    pub(super) async fn take_over(&mut self, inherited: Inherited) {
+        let Inherited { saved, mut containers, sandbox } = inherited;
+        let Some(saved) = saved else {
+            // Nothing says what these were: start afresh.
+            for (_, c) in containers {
+                let _ = self.ctx.runtime.delete(&c).await;
+                let _ = self.ctx.images.rootfs().remove(&c.id);
+            }
+            if let Some(sandbox) = sandbox {
+                let _ = self.ctx.network.detach(&sandbox.id).await;
+                let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+            }
+            return;
+        };
+        tracing::info!(pod = %self.pod_ref.name, live = containers.len(), "taking over the pod from the previous agent");
+        self.state.start_time = saved.start_time;
+        for (records, init) in [(saved.init, true), (saved.containers, false)] {
+            for record in records {
+                let mine = if init { &mut self.state.init } else { &mut self.state.containers };
+                if let Some(slot) = mine.iter_mut().find(|r| r.name == record.name) {
+                    *slot = record;
+                }
+            }
+        }
+        let member = containers.values().next().map(|c| c.pid);
+        if let Some(sandbox) = sandbox {
+            match sandbox.repair(member) {
+                Ok(sandbox) => {
+                    if let Some(ip) = self.ctx.network.ips(&sandbox.id).first() {
+                        self.state.pod_ip = Some(ip.clone());
+                    }
+                    if let Err(e) = self.ctx.network.check(&sandbox.id).await {
+                        tracing::warn!(pod = %self.pod_ref.name, error = %e, "the pod's network is not as it was set up");
+                    }
+                    self.name_files = self.ctx.network.file_mounts(&self.pod_ref.uid);
+                    self.sandbox = Some(sandbox);
+                    self.state.sandbox_ready = true;
+                }
+                Err(e) => {
+                    tracing::info!(pod = %self.pod_ref.name, error = %e, "the pod's sandbox is gone: making a new one");
+                    if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
+                        tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
+                    }
+                    let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+                }
+            }
+        }
+        let now = Timestamp::now();
+        let records: Vec<(bool, usize, String, String, Timestamp)> = self
+            .state
+            .init
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (true, i, r))
+            .chain(self.state.containers.iter().enumerate().map(|(i, r)| (false, i, r)))
+            .filter_map(|(init, i, r)| match r.state {
+                ContainerState::Running { started_at } => {
+                    let id = r.container_id.as_deref()?.strip_prefix("nodelet://")?.to_string();
+                    Some((init, i, r.name.clone(), id, started_at))
+                }
+                _ => None,
+            })
+            .collect();
+        for (init, index, name, id, started_at) in records {
+            let mut live = containers.remove(&id);
+            if self.sandbox.is_none()
+                && let Some(c) = live.take()
+            {
+                // Its pod's namespaces are gone: it cannot go on as part of the pod.
+                let _ = self.ctx.runtime.delete(&c).await;
+                let _ = self.ctx.images.rootfs().remove(&c.id);
+            }
+            let Some(container) = live else {
+                let _ = self.ctx.images.rootfs().remove(&id);
+                let exit = ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false };
+                let message = "The container could not be located when the pod was terminated".to_string();
+                self.finish(&name, init, index, &id, exit, Some(started_at), Some(message), now);
+                continue;
+            };
+            match self.ctx.runtime.reopen_output(&container) {
+                Some((stdout, stderr)) => {
+                    let restart = id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
+                    let path = logs::container_log_path(&self.log_dir, &name, restart);
+                    tokio::spawn(logs::copy_streams(stdout, stderr, path, self.log_rotation()));
+                }
+                None => tracing::warn!(container = %id, "cannot reopen the container's output: its log stops here"),
+            }
+            let ran = Duration::try_from(now.duration_since(started_at)).unwrap_or_default();
+            let started = Instant::now().checked_sub(ran).unwrap_or_else(Instant::now);
+            self.running
+                .insert(name.clone(), Running { container: container.clone(), id: id.clone(), started_at, started });
+            self.watch_exit(name, id, container);
+        }
+        // Containers no record claims (created just before the crash): not ours to guess about.
+        for (_, c) in containers {
+            let _ = self.ctx.runtime.delete(&c).await;
+            let _ = self.ctx.images.rootfs().remove(&c.id);
+        }
+    }
+}
