@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use jiff::Timestamp;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 use tokio::sync::mpsc;
 
 use super::parse_line;
@@ -47,6 +47,7 @@ pub async fn stream(
     let mut reader = BufReader::new(file);
     let mut budget = options.limit_bytes.unwrap_or(u64::MAX);
     let mut line = Vec::new();
+    let mut draining = false;
     loop {
         let read = reader.read_until(b'\n', &mut line).await?;
         if read > 0 && line.last() == Some(&b'\n') {
@@ -66,7 +67,7 @@ pub async fn stream(
             continue;
         }
         // At the end of the file (a half-written entry stays in `line` until its newline lands).
-        if !options.follow {
+        if !options.follow || draining {
             return Ok(());
         }
         let stopped = !running();
@@ -79,21 +80,10 @@ pub async fn stream(
                 continue;
             }
             Ok(_) if stopped => {
-                // One last read: the log writer drains the container's pipes after it exits.
+                // One last pass: the log writer drains the container's pipes after it exits.
                 tokio::time::sleep(FOLLOW_POLL).await;
-                if reader.get_mut().read_to_end(&mut line).await? == 0 {
-                    return Ok(());
-                }
-                for entry in line.split_inclusive(|b| *b == b'\n').filter(|e| e.ends_with(b"\n")) {
-                    if let Some(chunk) = render(entry, &options) {
-                        let take = chunk.len().min(usize::try_from(budget).unwrap_or(usize::MAX));
-                        if take == 0 || out.send(Bytes::copy_from_slice(&chunk[..take])).await.is_err() {
-                            return Ok(());
-                        }
-                        budget -= take as u64;
-                    }
-                }
-                return Ok(());
+                draining = true;
+                continue;
             }
             Err(_) if stopped => return Ok(()),
             _ => {}

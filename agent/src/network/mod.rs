@@ -162,20 +162,13 @@ impl Network {
             ("hosts", dns::hosts(pod, ips, &domain, &node_hosts, &self.config.node_name)),
             ("hostname", format!("{}\n", dns::hostname(pod, &self.config.node_name))),
         ];
-        let mut mounts = Vec::new();
         for (name, text) in files {
-            let path = dir.join(name);
-            nodelet_runtime::state::write_atomic(&path, text.as_bytes()).map_err(|e| e.to_string())?;
-            mounts.push(nodelet_runtime::Mount::Bind {
-                source: path,
-                destination: format!("/etc/{name}"),
-                read_only: false,
-            });
+            nodelet_runtime::state::write_atomic(&dir.join(name), text.as_bytes()).map_err(|e| e.to_string())?;
         }
-        Ok(mounts)
+        Ok(self.file_mounts(uid))
     }
 
-    /// The bind mounts of files written before (after a restart).
+    /// The bind mounts of the files written (also after a restart).
     pub fn file_mounts(&self, uid: &str) -> Vec<nodelet_runtime::Mount> {
         let dir = self.files_dir(uid);
         ["resolv.conf", "hosts", "hostname"]

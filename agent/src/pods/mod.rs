@@ -49,6 +49,25 @@ pub struct Ctx {
     pub allocatable: (u64, u64),
 }
 
+impl Ctx {
+    /// Deletes a container (killing what is left of it) and its root filesystem.
+    pub async fn remove_container(&self, c: &nodelet_runtime::Container) {
+        let _ = self.runtime.delete(c).await;
+        let _ = self.images.rootfs().remove(&c.id);
+    }
+
+    /// Releases a sandbox's network (while its namespace still exists, so the plugins find what to undo), then
+    /// removes the sandbox.
+    pub async fn remove_sandbox(&self, sandbox: &nodelet_runtime::Sandbox) {
+        if let Err(e) = self.network.detach(&sandbox.id).await {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "releasing a pod network");
+        }
+        if let Err(e) = self.runtime.remove_sandbox(sandbox).await {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "removing a sandbox");
+        }
+    }
+}
+
 struct Admitted {
     tx: mpsc::Sender<WorkerMessage>,
     requests: (u64, u64),
@@ -161,24 +180,15 @@ impl PodWorkers {
                 // Its containers first keep the namespaces alive, so the network is released completely (the
                 // bridge plugin finds its addresses, and with them its iptables rules, in the namespace).
                 let prefix = format!("{}-", sandbox.id);
-                let (members, rest): (Vec<_>, Vec<_>) = containers.into_iter().partition(|c| c.id.starts_with(&prefix));
-                containers = rest;
-                let sandbox = sandbox.repair(members.first().map(|c| c.pid)).unwrap_or(sandbox);
+                let member = containers.iter().find(|c| c.id.starts_with(&prefix)).map(|c| c.pid);
+                let sandbox = sandbox.repair(member).unwrap_or(sandbox);
                 if let Err(e) = ctx.network.detach(&sandbox.id).await {
                     tracing::warn!(sandbox = %sandbox.id, error = %e, "releasing a leftover pod network");
                 }
-                for c in members {
-                    tracing::info!(container = %c.id, "removing a container no pod wants");
-                    let _ = ctx.runtime.delete(&c).await;
-                    let _ = ctx.images.rootfs().remove(&c.id);
-                }
-                let _ = ctx.runtime.remove_sandbox(&sandbox).await;
+                remove_unwanted(&ctx, &mut containers, &prefix).await;
+                ctx.remove_sandbox(&sandbox).await;
             }
-            for c in containers {
-                tracing::info!(container = %c.id, "removing a container no pod wants");
-                let _ = ctx.runtime.delete(&c).await;
-                let _ = ctx.images.rootfs().remove(&c.id);
-            }
+            remove_unwanted(&ctx, &mut containers, "").await;
             for uid in detached {
                 if let Err(e) = ctx.network.detach(&uid).await {
                     tracing::warn!(sandbox = %uid, error = %e, "releasing a leftover pod network");
@@ -232,5 +242,16 @@ impl PodWorkers {
             ));
         }
         Ok(())
+    }
+}
+
+/// Removes the containers whose IDs start with `prefix` from `containers`, and deletes them.
+async fn remove_unwanted(ctx: &Ctx, containers: &mut Vec<nodelet_runtime::Container>, prefix: &str) {
+    let (unwanted, rest): (Vec<_>, Vec<_>) =
+        std::mem::take(containers).into_iter().partition(|c| c.id.starts_with(prefix));
+    *containers = rest;
+    for c in unwanted {
+        tracing::info!(container = %c.id, "removing a container no pod wants");
+        ctx.remove_container(&c).await;
     }
 }

@@ -248,10 +248,7 @@ impl Worker {
             .await?;
         let connected = self.connect(&sandbox, host_network).await;
         if let Err(e) = connected {
-            if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
-                tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
-            }
-            let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+            self.ctx.remove_sandbox(&sandbox).await;
             return Err(e);
         }
         self.sandbox = Some(sandbox);
@@ -525,8 +522,7 @@ impl Worker {
         if running.id != exit.id {
             return;
         }
-        let _ = self.ctx.runtime.delete(&running.container).await;
-        let _ = self.ctx.images.rootfs().remove(&running.id);
+        self.ctx.remove_container(&running.container).await;
         let (init, index) = self.locate(&exit.name);
         if running.started.elapsed() >= BACKOFF_RESET {
             self.crash_backoff.reset(&exit.name);

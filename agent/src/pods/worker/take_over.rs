@@ -19,12 +19,10 @@ impl Worker {
         let Some(saved) = saved else {
             // Nothing says what these were: start afresh.
             for (_, c) in containers {
-                let _ = self.ctx.runtime.delete(&c).await;
-                let _ = self.ctx.images.rootfs().remove(&c.id);
+                self.ctx.remove_container(&c).await;
             }
             if let Some(sandbox) = sandbox {
-                let _ = self.ctx.network.detach(&sandbox.id).await;
-                let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+                self.ctx.remove_sandbox(&sandbox).await;
             }
             return;
         };
@@ -54,10 +52,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::info!(pod = %self.pod_ref.name, error = %e, "the pod's sandbox is gone: making a new one");
-                    if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
-                        tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
-                    }
-                    let _ = self.ctx.runtime.remove_sandbox(&sandbox).await;
+                    self.ctx.remove_sandbox(&sandbox).await;
                 }
             }
         }
@@ -83,8 +78,7 @@ impl Worker {
                 && let Some(c) = live.take()
             {
                 // Its pod's namespaces are gone: it cannot go on as part of the pod.
-                let _ = self.ctx.runtime.delete(&c).await;
-                let _ = self.ctx.images.rootfs().remove(&c.id);
+                self.ctx.remove_container(&c).await;
             }
             let Some(container) = live else {
                 let _ = self.ctx.images.rootfs().remove(&id);
@@ -109,8 +103,7 @@ impl Worker {
         }
         // Containers no record claims (created just before the crash): not ours to guess about.
         for (_, c) in containers {
-            let _ = self.ctx.runtime.delete(&c).await;
-            let _ = self.ctx.images.rootfs().remove(&c.id);
+            self.ctx.remove_container(&c).await;
         }
     }
 }

@@ -24,18 +24,17 @@ impl Worker {
                 "Killing",
                 &format!("Stopping container {name}"),
             );
-            let runtime = self.ctx.runtime.clone();
+            let ctx = self.ctx.clone();
             stops.push(tokio::spawn(async move {
-                let exit = runtime.stop(&running.container, Duration::from_secs(grace)).await;
+                let exit = ctx.runtime.stop(&running.container, Duration::from_secs(grace)).await;
                 tracing::debug!(container = %running.id, ?exit, "stopped");
-                let _ = runtime.delete(&running.container).await;
+                ctx.remove_container(&running.container).await;
                 tracing::debug!(container = %running.id, "deleted");
                 (name, running, exit)
             }));
         }
         for stop in stops {
             let Ok((name, running, exit)) = stop.await else { continue };
-            let _ = self.ctx.images.rootfs().remove(&running.id);
             let (init, index) = self.locate(&name);
             let terminated = ContainerState::Terminated {
                 exit_code: exit.code,
@@ -79,12 +78,7 @@ impl Worker {
     pub(super) async fn tear_down(&mut self) {
         self.torn_down = true;
         if let Some(sandbox) = self.sandbox.take() {
-            if let Err(e) = self.ctx.network.detach(&sandbox.id).await {
-                tracing::warn!(pod = %self.pod_ref.name, error = %e, "releasing the pod's network");
-            }
-            if let Err(e) = self.ctx.runtime.remove_sandbox(&sandbox).await {
-                tracing::warn!(pod = %self.pod_ref.name, error = %e, "removing the sandbox");
-            }
+            self.ctx.remove_sandbox(&sandbox).await;
         }
         self.ctx.network.remove_files(&self.pod_ref.uid);
         self.state.sandbox_ready = false;
