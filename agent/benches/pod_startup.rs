@@ -36,6 +36,30 @@ fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
 }
 
+/// The largest resident mappings of `pid` (from `/proc/<pid>/smaps`, grouped by file or `[anon]`/`[heap]`/
+/// `[stack]`), as `name rss (anonymous)` in KiB: where the RSS is when it is over target.
+fn largest_mappings(pid: u32, n: usize) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let kib = || fields.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match fields.first() {
+            Some(&"Rss:") => by_name.entry(current.clone()).or_default().0 += kib(),
+            Some(&"Anonymous:") => by_name.entry(current.clone()).or_default().1 += kib(),
+            Some(first) if first.contains('-') && fields.len() >= 5 => {
+                let name = fields.get(5).map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or("[anon]");
+                current = name.to_string();
+            }
+            _ => {}
+        }
+    }
+    let mut all: Vec<_> = by_name.into_iter().collect();
+    all.sort_by_key(|(_, (rss, _))| std::cmp::Reverse(*rss));
+    all.into_iter().take(n).map(|(name, (rss, anon))| format!("{name} {rss} KiB ({anon} anon)")).collect()
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
 }
@@ -115,6 +139,7 @@ async fn main() {
     let pid = node.pid().expect("nodelet pid");
     let idle = rss_kib(pid);
     let (idle_anon, idle_file) = (status_kib(pid, "RssAnon"), status_kib(pid, "RssFile"));
+    let idle_mappings = largest_mappings(pid, 6);
 
     let mut sequential = Vec::new();
     for i in 0..n {
@@ -156,6 +181,7 @@ async fn main() {
         mib(idle_anon),
         mib(idle_file)
     );
+    println!("largest idle mappings: {}", idle_mappings.join(", "));
     let _ = pods.delete_collection(&DeleteParams::default(), &ListParams::default().labels("bench=startup")).await;
     wait_for("pods gone", Duration::from_secs(300), || async {
         Ok(pods.list(&ListParams::default().labels("bench=startup")).await?.items.is_empty().then_some(()))

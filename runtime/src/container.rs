@@ -413,14 +413,23 @@ impl Runtime {
     /// record.
     pub async fn delete(&self, c: &Container) -> Result<(), RuntimeError> {
         let _ = self.signal(c, Signal::SIGKILL);
-        if !c.adopted {
+        let result = if c.adopted {
+            let req = Request::Delete { id: c.id.clone(), root: self.libcontainer_root(), force: true };
+            match self.call(req, vec![]).await?.0 {
+                Reply::Done => Ok(()),
+                Reply::Failed(message) => Err(RuntimeError::Delete { id: c.id.clone(), message }),
+                other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+            }
+        } else {
+            // The init is reaped: of libcontainer's delete only its state directory is left to remove (the
+            // cgroups go below, faster than its v1 manager would; the spec has no poststop hooks).
             self.wait_pid(c.pid).await;
-        }
-        let req = Request::Delete { id: c.id.clone(), root: self.libcontainer_root(), force: true };
-        let result = match self.call(req, vec![]).await?.0 {
-            Reply::Done => Ok(()),
-            Reply::Failed(message) => Err(RuntimeError::Delete { id: c.id.clone(), message }),
-            other => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+            match std::fs::remove_dir_all(self.libcontainer_root().join(&c.id)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(RuntimeError::Delete { id: c.id.clone(), message: format!("removing its state: {e}") })
+                }
+                _ => Ok(()),
+            }
         };
         self.remove_files(&c.id, &c.cgroups_path);
         self.inner.exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid);
@@ -435,7 +444,7 @@ impl Runtime {
     }
 
     fn remove_files(&self, id: &str, cgroups_path: &str) {
-        cgroup::remove_unified(self.inner.layout, cgroups_path);
+        cgroup::remove(self.inner.layout, cgroups_path);
         let _ = std::fs::remove_dir_all(self.inner.root.join("bundles").join(id));
         Record::remove(&self.records(), id);
     }

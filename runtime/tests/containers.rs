@@ -306,8 +306,10 @@ fn assert_clean(env: &Env, id: &str) -> Result<()> {
         ensure!(!env.state.join(sub).join(id).exists(), "{sub}/{id} left behind");
     }
     ensure!(!env.state.join("records").join(format!("{id}.json")).exists(), "record of {id} left behind");
-    for root in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
-        let dir = Path::new(root).join("nodelet-test").join(id);
+    // Every hierarchy: the v1 controllers libcontainer made the cgroup in (hybrid), the unified tree, or v2's root.
+    let hierarchies = std::fs::read_dir("/sys/fs/cgroup")?.flatten().map(|e| e.path());
+    for root in hierarchies.chain([PathBuf::from("/sys/fs/cgroup")]) {
+        let dir = root.join("nodelet-test").join(id);
         ensure!(!dir.exists(), "cgroup {} left behind", dir.display());
     }
     Ok(())
