@@ -142,11 +142,22 @@ pub fn gzip(tar: &[u8]) -> Vec<u8> {
 /// Pushes an image made of `layers` (uncompressed tars, pushed gzip-compressed, bottom first) as
 /// `<registry>/<name>:<tag>`; returns the manifest digest.
 pub async fn push_image(registry: &Registry, name: &str, tag: &str, layers: &[Vec<u8>]) -> Result<String> {
+    push_image_with_cmd(registry, name, tag, layers, &["/bin/sh"]).await
+}
+
+/// [`push_image`] with the image's default command `cmd`.
+pub async fn push_image_with_cmd(
+    registry: &Registry,
+    name: &str,
+    tag: &str,
+    layers: &[Vec<u8>],
+    cmd: &[&str],
+) -> Result<String> {
     let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
+        "config": {"Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let image_layers: Vec<ImageLayer> = layers.iter().map(|l| ImageLayer::oci_v1_gzip(gzip(l), None)).collect();

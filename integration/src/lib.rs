@@ -6,6 +6,8 @@
 //! - [`registry::Registry`]: Debian's `docker-registry`, plain or with htpasswd basic auth, pre-loaded with the
 //!   images that `scripts/build-images.sh` built (see [`images`]).
 //!
+//! - [`upstream::UpstreamNode`]: the upstream kubelet on containerd, the peer of the side-by-side benchmarks.
+//!
 //! Prerequisites are installed by `scripts/setup.sh` (the README's test command runs it). Tests call
 //! [`testbed::ready`] first: it skips with a clear message on a machine without them, and fails under `CI=true`.
 
@@ -19,3 +21,4 @@ pub mod process;
 pub mod proxy;
 pub mod registry;
 pub mod testbed;
+pub mod upstream;
