@@ -2,8 +2,8 @@
 //! observed through a watch, with the image already on the node, for PODS pods created one at a time and then PODS
 //! at once; and the node software's RSS idle and with PODS pods running. Side by side in the same run with its
 //! upstream peer: the upstream kubelet on Debian's containerd (runc shims, a pause image), a second node of the
-//! same test control plane (`nodelet_integration::upstream`), pods pinned to each node by `nodeSelector` and
-//! created alternately. Root. Prints a table.
+//! same test control plane (`nodelet_integration::upstream`), pods pinned to each node by `nodeSelector`, each
+//! node measured while the other is idle. Root. Prints a table.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -17,23 +17,10 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use nodelet_integration::cluster::Cluster;
+use nodelet_integration::process::{rss_kib, status_kib};
 use nodelet_integration::registry::Registry;
-use nodelet_integration::upstream::{UpstreamNode, rss_kib};
+use nodelet_integration::upstream::UpstreamNode;
 use support::{Nodelet, pod, wait_for};
-
-/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, `RssFile`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix(field)?
-                    .strip_prefix(':')
-                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
-}
 
 /// The largest resident mappings of `pid` (from `/proc/<pid>/smaps`, grouped by file or `[anon]`/`[heap]`/
 /// `[stack]`), as `name rss (anonymous)` in KiB: where the RSS is when it is over target.
@@ -75,8 +62,7 @@ async fn run_batch(pods: &Api<Pod>, image: &str, node: &str, names: &[String]) -
         pods.create(&PostParams::default(), &p).await.expect("create pod");
     }
     let mut done: HashMap<String, Duration> = HashMap::new();
-    let deadline = Instant::now()
-        + Duration::from_secs(std::env::var("NODELET_BENCH_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300));
+    let deadline = Instant::now() + Duration::from_secs(300);
     while done.len() < names.len() && Instant::now() < deadline {
         let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await else { continue };
         let pods_seen = match event {
@@ -266,7 +252,6 @@ fn by_process(idle: &[(String, u64)], loaded: &[(String, u64)]) -> String {
         (of.len(), of.iter().sum::<u64>() as f64 / 1024.0)
     };
     let mut names: Vec<&str> = loaded.iter().chain(idle).map(|(n, _)| n.as_str()).collect();
-    names.dedup();
     names.sort();
     names.dedup();
     names

@@ -11,6 +11,15 @@ pub fn kill_all(dir: &Path) -> std::io::Result<()> {
     std::fs::write(dir.join("cgroup.kill"), "1")
 }
 
+/// SIGKILLs the processes `cgroup.procs` lists (v1 hierarchies, which have no `cgroup.kill`; not atomic: a
+/// process forked meanwhile escapes, so callers retry the removal that follows).
+pub fn kill_listed(dir: &Path) {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.parse().ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+}
+
 /// A `key value` field of `cgroup.events` (`populated`, `frozen`).
 fn event(dir: &Path, key: &str) -> std::io::Result<bool> {
     let text = std::fs::read_to_string(dir.join("cgroup.events"))?;

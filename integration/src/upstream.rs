@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cluster::Cluster;
 use crate::layers::{Layer, push_image_with_cmd};
-use crate::process::Process;
+use crate::process::{Process, rss_kib};
 use crate::registry::Registry;
 use crate::testbed;
 
@@ -222,11 +222,7 @@ fn kill_tree(dir: &Path) {
             kill_tree(&entry.path());
         }
     }
-    for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
-        if let Ok(pid) = pid.parse() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-        }
-    }
+    nodelet_cgroups::control::kill_listed(dir);
 }
 
 fn all_pids() -> Vec<u32> {
@@ -240,16 +236,6 @@ fn all_pids() -> Vec<u32> {
 
 fn mount_ns(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
-}
-
-/// `VmRSS` of a process in KiB (0 if it is gone).
-pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The sandbox ("pause") image containerd's CRI plugin runs per pod: busybox's `sleep` forever.

@@ -71,12 +71,7 @@ pub fn remove(layout: Layout, cgroups_path: &str) {
     };
     if unified.is_none() {
         // No cgroup.kill (legacy hosts): signal what each hierarchy lists.
-        for dir in &v1 {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.parse().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-            }
-        }
+        v1.iter().for_each(|dir| nodelet_cgroups::control::kill_listed(dir));
     }
     for dir in v1.iter().chain(&unified) {
         if let Err(e) = nodelet_cgroups::control::remove_tree(dir, std::time::Duration::from_secs(1)) {
