@@ -9,7 +9,9 @@
 # Where each hierarchy root comes from (bind mounts exist only inside the private namespace):
 #   memory  -> /sys/fs/cgroup/memory/<the caller's memory cgroup>/NAME  (the caller is not at / there)
 #   others  -> /sys/fs/cgroup/<ctrl>/NAME                                (the caller is at / there)
-#   unified -> /sys/fs/cgroup/unified/NAME (its cgroup.controllers is empty: crun then accepts the hybrid host)
+#   unified -> /sys/fs/cgroup/unified/NAME (its cgroup.controllers is empty: crun then accepts the hybrid host);
+#              CMD starts in it, so that its own unified cgroup is inside the mounted tree (nodelet's zygote
+#              visits containers' unified cgroups and must find its way back)
 # On a pure cgroup v2 host (/sys/fs/cgroup is cgroup2) only the unified root is swapped.
 set -eu
 cmd=${1:-}; name=${2:-}
@@ -46,6 +48,9 @@ run)
     esac
   done
   map=$(roots | tr '\n' ';')
+  if [ "$(stat -f -c %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]; then
+    echo $$ > "/sys/fs/cgroup/unified/$name/cgroup.procs"
+  fi
   exec unshare -m --propagation private -- sh -c '
     IFS=";"; for pair in $1; do [ -n "$pair" ] || continue; IFS=" " read -r mnt src <<EOF
 $pair

@@ -1,7 +1,8 @@
 //! `cargo bench -p nodelet-runtime --bench lifecycle [-- RUNS]`: the time to create, start, wait for and delete
 //! a container running `/bin/true`, through nodelet's in-process runtime and through Debian's `crun` and `runc`
-//! CLIs on the same bundle (same spec, same rootfs), interleaved so that all three see the same machine. Root;
-//! runs in a cgroup sandbox like the tests. Prints a table of median and p99 and the ratio to crun.
+//! CLIs on the same bundle (same spec, same rootfs), interleaved so that all three see the same machine, each run
+//! after a pause (see `settle`). Root; runs in a cgroup sandbox like the tests, state on tmpfs. Prints a table of
+//! median and p99 and the ratio to crun.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,6 +65,13 @@ fn cli_run(bin: &str, state: &Path, bundle: &Path, id: &str) -> Duration {
     took
 }
 
+/// A pause before each measured run, so that none starts within an RCU grace period of the previous one's
+/// cgroup moves: a write to `cgroup.procs` waits for a grace period (~6 ms here) unless another write happened
+/// within the last one, so back to back the runtime measured after another would get its cgroup move for free.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(30)).await;
+}
+
 fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -73,6 +81,11 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64) {
 
 async fn bench(zygote: Zygote, runs: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
+    // Everyone's state (and the rootfs) on tmpfs, as crun's and runc's /run/crun and /run/runc are on usual hosts:
+    // on ext4, rewriting a state file starts its writeback at once (auto_da_alloc), in the measured path. The bench
+    // runs in its own mount namespace (the cgroup sandbox), so the mount goes with it.
+    nix::mount::mount(Some("tmpfs"), dir.path(), Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>)
+        .expect("tmpfs for the bench's state");
     let rootfs = dir.path().join("rootfs");
     support::busybox_rootfs(&rootfs).expect("rootfs");
     let runtime = Runtime::new(zygote, dir.path().join("state")).expect("runtime");
@@ -85,6 +98,7 @@ async fn bench(zygote: Zygote, runs: usize) {
     let mut phases: Vec<[Duration; 4]> = Vec::new();
     for i in 0..runs + 5 {
         let cfg = config(&rootfs, "nodelet");
+        settle().await;
         let started = Instant::now();
         let c = runtime.create(&cfg, ContainerIo::default()).await.expect("create");
         let t_create = started.elapsed();
@@ -98,7 +112,9 @@ async fn bench(zygote: Zygote, runs: usize) {
             phases.push([t_create, t_start - t_create, t_wait - t_start, took - t_wait]);
         }
         assert_eq!(exit.code, 0);
+        settle().await;
         let crun_took = crun.then(|| cli_run("crun", &dir.path().join("crun-state"), &crun_bundle, "crun"));
+        settle().await;
         let runc_took = runc.then(|| cli_run("runc", &dir.path().join("runc-state"), &runc_bundle, "runc"));
         if i >= 5 {
             // The first runs warm caches for everyone.

@@ -40,8 +40,9 @@ pub fn unified_dir(layout: Layout, cgroups_path: &str) -> Option<PathBuf> {
     }
 }
 
-/// On hybrid hosts libcontainer drives the v1 controllers only and leaves the process at the unified root: put
-/// it in its own unified cgroup so that PSI, `cgroup.events` and `cgroup.kill` work per container.
+/// On hybrid hosts libcontainer drives the v1 controllers only and leaves the process at the zygote's place in
+/// the unified tree: move it into its own unified cgroup so that PSI, `cgroup.events` and `cgroup.kill` work per
+/// container (its children, forked later, are born there).
 pub fn join_unified(layout: Layout, cgroups_path: &str, pid: i32) -> std::io::Result<()> {
     if layout != Layout::Hybrid {
         return Ok(());
@@ -49,6 +50,37 @@ pub fn join_unified(layout: Layout, cgroups_path: &str, pid: i32) -> std::io::Re
     let dir = unified_dir(layout, cgroups_path).expect("hybrid has a unified tree");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+}
+
+/// Starts the RCU grace period that creating a container waits for, so that it runs while the runtime writes
+/// the bundle and libcontainer prepares, instead of after. Any write to a `cgroup.procs` waits for a grace period
+/// (4-25 ms on this host, far more than the rest of a create) unless another such write happened within the last
+/// one; libcontainer's moves of the container into its cgroups would otherwise start that wait themselves. This
+/// write moves the zygote to the cgroup it already is in: nothing changes but the time. Blocking; best effort.
+pub(crate) fn start_grace_period(layout: Layout, zygote: i32) {
+    if layout == Layout::Legacy {
+        return;
+    }
+    let moved = own_unified_dir(layout).and_then(|home| std::fs::write(home.join("cgroup.procs"), zygote.to_string()));
+    if let Err(e) = moved {
+        tracing::debug!(error = %e, "could not start the grace period early");
+    }
+}
+
+/// This process's (the agent's, so also the zygote's) directory in the cgroup2 tree: its path in
+/// `/proc/self/cgroup`, relative to the subtree mounted where the layout has that tree.
+fn own_unified_dir(layout: Layout) -> std::io::Result<PathBuf> {
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let point = unified_dir(layout, "").ok_or_else(|| invalid("no cgroup2 tree"))?;
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
+    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| invalid("no cgroup2 line"))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mount = crate::cgroupfs::mounts(&mountinfo)
+        .filter(|m| m.fstype == "cgroup2" && m.point == point)
+        .last()
+        .ok_or_else(|| invalid("no cgroup2 mount"))?;
+    let rel = Path::new(own).strip_prefix(&mount.root).map_err(|_| invalid("own cgroup is not mounted"))?;
+    Ok(point.join(rel))
 }
 
 /// Removes the container's cgroup from every hierarchy once its init is gone, killing whatever is left in it

@@ -14,6 +14,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
 use crate::cgroup::{self, Layout};
+use crate::cgroupfs;
 use crate::config::{ContainerConfig, ExecConfig};
 use crate::error::RuntimeError;
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -148,16 +149,61 @@ struct Inner {
     exec_seq: std::sync::atomic::AtomicU64,
 }
 
+impl Inner {
+    /// Builds the container's spec and writes its bundle; on v1 and hybrid hosts with the container's cgroupfs
+    /// assembled on the host (see `cgroupfs`), to be dropped once the init has its own copy.
+    fn write_bundle(
+        &self,
+        cfg: &ContainerConfig,
+        cgroupfs: Option<&cgroupfs::Plan>,
+    ) -> Result<(PathBuf, Option<cgroupfs::View>), RuntimeError> {
+        let mut spec = spec::build(cfg)?;
+        if self.layout == Layout::Unified && cfg.resources.oom_group {
+            let unified = [("memory.oom.group".to_string(), "1".to_string())].into_iter().collect();
+            if let Some(resources) = spec.linux_mut().as_mut().and_then(|l| l.resources_mut().as_mut()) {
+                resources.set_unified(Some(unified));
+            }
+        }
+        let cgroupfs = cgroupfs.map(|plan| self.cgroupfs_view(&mut spec, cfg, plan)).transpose()?.flatten();
+        let bundle = self.root.join("bundles").join(&cfg.id);
+        let json = serde_json::to_vec_pretty(&spec).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+        state::write_atomic(&bundle.join("config.json"), &json)?;
+        Ok((bundle, cgroupfs))
+    }
+
+    /// Replaces the spec's `cgroup` mount with a prepared view of the container's cgroups.
+    fn cgroupfs_view(
+        &self,
+        spec: &mut Spec,
+        cfg: &ContainerConfig,
+        plan: &cgroupfs::Plan,
+    ) -> Result<Option<cgroupfs::View>, RuntimeError> {
+        let Some(mut mounts) = spec.mounts().clone() else { return Ok(None) };
+        let Some(m) = mounts.iter_mut().find(|m| m.typ().as_deref() == Some("cgroup")) else { return Ok(None) };
+        let read_only = m.options().iter().flatten().any(|o| o == "ro");
+        let dir = self.root.join("cgroupfs").join(&cfg.id);
+        let view = plan.mount(&dir, read_only).map_err(|e| RuntimeError::Create {
+            id: cfg.id.clone(),
+            message: format!("preparing its /sys/fs/cgroup: {e}"),
+        })?;
+        *m = view.spec_mount(m);
+        spec.set_mounts(Some(mounts));
+        Ok(Some(view))
+    }
+}
+
 impl Runtime {
-    /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`, `sandboxes/`). Must be called inside
-    /// a tokio runtime: it spawns the task that receives exit events from the zygote. Makes this process a child
-    /// subreaper, so that container processes whose zygote died are still reparented to the agent.
+    /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`, `sandboxes/`, `cgroupfs/`).
+    /// Must be called inside a tokio runtime: it spawns the task that receives exit events from the zygote. Makes
+    /// this process a child subreaper, so that container processes whose zygote died are still reparented to the
+    /// agent.
     pub fn new(zygote: Zygote, root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
         let root = root.into();
-        for dir in ["libcontainer", "bundles", "records", "sandboxes"] {
+        for dir in ["libcontainer", "bundles", "records", "sandboxes", "cgroupfs"] {
             std::fs::create_dir_all(root.join(dir))
                 .map_err(|source| RuntimeError::State { path: root.join(dir), source })?;
         }
+        cgroupfs::sweep(&root.join("cgroupfs"));
         // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes an attribute of this process.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
         nix::errno::Errno::result(rc).map_err(RuntimeError::sys("PR_SET_CHILD_SUBREAPER"))?;
@@ -200,41 +246,37 @@ impl Runtime {
     }
 
     /// Creates a container: builds its spec and bundle, has the zygote create it (its init waits for
-    /// [`Runtime::start`]), places it in the unified cgroup on hybrid hosts, and records it for re-adoption.
-    /// On failure nothing is left behind.
+    /// [`Runtime::start`]), and records it for re-adoption. On failure nothing is left behind.
     pub async fn create(&self, cfg: &ContainerConfig, io: ContainerIo) -> Result<Container, RuntimeError> {
-        let mut spec = spec::build(cfg)?;
-        if self.inner.layout == Layout::Unified && cfg.resources.oom_group {
-            let unified = [("memory.oom.group".to_string(), "1".to_string())].into_iter().collect();
-            if let Some(resources) = spec.linux_mut().as_mut().and_then(|l| l.resources_mut().as_mut()) {
-                resources.set_unified(Some(unified));
-            }
-        }
-        if self.inner.layout != Layout::Unified && matches!(cfg.namespaces.pid, crate::config::Namespace::Join(_)) {
-            // libcontainer 0.7 mounts cgroup v1 by reading /proc/<its pid as seen in the container's PID
-            // namespace>/cgroup from the host's /proc, which is another process (or none) when the namespace is
-            // shared: no cgroupfs in such containers on v1/hybrid hosts (v2 hosts are unaffected).
-            let mounts = spec
-                .mounts()
-                .clone()
-                .map(|m| m.into_iter().filter(|m| m.destination() != Path::new("/sys/fs/cgroup")).collect::<Vec<_>>());
-            spec.set_mounts(mounts);
-        }
-        let bundle = self.inner.root.join("bundles").join(&cfg.id);
-        let json = serde_json::to_vec_pretty(&spec).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
-        state::write_atomic(&bundle.join("config.json"), &json)?;
         let stdio = [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()];
         let output = io.stdout.as_ref().and_then(inode).zip(io.stderr.as_ref().and_then(inode));
         let fds: Vec<OwnedFd> = [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect();
-        let req = Request::Create {
-            id: cfg.id.clone(),
-            root: self.libcontainer_root(),
-            bundle: bundle.clone(),
-            stdio,
-            tty: cfg.tty,
-        };
+        let inner = self.inner.clone();
+        let owned = cfg.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            // The cgroups first (in planning the cgroupfs view): making one waits while a move into a cgroup
+            // holds the kernel's cgroup lock through its grace period.
+            let plan = match inner.layout {
+                Layout::Unified => None,
+                Layout::Hybrid | Layout::Legacy => Some(cgroupfs::Plan::new(&owned.cgroups_path).map_err(|e| {
+                    RuntimeError::Create { id: owned.id.clone(), message: format!("creating its cgroups: {e}") }
+                })?),
+            };
+            let (layout, zygote) = (inner.layout, inner.zygote.pid);
+            tokio::runtime::Handle::current().spawn_blocking(move || cgroup::start_grace_period(layout, zygote));
+            let (bundle, cgroupfs) = inner.write_bundle(&owned, plan.as_ref())?;
+            let root = inner.root.join("libcontainer");
+            let req = Request::Create { id: owned.id.clone(), root, bundle, stdio, tty: owned.tty };
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            let reply = inner.zygote.call(&req, &borrowed);
+            drop(cgroupfs);
+            reply
+        })
+        .await
+        .map_err(|e| RuntimeError::Zygote(e.to_string()))
+        .and_then(|r| r);
         let fail = |message: String| RuntimeError::Create { id: cfg.id.clone(), message };
-        let (pid, pty) = match self.call(req, fds).await {
+        let (pid, pty) = match created {
             Ok((Reply::Pid(pid), mut fds)) => (pid, fds.pop()),
             Ok((Reply::Failed(message), _)) => {
                 self.cleanup(&cfg.id, &cfg.cgroups_path).await;
@@ -246,6 +288,7 @@ impl Runtime {
                 return Err(e);
             }
         };
+        let bundle = self.inner.root.join("bundles").join(&cfg.id);
         let setup = async {
             cgroup::join_unified(self.inner.layout, &cfg.cgroups_path, pid)
                 .map_err(|e| fail(format!("joining the unified cgroup: {e}")))?;
@@ -365,7 +408,17 @@ impl Runtime {
         let reply = self.call(req, fds).await;
         let _ = std::fs::remove_file(&process_file);
         match reply? {
-            (Reply::Pid(pid), mut fds) => Ok(ExecProcess { pid, pty: fds.pop().map(File::from) }),
+            (Reply::Pid(pid), mut fds) => {
+                // A process that is already gone has nothing left to move (ESRCH).
+                match cgroup::join_unified(self.inner.layout, &c.cgroups_path, pid) {
+                    Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                        let _ = pidfd_open(pid).and_then(|fd| pidfd_send_signal(&fd, Signal::SIGKILL));
+                        return Err(fail(format!("joining the unified cgroup: {e}")));
+                    }
+                    _ => {}
+                }
+                Ok(ExecProcess { pid, pty: fds.pop().map(File::from) })
+            }
             (Reply::Failed(message), _) => Err(fail(message)),
             (other, _) => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
         }

@@ -5,6 +5,7 @@
 //! zygote's exit events and the cgroup's OOM counter into [`ContainerExit`]s.
 
 pub mod cgroup;
+mod cgroupfs;
 pub mod config;
 mod container;
 pub mod error;

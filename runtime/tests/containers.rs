@@ -76,6 +76,7 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         containers_share_the_pod_sandbox,
         terminals_for_containers_and_exec,
         shared_process_namespace,
+        containers_see_their_own_cgroups,
         many_cycles_leak_nothing,
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -657,5 +658,77 @@ async fn shared_process_namespace(rt: Runtime, env: Env) -> Result<()> {
     }
     ensure!(exited(holder), "the PID namespace holder {holder} outlived its sandbox");
     ensure!(!sb.dir.exists());
+    Ok(())
+}
+
+/// `/sys/fs/cgroup` inside shows the container's own cgroups, read-only (v1 and hybrid hosts: assembled by the
+/// runtime, also when the PID namespace is shared), with nothing left mounted on the host; on hybrid hosts the
+/// init and exec'd processes are in the container's unified cgroup.
+async fn containers_see_their_own_cgroups(rt: Runtime, env: Env) -> Result<()> {
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let (limit_file, cgroup_line) = if v2 {
+        ("/sys/fs/cgroup/memory.max", "0::/")
+    } else {
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", ":memory:/")
+    };
+    let script = format!(
+        "cat {limit_file}; grep -F '{cgroup_line}' /proc/self/cgroup; ls /sys/fs/cgroup; \
+         echo 1 > {limit_file} 2>/dev/null && echo writable; echo end; sleep 100"
+    );
+    let sb = rt
+        .create_sandbox(&SandboxConfig { id: "pod4".into(), network: true, share_pid: true, ..Default::default() })
+        .await?;
+    for (id, shared_pid) in [("cgview", false), ("pod4-cgview", true)] {
+        let mut cfg = config(&env, id, &["sh", "-c", &script]);
+        cfg.resources = Resources { memory_limit: Some(64 << 20), ..Default::default() };
+        if shared_pid {
+            cfg.namespaces = sb.namespaces(false);
+        }
+        let (io, pipes) = ContainerIo::pipes(false)?;
+        let c = rt.create(&cfg, io).await?;
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        ensure!(!mounts.contains("/cgroupfs/"), "{id}: the host copy of its cgroupfs is still mounted: {mounts}");
+        rt.start(&c).await?;
+        let mut stdout = pipes.stdout;
+        let out = tokio::task::spawn_blocking(move || {
+            let mut out = String::new();
+            let mut buf = [0u8; 4096];
+            // Until the script is done (the container then sleeps).
+            while !out.ends_with("end\n") {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+            out
+        })
+        .await?;
+        let on_hybrid = std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() && !v2;
+        if on_hybrid {
+            let exec = ExecConfig { args: vec!["sleep".into(), "100".into()], ..Default::default() };
+            let p = rt.exec(&c, &exec, ContainerIo::default()).await?;
+            for (what, pid) in [("init", c.pid), ("exec'd process", p.pid)] {
+                let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+                let unified = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default();
+                ensure!(unified.ends_with(&format!("/nodelet-test/{id}")), "{id}: {what} is in {unified:?}");
+            }
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), Signal::SIGKILL);
+            rt.wait_exec(p.pid).await;
+        }
+        rt.signal(&c, Signal::SIGKILL)?;
+        rt.wait(&c).await;
+        rt.delete(&c).await?;
+        ensure!(out.starts_with("67108864\n"), "{id}: the memory limit is not visible: {out:?}");
+        ensure!(out.lines().any(|l| l.ends_with(cgroup_line)), "{id}: not at its cgroup's root: {out:?}");
+        ensure!(!out.contains("writable"), "{id}: cgroupfs is writable: {out:?}");
+        if !v2 {
+            for name in ["cpu", "cpuacct", "memory", "pids"] {
+                ensure!(out.lines().any(|l| l == name), "{id}: no {name} in /sys/fs/cgroup: {out:?}");
+            }
+        }
+        assert_clean(&env, id)?;
+    }
+    rt.remove_sandbox(&sb).await?;
+    ensure!(std::fs::read_dir(env.state.join("cgroupfs"))?.next().is_none(), "a cgroupfs view left behind");
     Ok(())
 }

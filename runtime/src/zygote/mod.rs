@@ -102,7 +102,7 @@ impl Zygote {
 
     /// Splits off the socket on which exit events arrive (read by the runtime's event task).
     pub(crate) fn into_parts(self) -> (ZygoteRequests, OwnedFd) {
-        (ZygoteRequests { requests: self.requests }, self.events)
+        (ZygoteRequests { requests: self.requests, pid: self.pid.as_raw() }, self.events)
     }
 }
 
@@ -110,6 +110,8 @@ impl Zygote {
 #[derive(Debug)]
 pub(crate) struct ZygoteRequests {
     requests: Mutex<OwnedFd>,
+    /// The zygote's PID.
+    pub pid: i32,
 }
 
 impl ZygoteRequests {
