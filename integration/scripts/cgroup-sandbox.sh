@@ -10,8 +10,8 @@
 #   memory  -> /sys/fs/cgroup/memory/<the caller's memory cgroup>/NAME  (the caller is not at / there)
 #   others  -> /sys/fs/cgroup/<ctrl>/NAME                                (the caller is at / there)
 #   unified -> /sys/fs/cgroup/unified/NAME (its cgroup.controllers is empty: crun then accepts the hybrid host);
-#              CMD starts in it, so that its own unified cgroup is inside the mounted tree (nodelet's zygote
-#              visits containers' unified cgroups and must find its way back)
+#              CMD starts in it, so that its own unified cgroup is inside the mounted tree (nodelet's runtime
+#              writes its zygote's PID there to start the RCU grace period of a container's cgroup moves early)
 # On a pure cgroup v2 host (/sys/fs/cgroup is cgroup2) only the unified root is swapped.
 set -eu
 cmd=${1:-}; name=${2:-}

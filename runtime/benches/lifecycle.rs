@@ -66,8 +66,9 @@ fn cli_run(bin: &str, state: &Path, bundle: &Path, id: &str) -> Duration {
 }
 
 /// A pause before each measured run, so that none starts within an RCU grace period of the previous one's
-/// cgroup moves: a write to `cgroup.procs` waits for a grace period (~6 ms here) unless another write happened
-/// within the last one, so back to back the runtime measured after another would get its cgroup move for free.
+/// cgroup moves: a write to `cgroup.procs` waits for a grace period (4-25 ms here when the machine was idle)
+/// unless another write happened within the last one, so back to back the runtime measured right after another
+/// would get its cgroup moves for free (crun, after nodelet, did in earlier versions of this bench).
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(30)).await;
 }

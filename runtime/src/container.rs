@@ -405,6 +405,8 @@ impl Runtime {
             stdio,
             tty: exec.tty,
         };
+        let (layout, zygote) = (self.inner.layout, self.inner.zygote.pid);
+        tokio::task::spawn_blocking(move || cgroup::start_grace_period(layout, zygote));
         let reply = self.call(req, fds).await;
         let _ = std::fs::remove_file(&process_file);
         match reply? {
