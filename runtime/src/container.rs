@@ -486,7 +486,7 @@ impl Runtime {
                 _ => Ok(()),
             }
         };
-        self.remove_files(&c.id, &c.cgroups_path);
+        self.remove_files(&c.id, &c.cgroups_path).await;
         self.inner.exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid);
         result
     }
@@ -495,13 +495,20 @@ impl Runtime {
     async fn cleanup(&self, id: &str, cgroups_path: &str) {
         let req = Request::Delete { id: id.into(), root: self.libcontainer_root(), force: true };
         let _ = self.call(req, vec![]).await;
-        self.remove_files(id, cgroups_path);
+        self.remove_files(id, cgroups_path).await;
     }
 
-    fn remove_files(&self, id: &str, cgroups_path: &str) {
-        cgroup::remove(self.inner.layout, cgroups_path);
-        let _ = std::fs::remove_dir_all(self.inner.root.join("bundles").join(id));
-        Record::remove(&self.records(), id);
+    /// Blocking work on a pool thread: removing a cgroup that is still busy retries for up to a second.
+    async fn remove_files(&self, id: &str, cgroups_path: &str) {
+        let (inner, id, cgroups_path) = (self.inner.clone(), id.to_string(), cgroups_path.to_string());
+        let removed = tokio::task::spawn_blocking(move || {
+            cgroup::remove(inner.layout, &cgroups_path);
+            let _ = std::fs::remove_dir_all(inner.root.join("bundles").join(&id));
+            Record::remove(&inner.root.join("records"), &id);
+        });
+        if let Err(e) = removed.await {
+            tracing::warn!(error = %e, "removing a container's files");
+        }
     }
 
     /// The containers of a previous agent process that are still alive (re-adopted: they can be signalled,
