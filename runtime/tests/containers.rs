@@ -434,8 +434,14 @@ async fn containers_survive_an_agent_restart_and_are_readopted(_rt: Runtime, env
     // The agent (and its zygote) are gone; the container is not.
     tokio::time::sleep(Duration::from_millis(200)).await;
     ensure!(Path::new(&format!("/proc/{pid}")).exists(), "container {pid} died with its agent");
+    // An agent that crashes while creating a container leaves its cgroupfs view mounted: the next one removes it.
+    let leftover = state.join("cgroupfs/crashed");
+    std::fs::create_dir_all(&leftover)?;
+    nix::mount::mount(Some("tmpfs"), &leftover, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>)?;
     let st = state.clone();
     let out = tokio::task::spawn_blocking(move || agent("adopt", &st)).await??;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(!leftover.exists() && !mounts.contains("cgroupfs/crashed"), "a leftover cgroupfs view survived a restart");
     ensure!(out.status.success(), "adopting agent: {}", String::from_utf8_lossy(&out.stderr));
     let mut gone = false;
     for _ in 0..100 {
