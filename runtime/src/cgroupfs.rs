@@ -169,8 +169,18 @@ impl Plan {
         Ok(Self { binds, aliases })
     }
 
+    /// Replaces the spec's `cgroup` mount (if any) with the view, assembled in `dir`, keeping its options.
+    pub(crate) fn replace_mount(&self, spec: &mut oci_spec::runtime::Spec, dir: &Path) -> io::Result<Option<View>> {
+        let Some(mut mounts) = spec.mounts().clone() else { return Ok(None) };
+        let Some(m) = mounts.iter_mut().find(|m| m.typ().as_deref() == Some("cgroup")) else { return Ok(None) };
+        let view = self.mount(dir, m.options().iter().flatten().any(|o| o == "ro"))?;
+        *m = view.spec_mount(m);
+        spec.set_mounts(Some(mounts));
+        Ok(Some(view))
+    }
+
     /// Assembles the view in `dir` (created; must not exist). On failure nothing is left mounted.
-    pub(crate) fn mount(&self, dir: &Path, read_only: bool) -> io::Result<View> {
+    fn mount(&self, dir: &Path, read_only: bool) -> io::Result<View> {
         std::fs::create_dir_all(dir)?;
         let view = View { dir: dir.to_path_buf() };
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -201,7 +211,7 @@ pub(crate) struct View {
 
 impl View {
     /// The spec mount replacing `cgroup`: the view, recursively, with the original mount's options.
-    pub(crate) fn spec_mount(&self, original: &oci_spec::runtime::Mount) -> oci_spec::runtime::Mount {
+    fn spec_mount(&self, original: &oci_spec::runtime::Mount) -> oci_spec::runtime::Mount {
         let mut options = vec!["rbind".to_string()];
         options.extend(original.options().iter().flatten().filter(|o| *o != "relatime").cloned());
         let mut m = original.clone();

@@ -14,13 +14,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
 use crate::cgroup::{self, Layout};
-use crate::cgroupfs;
 use crate::config::{ContainerConfig, ExecConfig};
 use crate::error::RuntimeError;
 use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::spec;
 use crate::state::{self, Record};
 use crate::zygote::{Exited, Reply, Request, Zygote, ZygoteRequests, wire};
+use crate::{bundle, cgroupfs};
 
 /// The standard streams of a container or exec'd process; `None` means `/dev/null`.
 #[derive(Debug, Default)]
@@ -149,49 +148,6 @@ struct Inner {
     exec_seq: std::sync::atomic::AtomicU64,
 }
 
-impl Inner {
-    /// Builds the container's spec and writes its bundle; on v1 and hybrid hosts with the container's cgroupfs
-    /// assembled on the host (see `cgroupfs`), to be dropped once the init has its own copy.
-    fn write_bundle(
-        &self,
-        cfg: &ContainerConfig,
-        cgroupfs: Option<&cgroupfs::Plan>,
-    ) -> Result<(PathBuf, Option<cgroupfs::View>), RuntimeError> {
-        let mut spec = spec::build(cfg)?;
-        if self.layout == Layout::Unified && cfg.resources.oom_group {
-            let unified = [("memory.oom.group".to_string(), "1".to_string())].into_iter().collect();
-            if let Some(resources) = spec.linux_mut().as_mut().and_then(|l| l.resources_mut().as_mut()) {
-                resources.set_unified(Some(unified));
-            }
-        }
-        let cgroupfs = cgroupfs.map(|plan| self.cgroupfs_view(&mut spec, cfg, plan)).transpose()?.flatten();
-        let bundle = self.root.join("bundles").join(&cfg.id);
-        let json = serde_json::to_vec_pretty(&spec).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
-        state::write_atomic(&bundle.join("config.json"), &json)?;
-        Ok((bundle, cgroupfs))
-    }
-
-    /// Replaces the spec's `cgroup` mount with a prepared view of the container's cgroups.
-    fn cgroupfs_view(
-        &self,
-        spec: &mut Spec,
-        cfg: &ContainerConfig,
-        plan: &cgroupfs::Plan,
-    ) -> Result<Option<cgroupfs::View>, RuntimeError> {
-        let Some(mut mounts) = spec.mounts().clone() else { return Ok(None) };
-        let Some(m) = mounts.iter_mut().find(|m| m.typ().as_deref() == Some("cgroup")) else { return Ok(None) };
-        let read_only = m.options().iter().flatten().any(|o| o == "ro");
-        let dir = self.root.join("cgroupfs").join(&cfg.id);
-        let view = plan.mount(&dir, read_only).map_err(|e| RuntimeError::Create {
-            id: cfg.id.clone(),
-            message: format!("preparing its /sys/fs/cgroup: {e}"),
-        })?;
-        *m = view.spec_mount(m);
-        spec.set_mounts(Some(mounts));
-        Ok(Some(view))
-    }
-}
-
 impl Runtime {
     /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`, `sandboxes/`, `cgroupfs/`).
     /// Must be called inside a tokio runtime: it spawns the task that receives exit events from the zygote. Makes
@@ -264,7 +220,7 @@ impl Runtime {
             };
             let (layout, zygote) = (inner.layout, inner.zygote.pid);
             tokio::runtime::Handle::current().spawn_blocking(move || cgroup::start_grace_period(layout, zygote));
-            let (bundle, cgroupfs) = inner.write_bundle(&owned, plan.as_ref())?;
+            let (bundle, cgroupfs) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
             let root = inner.root.join("libcontainer");
             let req = Request::Create { id: owned.id.clone(), root, bundle, stdio, tty: owned.tty };
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();

@@ -4,6 +4,7 @@
 //! tokio. The zygote does every clone; the runtime builds specs, keeps state for re-adoption, and turns the
 //! zygote's exit events and the cgroup's OOM counter into [`ContainerExit`]s.
 
+mod bundle;
 pub mod cgroup;
 mod cgroupfs;
 pub mod config;
