@@ -148,6 +148,14 @@ struct Inner {
     exec_seq: std::sync::atomic::AtomicU64,
 }
 
+impl Inner {
+    /// Starts the grace period of the cgroup moves to come (`cgroup::start_grace_period`) on a pool thread.
+    fn start_grace_period(&self) {
+        let (layout, zygote) = (self.layout, self.zygote.pid);
+        tokio::runtime::Handle::current().spawn_blocking(move || cgroup::start_grace_period(layout, zygote));
+    }
+}
+
 impl Runtime {
     /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`, `sandboxes/`, `cgroupfs/`).
     /// Must be called inside a tokio runtime: it spawns the task that receives exit events from the zygote. Makes
@@ -218,8 +226,7 @@ impl Runtime {
                     RuntimeError::Create { id: owned.id.clone(), message: format!("creating its cgroups: {e}") }
                 })?),
             };
-            let (layout, zygote) = (inner.layout, inner.zygote.pid);
-            tokio::runtime::Handle::current().spawn_blocking(move || cgroup::start_grace_period(layout, zygote));
+            inner.start_grace_period();
             let (bundle, cgroupfs) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
             let root = inner.root.join("libcontainer");
             let req = Request::Create { id: owned.id.clone(), root, bundle, stdio, tty: owned.tty };
@@ -361,8 +368,7 @@ impl Runtime {
             stdio,
             tty: exec.tty,
         };
-        let (layout, zygote) = (self.inner.layout, self.inner.zygote.pid);
-        tokio::task::spawn_blocking(move || cgroup::start_grace_period(layout, zygote));
+        self.inner.start_grace_period();
         let reply = self.call(req, fds).await;
         let _ = std::fs::remove_file(&process_file);
         match reply? {
@@ -511,6 +517,9 @@ impl Runtime {
     /// Creates a pod sandbox: the pod's own network (loopback up), IPC and UTS namespaces as configured, kept as
     /// namespace files under `<root>/sandboxes/<id>`.
     pub async fn create_sandbox(&self, config: &SandboxConfig) -> Result<Sandbox, RuntimeError> {
+        // The pod's containers come next: their cgroup moves' grace period can run while the sandbox and the
+        // pod's network are set up.
+        self.inner.start_grace_period();
         let dir = self.inner.root.join("sandboxes").join(&config.id);
         let req = Request::CreateSandbox { config: config.clone(), dir: dir.clone() };
         match self.call(req, vec![]).await?.0 {
