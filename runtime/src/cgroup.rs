@@ -56,20 +56,17 @@ pub fn join_unified(layout: Layout, cgroups_path: &str, pid: i32) -> std::io::Re
 /// the bundle and libcontainer prepares, instead of after. Any write to a `cgroup.procs` waits for a grace period
 /// (4-25 ms on this host, far more than the rest of a create) unless another such write happened within the last
 /// one; libcontainer's moves of the container into its cgroups would otherwise start that wait themselves. This
-/// write moves the zygote to the cgroup it already is in: nothing changes but the time. Blocking; best effort.
-pub(crate) fn start_grace_period(layout: Layout, zygote: i32) {
-    if layout == Layout::Legacy {
-        return;
-    }
-    let moved = own_unified_dir(layout).and_then(|home| std::fs::write(home.join("cgroup.procs"), zygote.to_string()));
-    if let Err(e) = moved {
+/// write moves the zygote to the cgroup it already is in (`home`, see [`own_unified_dir`]): nothing changes but
+/// the time. Blocking; best effort.
+pub(crate) fn start_grace_period(home: &Path, zygote: i32) {
+    if let Err(e) = std::fs::write(home.join("cgroup.procs"), zygote.to_string()) {
         tracing::debug!(error = %e, "could not start the grace period early");
     }
 }
 
 /// This process's (the agent's, so also the zygote's) directory in the cgroup2 tree: its path in
 /// `/proc/self/cgroup`, relative to the subtree mounted where the layout has that tree.
-fn own_unified_dir(layout: Layout) -> std::io::Result<PathBuf> {
+pub(crate) fn own_unified_dir(layout: Layout) -> std::io::Result<PathBuf> {
     let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let point = unified_dir(layout, "").ok_or_else(|| invalid("no cgroup2 tree"))?;
     let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;

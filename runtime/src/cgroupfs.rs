@@ -145,16 +145,29 @@ pub(crate) struct Plan {
     aliases: Vec<(String, String)>,
 }
 
+/// The host's v1 hierarchies and the agent's cgroup in each: read once, when the runtime starts.
+#[derive(Debug)]
+pub(crate) struct Hierarchies {
+    list: Vec<Hierarchy>,
+    own: HashMap<String, String>,
+}
+
+impl Hierarchies {
+    pub(crate) fn detect() -> io::Result<Self> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let own = own_cgroups(&std::fs::read_to_string("/proc/self/cgroup")?);
+        Ok(Self { list: hierarchies(&mountinfo), own })
+    }
+}
+
 impl Plan {
     /// Plans the view of the container whose cgroup is `cgroups_path`, creating that cgroup in each managed
     /// hierarchy (libcontainer finds it there).
-    pub(crate) fn new(cgroups_path: &str) -> io::Result<Self> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let own = own_cgroups(&std::fs::read_to_string("/proc/self/cgroup")?);
-        let hierarchies = hierarchies(&mountinfo);
+    pub(crate) fn new(host: &Hierarchies, cgroups_path: &str) -> io::Result<Self> {
+        let hierarchies = &host.list;
         let mut binds = Vec::new();
-        for h in &hierarchies {
-            let Some(rel) = source_in(h, cgroups_path, &own) else { continue };
+        for h in hierarchies {
+            let Some(rel) = source_in(h, cgroups_path, &host.own) else { continue };
             let source = Path::new(CGROUP_ROOT).join(&h.name).join(rel);
             std::fs::create_dir_all(&source)?;
             binds.push((h.name.clone(), source));

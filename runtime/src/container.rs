@@ -144,6 +144,11 @@ struct Inner {
     zygote: ZygoteRequests,
     root: PathBuf,
     layout: Layout,
+    /// v1 and hybrid hosts: the hierarchies containers' cgroupfs views are made of.
+    hierarchies: Option<cgroupfs::Hierarchies>,
+    /// The agent's and zygote's cgroup2 directory, where moving the zygote starts a grace period (`None` on
+    /// legacy hosts, or where that cgroup is not under the mounted tree).
+    zygote_cgroup: Option<PathBuf>,
     exits: Mutex<HashMap<i32, watch::Sender<Option<Exited>>>>,
     exec_seq: std::sync::atomic::AtomicU64,
 }
@@ -151,8 +156,10 @@ struct Inner {
 impl Inner {
     /// Starts the grace period of the cgroup moves to come (`cgroup::start_grace_period`) on a pool thread.
     fn start_grace_period(&self) {
-        let (layout, zygote) = (self.layout, self.zygote.pid);
-        tokio::runtime::Handle::current().spawn_blocking(move || cgroup::start_grace_period(layout, zygote));
+        if let Some(home) = self.zygote_cgroup.clone() {
+            let zygote = self.zygote.pid;
+            tokio::runtime::Handle::current().spawn_blocking(move || cgroup::start_grace_period(&home, zygote));
+        }
     }
 }
 
@@ -172,10 +179,27 @@ impl Runtime {
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
         nix::errno::Errno::result(rc).map_err(RuntimeError::sys("PR_SET_CHILD_SUBREAPER"))?;
         let (requests, events) = zygote.into_parts();
+        let layout = cgroup::layout();
+        let hierarchies = match layout {
+            Layout::Unified => None,
+            Layout::Hybrid | Layout::Legacy => Some(
+                cgroupfs::Hierarchies::detect()
+                    .map_err(|source| RuntimeError::State { path: "/proc/self/mountinfo".into(), source })?,
+            ),
+        };
+        let zygote_cgroup = match cgroup::own_unified_dir(layout) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                tracing::debug!(error = %e, "container creation will not start its grace period early");
+                None
+            }
+        };
         let inner = Arc::new(Inner {
             zygote: requests,
             root,
-            layout: cgroup::layout(),
+            layout,
+            hierarchies,
+            zygote_cgroup,
             exits: Mutex::default(),
             exec_seq: Default::default(),
         });
@@ -220,12 +244,11 @@ impl Runtime {
         let created = tokio::task::spawn_blocking(move || {
             // The cgroups first (in planning the cgroupfs view): making one waits while a move into a cgroup
             // holds the kernel's cgroup lock through its grace period.
-            let plan = match inner.layout {
-                Layout::Unified => None,
-                Layout::Hybrid | Layout::Legacy => Some(cgroupfs::Plan::new(&owned.cgroups_path).map_err(|e| {
-                    RuntimeError::Create { id: owned.id.clone(), message: format!("creating its cgroups: {e}") }
-                })?),
-            };
+            let plan = inner.hierarchies.as_ref().map(|h| cgroupfs::Plan::new(h, &owned.cgroups_path)).transpose();
+            let plan = plan.map_err(|e| RuntimeError::Create {
+                id: owned.id.clone(),
+                message: format!("creating its cgroups: {e}"),
+            })?;
             inner.start_grace_period();
             let (bundle, cgroupfs) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
             let root = inner.root.join("libcontainer");
