@@ -499,8 +499,14 @@ impl Runtime {
     /// The containers of a previous agent process that are still alive (re-adopted: they can be signalled,
     /// exec'd into, waited for and deleted). Records of dead ones are cleaned up. Call once at startup.
     pub async fn list(&self) -> Vec<Container> {
+        self.list_matching("").await
+    }
+
+    /// [`Runtime::list`] for the containers whose IDs start with `prefix` (one pod's: `<uid>-`), e.g. to release
+    /// what a failed pod worker held. Only call it for containers that no one else is deleting.
+    pub async fn list_matching(&self, prefix: &str) -> Vec<Container> {
         let mut live = Vec::new();
-        for r in Record::load_all(&self.records()) {
+        for r in Record::load_all(&self.records()).into_iter().filter(|r| r.id.starts_with(prefix)) {
             let alive = state::start_time(r.pid) == Some(r.start_time);
             match pidfd_open(r.pid).ok().filter(|_| alive) {
                 Some(pidfd) => live.push(Container {

@@ -14,6 +14,14 @@ pub enum SpecError {
     /// The image's group name is not in the container's `/etc/group`.
     #[error("unable to find group {0}: no matching entries in group file")]
     UnknownGroup(String),
+    /// The image's `/etc/passwd` or `/etc/group` cannot be used (see [`crate::user`]'s threat model).
+    #[error("reading {path} of the image: {reason}")]
+    UserDatabase {
+        /// The file, as the container sees it.
+        path: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// A capability name the kernel does not know.
     #[error("unknown capability {0:?}")]
     UnknownCapability(String),

@@ -14,6 +14,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
 pub mod state;
+pub mod user;
 pub mod zygote;
 
 pub use config::{

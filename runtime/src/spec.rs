@@ -3,7 +3,6 @@
 //! paths, namespaces, cgroup path and resources.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use oci_spec::runtime::Spec;
 use serde_json::{Value, json};
@@ -117,92 +116,6 @@ pub fn expand(input: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
-/// The user the process runs as: `runAsUser`/`runAsGroup` win over the image's `User`; names are resolved in the
-/// container's `/etc/passwd` and `/etc/group`, and the user's groups there are added like containerd does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessUser {
-    /// uid.
-    pub uid: u32,
-    /// gid.
-    pub gid: u32,
-    /// Additional gids.
-    pub additional_gids: Vec<u32>,
-}
-
-/// Resolves the process user against the container's root filesystem.
-pub fn resolve_user(cfg: &ContainerConfig) -> Result<ProcessUser, SpecError> {
-    let passwd = read_db(&cfg.rootfs, "etc/passwd");
-    let group = read_db(&cfg.rootfs, "etc/group");
-    let image_user = cfg.image.user.as_deref().unwrap_or("").trim();
-    let (user_part, group_part) = match image_user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (image_user, None),
-    };
-    // (uid, primary gid, name) from runAsUser or the image user.
-    let (uid, mut gid, name) = match cfg.security.run_as_user {
-        Some(uid) => {
-            let entry = passwd.iter().find(|e| e.get(2).and_then(|s| s.parse().ok()) == Some(uid));
-            (uid, entry.and_then(|e| e.get(3)?.parse().ok()).unwrap_or(0), entry.map(|e| e[0].clone()))
-        }
-        None if user_part.is_empty() => (0, 0, Some("root".to_string())),
-        None => match user_part.parse::<u32>() {
-            Ok(uid) => {
-                let entry = passwd.iter().find(|e| e.get(2).and_then(|s| s.parse().ok()) == Some(uid));
-                (uid, entry.and_then(|e| e.get(3)?.parse().ok()).unwrap_or(0), entry.map(|e| e[0].clone()))
-            }
-            Err(_) => {
-                let entry = passwd
-                    .iter()
-                    .find(|e| e[0] == user_part)
-                    .ok_or_else(|| SpecError::UnknownUser(user_part.to_string()))?;
-                let uid = entry
-                    .get(2)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| SpecError::UnknownUser(user_part.into()))?;
-                (uid, entry.get(3).and_then(|s| s.parse().ok()).unwrap_or(0), Some(user_part.to_string()))
-            }
-        },
-    };
-    if let Some(g) = group_part.filter(|g| !g.is_empty() && cfg.security.run_as_user.is_none()) {
-        gid = match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => group
-                .iter()
-                .find(|e| e[0] == g)
-                .and_then(|e| e.get(2)?.parse().ok())
-                .ok_or_else(|| SpecError::UnknownGroup(g.to_string()))?,
-        };
-    }
-    if let Some(g) = cfg.security.run_as_group {
-        gid = g;
-    }
-    let mut additional_gids: Vec<u32> = Vec::new();
-    if let Some(name) = &name {
-        for e in &group {
-            if e.get(3).is_some_and(|members| members.split(',').any(|m| m == name))
-                && let Some(g) = e.get(2).and_then(|s| s.parse().ok())
-            {
-                additional_gids.push(g);
-            }
-        }
-    }
-    additional_gids.extend(&cfg.security.supplemental_groups);
-    additional_gids.sort_unstable();
-    additional_gids.dedup();
-    additional_gids.retain(|g| *g != gid);
-    Ok(ProcessUser { uid, gid, additional_gids })
-}
-
-/// `/etc/passwd`-style file as fields per line; missing file = empty (distroless images have none).
-fn read_db(rootfs: &Path, rel: &str) -> Vec<Vec<String>> {
-    std::fs::read_to_string(rootfs.join(rel))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| l.split(':').map(str::to_string).collect())
-        .collect()
-}
-
 /// The capability set: containerd's defaults (all known capabilities when privileged), then drop, then add,
 /// in upstream's order (add wins over drop; `ALL` in either).
 pub fn capabilities(cfg: &ContainerConfig) -> Result<Vec<String>, SpecError> {
@@ -249,7 +162,7 @@ fn namespace(kind: &str, ns: &Namespace) -> Option<Value> {
 pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
     let env = environment(cfg);
     let args = process_args(cfg, &env)?;
-    let user = resolve_user(cfg)?;
+    let user = crate::user::resolve_user(cfg)?;
     let caps = capabilities(cfg)?;
     let privileged = cfg.security.privileged;
     let cwd = cfg.working_dir.clone().or_else(|| cfg.image.working_dir.clone()).filter(|d| !d.is_empty());
@@ -406,33 +319,6 @@ mod tests {
         assert_eq!(capabilities(&c).unwrap(), ["CAP_NET_BIND_SERVICE"]);
         c.security.capabilities_add = vec!["BOGUS".into()];
         assert!(matches!(capabilities(&c), Err(SpecError::UnknownCapability(n)) if n == "BOGUS"));
-    }
-
-    #[test]
-    fn users_resolve_against_the_rootfs() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("etc")).unwrap();
-        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/:/bin/sh\nweb:x:33:44::/:/bin/sh\n").unwrap();
-        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nwww:x:44:\nstaff:x:50:web,other\n").unwrap();
-        let mut c = cfg(&[], &["sh"], &[], &[]);
-        c.rootfs = dir.path().to_path_buf();
-        let user = |c: &ContainerConfig| resolve_user(c).unwrap();
-        assert_eq!(user(&c), ProcessUser { uid: 0, gid: 0, additional_gids: vec![] });
-        c.image.user = Some("web".into());
-        assert_eq!(user(&c), ProcessUser { uid: 33, gid: 44, additional_gids: vec![50] });
-        c.image.user = Some("web:root".into());
-        assert_eq!(user(&c).gid, 0);
-        c.image.user = Some("1234:5678".into());
-        assert_eq!(user(&c), ProcessUser { uid: 1234, gid: 5678, additional_gids: vec![] });
-        c.image.user = Some("web".into());
-        c.security.run_as_user = Some(7);
-        c.security.supplemental_groups = vec![9, 9];
-        assert_eq!(user(&c), ProcessUser { uid: 7, gid: 0, additional_gids: vec![9] });
-        c.security.run_as_user = None;
-        c.image.user = Some("ghost".into());
-        assert!(matches!(resolve_user(&c), Err(SpecError::UnknownUser(u)) if u == "ghost"));
-        c.image.user = Some("web:nogroup".into());
-        assert!(matches!(resolve_user(&c), Err(SpecError::UnknownGroup(g)) if g == "nogroup"));
     }
 
     #[test]

@@ -102,13 +102,27 @@ pub fn resolv_conf(pod: &Pod, node: &NodeDns) -> Result<String, String> {
     Ok(out)
 }
 
-/// The pod's hostname: `spec.hostname`, else its name (the node's name for hostNetwork pods).
+/// The pod's hostname: `spec.hostnameOverride`, else `spec.hostname`, else its name, cut to 63 characters as
+/// upstream does (the node's name for hostNetwork pods).
 pub fn hostname(pod: &Pod, node_name: &str) -> String {
-    let spec = pod.spec.clone().unwrap_or_default();
-    if spec.host_network.unwrap_or(false) {
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
         return node_name.to_string();
     }
-    spec.hostname.clone().unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default())
+    let name = spec
+        .and_then(|s| s.hostname_override.clone().or_else(|| s.hostname.clone().filter(|h| !h.is_empty())))
+        .unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default());
+    truncate_hostname(&name)
+}
+
+/// Upstream's cap: 63 characters (a hostname is at most 64 bytes with its NUL), not ending in `-` or `.`.
+pub fn truncate_hostname(name: &str) -> String {
+    const MAX: usize = 63;
+    if name.len() <= MAX {
+        return name.to_string();
+    }
+    let cut = name.char_indices().nth(MAX).map_or(name, |(i, _)| &name[..i]);
+    cut.trim_end_matches(['-', '.']).to_string()
 }
 
 /// The kubelet-managed `/etc/hosts`; for hostNetwork pods the node's own file with the aliases appended.
@@ -131,7 +145,8 @@ pub fn hosts(pod: &Pod, pod_ips: &[String], domain: &str, node_hosts: &str, node
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
         for ip in pod_ips {
             match &spec.subdomain {
-                Some(sub) if !sub.is_empty() => {
+                // With hostnameOverride the pod has no domain (upstream).
+                Some(sub) if !sub.is_empty() && spec.hostname_override.is_none() => {
                     out.push_str(&format!("{ip}\t{name}.{sub}.{namespace}.svc.{domain}\t{name}\n"))
                 }
                 _ => out.push_str(&format!("{ip}\t{name}\n")),
@@ -218,5 +233,20 @@ mod tests {
         assert_eq!(text, "127.0.0.1 localhost\n\n# Entries added by HostAliases.\n10.9.9.9\tx\n");
         assert_eq!(hostname(&host, "node1"), "node1");
         assert_eq!(hostname(&pod(serde_json::json!({})), "node1"), "web");
+        let over = pod(serde_json::json!({"hostname": "h1", "hostnameOverride": "my.host", "subdomain": "sub"}));
+        assert_eq!(hostname(&over, "node1"), "my.host");
+        let hosts_file = hosts(&over, &["10.0.0.5".into()], "cluster.local", "", "node1");
+        assert!(hosts_file.ends_with("10.0.0.5\tmy.host\n"), "{hosts_file}");
+    }
+
+    #[test]
+    fn long_pod_names_make_63_character_hostnames() {
+        let name = format!("{}-{}", "a".repeat(62), "b".repeat(7));
+        assert_eq!(name.len(), 70);
+        let mut p = pod(serde_json::json!({}));
+        p.metadata.name = Some(name);
+        // 63 characters would end in '-': upstream trims it.
+        assert_eq!(hostname(&p, "node1"), "a".repeat(62));
+        assert_eq!(truncate_hostname(&"x".repeat(63)), "x".repeat(63));
     }
 }

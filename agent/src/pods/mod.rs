@@ -1,6 +1,8 @@
 //! Pod workers: one task per pod (see [`worker`]), created by the dispatcher when a source first shows a pod,
 //! after admission (pod count and resources against allocatable, upstream's `OutOf<resource>` rejections).
 
+pub mod admission;
+pub mod plan;
 pub mod resources;
 pub mod restore;
 pub mod service_env;
@@ -8,15 +10,17 @@ pub mod spec;
 pub mod state;
 pub mod worker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use nodelet_cgroups::hierarchy::Hierarchy;
 use nodelet_cgroups::qos::QosClass;
 use nodelet_runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::AgentConfig;
 use crate::events::Recorder;
@@ -24,7 +28,7 @@ use crate::images::ImageManager;
 use crate::sources::SourceEvent;
 use crate::status::{StatusMessage, StatusSender};
 use state::{Phase, PodState};
-use worker::{Worker, WorkerMessage};
+use worker::{Desired, Worker};
 
 /// What every pod worker shares.
 pub struct Ctx {
@@ -69,16 +73,36 @@ impl Ctx {
 }
 
 struct Admitted {
-    tx: mpsc::Sender<WorkerMessage>,
+    tx: watch::Sender<Desired>,
     requests: (u64, u64),
+    /// Set by the worker once its pod is terminal: it no longer counts for admission.
+    terminal: Arc<AtomicBool>,
 }
 
-/// Routes source events to pod workers.
+/// How a worker task ended.
+enum Done {
+    Finished(String),
+    /// It panicked: its pod's containers are released and a new worker takes the pod over.
+    Panicked {
+        uid: String,
+        message: String,
+    },
+    /// A panicked worker's pod was released; a new worker may start.
+    Released(String),
+}
+
+/// Routes source events to pod workers; never waits for one (each has a coalescing inbox).
 pub struct PodWorkers {
     ctx: Arc<Ctx>,
     workers: HashMap<String, Admitted>,
-    done_tx: mpsc::UnboundedSender<String>,
-    done_rx: mpsc::UnboundedReceiver<String>,
+    /// Pods refused at admission: they stay refused (until their source forgets them).
+    rejected: HashSet<String>,
+    /// Pods whose worker panicked, while their containers are released: the latest desired pod.
+    releasing: HashMap<String, Desired>,
+    /// Panics per pod, for the delay before its next worker.
+    panics: HashMap<String, u32>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
     /// Sources that have not yet delivered their first complete set of pods.
     unsynced: usize,
 }
@@ -87,17 +111,31 @@ impl PodWorkers {
     /// `sources`: how many pod sources will report [`SourceEvent::Synced`].
     pub fn new(ctx: Arc<Ctx>, sources: usize) -> PodWorkers {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        PodWorkers { ctx, workers: HashMap::new(), done_tx, done_rx, unsynced: sources }
+        PodWorkers {
+            ctx,
+            workers: HashMap::new(),
+            rejected: HashSet::new(),
+            releasing: HashMap::new(),
+            panics: HashMap::new(),
+            done_tx,
+            done_rx,
+            unsynced: sources,
+        }
     }
 
     pub async fn run(mut self, mut sources: mpsc::Receiver<SourceEvent>) {
         loop {
             tokio::select! {
                 event = sources.recv() => match event {
-                    Some(SourceEvent::Upsert(pod)) => self.upsert(*pod).await,
+                    Some(SourceEvent::Upsert(pod)) => self.upsert(*pod),
                     Some(SourceEvent::Remove { uid }) => {
+                        self.rejected.remove(&uid);
+                        self.panics.remove(&uid);
+                        if let Some(desired) = self.releasing.get_mut(&uid) {
+                            *desired = Desired::Removed;
+                        }
                         if let Some(w) = self.workers.get(&uid) {
-                            let _ = w.tx.send(WorkerMessage::Remove).await;
+                            w.tx.send_replace(Desired::Removed);
                         }
                     }
                     Some(SourceEvent::Synced) => {
@@ -108,42 +146,81 @@ impl PodWorkers {
                     }
                     None => return,
                 },
-                Some(uid) = self.done_rx.recv() => {
-                    self.workers.remove(&uid);
-                    self.ctx.view.remove(&uid);
-                }
+                Some(done) = self.done_rx.recv() => self.on_done(done),
             }
         }
     }
 
-    async fn upsert(&mut self, pod: Pod) {
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Finished(uid) => {
+                self.workers.remove(&uid);
+                self.ctx.view.remove(&uid);
+            }
+            Done::Panicked { uid, message } => {
+                let Some(w) = self.workers.remove(&uid) else { return };
+                let desired = w.tx.borrow().clone();
+                tracing::error!(%uid, %message, "a pod worker panicked: releasing its pod and starting it again");
+                if let Desired::Pod(pod) = &desired {
+                    let message = format!(
+                        "pod worker failed: {message}; its containers are stopped and the pod is started again"
+                    );
+                    self.ctx.events.record(&crate::events::PodRef::of(pod), None, true, "FailedSync", &message);
+                }
+                self.releasing.insert(uid.clone(), desired);
+                let panics = self.panics.entry(uid.clone()).or_default();
+                *panics += 1;
+                let delay = Duration::from_secs(1 << (*panics).min(6));
+                let (ctx, done) = (self.ctx.clone(), self.done_tx.clone());
+                tokio::spawn(async move {
+                    release(&ctx, &uid).await;
+                    tokio::time::sleep(delay).await;
+                    let _ = done.send(Done::Released(uid));
+                });
+            }
+            Done::Released(uid) => match self.releasing.remove(&uid) {
+                Some(Desired::Pod(pod)) => self.upsert(Arc::unwrap_or_clone(pod)),
+                _ => {
+                    self.ctx.view.remove(&uid);
+                    self.ctx.states.remove(&uid);
+                }
+            },
+        }
+    }
+
+    fn upsert(&mut self, pod: Pod) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if let Some(desired) = self.releasing.get_mut(&uid) {
+            *desired = Desired::Pod(Arc::new(pod));
+            return;
+        }
         if let Some(w) = self.workers.get(&uid) {
             self.ctx.view.upsert(pod.clone());
-            let _ = w.tx.send(WorkerMessage::Update(Box::new(pod))).await;
+            w.tx.send_replace(Desired::Pod(Arc::new(pod)));
             return;
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
         let pod_ref = crate::events::PodRef::of(&pod);
-        if phase == "Succeeded" || phase == "Failed" {
-            // Finished before (or rejected): nothing runs; a deletion only needs the final delete.
+        let finished = phase == "Succeeded" || phase == "Failed" || self.rejected.contains(&uid);
+        if finished || pod.metadata.deletion_timestamp.is_some() {
+            // Finished before (or rejected), or deleted before it ran: nothing runs; a deletion only needs the
+            // final delete.
             if pod.metadata.deletion_timestamp.is_some() {
                 let _ = self.ctx.status.send(StatusMessage::Terminated { pod: pod_ref, delete: true });
             }
             return;
         }
-        if pod.metadata.deletion_timestamp.is_some() {
-            let _ = self.ctx.status.send(StatusMessage::Terminated { pod: pod_ref, delete: true });
-            return;
-        }
         let requests = resources::pod_requests(&pod);
-        if let Err((reason, message)) = self.admit(requests) {
+        if let Err(rejection) = admission::admit(&pod, requests, self.usage(), self.capacity()) {
+            let admission::Rejection { reason, message } = rejection;
+            self.rejected.insert(uid);
             self.ctx.events.record(&pod_ref, None, true, reason, &message);
             let state = PodState {
                 phase: Phase::Failed,
                 reason: Some(reason.to_string()),
                 message: Some(message),
                 sandbox_ready: false,
+                initialized: false,
                 start_time: Timestamp::now(),
                 qos: resources::pod_qos(&pod),
                 host_ip: self.ctx.config.node_ip.clone(),
@@ -154,15 +231,36 @@ impl PodWorkers {
             let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
             return;
         }
-        let (tx, rx) = mpsc::channel(16);
-        self.workers.insert(uid.clone(), Admitted { tx, requests });
-        self.ctx.view.upsert(pod.clone());
+        let terminal = Arc::new(AtomicBool::new(false));
+        let pod = Arc::new(pod);
+        let (tx, rx) = watch::channel(Desired::Pod(pod.clone()));
+        self.workers.insert(uid.clone(), Admitted { tx, requests, terminal: terminal.clone() });
+        self.ctx.view.upsert(Pod::clone(&pod));
         let inherited = self.ctx.leftovers.claim(&uid, &self.ctx.states);
-        let (ctx, done) = (self.ctx.clone(), self.done_tx.clone());
+        let worker = Worker::new(self.ctx.clone(), Arc::unwrap_or_clone(pod), rx, inherited, terminal);
+        let done = self.done_tx.clone();
         tokio::spawn(async move {
-            Worker::new(ctx, pod, rx, inherited).run().await;
-            let _ = done.send(uid);
+            let done_message = match supervise(worker.run()).await {
+                Ok(()) => Done::Finished(uid),
+                Err(message) => Done::Panicked { uid, message },
+            };
+            let _ = done.send(done_message);
         });
+    }
+
+    /// What the admitted pods that are not terminal use.
+    fn usage(&self) -> admission::Usage {
+        let active = self.workers.values().filter(|w| !w.terminal.load(Ordering::Relaxed));
+        active.fold(admission::Usage::default(), |u, w| admission::Usage {
+            pods: u.pods + 1,
+            cpu_millis: u.cpu_millis + w.requests.0,
+            memory_bytes: u.memory_bytes + w.requests.1,
+        })
+    }
+
+    fn capacity(&self) -> admission::Capacity {
+        let (cpu_millis, memory_bytes) = self.ctx.allocatable;
+        admission::Capacity { max_pods: u64::from(self.ctx.config.kubelet.max_pods), cpu_millis, memory_bytes }
     }
 
     /// Once every source has said what it wants: removes what the previous agent left that no pod claimed
@@ -200,7 +298,7 @@ impl PodWorkers {
                 if let Some(qos) = qos {
                     let (ctx, pod) = (ctx.clone(), uid.clone());
                     let removed = tokio::task::spawn_blocking(move || {
-                        ctx.hierarchy.remove_pod(qos, &pod, std::time::Duration::from_secs(10))
+                        ctx.hierarchy.remove_pod(qos, &pod, Duration::from_secs(10))
                     })
                     .await;
                     if let Ok(Err(e)) = removed {
@@ -211,37 +309,43 @@ impl PodWorkers {
             }
         });
     }
+}
 
-    /// Upstream's admission: pod count, then cpu and memory requests against allocatable.
-    fn admit(&self, (cpu, memory): (u64, u64)) -> Result<(), (&'static str, String)> {
-        let max_pods = u64::from(self.ctx.config.kubelet.max_pods);
-        let used = self.workers.len() as u64;
-        if used + 1 > max_pods {
-            return Err((
-                "OutOfpods",
-                format!("Node didn't have enough resource: pods, requested: 1, used: {used}, capacity: {max_pods}"),
-            ));
+/// Runs a pod worker as a task of its own: `Err` with the panic's message if it panicked (never a silent end).
+pub async fn supervise(worker: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+    match tokio::spawn(worker).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(message)
         }
-        let (cap_cpu, cap_memory) = self.ctx.allocatable;
-        let used_cpu: u64 = self.workers.values().map(|w| w.requests.0).sum();
-        let used_memory: u64 = self.workers.values().map(|w| w.requests.1).sum();
-        if used_cpu + cpu > cap_cpu {
-            return Err((
-                "OutOfcpu",
-                format!(
-                    "Node didn't have enough resource: cpu, requested: {cpu}, used: {used_cpu}, capacity: {cap_cpu}"
-                ),
-            ));
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Releases what a failed worker held of pod `uid`: its containers (stopped with the default grace period), its
+/// sandbox and network, its pod cgroup. Its saved records stay, so the next worker carries on its restart counts.
+async fn release(ctx: &Ctx, uid: &str) {
+    for c in ctx.runtime.list_matching(&format!("{uid}-")).await {
+        ctx.runtime.stop(&c, Duration::from_secs(30)).await;
+        ctx.remove_container(&c).await;
+    }
+    for sandbox in ctx.runtime.list_sandboxes().into_iter().filter(|s| s.id == uid) {
+        ctx.remove_sandbox(&sandbox).await;
+    }
+    ctx.network.remove_files(uid);
+    if let Some(qos) = ctx.states.load(uid).and_then(|s| QosClass::parse(&s.qos)) {
+        let (hierarchy, pod) = (ctx.hierarchy.clone(), uid.to_string());
+        let removed =
+            tokio::task::spawn_blocking(move || hierarchy.remove_pod(qos, &pod, Duration::from_secs(10))).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(%uid, error = %e, "removing a failed worker's pod cgroup");
         }
-        if used_memory + memory > cap_memory {
-            return Err((
-                "OutOfmemory",
-                format!(
-                    "Node didn't have enough resource: memory, requested: {memory}, used: {used_memory}, capacity: {cap_memory}"
-                ),
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -253,5 +357,19 @@ async fn remove_unwanted(ctx: &Ctx, containers: &mut Vec<nodelet_runtime::Contai
     for c in unwanted {
         tracing::info!(container = %c.id, "removing a container no pod wants");
         ctx.remove_container(&c).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_worker_is_reported_with_its_message() {
+        assert_eq!(supervise(async {}).await, Ok(()));
+        let panicked = supervise(async { panic!("injected: worker {}", 7) }).await;
+        assert_eq!(panicked, Err("injected: worker 7".to_string()));
+        let static_message = supervise(async { std::panic::panic_any("static") }).await;
+        assert_eq!(static_message, Err("static".to_string()));
     }
 }

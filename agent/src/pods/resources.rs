@@ -84,6 +84,11 @@ pub fn pod_requests(pod: &Pod) -> (u64, u64) {
     )
 }
 
+/// `podPidsLimit` as a cgroup limit: `-1` (or any value below 1) means unlimited (`pids.max` = `max`), as upstream.
+pub fn pod_pids_limit(configured: Option<i64>) -> Option<u64> {
+    configured.and_then(|p| u64::try_from(p).ok()).filter(|p| *p > 0)
+}
+
 /// The container cgroup's settings (`cpu.shares` from the request, quota from the limit, memory limit).
 pub fn runtime_resources(
     c: &ContainerResources,
@@ -96,7 +101,7 @@ pub fn runtime_resources(
         cpu_quota: quota.map(|q| q as i64),
         cpu_period: quota.map(|_| qos::CPU_PERIOD_US),
         memory_limit: c.memory_limit_bytes.map(|m| m as i64),
-        pids_limit,
+        pids_limit: pod_pids_limit(pids_limit).and_then(|p| i64::try_from(p).ok()),
         oom_group,
     }
 }
@@ -115,5 +120,15 @@ mod tests {
         assert_eq!(q("129e6"), 129e6);
         assert_eq!(q("2Ki"), 2048.0);
         assert!(quantity(&Quantity("lots".into())).is_none());
+    }
+
+    #[test]
+    fn a_pod_pids_limit_of_minus_one_is_unlimited() {
+        assert_eq!(pod_pids_limit(Some(-1)), None);
+        assert_eq!(pod_pids_limit(Some(0)), None);
+        assert_eq!(pod_pids_limit(None), None);
+        assert_eq!(pod_pids_limit(Some(1024)), Some(1024));
+        let r = runtime_resources(&ContainerResources::default(), Some(-1), true);
+        assert_eq!(r.pids_limit, None);
     }
 }

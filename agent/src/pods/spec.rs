@@ -60,7 +60,7 @@ impl Lookup<'_> {
 pub async fn environment(
     pod: &Pod,
     c: &Container,
-    host_ip: &str,
+    ips: &Ips<'_>,
     lookup: &Lookup<'_>,
 ) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
@@ -80,7 +80,7 @@ pub async fn environment(
         }
     }
     for var in c.env.iter().flatten() {
-        if let Some(value) = env_value(pod, var, host_ip, lookup).await? {
+        if let Some(value) = env_value(pod, var, ips, lookup).await? {
             out.push((var.name.clone(), value));
         }
     }
@@ -97,10 +97,10 @@ pub async fn environment(
     Ok(out)
 }
 
-async fn env_value(pod: &Pod, var: &EnvVar, host_ip: &str, lookup: &Lookup<'_>) -> Result<Option<String>> {
+async fn env_value(pod: &Pod, var: &EnvVar, ips: &Ips<'_>, lookup: &Lookup<'_>) -> Result<Option<String>> {
     let Some(from) = &var.value_from else { return Ok(Some(var.value.clone().unwrap_or_default())) };
     if let Some(field) = &from.field_ref {
-        return field_value(pod, &field.field_path, host_ip).map(Some);
+        return field_value(pod, &field.field_path, ips).map(Some);
     }
     if let Some(r) = &from.config_map_key_ref {
         let data = lookup.config_map(&r.name).await?;
@@ -134,8 +134,15 @@ fn key_value(
     }
 }
 
+/// The node's and the pod's addresses, for the downward API.
+pub struct Ips<'a> {
+    pub host: &'a str,
+    /// The pod's address on the pod network (`None` before the network is set up, and for hostNetwork pods).
+    pub pod: Option<&'a str>,
+}
+
 /// The downward API fields a `fieldRef` may name.
-fn field_value(pod: &Pod, path: &str, host_ip: &str) -> Result<String> {
+fn field_value(pod: &Pod, path: &str, ips: &Ips<'_>) -> Result<String> {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
     let label = |map: &Option<BTreeMap<String, String>>, key: &str| {
@@ -153,12 +160,12 @@ fn field_value(pod: &Pod, path: &str, host_ip: &str) -> Result<String> {
         "metadata.uid" => meta.uid.clone().unwrap_or_default(),
         "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
-        "status.hostIP" | "status.hostIPs" => host_ip.to_string(),
+        "status.hostIP" | "status.hostIPs" => ips.host.to_string(),
         "status.podIP" | "status.podIPs" => {
             if spec.and_then(|s| s.host_network).unwrap_or(false) {
-                host_ip.to_string()
+                ips.host.to_string()
             } else {
-                String::new()
+                ips.pod.unwrap_or_default().to_string()
             }
         }
         other => return Err(anyhow!("unsupported fieldRef {other:?}")),

@@ -49,6 +49,9 @@ pub struct ContainerRecord {
     pub restart_count: u32,
     pub ready: bool,
     pub started: bool,
+    /// [`crate::pods::plan::spec_hash`] of the spec the current instance was started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
 }
 
 impl ContainerRecord {
@@ -63,6 +66,7 @@ impl ContainerRecord {
             restart_count: 0,
             ready: false,
             started: false,
+            spec_hash: None,
         }
     }
 
@@ -80,6 +84,8 @@ pub struct PodState {
     pub reason: Option<String>,
     pub message: Option<String>,
     pub sandbox_ready: bool,
+    /// Every init container has completed (sidecars: started) once; sticky.
+    pub initialized: bool,
     pub start_time: Timestamp,
     pub qos: QosClass,
     pub host_ip: String,

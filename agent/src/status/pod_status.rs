@@ -71,9 +71,22 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
             observed_generation: None,
         }
     };
-    let incomplete: Vec<&str> = state.init.iter().filter(|c| !c.succeeded()).map(|c| c.name.as_str()).collect();
-    let unready: Vec<&str> = state.containers.iter().filter(|c| !c.ready).map(|c| c.name.as_str()).collect();
-    let initialized = incomplete.is_empty() || state.phase == Phase::Succeeded;
+    // Init containers still to complete (sidecars: to start).
+    let incomplete: Vec<&str> = state
+        .init
+        .iter()
+        .filter(|c| !c.succeeded() && !(c.state.is_running() && c.started))
+        .map(|c| c.name.as_str())
+        .collect();
+    // Running sidecars count for readiness too (a running regular init container means not initialized yet).
+    let unready: Vec<&str> = state
+        .init
+        .iter()
+        .filter(|c| c.state.is_running() && !c.ready)
+        .chain(state.containers.iter().filter(|c| !c.ready))
+        .map(|c| c.name.as_str())
+        .collect();
+    let initialized = state.initialized || incomplete.is_empty() || state.phase == Phase::Succeeded;
     let completed = state.phase == Phase::Succeeded;
     let (ready_reason, ready_message) = if completed {
         (Some("PodCompleted".to_string()), None)

@@ -57,22 +57,20 @@ impl Worker {
             }
         }
         let now = Timestamp::now();
-        let records: Vec<(bool, usize, String, String, Timestamp)> = self
+        let records: Vec<(String, String, Timestamp)> = self
             .state
             .init
             .iter()
-            .enumerate()
-            .map(|(i, r)| (true, i, r))
-            .chain(self.state.containers.iter().enumerate().map(|(i, r)| (false, i, r)))
-            .filter_map(|(init, i, r)| match r.state {
+            .chain(self.state.containers.iter())
+            .filter_map(|r| match r.state {
                 ContainerState::Running { started_at } => {
                     let id = r.container_id.as_deref()?.strip_prefix("nodelet://")?.to_string();
-                    Some((init, i, r.name.clone(), id, started_at))
+                    Some((r.name.clone(), id, started_at))
                 }
                 _ => None,
             })
             .collect();
-        for (init, index, name, id, started_at) in records {
+        for (name, id, started_at) in records {
             let mut live = containers.remove(&id);
             if self.sandbox.is_none()
                 && let Some(c) = live.take()
@@ -84,7 +82,7 @@ impl Worker {
                 let _ = self.ctx.images.rootfs().remove(&id);
                 let exit = ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false };
                 let message = "The container could not be located when the pod was terminated".to_string();
-                self.finish(&name, init, index, &id, exit, Some(started_at), Some(message), now);
+                self.finish(&name, &id, exit, Some(started_at), Some(message), now);
                 continue;
             };
             match self.ctx.runtime.reopen_output(&container) {

@@ -1,77 +1,151 @@
-//! Stopping a pod: its containers within the grace period, then its network, sandbox and cgroup.
+//! Stopping containers: the whole pod within its grace period (app containers first, sidecars last, in reverse
+//! order; a shorter grace period arriving meanwhile takes effect), a container whose spec changed, the sidecars
+//! of a finished pod, every container of a pod past its deadline; then the pod's network, sandbox and cgroup.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use nix::sys::signal::Signal;
+use tokio::task::JoinSet;
 
-use super::Worker;
+use super::exits::terminated;
+use super::{Desired, Worker};
+use crate::pods::plan;
 use crate::pods::state::{ContainerState, Phase};
 use crate::status::StatusMessage;
 
+/// The pod's grace period: the deletion's, else `terminationGracePeriodSeconds`, else upstream's 30 s.
+fn grace_period(pod: &k8s_openapi::api::core::v1::Pod, deletion: Option<i64>) -> Duration {
+    let seconds = deletion.or(pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds)).unwrap_or(30);
+    Duration::from_secs(seconds.max(0).unsigned_abs())
+}
+
 impl Worker {
-    /// Stops every running container within the grace period, then removes what the pod had on the node.
+    /// Stops every running container within the grace period (sidecars after the others), then removes what the
+    /// pod had on the node.
     pub(super) async fn terminate(&mut self, grace: Option<i64>, delete: bool) {
-        let grace =
-            grace.or(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds)).unwrap_or(30).max(0)
-                as u64;
-        let mut stops = Vec::new();
-        for (name, running) in self.running.drain() {
-            let (init, _) = (self.state.init.iter().any(|c| c.name == name), ());
-            self.ctx.events.record(
-                &self.pod_ref,
-                Some((&name, init)),
-                false,
-                "Killing",
-                &format!("Stopping container {name}"),
-            );
-            let ctx = self.ctx.clone();
-            stops.push(tokio::spawn(async move {
-                let exit = ctx.runtime.stop(&running.container, Duration::from_secs(grace)).await;
-                tracing::debug!(container = %running.id, ?exit, "stopped");
-                ctx.remove_container(&running.container).await;
-                tracing::debug!(container = %running.id, "deleted");
-                (name, running, exit)
-            }));
-        }
-        for stop in stops {
-            let Ok((name, running, exit)) = stop.await else { continue };
-            let (init, index) = self.locate(&name);
-            let terminated = ContainerState::Terminated {
-                exit_code: exit.code,
-                signal: exit.signal,
-                reason: if exit.oom_killed {
-                    "OOMKilled"
-                } else if exit.code == 0 {
-                    "Completed"
-                } else {
-                    "Error"
-                }
-                .into(),
-                message: None,
-                started_at: Some(running.started_at),
-                finished_at: Timestamp::now(),
-                container_id: Some(format!("nodelet://{}", running.id)),
-            };
-            let record = self.record(init, index);
-            record.state = terminated;
-            record.ready = false;
+        let deadline = Instant::now() + grace_period(&self.pod, grace);
+        let sidecars = self.running_sidecars();
+        let others: Vec<String> = self.running.keys().filter(|n| !sidecars.contains(n)).cloned().collect();
+        let deadline = self.stop(others, deadline, true).await;
+        for name in sidecars.into_iter().rev() {
+            self.stop(vec![name], deadline, true).await;
         }
         for record in self.state.containers.iter_mut().chain(self.state.init.iter_mut()) {
             record.ready = false;
         }
         if !self.state.phase.is_terminal() {
             let all_ok = self.state.containers.iter().all(|c| c.succeeded());
-            let started = self.state.containers.iter().any(|c| c.started);
-            self.state.phase = match (started, all_ok) {
-                (true, true) => Phase::Succeeded,
-                (true, false) => Phase::Failed,
-                (false, _) => Phase::Failed,
-            };
+            let started = self.state.containers.iter().any(|c| c.container_id.is_some());
+            self.state.phase = if started && all_ok { Phase::Succeeded } else { Phase::Failed };
         }
         self.tear_down().await;
         tracing::debug!(pod = %self.pod_ref.uid, "torn down");
         self.publish();
         let _ = self.ctx.status.send(StatusMessage::Terminated { pod: self.pod_ref.clone(), delete });
+    }
+
+    /// The running sidecars, in spec order.
+    fn running_sidecars(&self) -> Vec<String> {
+        let spec = self.pod.spec.as_ref();
+        spec.and_then(|s| s.init_containers.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|c| plan::is_sidecar(c) && self.running.contains_key(&c.name))
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// Stops the named running containers together (SIGTERM, SIGKILL at `deadline`) and records how they ended;
+    /// none is restarted. With `follow`, a newer pod with a shorter deletion grace period moves the deadline
+    /// closer. Returns the deadline in force.
+    async fn stop(&mut self, names: Vec<String>, mut deadline: Instant, follow: bool) -> Instant {
+        let mut stops = JoinSet::new();
+        let mut stopping = Vec::new();
+        for name in names {
+            let Some(running) = self.running.remove(&name) else { continue };
+            let init = self.state.init.iter().any(|c| c.name == name);
+            self.event(Some((&name, init)), false, "Killing", &format!("Stopping container {name}"));
+            let (ctx, grace) = (self.ctx.clone(), deadline.saturating_duration_since(Instant::now()));
+            stopping.push(running.container.clone());
+            stops.spawn(async move {
+                let exit = ctx.runtime.stop(&running.container, grace).await;
+                tracing::debug!(container = %running.id, ?exit, "stopped");
+                ctx.remove_container(&running.container).await;
+                (name, running, exit)
+            });
+        }
+        let mut inbox_open = follow;
+        loop {
+            tokio::select! {
+                done = stops.join_next() => {
+                    let Some(done) = done else { break };
+                    let Ok((name, running, exit)) = done else { continue };
+                    let (init, index) = self.locate(&name);
+                    let record = self.record(init, index);
+                    record.state = terminated(&running.id, &exit, Some(running.started_at), None, Timestamp::now());
+                    record.ready = false;
+                    record.started = false;
+                }
+                changed = self.rx.changed(), if inbox_open => {
+                    inbox_open = changed.is_ok();
+                    let Desired::Pod(pod) = self.latest(inbox_open) else { continue };
+                    let shorter = Instant::now() + grace_period(&pod, pod.metadata.deletion_grace_period_seconds);
+                    if pod.metadata.deletion_timestamp.is_some() && shorter < deadline {
+                        deadline = shorter;
+                        tracing::info!(pod = %self.pod_ref.name, "a shorter grace period: killing sooner");
+                        self.kill_at(&stopping, deadline);
+                    }
+                }
+            }
+        }
+        deadline
+    }
+
+    /// SIGKILLs the containers at `at` (those already gone ignore it).
+    fn kill_at(&self, containers: &[nodelet_runtime::Container], at: Instant) {
+        let (runtime, containers) = (self.ctx.runtime.clone(), containers.to_vec());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            for c in &containers {
+                let _ = runtime.signal(c, Signal::SIGKILL);
+            }
+        });
+    }
+
+    /// Stops a container whose spec changed; the next plan starts it again at once, with its new spec.
+    pub(super) async fn restart(&mut self, name: &str, init: bool, message: &str) {
+        self.event(Some((name, init)), false, "Killing", &format!("{message}, will be restarted"));
+        let deadline = Instant::now() + grace_period(&self.pod, None);
+        self.stop(vec![name.to_string()], deadline, false).await;
+        let (init, index) = self.locate(name);
+        let record = self.record(init, index);
+        record.last_state = Some(record.state.clone());
+        record.state = ContainerState::waiting("ContainerCreating", None);
+        self.next_attempt.remove(name);
+    }
+
+    /// Stops the sidecars of a pod whose app containers are done, last started first.
+    pub(super) async fn stop_sidecars(&mut self) {
+        let deadline = Instant::now() + grace_period(&self.pod, None);
+        for name in self.running_sidecars().into_iter().rev() {
+            self.stop(vec![name], deadline, false).await;
+        }
+    }
+
+    /// Fails the pod (e.g. past `activeDeadlineSeconds`): stops its containers and keeps it `Failed`.
+    pub(super) async fn fail(&mut self, reason: &'static str, message: String) {
+        self.event(None, true, reason, &message);
+        let deadline = Instant::now() + grace_period(&self.pod, None);
+        let sidecars = self.running_sidecars();
+        let others: Vec<String> = self.running.keys().filter(|n| !sidecars.contains(n)).cloned().collect();
+        self.stop(others, deadline, false).await;
+        for name in sidecars.into_iter().rev() {
+            self.stop(vec![name], deadline, false).await;
+        }
+        self.state.phase = Phase::Failed;
+        self.state.reason = Some(reason.to_string());
+        self.state.message = Some(message);
     }
 
     /// Removes the sandbox and the pod cgroup (containers are gone already).

@@ -1,0 +1,527 @@
+//! The pod worker's decisions, as pure functions of the desired pod and what the worker observed: which container
+//! to start next (init order, native sidecars, restart policies and rules, back-off), which to restart because
+//! its spec changed, when to stop the sidecars, when the pod has outlived `activeDeadlineSeconds`, and the pod's
+//! phase (upstream's `computePodActions` and `getPhase`). The worker ([`super::worker`]) observes, calls
+//! [`plan`], and carries the actions out; nothing here touches the runtime, so every rule is unit tested with
+//! plain data.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use sha2::Digest;
+
+use super::state::{ContainerRecord, ContainerState, Phase};
+
+/// What the worker knows when it plans.
+pub struct Observed<'a> {
+    /// Init containers' records, in spec order.
+    pub init: &'a [ContainerRecord],
+    /// App containers' records, in spec order.
+    pub containers: &'a [ContainerRecord],
+    /// The earliest time each container may be (re)started (crash-loop back-off, retries); absent: now.
+    pub not_before: &'a HashMap<String, Instant>,
+    pub now: Instant,
+    /// Whether the pod has initialized (sticky: a sidecar that restarts later does not undo it).
+    pub initialized: bool,
+    /// How long the pod has been active on the node.
+    pub active_for: Duration,
+}
+
+/// One step for the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start (or restart) the container.
+    Start { name: String, init: bool },
+    /// Stop the running container and start it again at once (its spec changed: `kubectl set image`).
+    Restart { name: String, init: bool, message: String },
+    /// Every app container finished for good: stop the sidecars, in reverse order.
+    StopSidecars,
+    /// The pod fails: stop every container.
+    Fail { reason: &'static str, message: String },
+}
+
+/// Upstream's reason and message for a pod past its `activeDeadlineSeconds`.
+pub const DEADLINE_EXCEEDED: (&str, &str) =
+    ("DeadlineExceeded", "Pod was active on the node longer than the specified deadline");
+
+/// A native sidecar: an init container with `restartPolicy: Always`.
+pub fn is_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
+}
+
+/// Whether a container that exited with `code` is restarted: its `restartPolicyRules`, then its own
+/// `restartPolicy`, then the pod's (upstream's `ContainerShouldRestart`).
+pub fn should_restart(c: &Container, spec: &PodSpec, code: i32) -> bool {
+    if let Some(policy) = c.restart_policy.as_deref() {
+        let rule = c.restart_policy_rules.iter().flatten().find(|rule| {
+            rule.exit_codes.as_ref().is_some_and(|codes| {
+                let listed = codes.values.iter().flatten().any(|v| *v == code);
+                match codes.operator.as_str() {
+                    "In" => listed,
+                    "NotIn" => !listed,
+                    _ => false,
+                }
+            })
+        });
+        if rule.is_some_and(|r| r.action == "Restart") {
+            return true;
+        }
+        match policy {
+            "Always" => return true,
+            "OnFailure" => return code != 0,
+            "Never" => return false,
+            _ => {}
+        }
+    }
+    match spec.restart_policy.as_deref() {
+        Some("Never") => false,
+        Some("OnFailure") => code != 0,
+        _ => true,
+    }
+}
+
+/// The hash of the container's spec fields whose change restarts it (upstream hashes the container without its
+/// resources, which resize changes in place). Stable across agent versions as long as the API types serialise the
+/// same way.
+pub fn spec_hash(c: &Container) -> String {
+    let mut c = c.clone();
+    c.resources = None;
+    c.resize_policy = None;
+    let json = serde_json::to_vec(&c).unwrap_or_default();
+    hex::encode(&sha2::Sha256::digest(&json)[..8])
+}
+
+/// The exit code that decides a container's restart: its current termination, or the last one while it waits
+/// to restart.
+fn last_exit(r: &ContainerRecord) -> Option<i32> {
+    match (&r.state, &r.last_state) {
+        (ContainerState::Terminated { exit_code, .. }, _) => Some(*exit_code),
+        (ContainerState::Waiting { .. }, Some(ContainerState::Terminated { exit_code, .. })) => Some(*exit_code),
+        _ => None,
+    }
+}
+
+fn record<'a>(records: &'a [ContainerRecord], name: &str) -> Option<&'a ContainerRecord> {
+    records.iter().find(|r| r.name == name)
+}
+
+/// Whether the pod's initialization is complete: every regular init container succeeded and every sidecar has
+/// started.
+pub fn initialized(spec: &PodSpec, init: &[ContainerRecord]) -> bool {
+    spec.init_containers.iter().flatten().all(|c| {
+        let Some(r) = record(init, &c.name) else { return false };
+        if is_sidecar(c) { r.state.is_running() && r.started } else { r.succeeded() }
+    })
+}
+
+/// What to do next. Empty: nothing until an exit, a retry time or a new spec.
+pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
+    if let Some(deadline) = spec.active_deadline_seconds
+        && observed.active_for >= Duration::from_secs(deadline.max(0).unsigned_abs())
+    {
+        let (reason, message) = DEADLINE_EXCEEDED;
+        return vec![Action::Fail { reason, message: message.into() }];
+    }
+    let due = |name: &str| observed.not_before.get(name).is_none_or(|t| *t <= observed.now);
+    let mut actions = Vec::new();
+    let changed = |c: &Container, r: &ContainerRecord| {
+        r.state.is_running() && r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c))
+    };
+    for c in spec.init_containers.iter().flatten() {
+        let Some(r) = record(observed.init, &c.name) else { continue };
+        if is_sidecar(c) {
+            if changed(c, r) {
+                let message = format!("Init container {} definition changed", c.name);
+                actions.push(Action::Restart { name: c.name.clone(), init: true, message });
+            } else if !r.state.is_running() && due(&c.name) {
+                actions.push(Action::Start { name: c.name.clone(), init: true });
+            }
+            if !observed.initialized && !(r.state.is_running() && r.started) {
+                // The next init container waits for this sidecar to have started.
+                return actions;
+            }
+            continue;
+        }
+        if observed.initialized || r.succeeded() {
+            continue;
+        }
+        if r.state.is_running() {
+            return actions;
+        }
+        if let Some(code) = last_exit(r)
+            && !should_restart(c, spec, code)
+        {
+            // Failed for good: the pod fails (see `phase`).
+            return actions;
+        }
+        if due(&c.name) {
+            actions.push(Action::Start { name: c.name.clone(), init: true });
+        }
+        return actions;
+    }
+    let mut finished = true;
+    for c in &spec.containers {
+        let Some(r) = record(observed.containers, &c.name) else { continue };
+        if r.state.is_running() {
+            finished = false;
+            if changed(c, r) {
+                let message = format!("Container {} definition changed", c.name);
+                actions.push(Action::Restart { name: c.name.clone(), init: false, message });
+            }
+            continue;
+        }
+        let wanted = last_exit(r).is_none_or(|code| should_restart(c, spec, code));
+        if wanted {
+            finished = false;
+            if due(&c.name) {
+                actions.push(Action::Start { name: c.name.clone(), init: false });
+            }
+        }
+    }
+    let sidecars_running = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .any(|c| is_sidecar(c) && record(observed.init, &c.name).is_some_and(|r| r.state.is_running()));
+    if finished && !spec.containers.is_empty() && sidecars_running {
+        // Sidecars do not keep a finished pod alive; nor are they restarted once it finished.
+        actions.retain(|a| !matches!(a, Action::Start { init: true, .. }));
+        actions.push(Action::StopSidecars);
+    } else if finished && !spec.containers.is_empty() {
+        actions.retain(|a| !matches!(a, Action::Start { init: true, .. }));
+    }
+    actions
+}
+
+/// The pod's phase from its containers (upstream's `getPhase`, with container restart rules on).
+pub fn phase(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord], initialized: bool) -> Phase {
+    let mut pending_init = 0;
+    let mut pending_sidecars = 0;
+    let mut failed_for_good = 0;
+    for c in spec.init_containers.iter().flatten().filter(|c| !is_sidecar(c)) {
+        let Some(r) = record(init, &c.name) else {
+            pending_init += 1;
+            continue;
+        };
+        match last_exit(r) {
+            _ if r.state.is_running() => pending_init += 1,
+            Some(0) if matches!(r.state, ContainerState::Terminated { .. }) => {}
+            Some(code) if code != 0 => {
+                if !should_restart(c, spec, code) {
+                    failed_for_good += 1;
+                }
+            }
+            _ => pending_init += 1,
+        }
+    }
+    let (mut running, mut waiting, mut stopped, mut stopped_for_good, mut succeeded) = (0, 0, 0, 0, 0);
+    for c in spec.init_containers.iter().flatten().filter(|c| is_sidecar(c)) {
+        let Some(r) = record(init, &c.name) else { continue };
+        if r.state.is_running() {
+            if !r.started {
+                pending_sidecars += 1;
+            }
+            running += 1;
+        } else if last_exit(r).is_none() {
+            pending_sidecars += 1;
+            waiting += 1;
+        }
+    }
+    for c in &spec.containers {
+        let Some(r) = record(containers, &c.name) else {
+            waiting += 1;
+            continue;
+        };
+        if r.state.is_running() {
+            running += 1;
+            continue;
+        }
+        match last_exit(r) {
+            Some(code) => {
+                stopped += 1;
+                if !should_restart(c, spec, code) {
+                    stopped_for_good += 1;
+                }
+                // A container waiting to restart counts as stopped, but not as succeeded (upstream).
+                if code == 0 && matches!(r.state, ContainerState::Terminated { .. }) {
+                    succeeded += 1;
+                }
+            }
+            None => waiting += 1,
+        }
+    }
+    if failed_for_good > 0 {
+        return Phase::Failed;
+    }
+    if pending_init > 0 || (pending_sidecars > 0 && !initialized) || waiting > 0 {
+        return Phase::Pending;
+    }
+    if running > 0 {
+        return Phase::Running;
+    }
+    if stopped > 0 {
+        if stopped != stopped_for_good {
+            return Phase::Running;
+        }
+        return if stopped == succeeded { Phase::Succeeded } else { Phase::Failed };
+    }
+    Phase::Pending
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::Timestamp;
+    use k8s_openapi::api::core::v1::{ContainerRestartRule, ContainerRestartRuleOnExitCodes};
+
+    fn container(name: &str) -> Container {
+        Container { name: name.into(), image: Some("busybox".into()), ..Default::default() }
+    }
+
+    fn sidecar(name: &str) -> Container {
+        Container { restart_policy: Some("Always".into()), ..container(name) }
+    }
+
+    fn spec(init: Vec<Container>, containers: Vec<Container>, policy: &str) -> PodSpec {
+        PodSpec {
+            init_containers: (!init.is_empty()).then_some(init),
+            containers,
+            restart_policy: Some(policy.into()),
+            ..Default::default()
+        }
+    }
+
+    fn waiting(name: &str) -> ContainerRecord {
+        ContainerRecord::new(name, "busybox", "PodInitializing")
+    }
+
+    fn running(c: &Container) -> ContainerRecord {
+        let mut r = waiting(&c.name);
+        r.state = ContainerState::Running { started_at: Timestamp::UNIX_EPOCH };
+        r.started = true;
+        r.spec_hash = Some(spec_hash(c));
+        r
+    }
+
+    fn exited(name: &str, code: i32) -> ContainerRecord {
+        let mut r = waiting(name);
+        r.state = ContainerState::Terminated {
+            exit_code: code,
+            signal: None,
+            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            message: None,
+            started_at: None,
+            finished_at: Timestamp::UNIX_EPOCH,
+            container_id: None,
+        };
+        r
+    }
+
+    fn backing_off(name: &str, code: i32) -> ContainerRecord {
+        let mut r = exited(name, code);
+        r.last_state = Some(r.state.clone());
+        r.state = ContainerState::waiting("CrashLoopBackOff", None);
+        r
+    }
+
+    struct World {
+        init: Vec<ContainerRecord>,
+        containers: Vec<ContainerRecord>,
+        not_before: HashMap<String, Instant>,
+        initialized: bool,
+        active_for: Duration,
+    }
+
+    impl World {
+        fn new(init: Vec<ContainerRecord>, containers: Vec<ContainerRecord>) -> World {
+            World { init, containers, not_before: HashMap::new(), initialized: false, active_for: Duration::ZERO }
+        }
+
+        fn plan(&self, spec: &PodSpec) -> Vec<Action> {
+            plan(
+                spec,
+                &Observed {
+                    init: &self.init,
+                    containers: &self.containers,
+                    not_before: &self.not_before,
+                    now: Instant::now(),
+                    initialized: self.initialized,
+                    active_for: self.active_for,
+                },
+            )
+        }
+
+        fn phase(&self, spec: &PodSpec) -> Phase {
+            phase(spec, &self.init, &self.containers, self.initialized)
+        }
+    }
+
+    fn start(name: &str, init: bool) -> Action {
+        Action::Start { name: name.into(), init }
+    }
+
+    #[test]
+    fn init_containers_run_one_at_a_time_in_order() {
+        let s = spec(vec![container("a"), container("b")], vec![container("app")], "Always");
+        let mut w = World::new(vec![waiting("a"), waiting("b")], vec![waiting("app")]);
+        assert_eq!(w.plan(&s), [start("a", true)]);
+        assert_eq!(w.phase(&s), Phase::Pending);
+        w.init[0] = running(&s.init_containers.as_ref().unwrap()[0]);
+        assert_eq!(w.plan(&s), []);
+        w.init[0] = exited("a", 0);
+        assert_eq!(w.plan(&s), [start("b", true)]);
+        w.init[1] = exited("b", 0);
+        assert!(initialized(&s, &w.init));
+        w.initialized = true;
+        assert_eq!(w.plan(&s), [start("app", false)]);
+        assert_eq!(w.phase(&s), Phase::Pending, "the app container has not started");
+    }
+
+    #[test]
+    fn a_failed_init_container_restarts_unless_the_policy_is_never() {
+        let s = spec(vec![container("a")], vec![container("app")], "OnFailure");
+        let mut w = World::new(vec![backing_off("a", 1)], vec![waiting("app")]);
+        assert_eq!(w.plan(&s), [start("a", true)]);
+        w.not_before.insert("a".into(), Instant::now() + Duration::from_secs(10));
+        assert_eq!(w.plan(&s), [], "backing off");
+        assert_eq!(w.phase(&s), Phase::Pending);
+        let never = spec(vec![container("a")], vec![container("app")], "Never");
+        let w = World::new(vec![exited("a", 1)], vec![waiting("app")]);
+        assert_eq!(w.plan(&never), []);
+        assert_eq!(w.phase(&never), Phase::Failed);
+    }
+
+    #[test]
+    fn sidecars_start_in_order_and_the_next_waits_until_one_has_started() {
+        let s = spec(vec![sidecar("proxy"), container("setup")], vec![container("app")], "Never");
+        let mut w = World::new(vec![waiting("proxy"), waiting("setup")], vec![waiting("app")]);
+        assert_eq!(w.plan(&s), [start("proxy", true)]);
+        w.init[0] = running(&sidecar("proxy"));
+        w.init[0].started = false;
+        assert_eq!(w.plan(&s), [], "not started yet (startup probe)");
+        w.init[0].started = true;
+        assert_eq!(w.plan(&s), [start("setup", true)]);
+        w.init[1] = exited("setup", 0);
+        assert!(initialized(&s, &w.init));
+        w.initialized = true;
+        assert_eq!(w.plan(&s), [start("app", false)]);
+        w.containers[0] = running(&container("app"));
+        assert_eq!(w.phase(&s), Phase::Running);
+    }
+
+    #[test]
+    fn a_sidecar_that_exits_is_restarted_even_when_the_pod_never_restarts() {
+        let s = spec(vec![sidecar("proxy")], vec![container("app")], "Never");
+        let mut w = World::new(vec![backing_off("proxy", 0)], vec![running(&container("app"))]);
+        w.initialized = true;
+        assert_eq!(w.plan(&s), [start("proxy", true)]);
+        assert_eq!(w.phase(&s), Phase::Running, "a restarting sidecar does not send the pod back to Pending");
+    }
+
+    #[test]
+    fn sidecars_stop_once_the_app_containers_are_done_and_do_not_count_for_the_phase() {
+        let s = spec(vec![sidecar("proxy")], vec![container("job")], "Never");
+        let mut w = World::new(vec![running(&sidecar("proxy"))], vec![exited("job", 0)]);
+        w.initialized = true;
+        assert_eq!(w.plan(&s), [Action::StopSidecars]);
+        assert_eq!(w.phase(&s), Phase::Running, "still running while the sidecar stops");
+        w.init[0] = exited("proxy", 143);
+        assert_eq!(w.plan(&s), []);
+        assert_eq!(w.phase(&s), Phase::Succeeded, "a sidecar's exit code does not fail the pod");
+        w.containers[0] = exited("job", 2);
+        assert_eq!(w.phase(&s), Phase::Failed);
+    }
+
+    #[test]
+    fn restart_policies_decide_app_restarts() {
+        for (policy, code, restarts) in [
+            ("Always", 0, true),
+            ("Always", 1, true),
+            ("OnFailure", 0, false),
+            ("OnFailure", 1, true),
+            ("Never", 1, false),
+        ] {
+            let s = spec(vec![], vec![container("app")], policy);
+            let mut w = World::new(vec![], vec![exited("app", code)]);
+            w.initialized = true;
+            let want = if restarts { vec![start("app", false)] } else { vec![] };
+            assert_eq!(w.plan(&s), want, "{policy} exit {code}");
+        }
+    }
+
+    #[test]
+    fn container_restart_policy_and_rules_override_the_pod() {
+        let rule = |op: &str, codes: Vec<i32>| ContainerRestartRule {
+            action: "Restart".into(),
+            exit_codes: Some(ContainerRestartRuleOnExitCodes { operator: op.into(), values: Some(codes) }),
+        };
+        let mut c = Container { restart_policy: Some("Never".into()), ..container("app") };
+        c.restart_policy_rules = Some(vec![rule("In", vec![42])]);
+        let s = spec(vec![], vec![c.clone()], "Always");
+        assert!(should_restart(&c, &s, 42));
+        assert!(!should_restart(&c, &s, 1), "the container's Never wins over the pod's Always");
+        c.restart_policy_rules = Some(vec![rule("NotIn", vec![0])]);
+        assert!(should_restart(&c, &s, 3) && !should_restart(&c, &s, 0));
+        let c = Container { restart_policy: Some("OnFailure".into()), ..container("app") };
+        let s = spec(vec![], vec![c.clone()], "Never");
+        assert!(should_restart(&c, &s, 1) && !should_restart(&c, &s, 0));
+        // Never on the pod, but a container that restarts on exit code 42: the pod keeps Running while it does.
+        let mut c = Container { restart_policy: Some("Never".into()), ..container("app") };
+        c.restart_policy_rules = Some(vec![rule("In", vec![42])]);
+        let s = spec(vec![], vec![c], "Never");
+        let w = World { initialized: true, ..World::new(vec![], vec![backing_off("app", 42)]) };
+        assert_eq!(w.phase(&s), Phase::Running);
+    }
+
+    #[test]
+    fn a_changed_image_restarts_the_running_container() {
+        let old = container("app");
+        let s = spec(vec![], vec![Container { image: Some("busybox:2".into()), ..old.clone() }], "Never");
+        let mut w = World::new(vec![], vec![running(&old)]);
+        w.initialized = true;
+        let message = "Container app definition changed".to_string();
+        assert_eq!(w.plan(&s), [Action::Restart { name: "app".into(), init: false, message }]);
+        // Resources change in place (resize), not by restart.
+        let mut resized = old.clone();
+        resized.resources = Some(Default::default());
+        assert_eq!(spec_hash(&resized), spec_hash(&old));
+        // An exited container of a Never pod is not brought back by a new image.
+        w.containers[0] = exited("app", 0);
+        assert_eq!(w.plan(&s), []);
+    }
+
+    #[test]
+    fn the_active_deadline_fails_the_pod() {
+        let mut s = spec(vec![], vec![container("app")], "Always");
+        s.active_deadline_seconds = Some(5);
+        let mut w = World::new(vec![], vec![running(&container("app"))]);
+        w.active_for = Duration::from_secs(4);
+        assert_eq!(w.plan(&s), []);
+        w.active_for = Duration::from_secs(5);
+        let (reason, message) = DEADLINE_EXCEEDED;
+        assert_eq!(w.plan(&s), [Action::Fail { reason, message: message.into() }]);
+    }
+
+    #[test]
+    fn phase_follows_upstream() {
+        let s = spec(vec![], vec![container("a"), container("b")], "Always");
+        // One running, one still pulling: Pending until every container has started.
+        let w = World::new(vec![], vec![running(&container("a")), waiting("b")]);
+        assert_eq!(w.phase(&s), Phase::Pending);
+        // One running, one in CrashLoopBackOff: Running.
+        let w = World::new(vec![], vec![running(&container("a")), backing_off("b", 1)]);
+        assert_eq!(w.phase(&s), Phase::Running);
+        // All exited under Always: Running (restarting).
+        let w = World::new(vec![], vec![exited("a", 0), backing_off("b", 1)]);
+        assert_eq!(w.phase(&s), Phase::Running);
+        let s = spec(vec![], vec![container("a"), container("b")], "OnFailure");
+        let w = World::new(vec![], vec![exited("a", 0), exited("b", 0)]);
+        assert_eq!(w.phase(&s), Phase::Succeeded);
+        let w = World::new(vec![], vec![exited("a", 0), backing_off("b", 1)]);
+        assert_eq!(w.phase(&s), Phase::Running);
+        let s = spec(vec![], vec![container("a"), container("b")], "Never");
+        let w = World::new(vec![], vec![exited("a", 0), exited("b", 1)]);
+        assert_eq!(w.phase(&s), Phase::Failed);
+    }
+}

@@ -1,0 +1,109 @@
+//! A container's end: its terminated state with upstream's reason, and its restart per policy with
+//! CrashLoopBackOff.
+
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use nodelet_runtime::ContainerExit;
+
+use super::{BACKOFF_RESET, Exit, Worker};
+use crate::pods::plan;
+use crate::pods::state::ContainerState;
+
+/// Upstream's reason for a container's end.
+pub(super) fn exit_reason(exit: &ContainerExit, start_error: bool) -> &'static str {
+    match (start_error, exit.oom_killed, exit.code) {
+        // Exited while no agent was its parent: the kernel kept no status for us.
+        _ if !exit.status_known => "ContainerStatusUnknown",
+        (true, _, _) => "StartError",
+        (_, true, _) => "OOMKilled",
+        (_, _, 0) => "Completed",
+        _ => "Error",
+    }
+}
+
+/// The terminated state of an instance.
+pub(super) fn terminated(
+    id: &str,
+    exit: &ContainerExit,
+    started_at: Option<Timestamp>,
+    message: Option<String>,
+    finished_at: Timestamp,
+) -> ContainerState {
+    ContainerState::Terminated {
+        exit_code: exit.code,
+        signal: exit.signal,
+        reason: exit_reason(exit, message.is_some()).into(),
+        message,
+        started_at,
+        finished_at,
+        container_id: Some(format!("nodelet://{id}")),
+    }
+}
+
+impl Worker {
+    pub(super) async fn on_exit(&mut self, exit: Exit) {
+        // An exit of an instance this worker already stopped (and replaced) is old news.
+        if self.running.get(&exit.name).is_none_or(|r| r.id != exit.id) {
+            return;
+        }
+        let Some(running) = self.running.remove(&exit.name) else { return };
+        self.ctx.remove_container(&running.container).await;
+        if running.started.elapsed() >= BACKOFF_RESET {
+            self.crash_backoff.reset(&exit.name);
+        }
+        self.finish(&exit.name, &running.id, exit.exit, Some(running.started_at), None, Timestamp::now());
+    }
+
+    /// Records a container's end and schedules its restart per policy and back-off.
+    pub(super) fn finish(
+        &mut self,
+        name: &str,
+        id: &str,
+        exit: ContainerExit,
+        started_at: Option<Timestamp>,
+        message: Option<String>,
+        finished_at: Timestamp,
+    ) {
+        let (init, index) = self.locate(name);
+        let state = terminated(id, &exit, started_at, message, finished_at);
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let restarts = self.container_spec(name, init).is_some_and(|(c, _)| {
+            let sidecar = init && plan::is_sidecar(&c);
+            // A regular init container that succeeded is done.
+            (sidecar || !init || exit.code != 0) && plan::should_restart(&c, &spec, exit.code)
+        });
+        let now = Instant::now();
+        let delay = self.crash_backoff.delay(name);
+        if restarts {
+            self.crash_backoff.next(name, now);
+            self.next_attempt.insert(name.to_string(), now + delay);
+        }
+        let pod = format!("{}_{}({})", self.pod_ref.name, self.pod_ref.namespace, self.pod_ref.uid);
+        let record = self.record(init, index);
+        // A completed init container reports ready (upstream); anything else that ended is not.
+        let completed_init = init && exit.code == 0 && !restarts;
+        record.ready = completed_init;
+        record.started = false;
+        record.state = state;
+        if restarts && !delay.is_zero() {
+            record.last_state = Some(record.state.clone());
+            record.state = ContainerState::waiting(
+                "CrashLoopBackOff",
+                Some(format!("back-off {} restarting failed container={name} pod={pod}", go_seconds(delay))),
+            );
+            self.event(
+                Some((name, init)),
+                true,
+                "BackOff",
+                &format!("Back-off restarting failed container {name} in pod {pod}"),
+            );
+        }
+    }
+}
+
+/// A duration as Go prints whole seconds and minutes (`10s`, `2m40s`, `5m0s`).
+fn go_seconds(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 { format!("{}m{}s", s / 60, s % 60) } else { format!("{s}s") }
+}

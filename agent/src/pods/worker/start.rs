@@ -1,0 +1,250 @@
+//! Starting a container: image, configuration, root filesystem, create and start, and the exit watch.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Container as ApiContainer;
+use nodelet_runtime::{Container, ContainerConfig, ContainerExit, ContainerIo, RuntimeError};
+
+use super::{Desired, Exit, RETRY, Running, Worker};
+use crate::images::PullPolicy;
+use crate::images::pull::Progress;
+use crate::logs;
+use crate::pods::plan;
+use crate::pods::state::ContainerState;
+use crate::pods::{resources, spec};
+
+/// Why a container did not start.
+enum NotStarted {
+    /// Its configuration could not be made (upstream's `CreateContainerError`): it waits and is retried.
+    Create(String),
+    /// The runtime created or started it and failed (`StartError`): it counts as a run that exited with 128.
+    Start(String),
+}
+
+impl Worker {
+    /// Pulls the image, builds the container and starts it. Failures become the container's waiting reason.
+    pub(super) async fn start(&mut self, name: &str, init: bool) {
+        if self.pending.is_some() {
+            // A deletion (or removal) came in while an earlier container was being prepared: nothing more starts.
+            return;
+        }
+        let Some((c, index)) = self.container_spec(name, init) else { return };
+        let image = c.image.clone().unwrap_or_default();
+        let policy = match PullPolicy::for_container(&image, c.image_pull_policy.as_deref()) {
+            Ok(p) => p,
+            Err(message) => return self.config_error(&c, init, index, message),
+        };
+        let secrets = spec::pull_secrets(&self.pod, self.ctx.client.as_ref()).await;
+        let key = format!("{}_{image}", self.pod_ref.uid);
+        let (events, pod_ref, cname) = (self.ctx.events.clone(), self.pod_ref.clone(), c.name.clone());
+        let record_event = move |e: crate::images::ImageEvent| {
+            events.record(&pod_ref, Some((&cname, init)), e.warning, e.reason, &e.message)
+        };
+        // The pull runs as a task of its own, so that a deletion or removal arriving meanwhile is acted on at once
+        // (the pull goes on in the background and its layers stay for the next user).
+        let images = self.ctx.images.clone();
+        let image_name = image.clone();
+        let mut pull = tokio::spawn(async move {
+            images.ensure(&image_name, policy, &secrets, &key, Arc::new(Progress::default()), &record_event).await
+        });
+        let pulled = loop {
+            tokio::select! {
+                pulled = &mut pull => break pulled,
+                changed = self.rx.changed() => match self.latest(changed.is_ok()) {
+                    Desired::Pod(pod) if pod.metadata.deletion_timestamp.is_none() => {
+                        self.pod = Arc::unwrap_or_clone(pod);
+                    }
+                    other => {
+                        self.pending = Some(other);
+                        return;
+                    }
+                },
+            }
+        };
+        let pulled = match pulled {
+            Ok(pulled) => pulled,
+            Err(e) => {
+                let message = format!("pulling the image stopped: {e}");
+                return self.config_error(&c, init, index, message);
+            }
+        };
+        let ready = match pulled {
+            Ok(ready) => ready,
+            Err(failure) => {
+                let record = self.record(init, index);
+                record.state = ContainerState::waiting(failure.reason, Some(failure.message));
+                self.next_attempt.insert(c.name.clone(), Instant::now() + RETRY);
+                return;
+            }
+        };
+        {
+            let record = self.record(init, index);
+            record.image = ready.image.clone();
+            record.image_id = Some(ready.image_id.clone());
+        }
+        let restart = {
+            let r = self.record(init, index);
+            if r.container_id.is_some() { r.restart_count + 1 } else { 0 }
+        };
+        let id = format!("{}-{}-{restart}", self.pod_ref.uid, c.name);
+        let config = match self.container_config(&c, &ready, &id).await {
+            Ok(config) => config,
+            Err(e) => return self.config_error(&c, init, index, format!("{e:#}")),
+        };
+        let rootfs = match self.ctx.images.prepare_rootfs(&id, &ready) {
+            Ok(path) => path,
+            Err(e) => return self.config_error(&c, init, index, format!("preparing the root filesystem: {e}")),
+        };
+        let config = ContainerConfig { rootfs, ..config };
+        let started = self.create_and_start(&config, &c, init, restart).await;
+        let message = match started {
+            Ok(container) => {
+                let now = Timestamp::now();
+                let record = self.record(init, index);
+                if let ContainerState::Terminated { .. } = record.state {
+                    record.last_state = Some(record.state.clone());
+                }
+                if record.container_id.is_some() {
+                    record.restart_count += 1;
+                }
+                record.container_id = Some(format!("nodelet://{id}"));
+                record.state = ContainerState::Running { started_at: now };
+                record.spec_hash = Some(plan::spec_hash(&c));
+                // No probes yet: a container counts as started, and an app container or a sidecar as ready,
+                // once it runs.
+                record.started = true;
+                record.ready = !init || plan::is_sidecar(&c);
+                self.watch(c.name.clone(), id, container, now);
+                return;
+            }
+            Err(NotStarted::Create(message)) => {
+                let _ = self.ctx.images.rootfs().remove(&id);
+                self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {message}"));
+                let record = self.record(init, index);
+                record.state = ContainerState::waiting("CreateContainerError", Some(message));
+                self.next_attempt.insert(c.name.clone(), Instant::now() + RETRY);
+                return;
+            }
+            Err(NotStarted::Start(message)) => message,
+        };
+        let _ = self.ctx.images.rootfs().remove(&id);
+        {
+            let record = self.record(init, index);
+            if let ContainerState::Terminated { .. } = record.state {
+                record.last_state = Some(record.state.clone());
+            }
+            if record.container_id.is_some() {
+                record.restart_count += 1;
+            }
+            record.container_id = Some(format!("nodelet://{id}"));
+        }
+        let exit = ContainerExit { code: 128, signal: None, oom_killed: false, status_known: true };
+        self.finish(&c.name, &id, exit, None, Some(message), Timestamp::now());
+    }
+
+    async fn create_and_start(
+        &self,
+        config: &ContainerConfig,
+        c: &ApiContainer,
+        init: bool,
+        restart: u32,
+    ) -> Result<Container, NotStarted> {
+        let (io, pipes) = ContainerIo::pipes(config.stdin).map_err(|e| NotStarted::Start(e.to_string()))?;
+        let container = match self.ctx.runtime.create(config, io).await {
+            Ok(container) => container,
+            // The spec could not be made from the image and the pod (a user that does not exist, a hostile
+            // /etc/passwd...): nothing ran.
+            Err(RuntimeError::Spec(e)) => return Err(NotStarted::Create(e.to_string())),
+            Err(e) => {
+                self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
+                return Err(NotStarted::Start(e.to_string()));
+            }
+        };
+        self.event(Some((&c.name, init)), false, "Created", &format!("Created container: {}", c.name));
+        let path = logs::container_log_path(&self.log_dir, &c.name, restart);
+        tokio::spawn(logs::copy_streams(pipes.stdout, pipes.stderr, path, self.log_rotation()));
+        if let Err(e) = self.ctx.runtime.start(&container).await {
+            let _ = self.ctx.runtime.delete(&container).await;
+            self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
+            return Err(NotStarted::Start(e.to_string()));
+        }
+        self.event(Some((&c.name, init)), false, "Started", &format!("Started container {}", c.name));
+        Ok(container)
+    }
+
+    fn watch(&mut self, name: String, id: String, container: Container, started_at: Timestamp) {
+        let running = Running { container: container.clone(), id: id.clone(), started_at, started: Instant::now() };
+        self.running.insert(name.clone(), running);
+        self.watch_exit(name, id, container);
+    }
+
+    /// Sends the container's exit to this worker when it comes.
+    pub(super) fn watch_exit(&self, name: String, id: String, container: Container) {
+        let (runtime, tx) = (self.ctx.runtime.clone(), self.exits_tx.clone());
+        tokio::spawn(async move {
+            let exit = runtime.wait(&container).await;
+            let _ = tx.send(Exit { name, id, exit });
+        });
+    }
+
+    fn config_error(&mut self, c: &ApiContainer, init: bool, index: usize, message: String) {
+        self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {message}"));
+        self.record(init, index).state = ContainerState::waiting("CreateContainerConfigError", Some(message));
+        self.next_attempt.insert(c.name.clone(), Instant::now() + RETRY);
+    }
+
+    async fn container_config(
+        &self,
+        c: &ApiContainer,
+        ready: &crate::images::ReadyImage,
+        id: &str,
+    ) -> anyhow::Result<ContainerConfig> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let sandbox = self.sandbox.as_ref().ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
+        let image = spec::image_config(&self.ctx.images.store().read_blob(&ready.record.config)?)?;
+        let lookup = spec::Lookup {
+            client: self.ctx.client.as_ref(),
+            namespace: &self.pod_ref.namespace,
+            services: self.ctx.services.as_ref(),
+        };
+        let ips = spec::Ips { host: &self.ctx.config.node_ip, pod: self.state.pod_ip.as_deref() };
+        let env = spec::environment(&self.pod, c, &ips, &lookup).await?;
+        let pod_cgroup = nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid);
+        let cgroup_root = self.ctx.config.kubelet.cgroup_root.clone().unwrap_or_default();
+        let cgroups_path = format!("/{}/{pod_cgroup}/{id}", cgroup_root.trim_matches('/')).replace("//", "/");
+        let single = self.ctx.config.kubelet.single_process_oom_kill.unwrap_or(false);
+        Ok(ContainerConfig {
+            id: id.to_string(),
+            rootfs: PathBuf::new(),
+            image,
+            command: c.command.clone().unwrap_or_default(),
+            args: c.args.clone().unwrap_or_default(),
+            env,
+            working_dir: c.working_dir.clone(),
+            security: spec::security(&self.pod, c),
+            mounts: self.name_files.clone(),
+            namespaces: sandbox.namespaces(spec.host_pid.unwrap_or(false)),
+            hostname: None,
+            cgroups_path,
+            resources: resources::runtime_resources(
+                &resources::container_resources(c),
+                self.ctx.config.kubelet.pod_pids_limit,
+                !single,
+            ),
+            sysctls: spec
+                .security_context
+                .as_ref()
+                .and_then(|s| s.sysctls.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| (s.name, s.value))
+                .collect(),
+            tty: c.tty.unwrap_or(false),
+            stdin: c.stdin.unwrap_or(false),
+            oom_score_adj: None,
+        })
+    }
+}
