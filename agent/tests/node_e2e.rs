@@ -280,9 +280,13 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     let second_finished = last.finished_at.clone().context("finishedAt")?.0;
     let (ok, out, err) = kubectl(&cluster, &["logs", "crash", "--previous"])?;
     ensure!(ok && out == "crashing\n", "kubectl logs --previous: {out:?} {err}");
-    let crash = wait_pod(&pods, "crash", "the third run", Duration::from_secs(40), |p| {
+    // The third run as lastState: one that started after the second finished (while the third still runs,
+    // lastState is the second).
+    let crash = wait_pod(&pods, "crash", "the third run to finish", Duration::from_secs(40), |p| {
         container(p)
-            .is_some_and(|c| c.restart_count >= 2 && c.last_state.as_ref().is_some_and(|s| s.terminated.is_some()))
+            .and_then(|c| c.last_state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .is_some_and(|t| t.started_at.as_ref().is_some_and(|s| s.0 > second_finished) && t.finished_at.is_some())
     })
     .await?;
     let third = container(&crash).and_then(|c| c.last_state.clone()).and_then(|s| s.terminated).context("third run")?;

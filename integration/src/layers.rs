@@ -92,6 +92,12 @@ impl Layer {
         self.append(h, &[])
     }
 
+    /// A named pipe.
+    pub fn fifo(self, name: &str) -> Layer {
+        let h = Layer::header(tar::EntryType::Fifo, name, 0o644, 0);
+        self.append(h, &[])
+    }
+
     /// A file with a PAX `SCHILY.xattr.<key>` record.
     pub fn file_with_xattr(mut self, name: &str, content: &[u8], key: &str, value: &[u8]) -> Layer {
         let record = format!("SCHILY.xattr.{key}");

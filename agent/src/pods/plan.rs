@@ -137,7 +137,8 @@ pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
             } else if !r.state.is_running() && due(&c.name) {
                 actions.push(Action::Start { name: c.name.clone(), init: true });
             }
-            if !observed.initialized && !(r.state.is_running() && r.started) {
+            let started = r.state.is_running() && r.started;
+            if !observed.initialized && !started {
                 // The next init container waits for this sidecar to have started.
                 return actions;
             }

@@ -75,7 +75,7 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
     let incomplete: Vec<&str> = state
         .init
         .iter()
-        .filter(|c| !c.succeeded() && !(c.state.is_running() && c.started))
+        .filter(|c| !(c.succeeded() || c.state.is_running() && c.started))
         .map(|c| c.name.as_str())
         .collect();
     // Running sidecars count for readiness too (a running regular init container means not initialized yet).

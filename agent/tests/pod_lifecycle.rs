@@ -1,0 +1,192 @@
+//! The pod worker's rules end to end, on nodelet as the only node of a real control plane (`--max-pods 3`,
+//! `podPidsLimit: -1`): a Job of 5 completions (finished pods hold no admission slot), a native sidecar (started
+//! before the app container, stopped after it, the pod Succeeded), `kubectl set image` on a bare pod (the container
+//! restarted with the new image), a 70-character pod name (a 63-character hostname less the trailing `-`),
+//! `activeDeadlineSeconds` (DeadlineExceeded), a pod for another OS (PodOSNotSupported), and hostile images whose
+//! `/etc/passwd` is a symlink to `/dev/zero` or whose `/etc/group` is a FIFO (a clear CreateContainerError; the
+//! agent neither hangs nor grows).
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use nodelet_integration::cluster::Cluster;
+use nodelet_integration::layers::{Layer, push_image};
+use nodelet_integration::registry::Registry;
+use nodelet_integration::testbed::{Need, ready};
+use support::{Nodelet, pod, wait_for, wait_pod};
+
+const NODE: &str = "nodelet-lifecycle";
+
+fn phase(p: &Pod) -> &str {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+fn statuses(p: &Pod, init: bool) -> Vec<ContainerStatus> {
+    let s = p.status.clone().unwrap_or_default();
+    if init { s.init_container_statuses } else { s.container_statuses }.unwrap_or_default()
+}
+
+fn waiting(c: &ContainerStatus) -> Option<(String, String)> {
+    let w = c.state.as_ref()?.waiting.as_ref()?;
+    Some((w.reason.clone().unwrap_or_default(), w.message.clone().unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn pod_workers_follow_upstream_rules() -> Result<()> {
+    if !ready("pod_workers_follow_upstream_rules", &[Need::Root, Need::ControlPlane, Need::Registry]) {
+        return Ok(());
+    }
+    let cluster = Cluster::start().await?;
+    let registry = Registry::start().await?;
+    let image = registry.reference("busybox", "latest");
+    // Hostile images: /etc/passwd a symlink to /dev/zero (with a /dev/zero of its own), /etc/group a FIFO.
+    let zero = Layer::new()
+        .dir("etc", 0o755)
+        .dir("dev", 0o755)
+        .char_device("dev/zero", 1, 5)
+        .symlink("etc/passwd", "/dev/zero");
+    push_image(&registry, "hostile", "zero", &[zero.tar()]).await?;
+    let fifo = Layer::new().dir("etc", 0o755).file("etc/passwd", b"root:x:0:0::/:/bin/sh\n", 0o644).fifo("etc/group");
+    push_image(&registry, "hostile", "fifo", &[fifo.tar()]).await?;
+    let kubeconfig = cluster.node_kubeconfig(NODE)?;
+    let net_d = support::loopback_only_network()?;
+    let node = Nodelet::start(
+        NODE,
+        "podPidsLimit: -1\nnodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
+        &[
+            "--port".into(),
+            nodelet_integration::ports::free_port()?.to_string(),
+            "--cni-conf-dir".into(),
+            net_d.path().display().to_string(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--insecure-registry".into(),
+            registry.host(),
+            "--max-pods".into(),
+            "3".into(),
+        ],
+    )?;
+    let client = cluster.admin().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    wait_for("the node to register", Duration::from_secs(60), || async { Ok(nodes.get_opt(NODE).await?) })
+        .await
+        .with_context(|| node.log())?;
+
+    // A Job of 5 completions, one at a time, on a node that takes 3 pods: finished pods do not count.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), "default");
+    let job: Job = serde_yaml::from_str(&format!(
+        "metadata: {{name: five}}\nspec:\n  completions: 5\n  parallelism: 1\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      terminationGracePeriodSeconds: 1\n      containers:\n      - {{name: main, image: {image}, command: [sh, -c, 'echo done']}}\n"
+    ))?;
+    jobs.create(&PostParams::default(), &job).await?;
+    wait_for("the job's 5 completions", Duration::from_secs(120), || async {
+        let status = jobs.get("five").await?.status.unwrap_or_default();
+        ensure!(status.failed.unwrap_or(0) == 0, "a job pod failed: {status:?}");
+        Ok(Some(()).filter(|_| status.succeeded == Some(5)))
+    })
+    .await
+    .with_context(|| node.log())?;
+    let job_pods = pods.list(&ListParams::default().labels("job-name=five")).await?;
+    ensure!(job_pods.items.len() == 5 && job_pods.items.iter().all(|p| phase(p) == "Succeeded"));
+    jobs.delete(
+        "five",
+        &DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Background), ..Default::default() },
+    )
+    .await?;
+
+    // A native sidecar: started before the app container, stopped once it completed; the pod Succeeded.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: sidecar}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 2\n  initContainers:\n  - {{name: proxy, image: {image}, restartPolicy: Always, command: [sleep, '3600']}}\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'sleep 2; echo served']}}\n"
+    ))).await?;
+    let running = wait_pod(&pods, "sidecar", "Running with its sidecar", Duration::from_secs(60), |p| {
+        phase(p) == "Running" && statuses(p, true).first().is_some_and(|c| c.started == Some(true) && c.ready)
+    })
+    .await?;
+    let conditions = running.status.clone().unwrap_or_default().conditions.unwrap_or_default();
+    ensure!(conditions.iter().any(|c| c.type_ == "Initialized" && c.status == "True"), "{conditions:?}");
+    let done = wait_pod(&pods, "sidecar", "Succeeded", Duration::from_secs(60), |p| phase(p) == "Succeeded").await?;
+    let proxy = statuses(&done, true).first().cloned().context("sidecar status")?;
+    let main = statuses(&done, false).first().cloned().context("main status")?;
+    let ended = |c: &ContainerStatus| c.state.clone().and_then(|s| s.terminated).context("terminated");
+    let (proxy_end, main_end) = (ended(&proxy)?, ended(&main)?);
+    ensure!(main_end.exit_code == 0 && proxy.restart_count == 0, "{main:?} {proxy:?}");
+    ensure!(proxy_end.started_at.clone().map(|t| t.0) <= main_end.started_at.clone().map(|t| t.0), "sidecar first");
+    ensure!(proxy_end.finished_at.clone().map(|t| t.0) >= main_end.finished_at.clone().map(|t| t.0), "sidecar last");
+    pods.delete("sidecar", &DeleteParams::default()).await?;
+
+    // `kubectl set image` on a bare pod: the container is stopped and started again with the new image.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: setimage}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    let before = wait_pod(&pods, "setimage", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let first = statuses(&before, false).first().cloned().context("status")?;
+    // The same image by digest: another reference, so another spec.
+    let by_digest = first.image_id.clone();
+    let (ok, out) = {
+        let o = cluster.kubectl().args(["set", "image", "pod/setimage", &format!("main={by_digest}")]).output()?;
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    };
+    ensure!(ok, "kubectl set image: {out}");
+    let after = wait_pod(&pods, "setimage", "restarted with the new image", Duration::from_secs(60), |p| {
+        statuses(p, false).first().is_some_and(|c| {
+            c.restart_count == 1 && c.image == by_digest && c.state.as_ref().is_some_and(|s| s.running.is_some())
+        })
+    })
+    .await?;
+    let second = statuses(&after, false).first().cloned().context("status")?;
+    ensure!(second.container_id != first.container_id, "{first:?} -> {second:?}");
+    pods.delete("setimage", &DeleteParams::default()).await?;
+
+    // Hostile images: a clear CreateContainerError, never a hang or a growing agent.
+    let rss_before = node.pid().map(nodelet_integration::process::rss_kib).unwrap_or(0);
+    for (name, tag, file) in [("zero", "zero", "/etc/passwd"), ("fifo", "fifo", "/etc/group")] {
+        pods.create(&PostParams::default(), &pod(&format!(
+            "metadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {}, command: [sh]}}\n",
+            registry.reference("hostile", tag)
+        ))).await?;
+        let p = wait_pod(&pods, name, "CreateContainerError", Duration::from_secs(60), |p| {
+            statuses(p, false).first().and_then(waiting).is_some_and(|(r, _)| r == "CreateContainerError")
+        })
+        .await?;
+        let (_, message) = statuses(&p, false).first().and_then(waiting).unwrap_or_default();
+        ensure!(message.contains(file) && message.contains("not a regular file"), "{name}: {message}");
+    }
+    let rss_after = node.pid().map(nodelet_integration::process::rss_kib).unwrap_or(0);
+    ensure!(rss_after < rss_before + 64 * 1024, "the agent grew from {rss_before} to {rss_after} KiB");
+    for name in ["zero", "fifo"] {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+
+    // A 70-character pod name: the hostname is cut to 63 characters, less the '-' it would end in.
+    let long = format!("{}-{}", "h".repeat(62), "x".repeat(7));
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: {long}}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [hostname]}}\n"
+    ))).await?;
+    wait_pod(&pods, &long, "Succeeded", Duration::from_secs(60), |p| phase(p) == "Succeeded").await?;
+    let o = cluster.kubectl().args(["logs", &long]).output()?;
+    ensure!(String::from_utf8_lossy(&o.stdout) == format!("{}\n", "h".repeat(62)), "{o:?}");
+
+    // activeDeadlineSeconds: the pod fails with DeadlineExceeded and its container is stopped.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: deadline}}\nspec:\n  activeDeadlineSeconds: 3\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    let failed = wait_pod(&pods, "deadline", "Failed", Duration::from_secs(60), |p| phase(p) == "Failed").await?;
+    let st = failed.status.clone().unwrap_or_default();
+    ensure!(st.reason.as_deref() == Some("DeadlineExceeded"), "{st:?}");
+    ensure!(statuses(&failed, false).first().is_some_and(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some())));
+
+    // A pod for another OS is rejected at admission, as upstream words it.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: windows}}\nspec:\n  os: {{name: windows}}\n  containers:\n  - {{name: main, image: {image}}}\n"
+    ))).await?;
+    let rejected = wait_pod(&pods, "windows", "Failed", Duration::from_secs(60), |p| phase(p) == "Failed").await?;
+    let st = rejected.status.clone().unwrap_or_default();
+    ensure!(st.reason.as_deref() == Some("PodOSNotSupported"), "{st:?}");
+    Ok(())
+}
