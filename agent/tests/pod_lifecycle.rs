@@ -62,6 +62,8 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
         &[
             "--port".into(),
             nodelet_integration::ports::free_port()?.to_string(),
+            "--client-ca-file".into(),
+            cluster.pki().ca().cert.display().to_string(),
             "--cni-conf-dir".into(),
             net_d.path().display().to_string(),
             "--kubeconfig".into(),
