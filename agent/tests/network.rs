@@ -100,7 +100,7 @@ async fn pods_get_a_network() -> Result<()> {
     write(
         &manifests.join("client.yaml"),
         &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: nodelet.local/busybox:latest\n    imagePullPolicy: Never\n    command: [sh, -c, 'cat /etc/resolv.conf; until wget -qO- http://{server_ip}:8080/; do sleep 1; done; wget -qO- http://{NODE_IP}:9090/; exec sleep 3600']\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: nodelet.local/busybox:latest\n    imagePullPolicy: Never\n    env: [{{name: MY_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}]\n    command: [sh, -c, 'cat /etc/resolv.conf; echo my-ip=$MY_IP; until wget -qO- http://{server_ip}:8080/; do sleep 1; done; wget -qO- http://{NODE_IP}:9090/; exec sleep 3600']\n"
         ),
     )?;
     let client_log = wait_for("the client to reach the server and the node", Duration::from_secs(60), || async {
@@ -112,6 +112,9 @@ async fn pods_get_a_network() -> Result<()> {
         client_log.starts_with("search default.svc.cluster.local svc.cluster.local cluster.local corp.example\nnameserver 10.96.0.10\noptions ndots:5\n"),
         "ClusterFirst: {client_log}"
     );
+    // The downward API's status.podIP is the pod's address on the pod network.
+    let client_ip = pod_row(&root, "client")?.map(|r| r.1).unwrap_or_default();
+    ensure!(client_ip.starts_with("10.79.0.") && client_log.contains(&format!("my-ip={client_ip}\n")), "{client_log}");
     // The hostPort answers on the node IP.
     let answer = netns.run(&["busybox", "wget", "-qO-", &format!("http://{NODE_IP}:30080/")])?;
     ensure!(answer == "pong\n", "hostPort: {answer:?}");

@@ -192,7 +192,12 @@ impl Cni {
             .spawn()?;
         let input = serde_json::to_vec(&config).map_err(std::io::Error::other)?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(&input).await?;
+            // A plugin may exit without reading its input (e.g. on an error of its own): its exit and output say
+            // what went wrong, not our broken pipe.
+            match stdin.write_all(&input).await {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
         }
         let failed = |message: String| CniError::Plugin { plugin: kind.clone(), command, message };
         let output = tokio::time::timeout(PLUGIN_TIMEOUT, child.wait_with_output())
