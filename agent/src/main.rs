@@ -135,6 +135,8 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,libcgroups=error".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: files and journals get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match flags.command {
         Some(Command::Image(command)) => {
@@ -149,6 +151,9 @@ fn main() -> Result<()> {
         None => {
             // The zygote must exist before any thread: fork it first, then start tokio.
             let zygote = nodelet_runtime::Zygote::fork().context("forking the runtime's zygote")?;
+            // One nodelet per root dir, decided before anything there is read or taken over (after the fork, so
+            // the zygote does not hold the lock too).
+            let _lock = nodelet::root_lock::acquire(&flags.root_dir)?;
             let config = agent_config(flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
             runtime.block_on(nodelet::agent::run(config, zygote))
