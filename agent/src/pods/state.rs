@@ -70,6 +70,17 @@ impl ContainerRecord {
         }
     }
 
+    /// Records that instance `id` was made: the previous run becomes `lastState`, and a restart is counted.
+    pub fn new_instance(&mut self, id: &str) {
+        if let ContainerState::Terminated { .. } = self.state {
+            self.last_state = Some(self.state.clone());
+        }
+        if self.container_id.is_some() {
+            self.restart_count += 1;
+        }
+        self.container_id = Some(format!("nodelet://{id}"));
+    }
+
     /// Whether this container finished with exit code 0.
     pub fn succeeded(&self) -> bool {
         matches!(self.state, ContainerState::Terminated { exit_code: 0, .. })

@@ -104,13 +104,7 @@ impl Worker {
             Ok(container) => {
                 let now = Timestamp::now();
                 let record = self.record(init, index);
-                if let ContainerState::Terminated { .. } = record.state {
-                    record.last_state = Some(record.state.clone());
-                }
-                if record.container_id.is_some() {
-                    record.restart_count += 1;
-                }
-                record.container_id = Some(format!("nodelet://{id}"));
+                record.new_instance(&id);
                 record.state = ContainerState::Running { started_at: now };
                 record.spec_hash = Some(plan::spec_hash(&c));
                 // No probes yet: a container counts as started, and an app container or a sidecar as ready,
@@ -131,16 +125,7 @@ impl Worker {
             Err(NotStarted::Start(message)) => message,
         };
         let _ = self.ctx.images.rootfs().remove(&id);
-        {
-            let record = self.record(init, index);
-            if let ContainerState::Terminated { .. } = record.state {
-                record.last_state = Some(record.state.clone());
-            }
-            if record.container_id.is_some() {
-                record.restart_count += 1;
-            }
-            record.container_id = Some(format!("nodelet://{id}"));
-        }
+        self.record(init, index).new_instance(&id);
         let exit = ContainerExit { code: 128, signal: None, oom_killed: false, status_known: true };
         self.finish(&c.name, &id, exit, None, Some(message), Timestamp::now());
     }
