@@ -121,6 +121,10 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             node_name: config.node_name.clone(),
         }),
         allocatable,
+        min_oom_score_adj: std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0),
     });
     let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());
     let sources = usize::from(manifests.is_some()) + usize::from(client.is_some());

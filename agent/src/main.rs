@@ -149,6 +149,13 @@ fn main() -> Result<()> {
             logs(pod_logs_dir, namespace, pod, container.as_deref())
         }
         None => {
+            // The kernel's OOM killer must pick a container, never the node (the zygote inherits this; containers
+            // get theirs per QoS class).
+            if let Err(e) =
+                std::fs::write("/proc/self/oom_score_adj", nodelet::pods::resources::AGENT_OOM_SCORE_ADJ.to_string())
+            {
+                tracing::warn!(error = %e, "setting the agent's own oom_score_adj");
+            }
             // The zygote must exist before any thread: fork it first, then start tokio.
             let zygote = nodelet_runtime::Zygote::fork().context("forking the runtime's zygote")?;
             // One nodelet per root dir, decided before anything there is read or taken over (after the fork, so

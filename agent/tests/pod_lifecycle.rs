@@ -168,11 +168,24 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     // A 70-character pod name: the hostname is cut to 63 characters, less the '-' it would end in.
     let long = format!("{}-{}", "h".repeat(62), "x".repeat(7));
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: {long}}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [hostname]}}\n"
+        "metadata: {{name: {long}}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'hostname; cat /proc/self/oom_score_adj']}}\n"
     ))).await?;
     wait_pod(&pods, &long, "Succeeded", Duration::from_secs(60), |p| phase(p) == "Succeeded").await?;
     let o = cluster.kubectl().args(["logs", &long]).output()?;
-    ensure!(String::from_utf8_lossy(&o.stdout) == format!("{}\n", "h".repeat(62)), "{o:?}");
+    // A BestEffort container is the kernel's first choice (1000); the agent its last (-999).
+    ensure!(String::from_utf8_lossy(&o.stdout) == format!("{}\n1000\n", "h".repeat(62)), "{o:?}");
+    let agent_adj = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", node.pid().unwrap_or(0)))?;
+    // Lowering it needs CAP_SYS_RESOURCE, which some machines (containers) do not grant even to root.
+    let can_lower = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 24) != 0); // bit 24: CAP_SYS_RESOURCE
+    if can_lower {
+        ensure!(agent_adj.trim() == "-999", "the agent's oom_score_adj: {agent_adj}");
+    } else {
+        eprintln!("no CAP_SYS_RESOURCE here: the agent's oom_score_adj stays {}", agent_adj.trim());
+    }
 
     // activeDeadlineSeconds: the pod fails with DeadlineExceeded and its container is stopped.
     pods.create(&PostParams::default(), &pod(&format!(

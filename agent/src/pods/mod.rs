@@ -51,6 +51,9 @@ pub struct Ctx {
     pub services: Option<service_env::ServiceCache>,
     /// Node allocatable: (cpu millis, memory bytes).
     pub allocatable: (u64, u64),
+    /// The lowest `oom_score_adj` a container may get: the agent's own (where the agent could not lower its own,
+    /// e.g. without CAP_SYS_RESOURCE, neither can its containers: containerd's rootless rule).
+    pub min_oom_score_adj: i32,
 }
 
 impl Ctx {

@@ -89,6 +89,25 @@ pub fn pod_pids_limit(configured: Option<i64>) -> Option<u64> {
     configured.and_then(|p| u64::try_from(p).ok()).filter(|p| *p > 0)
 }
 
+/// The `oom_score_adj` of the node agent and its zygote (upstream's kubelet: -999): the kernel picks a container,
+/// never the node, when memory runs out.
+pub const AGENT_OOM_SCORE_ADJ: i32 = -999;
+
+/// A container's `oom_score_adj` by QoS class, as upstream: Guaranteed -997, BestEffort 1000, Burstable
+/// `1000 - 1000 * memory request / node memory`, kept within 3..=999 so it ranks between the two.
+pub fn oom_score_adj(qos: qos::QosClass, c: &ContainerResources, memory_capacity: u64) -> i32 {
+    match qos {
+        qos::QosClass::Guaranteed => -997,
+        qos::QosClass::BestEffort => 1000,
+        qos::QosClass::Burstable => {
+            let request = u128::from(c.memory_request_bytes.unwrap_or(0));
+            let share = (1000 * request).checked_div(u128::from(memory_capacity)).unwrap_or(0);
+            let adj = 1000 - i32::try_from(share.min(1000)).unwrap_or(1000);
+            adj.clamp(3, 999)
+        }
+    }
+}
+
 /// The container cgroup's settings (`cpu.shares` from the request, quota from the limit, memory limit).
 pub fn runtime_resources(
     c: &ContainerResources,
@@ -120,6 +139,19 @@ mod tests {
         assert_eq!(q("129e6"), 129e6);
         assert_eq!(q("2Ki"), 2048.0);
         assert!(quantity(&Quantity("lots".into())).is_none());
+    }
+
+    #[test]
+    fn oom_score_adj_follows_the_qos_class() {
+        let gib = 1u64 << 30;
+        let c = |request: Option<u64>| ContainerResources { memory_request_bytes: request, ..Default::default() };
+        assert_eq!(oom_score_adj(qos::QosClass::Guaranteed, &c(Some(gib)), 4 * gib), -997);
+        assert_eq!(oom_score_adj(qos::QosClass::BestEffort, &c(None), 4 * gib), 1000);
+        assert_eq!(oom_score_adj(qos::QosClass::Burstable, &c(Some(gib)), 4 * gib), 750);
+        assert_eq!(oom_score_adj(qos::QosClass::Burstable, &c(None), 4 * gib), 999);
+        assert_eq!(oom_score_adj(qos::QosClass::Burstable, &c(Some(4 * gib)), 4 * gib), 3);
+        let guaranteed = oom_score_adj(qos::QosClass::Guaranteed, &c(Some(gib)), gib);
+        assert!(AGENT_OOM_SCORE_ADJ < guaranteed, "the agent ranks below every container");
     }
 
     #[test]

@@ -229,7 +229,10 @@ impl Worker {
                 .collect(),
             tty: c.tty.unwrap_or(false),
             stdin: c.stdin.unwrap_or(false),
-            oom_score_adj: None,
+            oom_score_adj: Some(
+                resources::oom_score_adj(self.state.qos, &resources::container_resources(c), self.ctx.allocatable.1)
+                    .max(self.ctx.min_oom_score_adj),
+            ),
         })
     }
 }
