@@ -111,8 +111,12 @@ fn read_db(rootfs: &Path, rel: &str) -> Result<Vec<Vec<String>>, SpecError> {
 /// Reads `rel` with every path component resolved inside `root`: `None` when it does not exist; an error when it
 /// is not a regular file or is larger than [`MAX_DATABASE_BYTES`].
 fn read_in_root(root: &Path, rel: &str) -> Result<Option<String>, String> {
-    let dir = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| format!("opening the root filesystem: {e}"))?;
+    let dir = match rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(dir) => dir,
+        // No root filesystem to look in (a spec built without one): no database either.
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(format!("opening the root filesystem: {e}")),
+    };
     let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
     let fd = match rustix::fs::openat2(&dir, rel, flags, Mode::empty(), resolve) {
