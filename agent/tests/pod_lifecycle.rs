@@ -136,9 +136,12 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     };
     ensure!(ok, "kubectl set image: {out}");
     let after = wait_pod(&pods, "setimage", "restarted with the new image", Duration::from_secs(60), |p| {
-        statuses(p, false).first().is_some_and(|c| {
-            c.restart_count == 1 && c.image == by_digest && c.state.as_ref().is_some_and(|s| s.running.is_some())
-        })
+        let observed = p.status.as_ref().and_then(|s| s.observed_generation);
+        observed.is_some()
+            && observed == p.metadata.generation
+            && statuses(p, false).first().is_some_and(|c| {
+                c.restart_count == 1 && c.image == by_digest && c.state.as_ref().is_some_and(|s| s.running.is_some())
+            })
     })
     .await?;
     let second = statuses(&after, false).first().cloned().context("status")?;

@@ -8,6 +8,7 @@ pub mod restore;
 pub mod service_env;
 pub mod spec;
 pub mod state;
+pub mod unsupported;
 pub mod worker;
 
 use std::collections::{HashMap, HashSet};
@@ -224,6 +225,7 @@ impl PodWorkers {
                 message: Some(message),
                 sandbox_ready: false,
                 initialized: false,
+                observed_generation: pod.metadata.generation,
                 start_time: Timestamp::now(),
                 qos: resources::pod_qos(&pod),
                 host_ip: self.ctx.config.node_ip.clone(),

@@ -97,6 +97,8 @@ pub struct PodState {
     pub sandbox_ready: bool,
     /// Every init container has completed (sidecars: started) once; sticky.
     pub initialized: bool,
+    /// `metadata.generation` of the spec this state answers (`status.observedGeneration`).
+    pub observed_generation: Option<i64>,
     pub start_time: Timestamp,
     pub qos: QosClass,
     pub host_ip: String,

@@ -112,6 +112,7 @@ impl Worker {
             message: None,
             sandbox_ready: false,
             initialized: false,
+            observed_generation: pod.metadata.generation,
             start_time: Timestamp::now(),
             qos: resources::pod_qos(&pod),
             host_ip: ctx.config.node_ip.clone(),
@@ -148,6 +149,7 @@ impl Worker {
     }
 
     fn publish(&mut self) {
+        self.state.observed_generation = self.pod.metadata.generation;
         if self.state.phase.is_terminal() {
             self.terminal.store(true, Ordering::Relaxed);
         }

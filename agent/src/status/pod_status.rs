@@ -68,7 +68,7 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
             message: if ok { None } else { message },
             last_transition_time: Some(since),
             last_probe_time: None,
-            observed_generation: None,
+            observed_generation: state.observed_generation,
         }
     };
     // Init containers still to complete (sidecars: to start).
@@ -109,6 +109,7 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
     ];
     PodStatus {
         phase: Some(state.phase.as_str().into()),
+        observed_generation: state.observed_generation,
         reason: state.reason.clone(),
         message: state.message.clone(),
         conditions: Some(conditions),

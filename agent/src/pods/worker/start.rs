@@ -32,6 +32,9 @@ impl Worker {
             return;
         }
         let Some((c, index)) = self.container_spec(name, init) else { return };
+        if let Some(message) = crate::pods::unsupported::unsupported(&self.pod, &c) {
+            return self.config_error(&c, init, index, message);
+        }
         let image = c.image.clone().unwrap_or_default();
         let policy = match PullPolicy::for_container(&image, c.image_pull_policy.as_deref()) {
             Ok(p) => p,

@@ -1,0 +1,66 @@
+//! Pod fields nodelet does not implement yet. A pod that asks for one never runs weaker than it asked: the
+//! container fails with `CreateContainerConfigError` and a message that names the field, instead of the field
+//! being ignored. (Volumes, probes and lifecycle hooks are their own issues and are not refused here.)
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+/// Why `c` of `pod` cannot run as asked, if it cannot.
+pub fn unsupported(pod: &Pod, c: &Container) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let pod_sc = spec.security_context.as_ref();
+    let sc = c.security_context.as_ref();
+    let not_yet = |what: &str| Some(format!("{what} is not supported by nodelet yet"));
+    let seccomp = sc.and_then(|s| s.seccomp_profile.as_ref()).or(pod_sc.and_then(|s| s.seccomp_profile.as_ref()));
+    if let Some(profile) = seccomp.filter(|p| p.type_ != "RuntimeDefault" && p.type_ != "Unconfined") {
+        return not_yet(&format!("seccomp profile type {}", profile.type_));
+    }
+    let apparmor = sc.and_then(|s| s.app_armor_profile.as_ref()).or(pod_sc.and_then(|s| s.app_armor_profile.as_ref()));
+    if let Some(profile) = apparmor.filter(|p| p.type_ == "Localhost") {
+        return not_yet(&format!("AppArmor profile type {}", profile.type_));
+    }
+    if spec.host_users == Some(false) {
+        return not_yet("hostUsers: false (user namespaces)");
+    }
+    if c.volume_devices.as_ref().is_some_and(|d| !d.is_empty()) {
+        return not_yet("volumeDevices (raw block volumes)");
+    }
+    let claims = c.resources.as_ref().and_then(|r| r.claims.as_ref()).is_some_and(|claims| !claims.is_empty());
+    if claims || spec.resource_claims.as_ref().is_some_and(|claims| !claims.is_empty()) {
+        return not_yet("resource claims (dynamic resource allocation)");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+    }
+
+    fn check(spec: serde_json::Value) -> Option<String> {
+        let p = pod(spec);
+        let c = p.spec.as_ref().unwrap().containers[0].clone();
+        unsupported(&p, &c)
+    }
+
+    #[test]
+    fn fields_nodelet_cannot_honour_are_named() {
+        assert_eq!(check(serde_json::json!({"containers": [{"name": "c"}]})), None);
+        let runtime_default = serde_json::json!({"containers": [{"name": "c",
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}}}]});
+        assert_eq!(check(runtime_default), None);
+        let localhost = serde_json::json!({"securityContext": {"seccompProfile": {"type": "Localhost",
+            "localhostProfile": "p.json"}}, "containers": [{"name": "c"}]});
+        assert_eq!(check(localhost).unwrap(), "seccomp profile type Localhost is not supported by nodelet yet");
+        let apparmor = serde_json::json!({"containers": [{"name": "c",
+            "securityContext": {"appArmorProfile": {"type": "Localhost", "localhostProfile": "x"}}}]});
+        assert!(check(apparmor).unwrap().starts_with("AppArmor profile type Localhost"));
+        let userns = serde_json::json!({"hostUsers": false, "containers": [{"name": "c"}]});
+        assert!(check(userns).unwrap().starts_with("hostUsers: false"));
+        let block = serde_json::json!({"containers": [{"name": "c",
+            "volumeDevices": [{"name": "v", "devicePath": "/dev/xvda"}]}]});
+        assert!(check(block).unwrap().starts_with("volumeDevices"));
+    }
+}
