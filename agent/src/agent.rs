@@ -83,10 +83,12 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         },
     })?);
     let facts = NodeFacts::gather(&config)?;
-    let allocatable = (facts.cpus * 1000, facts.memory_bytes);
+    // Admission counts against allocatable; the kubepods cgroup gets the whole capacity until node allocatable
+    // enforcement (`enforceNodeAllocatable`) is built.
+    let allocatable = (facts.allocatable.cpu_millis, facts.allocatable.memory_bytes);
     let hierarchy = Hierarchy::detect(config.kubelet.cgroup_root.as_deref().unwrap_or("/")).context("cgroups")?;
     hierarchy
-        .ensure_node(Allocatable { cpu_millis: allocatable.0, memory_bytes: allocatable.1, pids: None })
+        .ensure_node(Allocatable { cpu_millis: facts.cpus * 1000, memory_bytes: facts.memory_bytes, pids: None })
         .context("creating the kubepods cgroups")?;
     let client = match &config.kubeconfig {
         Some(path) => Some(client_from(path).await?),

@@ -50,6 +50,13 @@ pub struct KubeletConfiguration {
     pub pod_pids_limit: Option<i64>,
     #[serde(rename = "singleProcessOOMKill")]
     pub single_process_oom_kill: Option<bool>,
+    /// Resources held back for Kubernetes daemons and for the system (`cpu`, `memory`, `ephemeral-storage`,
+    /// `pid`): subtracted from capacity for allocatable.
+    pub kube_reserved: std::collections::BTreeMap<String, String>,
+    pub system_reserved: std::collections::BTreeMap<String, String>,
+    /// Hard eviction thresholds (`memory.available`, `nodefs.available`...; quantities or percentages). Unset:
+    /// upstream's defaults. Today they shape allocatable; the eviction manager will enforce them.
+    pub eviction_hard: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Default for KubeletConfiguration {
@@ -81,6 +88,9 @@ impl Default for KubeletConfiguration {
             pod_cidr: None,
             pod_pids_limit: None,
             single_process_oom_kill: None,
+            kube_reserved: Default::default(),
+            system_reserved: Default::default(),
+            eviction_hard: None,
         }
     }
 }

@@ -77,9 +77,27 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     let client = cluster.admin().await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    wait_for("the node to register", Duration::from_secs(60), || async { Ok(nodes.get_opt(NODE).await?) })
-        .await
-        .with_context(|| node.log())?;
+    let registered =
+        wait_for("the node to register", Duration::from_secs(60), || async { Ok(nodes.get_opt(NODE).await?) })
+            .await
+            .with_context(|| node.log())?;
+    // Allocatable is capacity less the default hard eviction threshold for memory (100Mi).
+    let status = registered.status.clone().unwrap_or_default();
+    let kib =
+        |m: Option<&std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>| {
+            m.and_then(|m| m.get("memory")).and_then(|q| q.0.strip_suffix("Ki")?.parse::<u64>().ok()).unwrap_or(0)
+        };
+    let (capacity, allocatable) = (kib(status.capacity.as_ref()), kib(status.allocatable.as_ref()));
+    ensure!(capacity > 0 && capacity - allocatable == 100 * 1024, "memory {capacity}Ki, allocatable {allocatable}Ki");
+    // The Lease is owned by the Node.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let node_uid = registered.metadata.uid.clone();
+    wait_for("the lease owned by the node", Duration::from_secs(30), || async {
+        let lease = leases.get_opt(NODE).await?;
+        let owners = lease.and_then(|l| l.metadata.owner_references).unwrap_or_default();
+        Ok(owners.iter().find(|o| o.kind == "Node" && Some(&o.uid) == node_uid.as_ref()).map(|_| ()))
+    })
+    .await?;
 
     // A Job of 5 completions, one at a time, on a node that takes 3 pods: finished pods do not count.
     let jobs: Api<Job> = Api::namespaced(client.clone(), "default");

@@ -17,6 +17,8 @@ pub struct NodeFacts {
     pub cpus: u64,
     pub memory_bytes: u64,
     pub ephemeral_storage_bytes: u64,
+    /// Capacity less reservations and hard eviction thresholds (see [`super::allocatable`]).
+    pub allocatable: super::allocatable::Resources,
     pub info: NodeSystemInfo,
 }
 
@@ -63,28 +65,48 @@ impl NodeFacts {
             system_uuid: read_trimmed("/sys/class/dmi/id/product_uuid"),
             ..Default::default()
         };
-        Ok(NodeFacts {
-            cpus: std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
+        let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+        let capacity = super::allocatable::Resources {
+            cpu_millis: cpus * 1000,
             memory_bytes: memory_kib * 1024,
             ephemeral_storage_bytes: fs.f_blocks * fs.f_frsize,
+        };
+        let kubelet = &config.kubelet;
+        let eviction = super::allocatable::eviction_hard(kubelet.eviction_hard.as_ref());
+        let allocatable =
+            super::allocatable::allocatable(capacity, &kubelet.kube_reserved, &kubelet.system_reserved, &eviction)
+                .context("kubeReserved, systemReserved or evictionHard")?;
+        Ok(NodeFacts {
+            cpus,
+            memory_bytes: capacity.memory_bytes,
+            ephemeral_storage_bytes: capacity.ephemeral_storage_bytes,
+            allocatable,
             info,
         })
     }
 
-    /// Capacity and allocatable (no reservations yet: equal), nodeInfo, addresses and the kubelet endpoint.
+    /// Capacity and allocatable, nodeInfo, addresses and the kubelet endpoint.
     pub fn status(&self, config: &AgentConfig) -> NodeStatus {
-        let resources: BTreeMap<String, Quantity> = [
-            ("cpu", self.cpus.to_string()),
-            ("memory", format!("{}Ki", self.memory_bytes / 1024)),
-            ("pods", config.kubelet.max_pods.to_string()),
-            ("ephemeral-storage", format!("{}Ki", self.ephemeral_storage_bytes / 1024)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), Quantity(v)))
-        .collect();
+        let quantities = |cpu: String, memory: u64, storage: u64| -> BTreeMap<String, Quantity> {
+            [
+                ("cpu", cpu),
+                ("memory", format!("{}Ki", memory / 1024)),
+                ("pods", config.kubelet.max_pods.to_string()),
+                ("ephemeral-storage", format!("{}Ki", storage / 1024)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Quantity(v)))
+            .collect()
+        };
+        let a = &self.allocatable;
+        let allocatable_cpu = if a.cpu_millis.is_multiple_of(1000) {
+            (a.cpu_millis / 1000).to_string()
+        } else {
+            format!("{}m", a.cpu_millis)
+        };
         NodeStatus {
-            capacity: Some(resources.clone()),
-            allocatable: Some(resources),
+            capacity: Some(quantities(self.cpus.to_string(), self.memory_bytes, self.ephemeral_storage_bytes)),
+            allocatable: Some(quantities(allocatable_cpu, a.memory_bytes, a.ephemeral_storage_bytes)),
             node_info: Some(self.info.clone()),
             addresses: Some(vec![
                 NodeAddress { type_: "InternalIP".into(), address: config.node_ip.clone() },

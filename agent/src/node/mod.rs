@@ -2,6 +2,7 @@
 //! allocatable, nodeInfo, addresses, conditions) patched every `nodeStatusUpdateFrequency` when it changed and
 //! at least every `nodeStatusReportFrequency`, like upstream's nodestatus and nodelease.
 
+pub mod allocatable;
 mod info;
 
 use std::collections::BTreeMap;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -69,6 +70,7 @@ impl NodeManager {
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     tracing::info!(node = %self.config.node_name, "node already registered");
+                    self.reconcile(&nodes, &node).await;
                     return Ok(());
                 }
                 Err(e) => {
@@ -77,6 +79,27 @@ impl NodeManager {
                     delay = (delay * 2).min(Duration::from_secs(7));
                 }
             }
+        }
+    }
+
+    /// On an existing Node: the labels and taints this node is configured with are added where missing or
+    /// different (others' labels and taints stay).
+    async fn reconcile(&self, nodes: &Api<Node>, wanted: &Node) {
+        let Ok(existing) = nodes.get(&self.config.node_name).await else { return };
+        let mut taints = existing.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        let before = taints.len();
+        for t in wanted.spec.as_ref().and_then(|s| s.taints.as_ref()).into_iter().flatten() {
+            if !taints.iter().any(|have| have.key == t.key && have.effect == t.effect) {
+                taints.push(t.clone());
+            }
+        }
+        let mut patch = serde_json::json!({"metadata": {"labels": wanted.metadata.labels}});
+        if taints.len() != before {
+            patch["spec"] = serde_json::json!({"taints": taints});
+        }
+        let name = &self.config.node_name;
+        if let Err(e) = nodes.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::warn!(error = %e, "reconciling the node's labels and taints");
         }
     }
 
@@ -119,11 +142,26 @@ impl NodeManager {
         let name = self.config.node_name.clone();
         let duration = self.config.kubelet.node_lease_duration_seconds;
         let interval = Duration::from_secs(u64::from(duration).div_ceil(4).max(1));
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        // The Lease is owned by its Node (upstream): deleting the Node deletes it.
+        let mut owner: Option<OwnerReference> = None;
         loop {
+            if owner.is_none()
+                && let Ok(Some(node)) = nodes.get_opt(&name).await
+            {
+                owner = node.metadata.uid.map(|uid| OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Node".into(),
+                    name: name.clone(),
+                    uid,
+                    ..Default::default()
+                });
+            }
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
                     namespace: Some("kube-node-lease".into()),
+                    owner_references: owner.clone().map(|o| vec![o]),
                     ..Default::default()
                 },
                 spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
@@ -133,7 +171,10 @@ impl NodeManager {
                     ..Default::default()
                 }),
             };
-            let patch = serde_json::json!({"spec": lease.spec});
+            let patch = match &lease.metadata.owner_references {
+                Some(owners) => serde_json::json!({"metadata": {"ownerReferences": owners}, "spec": lease.spec}),
+                None => serde_json::json!({"spec": lease.spec}),
+            };
             let result = match leases.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     leases.create(&PostParams::default(), &lease).await.map(|_| ())
