@@ -120,6 +120,39 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     )
     .await?;
 
+    // The burstable QoS cgroup's cpu shares follow its pods' cpu requests.
+    let shares = || -> Result<u64> {
+        let root = format!("/proc/{}/root/sys/fs/cgroup", node.pid().unwrap_or(0));
+        let path = ["cpu,cpuacct", "cpu"]
+            .iter()
+            .map(|h| format!("{root}/{h}/kubepods/burstable/cpu.shares"))
+            .find(|p| std::path::Path::new(p).exists())
+            .context("no v1 cpu hierarchy")?;
+        Ok(std::fs::read_to_string(path)?.trim().parse()?)
+    };
+    let v1_cpu = shares().is_ok();
+    if !v1_cpu {
+        eprintln!("no v1 cpu hierarchy on this host: the burstable shares check is skipped");
+    }
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: burstable}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sleep, '3600']\n    resources: {{requests: {{cpu: 500m}}}}\n"
+    ))).await?;
+    wait_pod(&pods, "burstable", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    if v1_cpu {
+        ensure!(shares()? == 512, "burstable cpu.shares {:?}", shares());
+    }
+    pods.delete("burstable", &DeleteParams::default()).await?;
+    wait_for("the burstable pod to go", Duration::from_secs(30), || async {
+        Ok(pods.get_opt("burstable").await?.is_none().then_some(()))
+    })
+    .await?;
+    if v1_cpu {
+        wait_for("burstable cpu.shares back to 2", Duration::from_secs(10), || async {
+            Ok((shares()? == 2).then_some(()))
+        })
+        .await?;
+    }
+
     // A native sidecar: started before the app container, stopped once it completed; the pod Succeeded.
     pods.create(&PostParams::default(), &pod(&format!(
         "metadata: {{name: sidecar}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 2\n  initContainers:\n  - {{name: proxy, image: {image}, restartPolicy: Always, command: [sleep, '3600']}}\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'sleep 2; echo served']}}\n"

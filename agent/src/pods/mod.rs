@@ -79,6 +79,7 @@ impl Ctx {
 struct Admitted {
     tx: watch::Sender<Desired>,
     requests: (u64, u64),
+    qos: QosClass,
     /// Set by the worker once its pod is terminal: it no longer counts for admission.
     terminal: Arc<AtomicBool>,
 }
@@ -109,6 +110,8 @@ pub struct PodWorkers {
     done_rx: mpsc::UnboundedReceiver<Done>,
     /// Sources that have not yet delivered their first complete set of pods.
     unsynced: usize,
+    /// The cpu requests the burstable QoS cgroup's shares were last set to.
+    burstable_millis: Option<u64>,
 }
 
 impl PodWorkers {
@@ -124,6 +127,7 @@ impl PodWorkers {
             done_tx,
             done_rx,
             unsynced: sources,
+            burstable_millis: None,
         }
     }
 
@@ -160,6 +164,7 @@ impl PodWorkers {
             Done::Finished(uid) => {
                 self.workers.remove(&uid);
                 self.ctx.view.remove(&uid);
+                self.update_burstable_shares();
             }
             Done::Panicked { uid, message } => {
                 let Some(w) = self.workers.remove(&uid) else { return };
@@ -239,7 +244,9 @@ impl PodWorkers {
         let terminal = Arc::new(AtomicBool::new(false));
         let pod = Arc::new(pod);
         let (tx, rx) = watch::channel(Desired::Pod(pod.clone()));
-        self.workers.insert(uid.clone(), Admitted { tx, requests, terminal: terminal.clone() });
+        let qos = resources::pod_qos(&pod);
+        self.workers.insert(uid.clone(), Admitted { tx, requests, qos, terminal: terminal.clone() });
+        self.update_burstable_shares();
         self.ctx.view.upsert(Pod::clone(&pod));
         let inherited = self.ctx.leftovers.claim(&uid, &self.ctx.states);
         let worker = Worker::new(self.ctx.clone(), Arc::unwrap_or_clone(pod), rx, inherited, terminal);
@@ -250,6 +257,24 @@ impl PodWorkers {
                 Err(message) => Done::Panicked { uid, message },
             };
             let _ = done.send(done_message);
+        });
+    }
+
+    /// The burstable QoS cgroup's cpu shares follow its running pods' cpu requests (upstream's QoS manager), so
+    /// that burstable pods together get their share against guaranteed ones.
+    fn update_burstable_shares(&mut self) {
+        let active =
+            self.workers.values().filter(|w| w.qos == QosClass::Burstable && !w.terminal.load(Ordering::Relaxed));
+        let millis: u64 = active.map(|w| w.requests.0).sum();
+        if self.burstable_millis == Some(millis) {
+            return;
+        }
+        self.burstable_millis = Some(millis);
+        let hierarchy = self.ctx.hierarchy.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = hierarchy.update_burstable(millis) {
+                tracing::warn!(error = %e, "updating the burstable cgroup's cpu shares");
+            }
         });
     }
 
