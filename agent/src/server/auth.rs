@@ -123,10 +123,10 @@ impl Auth {
         if let Some(user) = peer.and_then(user_of_certificate) {
             return Ok(user);
         }
-        if let Some(token) = authorization.and_then(|h| h.strip_prefix("Bearer ")).filter(|_| self.token_webhook)
-            && let Some(user) = self.review_token(token.trim()).await?
-        {
-            return Ok(user);
+        if let Some(token) = authorization.and_then(|h| h.strip_prefix("Bearer ")).filter(|_| self.token_webhook) {
+            // A token that does not authenticate is a 401 even where anonymous requests are allowed (upstream):
+            // anonymous is for requests that present no credentials.
+            return self.review_token(token.trim()).await?.ok_or(Denied::Unauthenticated);
         }
         if self.anonymous {
             return Ok(User::anonymous());

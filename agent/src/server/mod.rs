@@ -29,11 +29,19 @@ pub struct KubeletApi {
     pub pod_logs_dir: PathBuf,
 }
 
+/// Connections served at once; more are closed at accept (each costs a task and TLS buffers).
+const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take for its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client may take to send a request's head (HTTP/1).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves the API on `listener` until the process ends; a connection's failure affects only that connection.
 pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig, api: KubeletApi) -> Result<()> {
     tracing::info!(address = %listener.local_addr()?, "serving the kubelet API");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let api = Arc::new(api);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -42,18 +50,26 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig,
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "kubelet API connection refused: {MAX_CONNECTIONS} connections open");
+            continue;
+        };
         let (acceptor, api) = (acceptor.clone(), api.clone());
         tokio::spawn(async move {
-            let stream = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            let _slot = slot;
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
             let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
             let service = hyper::service::service_fn(move |req| {
                 let (api, cert) = (api.clone(), cert.clone());
                 async move { Ok::<_, Infallible>(api.handle(req, cert.as_ref()).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // A client that never finishes its request head does not hold a connection forever.
+            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
             if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, error = %e, "kubelet API connection ended");
             }
