@@ -234,20 +234,17 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
 
 /// The first global IPv4 address from `ip -4 -o addr`-like data in /proc (falls back to loopback).
 fn default_node_ip() -> String {
-    let route = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
-    let mut last_ip = None;
-    for line in route.lines() {
-        let line = line.trim();
-        if let Some(ip) = line.strip_prefix("|-- ") {
-            last_ip = Some(ip.to_string());
-        } else if line.contains("/32 host LOCAL")
-            && let Some(ip) = last_ip.take()
-            && !ip.starts_with("127.")
-        {
-            return ip;
-        }
-    }
-    "127.0.0.1".into()
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let addresses: Vec<(String, std::net::Ipv4Addr)> = nix::ifaddrs::getifaddrs()
+        .map(|all| {
+            all.filter_map(|a| {
+                let ip = a.address?.as_sockaddr_in()?.ip();
+                Some((a.interface_name, ip))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    nodelet::node::address::default_node_ip(&routes, &addresses).to_string()
 }
 
 fn images_config(root: &std::path::Path, insecure: Vec<String>, credentials: Option<PathBuf>) -> ImagesConfig {

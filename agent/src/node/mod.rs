@@ -2,6 +2,7 @@
 //! allocatable, nodeInfo, addresses, conditions) patched every `nodeStatusUpdateFrequency` when it changed and
 //! at least every `nodeStatusReportFrequency`, like upstream's nodestatus and nodelease.
 
+pub mod address;
 pub mod allocatable;
 mod info;
 
