@@ -238,11 +238,15 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
         ForkResult::Child => {
             drop(ready_r);
             drop(done_w);
-            let status = match enter(flags, cfg) {
-                Ok(()) => b'0',
-                Err(_) => b'1',
+            // One byte of outcome, then on failure the step and its errno, for the parent's message.
+            let report = match enter(flags, cfg) {
+                Ok(()) => [b'0', 0, 0, 0, 0, 0],
+                Err((step, errno)) => {
+                    let code = (errno as i32).to_le_bytes();
+                    [b'1', step as u8, code[0], code[1], code[2], code[3]]
+                }
             };
-            let _ = nix::unistd::write(&ready_w, &[status]);
+            let _ = nix::unistd::write(&ready_w, &report);
             let mut b = [0u8; 1];
             let _ = nix::unistd::read(done_r.as_raw_fd(), &mut b);
             // SAFETY: ends this forked child without running the zygote's exit paths.
@@ -252,11 +256,16 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
     };
     drop(ready_w);
     drop(done_r);
-    let mut status = [0u8; 1];
-    let got = nix::unistd::read(ready_r.as_raw_fd(), &mut status);
-    let mut result = match (got, status[0]) {
-        (Ok(1), b'0') => Ok(()),
-        _ => Err(format!("creating namespaces {flags:?} for sandbox {} failed", cfg.id)),
+    let mut report = [0u8; 6];
+    let got = nix::unistd::read(ready_r.as_raw_fd(), &mut report);
+    let mut result = match (got, report[0]) {
+        (Ok(n), b'0') if n >= 1 => Ok(()),
+        (Ok(6), b'1') => {
+            let errno = nix::errno::Errno::from_raw(i32::from_le_bytes([report[2], report[3], report[4], report[5]]));
+            let step = Step::from_byte(report[1]);
+            Err(format!("creating namespaces {flags:?} for sandbox {} failed: {}: {errno}", cfg.id, step.name()))
+        }
+        (got, _) => Err(format!("creating namespaces {flags:?} for sandbox {} failed (child said {got:?})", cfg.id)),
     };
     let mut mounted = Vec::new();
     if result.is_ok() {
@@ -286,16 +295,42 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
     result
 }
 
+/// A step of the sandbox child, to say which one failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Unshare = 0,
+    Hostname = 1,
+    Loopback = 2,
+}
+
+impl Step {
+    fn from_byte(b: u8) -> Step {
+        match b {
+            1 => Step::Hostname,
+            2 => Step::Loopback,
+            _ => Step::Unshare,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Step::Unshare => "unshare",
+            Step::Hostname => "sethostname",
+            Step::Loopback => "bringing up the loopback interface",
+        }
+    }
+}
+
 /// In the child: new namespaces, hostname, loopback up.
-fn enter(flags: CloneFlags, cfg: &SandboxConfig) -> nix::Result<()> {
-    unshare(flags)?;
+fn enter(flags: CloneFlags, cfg: &SandboxConfig) -> Result<(), (Step, nix::errno::Errno)> {
+    unshare(flags).map_err(|e| (Step::Unshare, e))?;
     if cfg.uts
         && let Some(h) = &cfg.hostname
     {
-        nix::unistd::sethostname(h)?;
+        nix::unistd::sethostname(h).map_err(|e| (Step::Hostname, e))?;
     }
     if cfg.network {
-        loopback_up()?;
+        loopback_up().map_err(|e| (Step::Loopback, e))?;
     }
     Ok(())
 }

@@ -571,6 +571,12 @@ async fn containers_share_the_pod_sandbox(rt: Runtime, env: Env) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
     ensure!(!mounts.contains(&sb.dir.to_string_lossy().to_string()), "namespace mounts left behind");
 
+    // A hostname the kernel refuses: the child's own errno is reported, and nothing is left behind.
+    let too_long = SandboxConfig { id: "pod3".into(), hostname: Some("h".repeat(70)), ..config_sb.clone() };
+    let err = rt.create_sandbox(&too_long).await.err().context("a 70-character hostname was accepted")?.to_string();
+    ensure!(err.contains("sethostname") && err.contains("EINVAL"), "{err}");
+    ensure!(!rt.root().join("sandboxes/pod3").exists(), "a failed sandbox left its directory");
+
     // hostNetwork: the pod uses the host's network and UTS namespaces.
     let host =
         SandboxConfig { id: "pod2".into(), hostname: None, network: false, ipc: true, uts: false, share_pid: false };
