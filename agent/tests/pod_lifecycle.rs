@@ -197,7 +197,15 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     .await?;
     let second = statuses(&after, false).first().cloned().context("status")?;
     ensure!(second.container_id != first.container_id, "{first:?} -> {second:?}");
+    // Logs of the instance before the previous are pruned; the pod's logs go with the pod.
+    let log_dir =
+        node.pod_logs_dir().join(format!("default_setimage_{}", after.metadata.uid.clone().unwrap_or_default()));
+    ensure!(log_dir.join("main/0.log").exists() && log_dir.join("main/1.log").exists());
     pods.delete("setimage", &DeleteParams::default()).await?;
+    wait_for("the deleted pod's logs to go", Duration::from_secs(30), || async {
+        Ok((!log_dir.exists()).then_some(()))
+    })
+    .await?;
 
     // Hostile images: a clear CreateContainerError, never a hang or a growing agent.
     let rss_before = node.pid().map(nodelet_integration::process::rss_kib).unwrap_or(0);

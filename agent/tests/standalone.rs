@@ -78,6 +78,23 @@ async fn standalone_node_runs_the_example_manifests() -> Result<()> {
     })
     .await?;
     node.ensure_running()?;
+    // An invalid pod (a quantity that does not parse) never runs with its limit dropped: it fails validation,
+    // and goes with its manifest.
+    std::fs::write(
+        manifests.join("invalid.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: invalid}\nspec:\n  containers:\n  - name: main\n    image: nodelet.local/busybox:latest\n    resources: {limits: {memory: 12 parsecs}}\n",
+    )?;
+    wait_for("the invalid pod to fail validation", Duration::from_secs(20), || async {
+        Ok(row(&ps()?, "invalid").filter(|r| r.contains(" Failed ")))
+    })
+    .await
+    .with_context(|| node.log())?;
+    ensure!(node.log().contains("12 parsecs"), "the reason is logged");
+    std::fs::remove_file(manifests.join("invalid.yaml"))?;
+    wait_for("the invalid pod's status to go", Duration::from_secs(20), || async {
+        Ok(row(&ps()?, "invalid").is_none().then_some(()))
+    })
+    .await?;
 
     // A changed manifest replaces the pod; a removed one stops it.
     let old = row(&ps()?, "hello").context("hello row")?;

@@ -22,6 +22,20 @@ pub fn container_log_path(pod_dir: &Path, container: &str, restart: u32) -> Path
     pod_dir.join(container).join(format!("{restart}.log"))
 }
 
+/// Removes the logs of a container's instances before `keep_from` (with their rotated files): upstream's
+/// container GC keeps the current instance and the one before it (`kubectl logs --previous`).
+pub fn prune_container_logs(pod_dir: &Path, container: &str, keep_from: u32) {
+    let dir = pod_dir.join(container);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let restart = name.to_str().and_then(|n| n.split('.').next()).and_then(|n| n.parse::<u32>().ok());
+        if restart.is_some_and(|r| r < keep_from) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Rotation limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Rotation {
@@ -76,35 +90,83 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, out: &mut
     }
 }
 
+/// How long after a failed open or write the log file is tried again (lines meanwhile are dropped, counted).
+const REOPEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes entries until both streams end. A log that cannot be opened or written never stops the draining (a
+/// container whose pipe fills would block): its lines are dropped and counted, and the file is tried again.
 async fn write_log(mut rx: mpsc::Receiver<(&'static str, Vec<u8>, bool)>, path: PathBuf, rotation: Rotation) {
+    // Only the first open makes the directory: once the pod's logs are removed with the pod, a late line must
+    // not bring them back.
     if let Some(dir) = path.parent() {
         let _ = tokio::fs::create_dir_all(dir).await;
     }
     let open = |path: PathBuf| async move { tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await };
-    let Ok(mut file) = open(path.clone()).await else {
-        tracing::warn!(path = %path.display(), "cannot open container log");
-        return;
+    // Opened at once, as the runtime does, so that a silent container has an (empty) log too.
+    let (mut file, mut failed_at) = match open(path.clone()).await {
+        Ok(f) => (Some(f), None),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot open container log; dropping lines");
+            (None, Some(std::time::Instant::now()))
+        }
     };
-    let mut size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut size = match &file {
+        Some(f) => f.metadata().await.map(|m| m.len()).unwrap_or(0),
+        None => 0,
+    };
+    let mut dropped: u64 = 0;
     while let Some((stream, text, complete)) = rx.recv().await {
+        if file.is_none() && failed_at.is_none_or(|t| t.elapsed() >= REOPEN_AFTER) {
+            match open(path.clone()).await {
+                Ok(f) => {
+                    size = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    file = Some(f);
+                    if dropped > 0 {
+                        tracing::warn!(path = %path.display(), dropped, "container log writable again; lines lost");
+                        dropped = 0;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "container log still cannot be opened");
+                    failed_at = Some(std::time::Instant::now());
+                }
+            }
+        }
         let mut entry = format!("{} {stream} {} ", cri_timestamp(), if complete { "F" } else { "P" }).into_bytes();
         entry.extend_from_slice(&text);
         entry.push(b'\n');
-        if size > 0 && size + entry.len() as u64 > rotation.max_bytes {
-            let _ = file.flush().await;
+        if let Some(f) = file.as_mut()
+            && size > 0
+            && size + entry.len() as u64 > rotation.max_bytes
+        {
+            let _ = f.flush().await;
             rotate(&path, rotation.max_files).await;
-            match open(path.clone()).await {
-                Ok(f) => file = f,
-                Err(_) => return,
-            }
             size = 0;
+            file = match open(path.clone()).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "reopening a rotated container log failed");
+                    failed_at = Some(std::time::Instant::now());
+                    None
+                }
+            };
         }
-        if file.write_all(&entry).await.is_err() {
-            return;
+        let Some(f) = file.as_mut() else {
+            dropped += 1;
+            continue;
+        };
+        if let Err(e) = f.write_all(&entry).await {
+            tracing::warn!(path = %path.display(), error = %e, "writing a container log failed; dropping lines");
+            file = None;
+            failed_at = Some(std::time::Instant::now());
+            dropped += 1;
+            continue;
         }
         size += entry.len() as u64;
     }
-    let _ = file.flush().await;
+    if let Some(mut f) = file {
+        let _ = f.flush().await;
+    }
 }
 
 /// `0.log` -> `0.log.<timestamp>`; the oldest rotated files go so that at most `max_files` remain.
@@ -206,6 +268,42 @@ mod tests {
         .await
         .unwrap();
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_be_written_never_blocks_the_container() {
+        let dir = tempfile::tempdir().unwrap();
+        // The log's directory is a regular file: opening fails until it is replaced by a directory.
+        let blocker = dir.path().join("pod");
+        std::fs::write(&blocker, b"").unwrap();
+        let path = container_log_path(&blocker, "c", 0);
+        // 4 MiB through a pipe of 64 KiB: it only gets through if the copier keeps draining.
+        let lines: Vec<(bool, String)> = (0..4096).map(|i| (false, format!("{i:04} {}", "x".repeat(1019)))).collect();
+        tokio::time::timeout(std::time::Duration::from_secs(30), copy(&path, lines))
+            .await
+            .expect("the container's output was not drained");
+        assert!(!path.exists());
+        // Once the log can be written again, it is.
+        std::fs::remove_file(&blocker).unwrap();
+        std::fs::create_dir(&blocker).unwrap();
+        copy(&path, vec![(false, "back".to_string())]).await;
+        assert_eq!(read_text(&path).unwrap(), "back\n");
+    }
+
+    #[test]
+    fn only_the_current_and_previous_instances_keep_their_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["0.log", "0.log.20260101-000000", "1.log", "2.log", "3.log"] {
+            std::fs::create_dir_all(dir.path().join("c")).unwrap();
+            std::fs::write(dir.path().join("c").join(name), b"x").unwrap();
+        }
+        prune_container_logs(dir.path(), "c", 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path().join("c"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["2.log", "3.log"]);
     }
 
     #[tokio::test]

@@ -9,9 +9,10 @@ pub mod service_env;
 pub mod spec;
 pub mod state;
 pub mod unsupported;
+pub mod validation;
 pub mod worker;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -100,8 +101,8 @@ enum Done {
 pub struct PodWorkers {
     ctx: Arc<Ctx>,
     workers: HashMap<String, Admitted>,
-    /// Pods refused at admission: they stay refused (until their source forgets them).
-    rejected: HashSet<String>,
+    /// Pods refused (validation, admission): they stay refused until their source forgets them.
+    rejected: HashMap<String, crate::events::PodRef>,
     /// Pods whose worker panicked, while their containers are released: the latest desired pod.
     releasing: HashMap<String, Desired>,
     /// Panics per pod, for the delay before its next worker.
@@ -121,7 +122,7 @@ impl PodWorkers {
         PodWorkers {
             ctx,
             workers: HashMap::new(),
-            rejected: HashSet::new(),
+            rejected: HashMap::new(),
             releasing: HashMap::new(),
             panics: HashMap::new(),
             done_tx,
@@ -137,7 +138,10 @@ impl PodWorkers {
                 event = sources.recv() => match event {
                     Some(SourceEvent::Upsert(pod)) => self.upsert(*pod),
                     Some(SourceEvent::Remove { uid }) => {
-                        self.rejected.remove(&uid);
+                        if let Some(pod) = self.rejected.remove(&uid) {
+                            // Nothing ran: only its status goes.
+                            let _ = self.ctx.status.send(StatusMessage::Terminated { pod, delete: false });
+                        }
                         self.panics.remove(&uid);
                         if let Some(desired) = self.releasing.get_mut(&uid) {
                             *desired = Desired::Removed;
@@ -210,7 +214,7 @@ impl PodWorkers {
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
         let pod_ref = crate::events::PodRef::of(&pod);
-        let finished = phase == "Succeeded" || phase == "Failed" || self.rejected.contains(&uid);
+        let finished = phase == "Succeeded" || phase == "Failed" || self.rejected.contains_key(&uid);
         if finished || pod.metadata.deletion_timestamp.is_some() {
             // Finished before (or rejected), or deleted before it ran: nothing runs; a deletion only needs the
             // final delete.
@@ -219,27 +223,20 @@ impl PodWorkers {
             }
             return;
         }
+        let errors = validation::validate(&pod);
+        if !errors.is_empty() {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            return self.reject(
+                &pod,
+                "FailedValidation",
+                format!("Error validating pod {name}: {}", errors.join(", ")),
+            );
+        }
         let requests = resources::pod_requests(&pod);
-        if let Err(rejection) = admission::admit(&pod, requests, self.usage(), self.capacity()) {
-            let admission::Rejection { reason, message } = rejection;
-            self.rejected.insert(uid);
-            self.ctx.events.record(&pod_ref, None, true, reason, &message);
-            let state = PodState {
-                phase: Phase::Failed,
-                reason: Some(reason.to_string()),
-                message: Some(message),
-                sandbox_ready: false,
-                initialized: false,
-                observed_generation: pod.metadata.generation,
-                start_time: Timestamp::now(),
-                qos: resources::pod_qos(&pod),
-                host_ip: self.ctx.config.node_ip.clone(),
-                pod_ip: None,
-                init: Vec::new(),
-                containers: Vec::new(),
-            };
-            let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
-            return;
+        if let Err(admission::Rejection { reason, message }) =
+            admission::admit(&pod, requests, self.usage(), self.capacity())
+        {
+            return self.reject(&pod, reason, message);
         }
         let terminal = Arc::new(AtomicBool::new(false));
         let pod = Arc::new(pod);
@@ -258,6 +255,29 @@ impl PodWorkers {
             };
             let _ = done.send(done_message);
         });
+    }
+
+    /// Refuses a pod for good: `Failed` with `reason`, and a warning event.
+    fn reject(&mut self, pod: &Pod, reason: &'static str, message: String) {
+        let pod_ref = crate::events::PodRef::of(pod);
+        self.rejected.insert(pod_ref.uid.clone(), pod_ref.clone());
+        tracing::warn!(pod = %pod_ref.name, %reason, %message, "pod refused");
+        self.ctx.events.record(&pod_ref, None, true, reason, &message);
+        let state = PodState {
+            phase: Phase::Failed,
+            reason: Some(reason.to_string()),
+            message: Some(message),
+            sandbox_ready: false,
+            initialized: false,
+            observed_generation: pod.metadata.generation,
+            start_time: Timestamp::now(),
+            qos: resources::pod_qos(pod),
+            host_ip: self.ctx.config.node_ip.clone(),
+            pod_ip: None,
+            init: Vec::new(),
+            containers: Vec::new(),
+        };
+        let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
     }
 
     /// The burstable QoS cgroup's cpu shares follow its running pods' cpu requests (upstream's QoS manager), so

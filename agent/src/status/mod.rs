@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -30,6 +31,9 @@ pub enum StatusMessage {
 /// The handle pod workers use.
 pub type StatusSender = mpsc::UnboundedSender<StatusMessage>;
 
+/// Status writes in flight at once.
+const PARALLEL_WRITES: usize = 16;
+
 /// Retry ticks (1 s) between re-sends of static pods' statuses to their mirror pods.
 const MIRROR_REFRESH_TICKS: u64 = 10;
 
@@ -49,6 +53,8 @@ pub struct StatusManager {
     dirty: HashMap<String, (PodRef, PodStatus)>,
     /// Static pods whose status was sent, by UID: re-sent now and then, see `refresh_mirrors`.
     statics: HashMap<String, PodRef>,
+    /// Pods to delete from the API once their final status is written.
+    deleting: HashMap<String, PodRef>,
     view: view::PodView,
 }
 
@@ -60,6 +66,7 @@ impl StatusManager {
             sent: HashMap::new(),
             dirty: HashMap::new(),
             statics: HashMap::new(),
+            deleting: HashMap::new(),
             view,
         }
     }
@@ -80,13 +87,12 @@ impl StatusManager {
                     Some(StatusMessage::Terminated { pod, delete }) => {
                         tracing::debug!(uid = %pod.uid, delete, "pod terminated");
                         self.flush().await;
-                        // Standalone, a pod that is gone from its source has nothing left to show.
-                        if delete || self.client.is_none() {
-                            self.delete(&pod).await;
+                        if self.dirty.contains_key(&pod.uid) && delete && self.client.is_some() {
+                            // Its final status is not written yet: the API object goes only after it is.
+                            self.deleting.insert(pod.uid.clone(), pod);
+                        } else {
+                            self.finish(&pod, delete).await;
                         }
-                        self.sent.remove(&pod.uid);
-                        self.dirty.remove(&pod.uid);
-                        self.statics.remove(&pod.uid);
                     }
                     None => return,
                 },
@@ -95,10 +101,28 @@ impl StatusManager {
                     if ticks.is_multiple_of(MIRROR_REFRESH_TICKS) {
                         self.refresh_mirrors();
                     }
-                    self.flush().await
+                    self.flush().await;
+                    let written: Vec<String> =
+                        self.deleting.keys().filter(|uid| !self.dirty.contains_key(*uid)).cloned().collect();
+                    for uid in written {
+                        if let Some(pod) = self.deleting.remove(&uid) {
+                            self.finish(&pod, true).await;
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Forgets a pod whose containers are all gone; deletes its API object (grace 0) when `delete`.
+    async fn finish(&mut self, pod: &PodRef, delete: bool) {
+        // Standalone, a pod that is gone from its source has nothing left to show.
+        if delete || self.client.is_none() {
+            self.delete(pod).await;
+        }
+        self.sent.remove(&pod.uid);
+        self.dirty.remove(&pod.uid);
+        self.statics.remove(&pod.uid);
     }
 
     /// Sends static pods' statuses again: a mirror pod deleted and recreated by someone starts with none.
@@ -116,15 +140,30 @@ impl StatusManager {
         }
     }
 
+    /// Writes every changed status, several pods at once (one slow request does not hold up the others).
     async fn flush(&mut self) {
-        let pending: Vec<String> = self.dirty.keys().cloned().collect();
-        for uid in pending {
-            let Some((pod, status)) = self.dirty.get(&uid).cloned() else { continue };
-            if self.sent.get(&uid).is_some_and(|s| same_ignoring_times(s, &status)) {
-                self.dirty.remove(&uid);
-                continue;
-            }
-            match self.write(&pod, &status).await {
+        let unchanged: Vec<String> = self
+            .dirty
+            .iter()
+            .filter(|(uid, (_, status))| self.sent.get(*uid).is_some_and(|s| same_ignoring_times(s, status)))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in unchanged {
+            self.dirty.remove(&uid);
+        }
+        let pending: Vec<(String, PodRef, PodStatus)> =
+            self.dirty.iter().map(|(uid, (pod, status))| (uid.clone(), pod.clone(), status.clone())).collect();
+        let this = &*self;
+        let written: Vec<_> = futures_util::stream::iter(pending)
+            .map(|(uid, pod, status)| async move {
+                let result = this.write(&pod, &status).await;
+                (uid, pod, status, result)
+            })
+            .buffer_unordered(PARALLEL_WRITES)
+            .collect()
+            .await;
+        for (uid, pod, status, result) in written {
+            match result {
                 Ok(()) => {
                     self.sent.insert(uid.clone(), status);
                     if pod.static_pod {

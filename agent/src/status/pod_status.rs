@@ -88,8 +88,12 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
         .collect();
     let initialized = state.initialized || incomplete.is_empty() || state.phase == Phase::Succeeded;
     let completed = state.phase == Phase::Succeeded;
+    let ready = unready.is_empty() && !completed && !state.containers.is_empty();
     let (ready_reason, ready_message) = if completed {
         (Some("PodCompleted".to_string()), None)
+    } else if state.containers.is_empty() {
+        // Refused before anything ran (validation, admission).
+        (Some("UnknownContainerStatuses".to_string()), None)
     } else {
         (
             Some("ContainersNotReady".to_string()),
@@ -104,8 +108,8 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
             Some("ContainersNotInitialized".into()),
             Some(format!("containers with incomplete status: [{}]", incomplete.join(" "))),
         ),
-        condition("Ready", unready.is_empty() && !completed, ready_reason.clone(), ready_message.clone()),
-        condition("ContainersReady", unready.is_empty() && !completed, ready_reason, ready_message),
+        condition("Ready", ready, ready_reason.clone(), ready_message.clone()),
+        condition("ContainersReady", ready, ready_reason, ready_message),
     ];
     PodStatus {
         phase: Some(state.phase.as_str().into()),

@@ -152,6 +152,10 @@ impl Worker {
             }
         };
         self.event(Some((&c.name, init)), false, "Created", &format!("Created container: {}", c.name));
+        if restart >= 2 {
+            let (dir, name) = (self.log_dir.clone(), c.name.clone());
+            tokio::task::spawn_blocking(move || logs::prune_container_logs(&dir, &name, restart - 1));
+        }
         let path = logs::container_log_path(&self.log_dir, &c.name, restart);
         tokio::spawn(logs::copy_streams(pipes.stdout, pipes.stderr, path, self.log_rotation()));
         if let Err(e) = self.ctx.runtime.start(&container).await {

@@ -40,6 +40,9 @@ impl Worker {
             self.state.phase = if started && all_ok { Phase::Succeeded } else { Phase::Failed };
         }
         self.tear_down().await;
+        // The pod is gone from the node: so are its logs (upstream's container GC).
+        let dir = self.log_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         tracing::debug!(pod = %self.pod_ref.uid, "torn down");
         self.publish();
         let _ = self.ctx.status.send(StatusMessage::Terminated { pod: self.pod_ref.clone(), delete });
