@@ -69,8 +69,15 @@ pub async fn watch(dir: PathBuf, node: String, tx: mpsc::Sender<SourceEvent>, st
     let mut synced = false;
     loop {
         let mut seen: HashMap<PathBuf, String> = HashMap::new();
-        for path in manifests(&dir) {
-            match load(&path, &node) {
+        // Reading the folder is blocking file I/O: off the async threads.
+        let (d, n) = (dir.clone(), node.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            manifests(&d).into_iter().map(|path| (load(&path, &n), path)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (loaded, path) in loaded {
+            match loaded {
                 Ok(pod) => {
                     let uid = pod.metadata.uid.clone().unwrap_or_default();
                     reported.remove(&path);

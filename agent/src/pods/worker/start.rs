@@ -97,8 +97,12 @@ impl Worker {
             Ok(config) => config,
             Err(e) => return self.config_error(&c, init, index, format!("{e:#}")),
         };
-        let rootfs = match self.ctx.images.prepare_rootfs(&id, &ready) {
-            Ok(path) => path,
+        // An overlay mount and fsyncs: off the async threads.
+        let (images, rootfs_id, image) = (self.ctx.images.clone(), id.clone(), ready.clone());
+        let prepared = tokio::task::spawn_blocking(move || images.prepare_rootfs(&rootfs_id, &image)).await;
+        let rootfs = match prepared {
+            Ok(Ok(path)) => path,
+            Ok(Err(e)) => return self.config_error(&c, init, index, format!("preparing the root filesystem: {e}")),
             Err(e) => return self.config_error(&c, init, index, format!("preparing the root filesystem: {e}")),
         };
         let config = ContainerConfig { rootfs, ..config };
