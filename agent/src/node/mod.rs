@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod allocatable;
+pub mod conditions;
 mod info;
 
 use std::collections::BTreeMap;
@@ -123,15 +124,31 @@ impl NodeManager {
             }
         };
         let mut status = self.facts.status(&self.config);
+        let thresholds = allocatable::eviction_hard(self.config.kubelet.eviction_hard.as_ref());
+        let under = conditions::pressure(&conditions::Signals::read(&self.config.root_dir), &thresholds);
+        let pressure = |kind: &str, on: bool, yes: (&str, &str), no: (&str, &str)| {
+            let (reason, message) = if on { yes } else { no };
+            condition(kind, if on { "True" } else { "False" }, reason, message)
+        };
         status.conditions = Some(vec![
-            condition(
+            pressure(
                 "MemoryPressure",
-                "False",
-                "KubeletHasSufficientMemory",
-                "kubelet has sufficient memory available",
+                under.memory,
+                ("KubeletHasInsufficientMemory", "kubelet has insufficient memory available"),
+                ("KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
             ),
-            condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-            condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            pressure(
+                "DiskPressure",
+                under.disk,
+                ("KubeletHasDiskPressure", "kubelet has disk pressure"),
+                ("KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            ),
+            pressure(
+                "PIDPressure",
+                under.pid,
+                ("KubeletHasInsufficientPID", "kubelet has insufficient PID available"),
+                ("KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            ),
             condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
         ]);
         status
