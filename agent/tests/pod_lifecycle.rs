@@ -258,6 +258,17 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     ensure!(st.reason.as_deref() == Some("DeadlineExceeded"), "{st:?}");
     ensure!(statuses(&failed, false).first().is_some_and(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some())));
 
+    // The node lists its images.
+    wait_for("the node's images", Duration::from_secs(30), || async {
+        let node_now = nodes.get(NODE).await?;
+        let images = node_now.status.and_then(|s| s.images).unwrap_or_default();
+        Ok(images
+            .iter()
+            .any(|i| i.names.iter().flatten().any(|n| n.contains("/busybox@sha256:")) && i.size_bytes.unwrap_or(0) > 0)
+            .then_some(()))
+    })
+    .await?;
+
     // A pod for another OS is rejected at admission, as upstream words it.
     pods.create(&PostParams::default(), &pod(&format!(
         "metadata: {{name: windows}}\nspec:\n  os: {{name: windows}}\n  containers:\n  - {{name: main, image: {image}}}\n"

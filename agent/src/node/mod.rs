@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus};
+use k8s_openapi::api::core::v1::{ContainerImage, Node, NodeCondition, NodeSpec, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
@@ -27,12 +27,17 @@ pub struct NodeManager {
     client: kube::Client,
     config: AgentConfig,
     facts: NodeFacts,
+    images: std::sync::Arc<crate::images::ImageManager>,
 }
 
 impl NodeManager {
-    pub fn new(client: kube::Client, config: AgentConfig) -> Result<NodeManager> {
+    pub fn new(
+        client: kube::Client,
+        config: AgentConfig,
+        images: std::sync::Arc<crate::images::ImageManager>,
+    ) -> Result<NodeManager> {
         let facts = NodeFacts::gather(&config)?;
-        Ok(NodeManager { client, config, facts })
+        Ok(NodeManager { client, config, facts, images })
     }
 
     /// Creates the Node object (or finds it already there, as after a restart), retrying until the API server
@@ -124,6 +129,7 @@ impl NodeManager {
             }
         };
         let mut status = self.facts.status(&self.config);
+        status.images = Some(node_images(self.images.store().images().unwrap_or_default()));
         let thresholds = allocatable::eviction_hard(self.config.kubelet.eviction_hard.as_ref());
         let under = conditions::pressure(&conditions::Signals::read(&self.config.root_dir), &thresholds);
         let pressure = |kind: &str, on: bool, yes: (&str, &str), no: (&str, &str)| {
@@ -228,6 +234,20 @@ impl NodeManager {
     }
 }
 
+/// The images on the node as the Node's status lists them: largest first, at most 50 (`nodeStatusMaxImages`),
+/// each with its repo digests then its tags, at most 5 names (upstream).
+pub fn node_images(mut records: Vec<crate::images::store::ImageRecord>) -> Vec<ContainerImage> {
+    records.sort_by_key(|r| std::cmp::Reverse(r.size));
+    records
+        .into_iter()
+        .take(50)
+        .map(|r| {
+            let names: Vec<String> = r.repo_digests.into_iter().chain(r.names).take(5).collect();
+            ContainerImage { names: Some(names), size_bytes: i64::try_from(r.size).ok() }
+        })
+        .collect()
+}
+
 fn same_ignoring_heartbeats(a: &NodeStatus, b: &NodeStatus) -> bool {
     let strip = |s: &NodeStatus| {
         let mut s = s.clone();
@@ -242,4 +262,36 @@ fn same_ignoring_heartbeats(a: &NodeStatus, b: &NodeStatus) -> bool {
 /// Reads the cluster's view of this node (for tests and `nodelet` diagnostics).
 pub async fn get(client: &kube::Client, name: &str) -> Result<Node> {
     Api::<Node>::all(client.clone()).get(name).await.with_context(|| format!("reading node {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::digest::Digest;
+    use crate::images::store::ImageRecord;
+
+    fn record(n: u64, size: u64) -> ImageRecord {
+        let d = Digest::parse(&format!("sha256:{}", &format!("{n:x}").repeat(64)[..64])).unwrap();
+        ImageRecord {
+            manifest: d.clone(),
+            config: d,
+            layers: Vec::new(),
+            names: (0..4).map(|i| format!("r/img{n}:t{i}")).collect(),
+            repo_digests: vec![format!("r/img{n}@sha256:{n}")],
+            size,
+            pulled_at: 0,
+            last_used: 0,
+        }
+    }
+
+    #[test]
+    fn node_images_are_the_largest_fifty_with_digests_first() {
+        let records: Vec<ImageRecord> = (1..=60).map(|n| record(n, n * 1000)).collect();
+        let images = node_images(records);
+        assert_eq!(images.len(), 50);
+        assert_eq!(images[0].size_bytes, Some(60_000));
+        let names = images[0].names.clone().unwrap();
+        assert_eq!(names.len(), 5);
+        assert_eq!(names[0], "r/img60@sha256:60");
+    }
 }
