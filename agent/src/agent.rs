@@ -2,6 +2,7 @@
 //! server) node registration and heartbeats. Data flows one way: sources -> pod workers -> runtime -> status.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nodelet_cgroups::hierarchy::{Allocatable, Hierarchy};
@@ -19,6 +20,9 @@ use crate::pods::{Ctx, PodWorkers};
 use crate::server::{KubeletApi, auth::Auth, tls};
 use crate::status::StatusManager;
 use crate::status::view::PodView;
+
+/// The built-in pod network's range when neither `--pod-cidr` nor the Node's `spec.podCIDR` gives one.
+const DEFAULT_POD_CIDR: &str = "10.88.0.0/16";
 
 /// A kube client from a kubeconfig file.
 pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
@@ -94,6 +98,19 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         Some(path) => Some(client_from(path).await?),
         None => None,
     };
+    // The built-in network's range: --pod-cidr, else the Node's spec.podCIDR (from the controller-manager) if the
+    // Node exists already and the API server answers at once (static pods must not wait for it: on a kubeadm
+    // control-plane node the API server is one of them), else the default.
+    let pod_cidr = match (&config.kubelet.pod_cidr, &client) {
+        (Some(cidr), _) => cidr.clone(),
+        (None, Some(client)) => {
+            let node = tokio::time::timeout(Duration::from_secs(2), crate::node::get(client, &config.node_name)).await;
+            let assigned = node.ok().and_then(Result::ok).and_then(|n| n.spec?.pod_cidr).filter(|c| !c.is_empty());
+            assigned.unwrap_or_else(|| DEFAULT_POD_CIDR.into())
+        }
+        (None, None) => DEFAULT_POD_CIDR.into(),
+    };
+    tracing::info!(%pod_cidr, "the built-in pod network's range (used when --cni-conf-dir has no configuration)");
     let view = PodView::default();
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone(), view.clone()).run(status_rx));
@@ -113,7 +130,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         network: Network::new(NetworkConfig {
             conf_dir: config.cni_conf_dir.clone(),
             bin_dirs: config.cni_bin_dirs.clone(),
-            pod_cidr: config.kubelet.pod_cidr.clone().unwrap_or_else(|| "10.88.0.0/16".into()),
+            pod_cidr,
             root_dir: config.root_dir.clone(),
             dns: NodeDns {
                 cluster_dns: config.kubelet.cluster_dns.clone(),
@@ -150,8 +167,12 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(300)).await;
-            if let Err(e) = gc_images.garbage_collect(&Default::default()) {
-                tracing::warn!(error = %e, "image GC failed");
+            // File I/O over the whole store: off the async threads.
+            let images = gc_images.clone();
+            match tokio::task::spawn_blocking(move || images.garbage_collect(&Default::default())).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "image GC failed"),
+                Err(e) => tracing::warn!(error = %e, "image GC stopped"),
+                Ok(Ok(_)) => {}
             }
         }
     });
