@@ -7,17 +7,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, PostParams, Preconditions};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::watch;
 
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 const SOURCE_ANNOTATION: &str = "kubernetes.io/config.source";
 const HASH_ANNOTATION: &str = "kubernetes.io/config.hash";
-/// How often mirrors are checked against the static pods (upstream re-checks on every pod sync).
-const INTERVAL: Duration = Duration::from_secs(2);
+/// How often mirrors are checked again without a change (a create or delete that failed is retried).
+const RESYNC: Duration = Duration::from_secs(10);
 
 /// Static pods by UID, as the file source last read them.
 pub type StaticPods = BTreeMap<String, Pod>;
@@ -62,27 +64,47 @@ fn mirror_of(static_pod: &Pod, node: &Node) -> Pod {
     }
 }
 
-/// Keeps the mirrors in step with the static pods until the file source is gone.
+/// Keeps the mirrors in step with the static pods until the file source is gone. The node's pods come from a
+/// reflector (a watch of `spec.nodeName=<node>`), so a deleted mirror is seen, and recreated, as soon as the API
+/// server says so, with no list every few seconds.
 pub async fn run(client: kube::Client, node: String, mut statics: watch::Receiver<StaticPods>) {
+    let (reader, writer) = reflector::store::<Pod>();
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let stream = reflector::reflector(writer, watcher(Api::<Pod>::all(client.clone()), config).default_backoff());
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = changed.clone();
+    let driver = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream.touched_objects());
+        while let Some(event) = stream.next().await {
+            // Only mirrors matter here; errors are retried by the watcher's back-off.
+            if event.as_ref().is_ok_and(is_mirror) {
+                notify.notify_one();
+            }
+        }
+    });
+    if reader.wait_until_ready().await.is_err() {
+        return;
+    }
     loop {
         let wanted = statics.borrow_and_update().clone();
-        if let Err(e) = sync(&client, &node, &wanted).await {
+        let mirrors: Vec<Pod> = reader.state().iter().filter(|p| is_mirror(p)).map(|p| Pod::clone(p)).collect();
+        if let Err(e) = sync(&client, &node, &wanted, &mirrors).await {
             tracing::warn!(error = %format!("{e:#}"), "syncing mirror pods failed; retrying");
         }
         tokio::select! {
-            changed = statics.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(INTERVAL) => {}
+            changed = statics.changed() => if changed.is_err() { break },
+            _ = changed.notified() => {}
+            // A failed create or delete is tried again.
+            _ = tokio::time::sleep(RESYNC) => {}
         }
     }
+    driver.abort();
 }
 
-async fn sync(client: &kube::Client, node: &str, wanted: &StaticPods) -> anyhow::Result<()> {
-    let all: Api<Pod> = Api::all(client.clone());
-    let listed = all.list(&ListParams::default().fields(&format!("spec.nodeName={node}"))).await?;
-    let mirrors: Vec<Pod> = listed.items.into_iter().filter(is_mirror).collect();
+async fn sync(client: &kube::Client, node: &str, wanted: &StaticPods, mirrors: &[Pod]) -> anyhow::Result<()> {
     let key = |p: &Pod| (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default());
     let mut present: BTreeSet<(String, String)> = BTreeSet::new();
-    for mirror in &mirrors {
+    for mirror in mirrors {
         let hash = annotation(mirror, MIRROR_ANNOTATION).unwrap_or_default();
         let current = wanted.values().any(|s| key(s) == key(mirror) && annotation(s, HASH_ANNOTATION) == Some(hash));
         if current && mirror.metadata.deletion_timestamp.is_none() {
