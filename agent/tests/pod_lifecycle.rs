@@ -269,6 +269,24 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     })
     .await?;
 
+    // A shorter grace period during a graceful deletion takes effect: a container that ignores SIGTERM with a
+    // 60 s grace period goes within seconds once the deletion is repeated with --grace-period=1.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: stubborn}}\nspec:\n  terminationGracePeriodSeconds: 60\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'trap \"\" TERM; while true; do sleep 1; done']}}\n"
+    ))).await?;
+    wait_pod(&pods, "stubborn", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    pods.delete("stubborn", &DeleteParams::default()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(pods.get_opt("stubborn").await?.is_some(), "the pod went before its grace period");
+    let shortened = std::time::Instant::now();
+    pods.delete("stubborn", &DeleteParams { grace_period_seconds: Some(1), ..Default::default() }).await?;
+    wait_for("the pod to go after the shorter grace period", Duration::from_secs(20), || async {
+        Ok(pods.get_opt("stubborn").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    eprintln!("stubborn pod gone {:?} after the grace period was shortened", shortened.elapsed());
+
     // A pod for another OS is rejected at admission, as upstream words it.
     pods.create(&PostParams::default(), &pod(&format!(
         "metadata: {{name: windows}}\nspec:\n  os: {{name: windows}}\n  containers:\n  - {{name: main, image: {image}}}\n"
