@@ -135,12 +135,34 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
         eprintln!("no v1 cpu hierarchy on this host: the burstable shares check is skipped");
     }
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: burstable}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sleep, '3600']\n    resources: {{requests: {{cpu: 500m}}}}\n"
+        "metadata: {{name: burstable}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sleep, '3600']\n    resources: {{requests: {{cpu: 500m}}, limits: {{memory: 32Mi}}}}\n"
     ))).await?;
-    wait_pod(&pods, "burstable", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let before = wait_pod(&pods, "burstable", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
     if v1_cpu {
         ensure!(shares()? == 512, "burstable cpu.shares {:?}", shares());
     }
+    // In-place resize: the memory limit grows without a restart.
+    let first = statuses(&before, false).first().cloned().context("status")?;
+    let patch = r#"{"spec":{"containers":[{"name":"main","resources":{"requests":{"cpu":"500m"},"limits":{"memory":"48Mi"}}}]}}"#;
+    let o = cluster.kubectl().args(["patch", "pod", "burstable", "--subresource", "resize", "-p", patch]).output()?;
+    ensure!(o.status.success(), "kubectl patch --subresource resize: {o:?}");
+    let resized = wait_pod(&pods, "burstable", "resized in place", Duration::from_secs(30), |p| {
+        statuses(p, false).first().is_some_and(|c| {
+            let limit = c.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("memory"));
+            limit.is_some_and(|q| q.0 == "48Mi")
+        })
+    })
+    .await
+    .with_context(|| node.log())?;
+    let after = statuses(&resized, false).first().cloned().context("status")?;
+    ensure!(after.restart_count == 0 && after.container_id == first.container_id, "{first:?} -> {after:?}");
+    let uid = before.metadata.uid.clone().unwrap_or_default();
+    let id = first.container_id.clone().unwrap_or_default().replace("nodelet://", "");
+    let root = format!("/proc/{}/root/sys/fs/cgroup", node.pid().unwrap_or(0));
+    let v1 = format!("{root}/memory/kubepods/burstable/pod{uid}/{id}/memory.limit_in_bytes");
+    let v2 = format!("{root}/kubepods/burstable/pod{uid}/{id}/memory.max");
+    let limit = std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2))?;
+    ensure!(limit.trim() == (48u64 << 20).to_string(), "the container's memory limit is {limit}");
     pods.delete("burstable", &DeleteParams::default()).await?;
     wait_for("the burstable pod to go", Duration::from_secs(30), || async {
         Ok(pods.get_opt("burstable").await?.is_none().then_some(()))

@@ -60,6 +60,27 @@ fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("writing {value:?} to {}: {e}", dir.join(file).display())))
 }
 
+/// v1's memory limit, kept in step with a memory+swap limit where the runtime set one (runc's and libcontainer's
+/// "no swap beyond the limit"): the kernel refuses a limit above memory+swap, and a lower limit alone would let
+/// the difference go to swap. Growing writes memory+swap first, shrinking the limit first.
+fn write_v1_memory(dir: &Path, limit: &str) -> io::Result<()> {
+    /// What v1 reads back for "no limit".
+    const UNLIMITED: u64 = 9_223_372_036_854_771_712;
+    let memsw = std::fs::read_to_string(dir.join("memory.memsw.limit_in_bytes"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|v| *v < UNLIMITED);
+    let Some(current_memsw) = memsw else { return write(dir, "memory.limit_in_bytes", limit) };
+    let new: u64 = limit.parse().unwrap_or(UNLIMITED);
+    if new > current_memsw {
+        write(dir, "memory.memsw.limit_in_bytes", limit)?;
+        write(dir, "memory.limit_in_bytes", limit)
+    } else {
+        write(dir, "memory.limit_in_bytes", limit)?;
+        write(dir, "memory.memsw.limit_in_bytes", limit)
+    }
+}
+
 fn mkdir(dir: &Path) -> io::Result<()> {
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(()),
@@ -145,15 +166,33 @@ impl Hierarchy {
         memory: Option<u64>,
         pids: Option<u64>,
     ) -> io::Result<()> {
+        self.update_cpu_memory(rel, shares, quota_us, memory)?;
+        let pids = pids.map_or_else(|| "max".to_string(), |p| p.to_string());
+        if self.is_v2() {
+            return write(&self.unified(rel), "pids.max", &pids);
+        }
+        if let Some(dir) = self.v1(V1::Pids, rel) {
+            write(&dir, "pids.max", &pids)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a cgroup's cpu shares (v2: weight), quota and memory limit, leaving everything else as it is: what
+    /// an in-place pod resize changes, for a pod's cgroup or one of its containers'.
+    pub fn update_cpu_memory(
+        &self,
+        rel: &str,
+        shares: u64,
+        quota_us: Option<u64>,
+        memory: Option<u64>,
+    ) -> io::Result<()> {
         let quota = quota_us.map(|q| q.to_string());
         let memory = memory.map(|m| m.to_string());
-        let pids = pids.map_or_else(|| "max".to_string(), |p| p.to_string());
         if self.is_v2() {
             let dir = self.unified(rel);
             write(&dir, "cpu.weight", &shares_to_weight(shares).to_string())?;
             write(&dir, "cpu.max", &format!("{} {CPU_PERIOD_US}", quota.as_deref().unwrap_or("max")))?;
-            write(&dir, "memory.max", memory.as_deref().unwrap_or("max"))?;
-            return write(&dir, "pids.max", &pids);
+            return write(&dir, "memory.max", memory.as_deref().unwrap_or("max"));
         }
         if let Some(dir) = self.v1(V1::Cpu, rel) {
             write(&dir, "cpu.shares", &shares.to_string())?;
@@ -161,10 +200,7 @@ impl Hierarchy {
             write(&dir, "cpu.cfs_quota_us", quota.as_deref().unwrap_or("-1"))?;
         }
         if let Some(dir) = self.v1(V1::Memory, rel) {
-            write(&dir, "memory.limit_in_bytes", memory.as_deref().unwrap_or("-1"))?;
-        }
-        if let Some(dir) = self.v1(V1::Pids, rel) {
-            write(&dir, "pids.max", &pids)?;
+            write_v1_memory(&dir, memory.as_deref().unwrap_or("-1"))?;
         }
         Ok(())
     }

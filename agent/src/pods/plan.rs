@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use sha2::Digest;
 
-use super::state::{ContainerRecord, ContainerState, Phase};
+use super::state::{Applied, ContainerRecord, ContainerState, Phase};
 
 /// What the worker knows when it plans.
 pub struct Observed<'a> {
@@ -33,8 +33,11 @@ pub struct Observed<'a> {
 pub enum Action {
     /// Start (or restart) the container.
     Start { name: String, init: bool },
-    /// Stop the running container and start it again at once (its spec changed: `kubectl set image`).
+    /// Stop the running container and start it again at once (its spec changed: `kubectl set image`; or a resize
+    /// whose `resizePolicy` says `RestartContainer`).
     Restart { name: String, init: bool, message: String },
+    /// Change the running container's cgroup limits in place (in-place pod resize).
+    Resize { name: String, init: bool },
     /// Every app container finished for good: stop the sidecars, in reverse order.
     StopSidecars,
     /// The pod fails: stop every container.
@@ -128,12 +131,34 @@ pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
     let changed = |c: &Container, r: &ContainerRecord| {
         r.state.is_running() && r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c))
     };
+    // A running container whose requests or limits changed: in place, or by restart where its resizePolicy
+    // says so for a changed resource.
+    let resize = |c: &Container, r: &ContainerRecord, init: bool| -> Option<Action> {
+        let applied = r.applied.as_ref().filter(|_| r.state.is_running() && due(&c.name))?;
+        let changed = applied.changed(&Applied::of(c));
+        if changed.is_empty() {
+            return None;
+        }
+        let restart = c
+            .resize_policy
+            .iter()
+            .flatten()
+            .any(|p| p.restart_policy == "RestartContainer" && changed.contains(&p.resource_name.as_str()));
+        Some(if restart {
+            let message = format!("Container {} resize requires restart", c.name);
+            Action::Restart { name: c.name.clone(), init, message }
+        } else {
+            Action::Resize { name: c.name.clone(), init }
+        })
+    };
     for c in spec.init_containers.iter().flatten() {
         let Some(r) = record(observed.init, &c.name) else { continue };
         if is_sidecar(c) {
             if changed(c, r) {
                 let message = format!("Init container {} definition changed", c.name);
                 actions.push(Action::Restart { name: c.name.clone(), init: true, message });
+            } else if let Some(action) = resize(c, r, true) {
+                actions.push(action);
             } else if !r.state.is_running() && due(&c.name) {
                 actions.push(Action::Start { name: c.name.clone(), init: true });
             }
@@ -169,6 +194,8 @@ pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
             if changed(c, r) {
                 let message = format!("Container {} definition changed", c.name);
                 actions.push(Action::Restart { name: c.name.clone(), init: false, message });
+            } else if let Some(action) = resize(c, r, false) {
+                actions.push(action);
             }
             continue;
         }
@@ -490,6 +517,29 @@ mod tests {
         // An exited container of a Never pod is not brought back by a new image.
         w.containers[0] = exited("app", 0);
         assert_eq!(w.plan(&s), []);
+    }
+
+    #[test]
+    fn changed_resources_resize_in_place_or_restart_per_resize_policy() {
+        let mut c = container("app");
+        c.resources = Some(serde_json::from_value(serde_json::json!({"limits": {"memory": "32Mi"}})).unwrap());
+        let mut started = running(&c);
+        started.applied = Some(Applied::of(&c));
+        let mut w = World::new(vec![], vec![started]);
+        w.initialized = true;
+        let s = spec(vec![], vec![c.clone()], "Always");
+        assert_eq!(w.plan(&s), []);
+        let mut bigger = c.clone();
+        bigger.resources = Some(serde_json::from_value(serde_json::json!({"limits": {"memory": "48Mi"}})).unwrap());
+        let s = spec(vec![], vec![bigger.clone()], "Always");
+        assert_eq!(w.plan(&s), [Action::Resize { name: "app".into(), init: false }]);
+        bigger.resize_policy = Some(vec![
+            serde_json::from_value(serde_json::json!({"resourceName": "memory", "restartPolicy": "RestartContainer"}))
+                .unwrap(),
+        ]);
+        let s = spec(vec![], vec![bigger], "Always");
+        let message = "Container app resize requires restart".to_string();
+        assert_eq!(w.plan(&s), [Action::Restart { name: "app".into(), init: false, message }]);
     }
 
     #[test]

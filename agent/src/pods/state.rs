@@ -52,6 +52,35 @@ pub struct ContainerRecord {
     /// [`crate::pods::plan::spec_hash`] of the spec the current instance was started from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_hash: Option<String>,
+    /// The requests and limits the current instance's cgroup has (at start, or after an in-place resize).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Applied>,
+}
+
+/// A container's requests and limits as quantity strings by resource name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    pub requests: std::collections::BTreeMap<String, String>,
+    pub limits: std::collections::BTreeMap<String, String>,
+}
+
+impl Applied {
+    /// What `c` asks for.
+    pub fn of(c: &k8s_openapi::api::core::v1::Container) -> Applied {
+        let r = c.resources.as_ref();
+        let map = |m: Option<
+            &std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+        >| { m.into_iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect() };
+        Applied { requests: map(r.and_then(|r| r.requests.as_ref())), limits: map(r.and_then(|r| r.limits.as_ref())) }
+    }
+
+    /// The resources (`cpu`, `memory`) whose request or limit differs from `other`'s.
+    pub fn changed(&self, other: &Applied) -> Vec<&'static str> {
+        ["cpu", "memory"]
+            .into_iter()
+            .filter(|r| self.requests.get(*r) != other.requests.get(*r) || self.limits.get(*r) != other.limits.get(*r))
+            .collect()
+    }
 }
 
 impl ContainerRecord {
@@ -67,6 +96,7 @@ impl ContainerRecord {
             ready: false,
             started: false,
             spec_hash: None,
+            applied: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! latest.
 
 mod exits;
+mod resize;
 mod start;
 mod take_over;
 mod termination;
@@ -349,6 +350,7 @@ impl Worker {
                 match action {
                     Action::Start { name, init } => self.start(&name, init).await,
                     Action::Restart { name, init, message } => self.restart(&name, init, &message).await,
+                    Action::Resize { name, init } => self.resize(&name, init).await,
                     Action::StopSidecars => self.stop_sidecars().await,
                     Action::Fail { reason, message } => self.fail(reason, message).await,
                 }

@@ -2,8 +2,9 @@
 
 use k8s_openapi::api::core::v1::{
     ContainerState as ApiState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, HostIP, PodCondition, PodIP, PodStatus,
+    ContainerStatus, HostIP, PodCondition, PodIP, PodStatus, ResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::pods::state::{ContainerRecord, ContainerState, Phase, PodState};
@@ -46,8 +47,23 @@ fn container_status(c: &ContainerRecord, init: bool) -> ContainerStatus {
         restart_count: c.restart_count as i32,
         ready: c.ready,
         started: if init { Some(c.state.is_running()) } else { Some(c.started) },
+        // What the running instance's cgroup has (upstream: allocatedResources = the requests admitted).
+        resources: c.applied.as_ref().filter(|_| c.state.is_running()).map(|a| ResourceRequirements {
+            requests: (!a.requests.is_empty()).then(|| quantities(&a.requests)),
+            limits: (!a.limits.is_empty()).then(|| quantities(&a.limits)),
+            ..Default::default()
+        }),
+        allocated_resources: c
+            .applied
+            .as_ref()
+            .filter(|a| c.state.is_running() && !a.requests.is_empty())
+            .map(|a| quantities(&a.requests)),
         ..Default::default()
     }
+}
+
+fn quantities(map: &std::collections::BTreeMap<String, String>) -> std::collections::BTreeMap<String, Quantity> {
+    map.iter().map(|(k, v)| (k.clone(), Quantity(v.clone()))).collect()
 }
 
 /// The API status for `state`. Condition transition times carry over from `previous` while a condition keeps its

@@ -114,6 +114,7 @@ impl Worker {
                 record.new_instance(&id);
                 record.state = ContainerState::Running { started_at: now };
                 record.spec_hash = Some(plan::spec_hash(&c));
+                record.applied = Some(crate::pods::state::Applied::of(&c));
                 // No probes yet: a container counts as started, and an app container or a sidecar as ready,
                 // once it runs.
                 record.started = true;

@@ -1,0 +1,70 @@
+//! In-place pod resize (InPlacePodVerticalScaling): a running container's new requests and limits written to its
+//! cgroup and its pod's, without a restart. Growing memory goes to the pod first, shrinking to the container
+//! first, so the container's limit never exceeds the pod's.
+
+use std::time::{Duration, Instant};
+
+use nodelet_cgroups::qos;
+
+use super::Worker;
+use crate::pods::resources;
+use crate::pods::state::Applied;
+
+/// How long before a resize that failed (e.g. a memory limit below the usage) is tried again.
+const RESIZE_RETRY: Duration = Duration::from_secs(10);
+
+impl Worker {
+    pub(super) async fn resize(&mut self, name: &str, init: bool) {
+        let Some((c, index)) = self.container_spec(name, init) else { return };
+        let record = self.record(init, index);
+        let Some(id) = record.container_id.as_deref().and_then(|i| i.strip_prefix("nodelet://")).map(str::to_string)
+        else {
+            return;
+        };
+        let old_memory = record
+            .applied
+            .as_ref()
+            .and_then(|a| a.limits.get("memory"))
+            .and_then(|m| resources::quantity(&k8s_openapi::apimachinery::pkg::api::resource::Quantity(m.clone())));
+        let wanted = Applied::of(&c);
+        let kubelet = &self.ctx.config.kubelet;
+        let limits = resources::runtime_resources(
+            &resources::container_resources(&c),
+            kubelet.pod_pids_limit,
+            !kubelet.single_process_oom_kill.unwrap_or(false),
+        );
+        let (app, init_resources) = resources::pod_resources(&self.pod);
+        let pod_limits = qos::pod_limits(&app, &init_resources);
+        let pids = resources::pod_pids_limit(kubelet.pod_pids_limit);
+        let (qos_class, uid) = (self.state.qos, self.pod_ref.uid.clone());
+        let rel = format!("{}/{id}", qos::pod_cgroup(qos_class, &uid));
+        let memory = limits.memory_limit.and_then(|m| u64::try_from(m).ok());
+        let growing = memory.map(|m| m as f64) > old_memory || memory.is_none();
+        let hierarchy = self.ctx.hierarchy.clone();
+        let shares = limits.cpu_shares.unwrap_or(qos::MIN_SHARES);
+        let quota = limits.cpu_quota.and_then(|q| u64::try_from(q).ok());
+        let applied = tokio::task::spawn_blocking(move || {
+            let pod = || hierarchy.ensure_pod(qos_class, &uid, &pod_limits, pids).map(drop);
+            let container = || hierarchy.update_cpu_memory(&rel, shares, quota, memory);
+            if growing {
+                pod()?;
+                container()
+            } else {
+                container()?;
+                pod()
+            }
+        })
+        .await;
+        match applied {
+            Ok(Ok(())) => {
+                self.record(init, index).applied = Some(wanted);
+                self.event(Some((name, init)), false, "ResizeCompleted", &format!("Pod resize completed: {name}"));
+            }
+            Ok(Err(e)) => {
+                self.event(Some((name, init)), true, "ResizeFailed", &format!("Pod resize of {name} failed: {e}"));
+                self.next_attempt.insert(name.to_string(), Instant::now() + RESIZE_RETRY);
+            }
+            Err(e) => tracing::warn!(container = %name, error = %e, "resizing a container stopped"),
+        }
+    }
+}
