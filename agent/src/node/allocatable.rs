@@ -35,8 +35,8 @@ fn reserved(map: &BTreeMap<String, String>, name: &str, scale: f64) -> Result<u6
     Ok((v * scale).ceil() as u64)
 }
 
-/// An eviction threshold: a quantity, or a percentage of `capacity`.
-fn threshold(thresholds: &BTreeMap<String, String>, signal: &str, capacity: u64) -> Result<u64> {
+/// An eviction threshold: a quantity, or a percentage of `capacity` (0 when not set).
+pub fn threshold(thresholds: &BTreeMap<String, String>, signal: &str, capacity: u64) -> Result<u64> {
     let Some(value) = thresholds.get(signal) else { return Ok(0) };
     if let Some(percent) = value.strip_suffix('%') {
         let p: f64 = percent

@@ -59,16 +59,9 @@ impl Signals {
     }
 }
 
-/// A threshold of `signal` (a quantity or a percentage of `capacity`); `None` when not configured or invalid
-/// (validated at startup with allocatable).
+/// A threshold of `signal`; `None` when not configured (or invalid: validated at startup with allocatable).
 fn threshold(thresholds: &BTreeMap<String, String>, signal: &str, capacity: u64) -> Option<u64> {
-    let value = thresholds.get(signal)?;
-    if let Some(percent) = value.strip_suffix('%') {
-        let p: f64 = percent.parse().ok()?;
-        return Some((capacity as f64 * p / 100.0) as u64);
-    }
-    crate::pods::resources::quantity(&k8s_openapi::apimachinery::pkg::api::resource::Quantity(value.clone()))
-        .map(|v| v.max(0.0) as u64)
+    thresholds.contains_key(signal).then(|| super::allocatable::threshold(thresholds, signal, capacity).ok()).flatten()
 }
 
 /// The pressures `signals` show against `thresholds` (evictionHard).
