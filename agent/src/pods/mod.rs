@@ -65,6 +65,24 @@ impl Ctx {
         let _ = self.images.rootfs().remove(&c.id);
     }
 
+    /// Removes a pod's cgroup (killing what is left in it), off the async threads: removal retries while the
+    /// cgroup drains.
+    pub async fn remove_pod_cgroup(&self, qos: QosClass, uid: &str) {
+        let (hierarchy, pod) = (self.hierarchy.clone(), uid.to_string());
+        let removed =
+            tokio::task::spawn_blocking(move || hierarchy.remove_pod(qos, &pod, Duration::from_secs(10))).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(%uid, error = %e, "removing a pod cgroup");
+        }
+    }
+
+    /// A pod's cgroup, known by the QoS class in its saved records (a pod whose worker is gone).
+    async fn remove_saved_pod_cgroup(&self, uid: &str) {
+        if let Some(qos) = self.states.load(uid).and_then(|s| QosClass::parse(&s.qos)) {
+            self.remove_pod_cgroup(qos, uid).await;
+        }
+    }
+
     /// Releases a sandbox's network (while its namespace still exists, so the plugins find what to undo), then
     /// removes the sandbox.
     pub async fn remove_sandbox(&self, sandbox: &nodelet_runtime::Sandbox) {
@@ -344,17 +362,7 @@ impl PodWorkers {
                 ctx.network.remove_files(&uid);
             }
             for uid in stale {
-                let qos = ctx.states.load(&uid).and_then(|s| QosClass::parse(&s.qos));
-                if let Some(qos) = qos {
-                    let (ctx, pod) = (ctx.clone(), uid.clone());
-                    let removed = tokio::task::spawn_blocking(move || {
-                        ctx.hierarchy.remove_pod(qos, &pod, Duration::from_secs(10))
-                    })
-                    .await;
-                    if let Ok(Err(e)) = removed {
-                        tracing::warn!(%uid, error = %e, "removing a leftover pod cgroup");
-                    }
-                }
+                ctx.remove_saved_pod_cgroup(&uid).await;
                 ctx.states.remove(&uid);
             }
         });
@@ -389,14 +397,7 @@ async fn release(ctx: &Ctx, uid: &str) {
         ctx.remove_sandbox(&sandbox).await;
     }
     ctx.network.remove_files(uid);
-    if let Some(qos) = ctx.states.load(uid).and_then(|s| QosClass::parse(&s.qos)) {
-        let (hierarchy, pod) = (ctx.hierarchy.clone(), uid.to_string());
-        let removed =
-            tokio::task::spawn_blocking(move || hierarchy.remove_pod(qos, &pod, Duration::from_secs(10))).await;
-        if let Ok(Err(e)) = removed {
-            tracing::warn!(%uid, error = %e, "removing a failed worker's pod cgroup");
-        }
-    }
+    ctx.remove_saved_pod_cgroup(uid).await;
 }
 
 /// Removes the containers whose IDs start with `prefix` from `containers`, and deletes them.

@@ -212,12 +212,12 @@ pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
         .iter()
         .flatten()
         .any(|c| is_sidecar(c) && record(observed.init, &c.name).is_some_and(|r| r.state.is_running()));
-    if finished && !spec.containers.is_empty() && sidecars_running {
+    if finished && !spec.containers.is_empty() {
         // Sidecars do not keep a finished pod alive; nor are they restarted once it finished.
         actions.retain(|a| !matches!(a, Action::Start { init: true, .. }));
-        actions.push(Action::StopSidecars);
-    } else if finished && !spec.containers.is_empty() {
-        actions.retain(|a| !matches!(a, Action::Start { init: true, .. }));
+        if sidecars_running {
+            actions.push(Action::StopSidecars);
+        }
     }
     actions
 }

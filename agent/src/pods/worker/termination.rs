@@ -24,13 +24,7 @@ impl Worker {
     /// Stops every running container within the grace period (sidecars after the others), then removes what the
     /// pod had on the node.
     pub(super) async fn terminate(&mut self, grace: Option<i64>, delete: bool) {
-        let deadline = Instant::now() + grace_period(&self.pod, grace);
-        let sidecars = self.running_sidecars();
-        let others: Vec<String> = self.running.keys().filter(|n| !sidecars.contains(n)).cloned().collect();
-        let deadline = self.stop(others, deadline, true).await;
-        for name in sidecars.into_iter().rev() {
-            self.stop(vec![name], deadline, true).await;
-        }
+        self.stop_everything(Instant::now() + grace_period(&self.pod, grace), true).await;
         for record in self.state.containers.iter_mut().chain(self.state.init.iter_mut()) {
             record.ready = false;
         }
@@ -46,6 +40,17 @@ impl Worker {
         tracing::debug!(pod = %self.pod_ref.uid, "torn down");
         self.publish();
         let _ = self.ctx.status.send(StatusMessage::Terminated { pod: self.pod_ref.clone(), delete });
+    }
+
+    /// Stops every running container by `deadline`: app and regular init containers together, then the sidecars,
+    /// last started first (with `follow`, a shorter deletion grace period arriving meanwhile takes effect).
+    async fn stop_everything(&mut self, deadline: Instant, follow: bool) {
+        let sidecars = self.running_sidecars();
+        let others: Vec<String> = self.running.keys().filter(|n| !sidecars.contains(n)).cloned().collect();
+        let mut deadline = self.stop(others, deadline, follow).await;
+        for name in sidecars.into_iter().rev() {
+            deadline = self.stop(vec![name], deadline, follow).await;
+        }
     }
 
     /// The running sidecars, in spec order.
@@ -139,13 +144,7 @@ impl Worker {
     /// Fails the pod (e.g. past `activeDeadlineSeconds`): stops its containers and keeps it `Failed`.
     pub(super) async fn fail(&mut self, reason: &'static str, message: String) {
         self.event(None, true, reason, &message);
-        let deadline = Instant::now() + grace_period(&self.pod, None);
-        let sidecars = self.running_sidecars();
-        let others: Vec<String> = self.running.keys().filter(|n| !sidecars.contains(n)).cloned().collect();
-        self.stop(others, deadline, false).await;
-        for name in sidecars.into_iter().rev() {
-            self.stop(vec![name], deadline, false).await;
-        }
+        self.stop_everything(Instant::now() + grace_period(&self.pod, None), false).await;
         self.state.phase = Phase::Failed;
         self.state.reason = Some(reason.to_string());
         self.state.message = Some(message);
@@ -159,12 +158,6 @@ impl Worker {
         }
         self.ctx.network.remove_files(&self.pod_ref.uid);
         self.state.sandbox_ready = false;
-        // Removal retries (sleeping) while the cgroup drains: keep it off the async threads.
-        let (ctx, qos, uid) = (self.ctx.clone(), self.state.qos, self.pod_ref.uid.clone());
-        let removed =
-            tokio::task::spawn_blocking(move || ctx.hierarchy.remove_pod(qos, &uid, Duration::from_secs(10))).await;
-        if let Ok(Err(e)) = removed {
-            tracing::warn!(pod = %self.pod_ref.name, error = %e, "removing the pod cgroup");
-        }
+        self.ctx.remove_pod_cgroup(self.state.qos, &self.pod_ref.uid).await;
     }
 }
