@@ -126,6 +126,15 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         view,
         leftovers,
         states: SavedStates::new(&config.root_dir),
+        volumes: crate::volumes::VolumeManager::new(
+            &config.root_dir,
+            client.clone(),
+            crate::pods::downward_api::Allocatable {
+                cpu_millis: facts.allocatable.cpu_millis,
+                memory_bytes: facts.allocatable.memory_bytes,
+                ephemeral_storage_bytes: facts.allocatable.ephemeral_storage_bytes,
+            },
+        ),
         services: client.clone().map(crate::pods::service_env::ServiceCache::start),
         network: Network::new(NetworkConfig {
             conf_dir: config.cni_conf_dir.clone(),

@@ -14,3 +14,4 @@ pub mod root_lock;
 pub mod server;
 pub mod sources;
 pub mod status;
+pub mod volumes;

@@ -2,6 +2,7 @@
 //! after admission (pod count and resources against allocatable, upstream's `OutOf<resource>` rejections).
 
 pub mod admission;
+pub mod downward_api;
 pub mod plan;
 pub mod resources;
 pub mod restore;
@@ -49,6 +50,8 @@ pub struct Ctx {
     pub states: restore::SavedStates,
     /// Pod networking (CNI).
     pub network: crate::network::Network,
+    /// Pods' volumes.
+    pub volumes: crate::volumes::VolumeManager,
     /// The cluster's services, for containers' service variables (with an API server).
     pub services: Option<service_env::ServiceCache>,
     /// Node allocatable: (cpu millis, memory bytes).
@@ -80,6 +83,14 @@ impl Ctx {
     async fn remove_saved_pod_cgroup(&self, uid: &str) {
         if let Some(qos) = self.states.load(uid).and_then(|s| QosClass::parse(&s.qos)) {
             self.remove_pod_cgroup(qos, uid).await;
+        }
+    }
+
+    /// Unmounts and removes a pod's volumes, off the async threads.
+    pub async fn tear_down_volumes(self: &Arc<Self>, uid: &str) {
+        let (ctx, pod) = (self.clone(), uid.to_string());
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || ctx.volumes.tear_down(&pod)).await {
+            tracing::warn!(%uid, error = %e, "tearing down a pod's volumes");
         }
     }
 
@@ -214,6 +225,8 @@ impl PodWorkers {
                 _ => {
                     self.ctx.view.remove(&uid);
                     self.ctx.states.remove(&uid);
+                    let ctx = self.ctx.clone();
+                    tokio::spawn(async move { ctx.tear_down_volumes(&uid).await });
                 }
             },
         }
@@ -339,6 +352,8 @@ impl PodWorkers {
         // Network attachments of sandboxes that are gone (their DEL needs only the cache).
         let detached: Vec<String> =
             self.ctx.network.attached().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
+        let unmounted: Vec<String> =
+            self.ctx.volumes.pods_on_disk().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let mut containers = containers;
@@ -364,6 +379,11 @@ impl PodWorkers {
             for uid in stale {
                 ctx.remove_saved_pod_cgroup(&uid).await;
                 ctx.states.remove(&uid);
+            }
+            // After the containers: nothing uses these volumes any more.
+            for uid in unmounted {
+                tracing::info!(pod = %uid, "tearing down the volumes of a pod that is gone");
+                ctx.tear_down_volumes(&uid).await;
             }
         });
     }

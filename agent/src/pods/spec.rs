@@ -9,6 +9,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
 use kube::Api;
 use nodelet_runtime::{ImageConfig, Security};
 
+use super::downward_api;
+pub use super::downward_api::Ips;
+
 /// The image's process defaults from its config blob.
 pub fn image_config(config_json: &[u8]) -> Result<ImageConfig> {
     let v: serde_json::Value = serde_json::from_slice(config_json).context("image config is not JSON")?;
@@ -32,6 +35,8 @@ pub struct Lookup<'a> {
     pub namespace: &'a str,
     /// The cluster's services (with an API server).
     pub services: Option<&'a super::service_env::ServiceCache>,
+    /// Node allocatable, for `resourceFieldRef` limits a container does not set.
+    pub allocatable: downward_api::Allocatable,
 }
 
 impl Lookup<'_> {
@@ -80,7 +85,7 @@ pub async fn environment(
         }
     }
     for var in c.env.iter().flatten() {
-        if let Some(value) = env_value(pod, var, ips, lookup).await? {
+        if let Some(value) = env_value(pod, &c.name, var, ips, lookup).await? {
             out.push((var.name.clone(), value));
         }
     }
@@ -97,10 +102,19 @@ pub async fn environment(
     Ok(out)
 }
 
-async fn env_value(pod: &Pod, var: &EnvVar, ips: &Ips<'_>, lookup: &Lookup<'_>) -> Result<Option<String>> {
+async fn env_value(
+    pod: &Pod,
+    container: &str,
+    var: &EnvVar,
+    ips: &Ips<'_>,
+    lookup: &Lookup<'_>,
+) -> Result<Option<String>> {
     let Some(from) = &var.value_from else { return Ok(Some(var.value.clone().unwrap_or_default())) };
     if let Some(field) = &from.field_ref {
-        return field_value(pod, &field.field_path, ips).map(Some);
+        return downward_api::field_value(pod, &field.field_path, ips, false).map(Some);
+    }
+    if let Some(r) = &from.resource_field_ref {
+        return downward_api::resource_value(pod, container, r, &lookup.allocatable).map(Some);
     }
     if let Some(r) = &from.config_map_key_ref {
         let data = lookup.config_map(&r.name).await?;
@@ -132,44 +146,6 @@ fn key_value(
         None if optional => Ok(None),
         None => Err(anyhow!("{lower} {name:?} not found")),
     }
-}
-
-/// The node's and the pod's addresses, for the downward API.
-pub struct Ips<'a> {
-    pub host: &'a str,
-    /// The pod's address on the pod network (`None` before the network is set up, and for hostNetwork pods).
-    pub pod: Option<&'a str>,
-}
-
-/// The downward API fields a `fieldRef` may name.
-fn field_value(pod: &Pod, path: &str, ips: &Ips<'_>) -> Result<String> {
-    let meta = &pod.metadata;
-    let spec = pod.spec.as_ref();
-    let label = |map: &Option<BTreeMap<String, String>>, key: &str| {
-        map.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or_default()
-    };
-    if let Some(key) = path.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']")) {
-        return Ok(label(&meta.labels, key));
-    }
-    if let Some(key) = path.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']")) {
-        return Ok(label(&meta.annotations, key));
-    }
-    Ok(match path {
-        "metadata.name" => meta.name.clone().unwrap_or_default(),
-        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
-        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
-        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
-        "status.hostIP" | "status.hostIPs" => ips.host.to_string(),
-        "status.podIP" | "status.podIPs" => {
-            if spec.and_then(|s| s.host_network).unwrap_or(false) {
-                ips.host.to_string()
-            } else {
-                ips.pod.unwrap_or_default().to_string()
-            }
-        }
-        other => return Err(anyhow!("unsupported fieldRef {other:?}")),
-    })
 }
 
 /// The container's security settings, pod-level defaults first.

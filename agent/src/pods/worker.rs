@@ -47,6 +47,10 @@ const MAX_ROUNDS: usize = 8;
 
 /// How long to wait before retrying a container that could not start for image or config reasons.
 const RETRY: Duration = Duration::from_secs(5);
+/// How often a running pod's configMap, secret, downwardAPI and projected volumes are brought up to date.
+const VOLUME_RESYNC: Duration = Duration::from_secs(10);
+/// The retry key of the pod's volumes (container names cannot hold a `/`).
+const VOLUMES: &str = "/volumes";
 /// A container that ran this long has its crash-loop back-off reset (upstream: 10 min).
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
 
@@ -83,6 +87,10 @@ pub struct Worker {
     saved: Option<Saved>,
     /// Bind mounts of the pod's resolv.conf, hosts and hostname.
     name_files: Vec<nodelet_runtime::Mount>,
+    /// The pod's volumes, once set up (no container starts before).
+    volumes: Option<crate::volumes::PodVolumes>,
+    /// When the volumes' contents are next brought up to date.
+    volumes_resync: Instant,
     /// A deletion or removal that arrived while a container was being prepared, handled first.
     pending: Option<Desired>,
     /// Tells the dispatcher the pod is terminal (it stops counting for admission).
@@ -144,6 +152,8 @@ impl Worker {
             inherited: Some(inherited),
             saved: None,
             name_files: Vec::new(),
+            volumes: None,
+            volumes_resync: Instant::now(),
             pending: None,
             terminal,
         }
@@ -184,14 +194,18 @@ impl Worker {
         }
         self.publish();
         loop {
+            if !self.state.phase.is_terminal() {
+                self.mount_volumes().await;
+            }
             if self.sandbox.is_none()
+                && self.volumes.is_some()
                 && !self.state.phase.is_terminal()
                 && let Err(e) = self.set_up().await
             {
                 self.event(None, true, "FailedCreatePodSandBox", &format!("Failed to create pod sandbox: {e:#}"));
                 self.next_attempt.insert(String::new(), Instant::now() + RETRY);
             }
-            if self.sandbox.is_some() {
+            if self.sandbox.is_some() && self.volumes.is_some() {
                 self.sync().await;
             }
             self.refresh();
@@ -208,7 +222,8 @@ impl Worker {
             // Only retries still ahead count: a past one was acted on by `sync` above (else the loop would spin).
             let now = Instant::now();
             self.next_attempt.retain(|_, at| *at > now);
-            let wake = self.next_attempt.values().min().copied().into_iter().chain(self.deadline()).min();
+            let resync = (self.volumes.is_some() && !self.state.phase.is_terminal()).then_some(self.volumes_resync);
+            let wake = self.next_attempt.values().min().copied().into_iter().chain(self.deadline()).chain(resync).min();
             let wake = wake.unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
                 changed = self.rx.changed() => {
@@ -264,6 +279,34 @@ impl Worker {
         logs::Rotation {
             max_bytes: self.ctx.config.kubelet.container_log_max_bytes(),
             max_files: self.ctx.config.kubelet.container_log_max_files,
+        }
+    }
+
+    /// Sets up the pod's volumes the first time (a failure is upstream's `FailedMount`, retried), then brings
+    /// their contents up to date every [`VOLUME_RESYNC`].
+    async fn mount_volumes(&mut self) {
+        let now = Instant::now();
+        if self.next_attempt.get(VOLUMES).is_some_and(|t| *t > now)
+            || (self.volumes.is_some() && self.volumes_resync > now)
+        {
+            return;
+        }
+        let ips = crate::pods::downward_api::Ips { host: &self.ctx.config.node_ip, pod: self.state.pod_ip.as_deref() };
+        let result = self.ctx.volumes.set_up(&self.pod, &ips).await;
+        self.volumes_resync = Instant::now() + VOLUME_RESYNC;
+        match result {
+            Ok(volumes) => {
+                self.next_attempt.remove(VOLUMES);
+                self.volumes = Some(volumes);
+            }
+            Err(e) if self.volumes.is_some() => {
+                // Running containers keep what they have; the next resync tries again.
+                tracing::warn!(pod = %self.pod_ref.name, error = %e, "bringing volumes up to date");
+            }
+            Err(e) => {
+                self.event(None, true, "FailedMount", &e.to_string());
+                self.next_attempt.insert(VOLUMES.to_string(), Instant::now() + RETRY);
+            }
         }
     }
 

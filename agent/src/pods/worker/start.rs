@@ -206,9 +206,14 @@ impl Worker {
             client: self.ctx.client.as_ref(),
             namespace: &self.pod_ref.namespace,
             services: self.ctx.services.as_ref(),
+            allocatable: self.ctx.volumes.allocatable(),
         };
         let ips = spec::Ips { host: &self.ctx.config.node_ip, pod: self.state.pod_ip.as_deref() };
         let env = spec::environment(&self.pod, c, &ips, &lookup).await?;
+        let volumes = self.volumes.as_ref().ok_or_else(|| anyhow::anyhow!("the pod's volumes are not set up"))?;
+        let subpaths = self.ctx.volumes.subpaths_dir(&self.pod_ref.uid, &c.name);
+        let mut mounts = self.name_files.clone();
+        mounts.extend(crate::volumes::container_mounts(volumes, c, &env, &subpaths).map_err(anyhow::Error::msg)?);
         let pod_cgroup = nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid);
         let cgroup_root = self.ctx.config.kubelet.cgroup_root.clone().unwrap_or_default();
         let cgroups_path = format!("/{}/{pod_cgroup}/{id}", cgroup_root.trim_matches('/')).replace("//", "/");
@@ -222,7 +227,7 @@ impl Worker {
             env,
             working_dir: c.working_dir.clone(),
             security: spec::security(&self.pod, c),
-            mounts: self.name_files.clone(),
+            mounts,
             namespaces: sandbox.namespaces(spec.host_pid.unwrap_or(false)),
             hostname: None,
             cgroups_path,

@@ -159,5 +159,7 @@ impl Worker {
         self.ctx.network.remove_files(&self.pod_ref.uid);
         self.state.sandbox_ready = false;
         self.ctx.remove_pod_cgroup(self.state.qos, &self.pod_ref.uid).await;
+        self.volumes = None;
+        self.ctx.tear_down_volumes(&self.pod_ref.uid).await;
     }
 }
