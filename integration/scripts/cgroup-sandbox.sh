@@ -6,6 +6,10 @@
 #   cgroup-sandbox.sh run NAME -- CMD ARGS...   # creates the children named NAME (if missing), runs CMD inside
 #   cgroup-sandbox.sh clean NAME                # removes NAME's cgroup trees (bottom-up; fails if still populated)
 #
+# The mount namespace outlives CMD (it is kept at /run/nodelet-sandbox/NAME.mnt until `clean`), and a second
+# `run` with the same NAME joins it: like an agent on a host, a restarted CMD finds the mounts its previous
+# process made (volume tmpfs, rootfs overlays) instead of a fresh namespace without them.
+#
 # Where each hierarchy root comes from (bind mounts exist only inside the private namespace):
 #   memory  -> /sys/fs/cgroup/memory/<the caller's memory cgroup>/NAME  (the caller is not at / there)
 #   others  -> /sys/fs/cgroup/<ctrl>/NAME                                (the caller is at / there)
@@ -51,12 +55,23 @@ run)
   if [ "$(stat -f -c %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]; then
     echo $$ > "/sys/fs/cgroup/unified/$name/cgroup.procs"
   fi
-  exec unshare -m --propagation private -- sh -c '
+  nsdir=/run/nodelet-sandbox; nsfile=$nsdir/$name.mnt
+  if [ -e "$nsfile" ] && nsenter --mount="$nsfile" true 2>/dev/null; then
+    exec nsenter --mount="$nsfile" -- "$@"
+  fi
+  # A namespace file can only be bind-mounted onto a mount with private propagation (as `ip netns` does).
+  mkdir -p "$nsdir"
+  mountpoint -q "$nsdir" || mount --bind "$nsdir" "$nsdir"
+  mount --make-private "$nsdir"
+  touch "$nsfile"
+  exec unshare --mount="$nsfile" --propagation private -- sh -c '
     IFS=";"; for pair in $1; do [ -n "$pair" ] || continue; IFS=" " read -r mnt src <<EOF
 $pair
 EOF
       mount --bind "$src" "$mnt"; IFS=";"; done; unset IFS; shift; exec "$@"' cgroup-sandbox "$map" "$@";;
 clean)
+  nsfile=/run/nodelet-sandbox/$name.mnt
+  if [ -e "$nsfile" ]; then umount "$nsfile" 2>/dev/null || true; rm -f "$nsfile"; fi
   roots | while read -r mnt src; do
     if [ -d "$src" ]; then find "$src" -depth -type d -exec rmdir {} \; 2>/dev/null || true; fi
     if [ -d "$src" ]; then echo "still present (populated?): $src" >&2; fi

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -68,11 +68,10 @@ impl Tokens {
             ..Default::default()
         };
         let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-        let body = serde_json::to_vec(&request)?;
-        let answer: TokenRequest = api
-            .create_subresource("token", &account, &PostParams::default(), &body)
-            .await
-            .with_context(|| format!("failed to fetch token for service account {namespace}/{account}"))?;
+        let answer: TokenRequest =
+            api.create_subresource("token", &account, &PostParams::default(), &request).await.map_err(|e| {
+                anyhow!("failed to fetch token for service account {namespace}/{account}: {}", api_message(&e))
+            })?;
         let status = answer.status.ok_or_else(|| anyhow!("the token request was answered without a token"))?;
         let token = status
             .token
@@ -90,6 +89,14 @@ impl Tokens {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, i64), Issued>> {
         self.issued.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The API server's own message for an API error (kube's display repeats it).
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
     }
 }
 

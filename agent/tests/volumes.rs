@@ -1,0 +1,329 @@
+//! Volumes end to end, on nodelet as the only node of a real control plane: configMap (a live edit reaches the
+//! running pod), secret (tmpfs, mode 0400 plus fsGroup's group read), downwardAPI, emptyDir on disk and in
+//! memory, hostPath, the service account volume the API server injects (its token verified by a TokenReview),
+//! an optional missing configMap (the pod runs) and a required one (FailedMount until it exists), an
+//! unsupported volume type (a clear FailedMount), a subPath symlink escape (refused), `kill -9` of the agent
+//! with volumes mounted (no remount, no restart), and deletion (nothing left mounted or on disk).
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use nodelet_integration::cluster::Cluster;
+use nodelet_integration::registry::Registry;
+use nodelet_integration::testbed::{Need, ready};
+use support::{Nodelet, pod, wait_for, wait_pod};
+
+const NODE: &str = "nodelet-volumes";
+
+fn phase(p: &Pod) -> &str {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+/// The pod's container log as text (read from the node's log directory).
+fn log_text(node: &Nodelet, p: &Pod, container: &str) -> String {
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let path = node.pod_logs_dir().join(format!("default_{name}_{uid}/{container}/0.log"));
+    nodelet::logs::read_text(&path).unwrap_or_default()
+}
+
+/// The value of the last `KEY=` line of a log.
+fn value(log: &str, key: &str) -> Option<String> {
+    log.lines().rev().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_owned)
+}
+
+async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String, String)>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={pod}"))).await?;
+    Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect())
+}
+
+/// Mount points below `dir` in the agent's mount namespace.
+fn mounts_under(pid: u32, dir: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let dir = dir.display().to_string();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((f.first()?.to_string(), f.get(4)?.to_string()))
+        })
+        .filter(|(_, p)| p.starts_with(&dir))
+        .collect()
+}
+
+const SCRIPT: &str = r#"
+echo "GREETING=$(cat /cfg/greeting)"
+echo "SINGLE=$(cat /single/greeting.txt)"
+echo "SECRET=$(cat /sec/password)"
+echo "SECMODE=$(stat -L -c %a:%g /sec/password)"
+echo "SECFS=$(grep ' /sec ' /proc/mounts | cut -d' ' -f3)"
+echo "LABELS=$(tr '\n' , < /info/labels)"
+echo "CPU=$(cat /info/cpu)"
+echo "SCRATCH=$(stat -c %a:%g /scratch)"
+echo "MEMFS=$(grep ' /mem ' /proc/mounts | cut -d' ' -f3,4)"
+echo "OPTIONAL=$(ls /opt-cfg | wc -l)"
+echo "READONLY=$(touch /cfg/x 2>/dev/null && echo no || echo yes)"
+echo hi > /host/from-pod
+SA=/var/run/secrets/kubernetes.io/serviceaccount
+echo "TOKEN=$(cat $SA/token)"
+echo "NS=$(cat $SA/namespace)"
+echo "CA=$(head -1 $SA/ca.crt)"
+while true; do echo "NOW=$(cat /cfg/greeting) $(cat /sec/password)"; sleep 0.2; done
+"#;
+
+#[tokio::test]
+async fn volumes_reach_the_containers() -> Result<()> {
+    if !ready("volumes_reach_the_containers", &[Need::Root, Need::ControlPlane, Need::Registry]) {
+        return Ok(());
+    }
+    let cluster = Cluster::start().await?;
+    let registry = Registry::start().await?;
+    let image = registry.reference("busybox", "latest");
+    let kubeconfig = cluster.node_kubeconfig(NODE)?;
+    let net_d = support::loopback_only_network()?;
+    let host_dir = tempfile::tempdir()?;
+    let mut node = Nodelet::start(
+        NODE,
+        "nodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
+        &[
+            "--port".into(),
+            nodelet_integration::ports::free_port()?.to_string(),
+            "--client-ca-file".into(),
+            cluster.pki().ca().cert.display().to_string(),
+            "--cni-conf-dir".into(),
+            net_d.path().display().to_string(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--insecure-registry".into(),
+            registry.host(),
+        ],
+    )?;
+    let client = cluster.admin().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "app-config"}, "data": {"greeting": "hello"}
+            }))?,
+        )
+        .await?;
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "app-secret"}, "stringData": {"password": "s3cr3t"}
+            }))?,
+        )
+        .await?;
+    // The service account admission needs the namespace's default account (the controller-manager makes it).
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), "default");
+    wait_for("the default service account", Duration::from_secs(60), || async {
+        Ok(accounts.get_opt("default").await?)
+    })
+    .await?;
+
+    let spec = format!(
+        r#"metadata: {{name: vols, labels: {{app: vols, tier: test}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: {{fsGroup: 1234}}
+  containers:
+  - name: main
+    image: {image}
+    command: [sh, -c, {script:?}]
+    resources: {{limits: {{cpu: 250m, memory: 64Mi}}}}
+    volumeMounts:
+    - {{name: cfg, mountPath: /cfg}}
+    - {{name: cfg, mountPath: /single/greeting.txt, subPath: greeting}}
+    - {{name: sec, mountPath: /sec}}
+    - {{name: info, mountPath: /info}}
+    - {{name: scratch, mountPath: /scratch}}
+    - {{name: mem, mountPath: /mem}}
+    - {{name: host, mountPath: /host}}
+    - {{name: opt, mountPath: /opt-cfg}}
+  volumes:
+  - {{name: cfg, configMap: {{name: app-config}}}}
+  - {{name: sec, secret: {{secretName: app-secret, defaultMode: 256}}}}
+  - name: info
+    downwardAPI:
+      items:
+      - {{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}
+      - {{path: cpu, resourceFieldRef: {{containerName: main, resource: limits.cpu, divisor: 1m}}}}
+  - {{name: scratch, emptyDir: {{}}}}
+  - {{name: mem, emptyDir: {{medium: Memory, sizeLimit: 8Mi}}}}
+  - {{name: host, hostPath: {{path: {host}, type: DirectoryOrCreate}}}}
+  - {{name: opt, configMap: {{name: absent, optional: true}}}}
+"#,
+        script = SCRIPT,
+        host = host_dir.path().join("made").display(),
+    );
+    pods.create(&PostParams::default(), &pod(&spec)).await?;
+    let running = wait_pod(&pods, "vols", "Running", Duration::from_secs(90), |p| phase(p) == "Running")
+        .await
+        .with_context(|| node.log())?;
+    let log = wait_for("the pod's report", Duration::from_secs(30), || async {
+        let log = log_text(&node, &running, "main");
+        Ok(Some(log).filter(|l| l.contains("NOW=")))
+    })
+    .await?;
+    let expect = |key: &str, want: &str| -> Result<()> {
+        let got = value(&log, key);
+        ensure!(got.as_deref() == Some(want), "{key}: {got:?}, want {want:?}\n{log}");
+        Ok(())
+    };
+    expect("GREETING", "hello")?;
+    expect("SINGLE", "hello")?;
+    expect("SECRET", "s3cr3t")?;
+    // 0400 plus the group read fsGroup adds, owned by the fsGroup; on tmpfs.
+    expect("SECMODE", "440:1234")?;
+    expect("SECFS", "tmpfs")?;
+    expect("LABELS", "app=\"vols\",tier=\"test\"")?;
+    expect("CPU", "250")?;
+    expect("SCRATCH", "2777:1234")?;
+    let memfs = value(&log, "MEMFS").unwrap_or_default();
+    ensure!(memfs.starts_with("tmpfs ") && memfs.contains("size=8192k"), "MEMFS: {memfs}");
+    expect("OPTIONAL", "0")?;
+    expect("READONLY", "yes")?;
+    expect("NS", "default")?;
+    expect("CA", "-----BEGIN CERTIFICATE-----")?;
+    ensure!(std::fs::read_to_string(host_dir.path().join("made/from-pod"))? == "hi\n", "hostPath write");
+    // The injected token is the pod's: the API server authenticates it as the default service account, bound
+    // to this pod.
+    let token = value(&log, "TOKEN").context("token")?;
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = TokenReview { spec: TokenReviewSpec { token, ..Default::default() }, ..Default::default() };
+    let status = reviews.create(&PostParams::default(), &review).await?.status.unwrap_or_default();
+    let user = status.user.clone().unwrap_or_default();
+    ensure!(status.authenticated == Some(true), "token review: {status:?}");
+    ensure!(user.username.as_deref() == Some("system:serviceaccount:default:default"), "{user:?}");
+    let bound = user.extra.unwrap_or_default().get("authentication.kubernetes.io/pod-name").cloned();
+    ensure!(bound == Some(vec!["vols".to_string()]), "bound to {bound:?}");
+
+    // A live edit of the ConfigMap reaches the running pod; a subPath mount of it does not change (upstream).
+    let mut latencies = Vec::new();
+    for i in 1..=3 {
+        let changed = Instant::now();
+        let patch = serde_json::json!({"data": {"greeting": format!("edit-{i}")}});
+        config_maps.patch("app-config", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        wait_for("the edit in the pod", Duration::from_secs(60), || async {
+            let log = log_text(&node, &running, "main");
+            Ok(value(&log, "NOW").filter(|v| v.starts_with(&format!("edit-{i} "))))
+        })
+        .await?;
+        latencies.push(changed.elapsed());
+    }
+    eprintln!("configMap edit -> file changed in the pod: {latencies:?}");
+
+    // kill -9 with volumes mounted: back, nothing is remounted and the container was not restarted.
+    let uid = running.metadata.uid.clone().unwrap_or_default();
+    let pod_dir = node.root_dir().join("pods").join(&uid);
+    let pid = node.pid().context("pid")?;
+    let before = mounts_under(pid, &pod_dir);
+    ensure!(before.len() >= 4, "secret, projected and memory tmpfs and the subPath pin: {before:?}");
+    node.kill();
+    node.restart()?;
+    let pid = node.pid().context("pid")?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    wait_for("the node to be back", Duration::from_secs(60), || async {
+        let n = nodes.get(NODE).await?;
+        let heartbeat =
+            n.status.and_then(|s| s.conditions).unwrap_or_default().into_iter().find(|c| c.type_ == "Ready");
+        Ok(heartbeat.filter(|c| c.status == "True").map(|_| ()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = mounts_under(pid, &pod_dir);
+    ensure!(after == before, "mounts changed across the restart: {before:?} -> {after:?}");
+    let now = pods.get("vols").await?;
+    let status = now.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
+    ensure!(status.first().is_some_and(|c| c.restart_count == 0), "{status:?}");
+    let patch = serde_json::json!({"data": {"greeting": "after-restart"}});
+    config_maps.patch("app-config", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    wait_for("an edit after the restart", Duration::from_secs(60), || async {
+        Ok(value(&log_text(&node, &running, "main"), "NOW").filter(|v| v == "after-restart s3cr3t"))
+    })
+    .await
+    .with_context(|| node.log())?;
+
+    // A required ConfigMap that does not exist: FailedMount, the pod waits; once it exists, the pod runs.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: needs-cfg}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'cat /c/k; sleep 3600'], volumeMounts: [{{name: c, mountPath: /c}}]}}\n  volumes:\n  - {{name: c, configMap: {{name: late}}}}\n"
+    ))).await?;
+    wait_for("FailedMount for the missing ConfigMap", Duration::from_secs(60), || async {
+        let events = events_for(&client, "needs-cfg").await?;
+        Ok(events.into_iter().find(|(r, m)| {
+            r == "FailedMount" && m == "MountVolume.SetUp failed for volume \"c\" : configmap \"late\" not found"
+        }))
+    })
+    .await?;
+    ensure!(phase(&pods.get("needs-cfg").await?) == "Pending");
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "late"}, "data": {"k": "v"}}))?,
+        )
+        .await?;
+    wait_pod(&pods, "needs-cfg", "Running once the ConfigMap exists", Duration::from_secs(60), |p| {
+        phase(p) == "Running"
+    })
+    .await?;
+
+    // A volume type nodelet does not support: a clear FailedMount, never a silent skip.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: claim}}\nspec:\n  nodeName: {NODE}\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600'], volumeMounts: [{{name: data, mountPath: /data}}]}}\n  volumes:\n  - {{name: data, persistentVolumeClaim: {{claimName: data}}}}\n"
+    ))).await?;
+    wait_for("FailedMount for the claim", Duration::from_secs(60), || async {
+        let events = events_for(&client, "claim").await?;
+        Ok(events
+            .into_iter()
+            .find(|(r, m)| r == "FailedMount" && m.contains("volume type persistentVolumeClaim is not supported")))
+    })
+    .await?;
+
+    // A subPath that another container turned into a symlink to / is refused.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: escape}}\nspec:\n  restartPolicy: Never\n  initContainers:\n  - {{name: plant, image: {image}, command: [ln, -s, /, /vol/escape], volumeMounts: [{{name: shared, mountPath: /vol}}]}}\n  containers:\n  - {{name: main, image: {image}, command: [cat, /x/etc/hostname], volumeMounts: [{{name: shared, mountPath: /x, subPath: escape}}]}}\n  volumes:\n  - {{name: shared, emptyDir: {{}}}}\n"
+    ))).await?;
+    let refused = wait_pod(&pods, "escape", "the subPath refused", Duration::from_secs(60), |p| {
+        let s = p.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
+        s.first().and_then(|c| c.state.clone()?.waiting).is_some_and(|w| {
+            w.reason.as_deref() == Some("CreateContainerConfigError")
+                && w.message.unwrap_or_default().contains("leads outside the volume")
+        })
+    })
+    .await?;
+    ensure!(phase(&refused) == "Pending");
+
+    // Deleted: nothing of the pods' volumes is left mounted or on disk.
+    let names = ["vols", "needs-cfg", "claim", "escape"];
+    let mut uids = Vec::new();
+    for name in names {
+        uids.push(pods.get(name).await?.metadata.uid.unwrap_or_default());
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    for name in names {
+        wait_for(&format!("{name} to go"), Duration::from_secs(60), || async {
+            Ok(pods.get_opt(name).await?.is_none().then_some(()))
+        })
+        .await
+        .with_context(|| node.log())?;
+    }
+    let pods_dir = node.root_dir().join("pods");
+    ensure!(mounts_under(pid, &pods_dir).is_empty(), "left mounted: {:?}", mounts_under(pid, &pods_dir));
+    for uid in uids {
+        ensure!(!pods_dir.join(&uid).join("volumes").exists(), "pod {uid}'s volumes left on disk");
+    }
+    ensure!(host_dir.path().join("made/from-pod").exists(), "a hostPath's contents stay");
+    node.ensure_running()?;
+    Ok(())
+}
