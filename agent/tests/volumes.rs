@@ -304,8 +304,22 @@ spec:
     .await?;
     ensure!(phase(&refused) == "Pending");
 
+    // Termination messages: written by a non-root container at a path of its choice; from the log's end with
+    // FallbackToLogsOnError when the container failed without writing one.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: said}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'printf bye > /tmp/said'], terminationMessagePath: /tmp/said, securityContext: {{runAsUser: 1000}}}}\n  - {{name: fails, image: {image}, command: [sh, -c, 'echo first; echo last words; exit 3'], terminationMessagePolicy: FallbackToLogsOnError}}\n"
+    ))).await?;
+    let said = wait_pod(&pods, "said", "Failed", Duration::from_secs(60), |p| phase(p) == "Failed").await?;
+    let statuses = said.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
+    let message = |name: &str| {
+        let s = statuses.iter().find(|s| s.name == name);
+        s.and_then(|s| s.state.clone()?.terminated?.message)
+    };
+    ensure!(message("main").as_deref() == Some("bye"), "{statuses:?}");
+    ensure!(message("fails").as_deref() == Some("first\nlast words\n"), "{statuses:?}");
+
     // Deleted: nothing of the pods' volumes is left mounted or on disk.
-    let names = ["vols", "needs-cfg", "claim", "escape"];
+    let names = ["vols", "needs-cfg", "claim", "escape", "said"];
     let mut uids = Vec::new();
     for name in names {
         uids.push(pods.get(name).await?.metadata.uid.unwrap_or_default());

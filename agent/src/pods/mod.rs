@@ -9,6 +9,7 @@ pub mod restore;
 pub mod service_env;
 pub mod spec;
 pub mod state;
+pub mod termination_message;
 pub mod unsupported;
 pub mod validation;
 pub mod worker;

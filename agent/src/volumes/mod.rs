@@ -260,7 +260,8 @@ impl VolumeManager {
         self.tokens.forget(uid);
         let dir = self.pod_dir(uid);
         mounts::unmount_all(&dir)?;
-        for sub in ["volumes", "volume-subpaths"] {
+        // (`containers`: the termination message files, which go with the pod too.)
+        for sub in ["volumes", "volume-subpaths", "containers"] {
             match std::fs::remove_dir_all(dir.join(sub)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}

@@ -7,8 +7,9 @@ use jiff::Timestamp;
 use nodelet_runtime::ContainerExit;
 
 use super::{BACKOFF_RESET, Exit, Worker};
-use crate::pods::plan;
+use crate::logs;
 use crate::pods::state::ContainerState;
+use crate::pods::{plan, termination_message};
 
 /// Upstream's reason for a container's end.
 pub(super) fn exit_reason(exit: &ContainerExit, start_error: bool) -> &'static str {
@@ -29,11 +30,12 @@ pub(super) fn terminated(
     started_at: Option<Timestamp>,
     message: Option<String>,
     finished_at: Timestamp,
+    start_error: bool,
 ) -> ContainerState {
     ContainerState::Terminated {
         exit_code: exit.code,
         signal: exit.signal,
-        reason: exit_reason(exit, message.is_some()).into(),
+        reason: exit_reason(exit, start_error).into(),
         message,
         started_at,
         finished_at,
@@ -42,6 +44,29 @@ pub(super) fn terminated(
 }
 
 impl Worker {
+    /// Where an instance's termination message is written.
+    pub(super) fn termination_message_file(&self, name: &str, id: &str) -> std::path::PathBuf {
+        termination_message::path(&self.ctx.config.root_dir, &self.pod_ref.uid, name, id)
+    }
+
+    /// The message an instance left (or its log's end, per `terminationMessagePolicy`); its file goes.
+    pub(super) fn termination_message(&self, name: &str, id: &str, code: i32) -> Option<String> {
+        let (init, _) = self.locate(name);
+        let (c, _) = self.container_spec(name, init)?;
+        c.termination_message_path.as_deref().filter(|p| !p.is_empty())?;
+        let spec = self.pod.spec.as_ref()?;
+        let containers = spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len);
+        let share = termination_message::MAX_POD_MESSAGES / containers.max(1);
+        // Instance IDs end in the instance's number, which names its log file.
+        let restart = id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let log = logs::container_log_path(&self.log_dir, name, restart);
+        let fallback = c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
+        let file = self.termination_message_file(name, id);
+        let message = termination_message::read(&file, &log, fallback, code, share);
+        let _ = std::fs::remove_file(&file);
+        message
+    }
+
     pub(super) async fn on_exit(&mut self, exit: Exit) {
         // An exit of an instance this worker already stopped (and replaced) is old news.
         if self.running.get(&exit.name).is_none_or(|r| r.id != exit.id) {
@@ -66,7 +91,10 @@ impl Worker {
         finished_at: Timestamp,
     ) {
         let (init, index) = self.locate(name);
-        let state = terminated(id, &exit, started_at, message, finished_at);
+        // A container that could not start has no message of its own (upstream).
+        let message = message.or_else(|| self.termination_message(name, id, exit.code));
+        let start_error = message.is_some() && started_at.is_none();
+        let state = terminated(id, &exit, started_at, message, finished_at, start_error);
         let spec = self.pod.spec.clone().unwrap_or_default();
         let restarts = self.container_spec(name, init).is_some_and(|(c, _)| {
             let sidecar = init && plan::is_sidecar(&c);

@@ -14,7 +14,7 @@ use crate::images::pull::Progress;
 use crate::logs;
 use crate::pods::plan;
 use crate::pods::state::ContainerState;
-use crate::pods::{resources, spec};
+use crate::pods::{resources, spec, termination_message};
 
 /// Why a container did not start.
 enum NotStarted {
@@ -214,6 +214,12 @@ impl Worker {
         let subpaths = self.ctx.volumes.subpaths_dir(&self.pod_ref.uid, &c.name);
         let mut mounts = self.name_files.clone();
         mounts.extend(crate::volumes::container_mounts(volumes, c, &env, &subpaths).map_err(anyhow::Error::msg)?);
+        if let Some(destination) = c.termination_message_path.clone().filter(|p| !p.is_empty()) {
+            let source = self.termination_message_file(&c.name, id);
+            termination_message::create(&source)
+                .map_err(|e| anyhow::anyhow!("creating the termination message file {}: {e}", source.display()))?;
+            mounts.push(nodelet_runtime::Mount::Bind { source, destination, read_only: false });
+        }
         let pod_cgroup = nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid);
         let cgroup_root = self.ctx.config.kubelet.cgroup_root.clone().unwrap_or_default();
         let cgroups_path = format!("/{}/{pod_cgroup}/{id}", cgroup_root.trim_matches('/')).replace("//", "/");

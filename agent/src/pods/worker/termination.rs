@@ -90,8 +90,9 @@ impl Worker {
                     let Some(done) = done else { break };
                     let Ok((name, running, exit)) = done else { continue };
                     let (init, index) = self.locate(&name);
+                    let message = self.termination_message(&name, &running.id, exit.code);
                     let record = self.record(init, index);
-                    record.state = terminated(&running.id, &exit, Some(running.started_at), None, Timestamp::now());
+                    record.state = terminated(&running.id, &exit, Some(running.started_at), message, Timestamp::now(), false);
                     record.ready = false;
                     record.started = false;
                 }
