@@ -209,20 +209,22 @@ spec:
     let bound = user.extra.unwrap_or_default().get("authentication.kubernetes.io/pod-name").cloned();
     ensure!(bound == Some(vec!["vols".to_string()]), "bound to {bound:?}");
 
-    // A live edit of the ConfigMap reaches the running pod; a subPath mount of it does not change (upstream).
+    // A live edit of the ConfigMap reaches the running pod through the object's watch (well before the 60 s
+    // resync would).
     let mut latencies = Vec::new();
-    for i in 1..=3 {
+    for i in 1..=5 {
         let changed = Instant::now();
         let patch = serde_json::json!({"data": {"greeting": format!("edit-{i}")}});
         config_maps.patch("app-config", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        wait_for("the edit in the pod", Duration::from_secs(60), || async {
+        wait_for("the edit in the pod", Duration::from_secs(30), || async {
             let log = log_text(&node, &running, "main");
             Ok(value(&log, "NOW").filter(|v| v.starts_with(&format!("edit-{i} "))))
         })
         .await?;
         latencies.push(changed.elapsed());
     }
-    eprintln!("configMap edit -> file changed in the pod: {latencies:?}");
+    latencies.sort();
+    eprintln!("configMap edit -> file changed in the pod: {latencies:?} (median {:?})", latencies[2]);
 
     // kill -9 with volumes mounted: back, nothing is remounted and the container was not restarted.
     let uid = running.metadata.uid.clone().unwrap_or_default();
@@ -249,7 +251,7 @@ spec:
     ensure!(status.first().is_some_and(|c| c.restart_count == 0), "{status:?}");
     let patch = serde_json::json!({"data": {"greeting": "after-restart"}});
     config_maps.patch("app-config", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    wait_for("an edit after the restart", Duration::from_secs(60), || async {
+    wait_for("an edit after the restart", Duration::from_secs(30), || async {
         Ok(value(&log_text(&node, &running, "main"), "NOW").filter(|v| v == "after-restart s3cr3t"))
     })
     .await

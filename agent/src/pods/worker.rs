@@ -47,8 +47,10 @@ const MAX_ROUNDS: usize = 8;
 
 /// How long to wait before retrying a container that could not start for image or config reasons.
 const RETRY: Duration = Duration::from_secs(5);
-/// How often a running pod's configMap, secret, downwardAPI and projected volumes are brought up to date.
-const VOLUME_RESYNC: Duration = Duration::from_secs(10);
+/// How often a running pod's configMap, secret, downwardAPI and projected volumes are brought up to date besides
+/// the changes their objects' watches report (tokens are renewed then, and a missed change is caught):
+/// upstream's sync period.
+const VOLUME_RESYNC: Duration = Duration::from_secs(60);
 /// The retry key of the pod's volumes (container names cannot hold a `/`).
 const VOLUMES: &str = "/volumes";
 /// A container that ran this long has its crash-loop back-off reset (upstream: 10 min).
@@ -91,6 +93,8 @@ pub struct Worker {
     volumes: Option<crate::volumes::PodVolumes>,
     /// When the volumes' contents are next brought up to date.
     volumes_resync: Instant,
+    /// Notified when an object the volumes show changes.
+    volume_changes: Arc<tokio::sync::Notify>,
     /// A deletion or removal that arrived while a container was being prepared, handled first.
     pending: Option<Desired>,
     /// Tells the dispatcher the pod is terminal (it stops counting for admission).
@@ -134,6 +138,7 @@ impl Worker {
                 .collect(),
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let volume_changes = ctx.volumes.changes(&pod_ref.uid);
         let log_dir = logs::pod_log_dir(&ctx.config.log_dir, &pod_ref.namespace, &pod_ref.name, &pod_ref.uid);
         Worker {
             ctx,
@@ -154,6 +159,7 @@ impl Worker {
             name_files: Vec::new(),
             volumes: None,
             volumes_resync: Instant::now(),
+            volume_changes,
             pending: None,
             terminal,
         }
@@ -233,6 +239,7 @@ impl Worker {
                     }
                 }
                 Some(exit) = self.exits_rx.recv() => self.on_exit(exit).await,
+                _ = self.volume_changes.notified() => self.volumes_resync = Instant::now(),
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
@@ -265,6 +272,12 @@ impl Worker {
             Desired::Pod(pod) => {
                 let deleting = pod.metadata.deletion_timestamp.is_some();
                 let grace = pod.metadata.deletion_grace_period_seconds;
+                // Labels and annotations a downwardAPI volume may show.
+                if (&pod.metadata.labels, &pod.metadata.annotations)
+                    != (&self.pod.metadata.labels, &self.pod.metadata.annotations)
+                {
+                    self.volumes_resync = Instant::now();
+                }
                 self.pod = Arc::unwrap_or_clone(pod);
                 if deleting {
                     self.terminate(grace, true).await;

@@ -17,6 +17,7 @@ mod host_path;
 pub mod mounts;
 pub mod payload;
 mod tokens;
+mod watches;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -106,11 +107,23 @@ pub struct VolumeManager {
     client: Option<kube::Client>,
     allocatable: Allocatable,
     tokens: tokens::Tokens,
+    watches: watches::ObjectWatches,
 }
 
 impl VolumeManager {
     pub fn new(root_dir: &Path, client: Option<kube::Client>, allocatable: Allocatable) -> VolumeManager {
-        VolumeManager { root_dir: root_dir.to_path_buf(), client, allocatable, tokens: tokens::Tokens::default() }
+        VolumeManager {
+            root_dir: root_dir.to_path_buf(),
+            client,
+            allocatable,
+            tokens: tokens::Tokens::default(),
+            watches: watches::ObjectWatches::default(),
+        }
+    }
+
+    /// Notified when a ConfigMap or Secret that the pod's volumes show changes (once they were set up).
+    pub fn changes(&self, uid: &str) -> std::sync::Arc<tokio::sync::Notify> {
+        self.watches.changes(uid)
     }
 
     /// Node allocatable, for the downward API.
@@ -132,6 +145,15 @@ impl VolumeManager {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let volumes = pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
         let objects = self.fetch(pod, &volumes).await?;
+        if let Some(client) = &self.client {
+            let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let keys = volumes.iter().flat_map(|v| {
+                let (config_maps, secrets, _) = named(v);
+                let cms = config_maps.into_iter().map(|n| (false, namespace.clone(), n));
+                cms.chain(secrets.into_iter().map(|n| (true, namespace.clone(), n))).collect::<Vec<_>>()
+            });
+            self.watches.set(client, &uid, keys.collect());
+        }
         let facts = PodFacts { pod, ips: Ips { host: ips.host, pod: ips.pod }, allocatable: self.allocatable };
         let fs_group = pod.spec.as_ref().and_then(|s| s.security_context.as_ref()).and_then(|s| s.fs_group);
         let memory_limit = pod_memory_limit(pod).unwrap_or(self.allocatable.memory_bytes);
@@ -193,20 +215,7 @@ impl VolumeManager {
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         for v in volumes {
             let err = |message: String| MountError { volume: v.name.clone(), message };
-            let mut config_maps = Vec::new();
-            let mut secrets = Vec::new();
-            let mut tokens = Vec::new();
-            if let Some(s) = &v.config_map {
-                config_maps.push(s.name.clone());
-            }
-            if let Some(s) = &v.secret {
-                secrets.push(s.secret_name.clone().unwrap_or_default());
-            }
-            for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
-                config_maps.extend(source.config_map.as_ref().map(|c| c.name.clone()));
-                secrets.extend(source.secret.as_ref().map(|s| s.name.clone()));
-                tokens.extend(source.service_account_token.as_ref().map(payload::token_key));
-            }
+            let (config_maps, secrets, tokens) = named(v);
             if config_maps.is_empty() && secrets.is_empty() && tokens.is_empty() {
                 continue;
             }
@@ -258,6 +267,7 @@ impl VolumeManager {
     /// anything is still mounted there (the next tear-down tries again).
     pub fn tear_down(&self, uid: &str) -> std::io::Result<()> {
         self.tokens.forget(uid);
+        self.watches.forget(uid);
         let dir = self.pod_dir(uid);
         mounts::unmount_all(&dir)?;
         // (`containers`: the termination message files, which go with the pod too.)
@@ -280,6 +290,25 @@ impl VolumeManager {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect()
     }
+}
+
+/// The ConfigMaps, Secrets and service account tokens (audience, lifetime) a volume shows.
+fn named(v: &Volume) -> (Vec<String>, Vec<String>, Vec<(String, i64)>) {
+    let mut config_maps = Vec::new();
+    let mut secrets = Vec::new();
+    let mut tokens = Vec::new();
+    if let Some(s) = &v.config_map {
+        config_maps.push(s.name.clone());
+    }
+    if let Some(s) = &v.secret {
+        secrets.push(s.secret_name.clone().unwrap_or_default());
+    }
+    for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+        config_maps.extend(source.config_map.as_ref().map(|c| c.name.clone()));
+        secrets.extend(source.secret.as_ref().map(|s| s.name.clone()));
+        tokens.extend(source.service_account_token.as_ref().map(payload::token_key));
+    }
+    (config_maps, secrets, tokens)
 }
 
 /// The pod's memory limit when every container sets one (upstream sizes a memory-backed emptyDir by it).

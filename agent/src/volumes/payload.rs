@@ -185,8 +185,8 @@ mod tests {
             "metadata": {"name": "cm"}, "data": {"a": "1", "b": "2"}, "binaryData": {"bin": "AAE="}
         }))
         .unwrap();
-        let mut secret = Secret::default();
-        secret.data = Some([("token".to_string(), ByteString(b"s3cr3t".to_vec()))].into());
+        let secret =
+            Secret { data: Some([("token".to_string(), ByteString(b"s3cr3t".to_vec()))].into()), ..Default::default() };
         Objects {
             config_maps: [("cm".to_string(), Some(cm)), ("gone".to_string(), None)].into(),
             secrets: [("s".to_string(), Some(secret))].into(),
