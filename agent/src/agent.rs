@@ -116,9 +116,9 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone(), view.clone()).run(status_rx));
     start_kubelet_api(&config, client.clone(), view.clone())?;
     let ctx = Arc::new(Ctx {
-        runtime,
+        runtime: Arc::new(crate::pods::services::RealRuntime::new(runtime)),
         images: images.clone(),
-        hierarchy,
+        hierarchy: Arc::new(hierarchy),
         config: config.clone(),
         client: client.clone(),
         events: Recorder::new(client.clone(), config.node_name.clone()),
@@ -136,7 +136,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             },
         ),
         services: client.clone().map(crate::pods::service_env::ServiceCache::start),
-        network: Network::new(NetworkConfig {
+        network: Arc::new(Network::new(NetworkConfig {
             conf_dir: config.cni_conf_dir.clone(),
             bin_dirs: config.cni_bin_dirs.clone(),
             pod_cidr,
@@ -147,7 +147,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
                 host_resolv_conf: std::fs::read_to_string(&config.kubelet.resolv_conf).unwrap_or_default(),
             },
             node_name: config.node_name.clone(),
-        }),
+        })),
         allocatable,
         min_oom_score_adj: std::fs::read_to_string("/proc/self/oom_score_adj")
             .ok()

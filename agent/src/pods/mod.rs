@@ -7,6 +7,7 @@ pub mod plan;
 pub mod resources;
 pub mod restore;
 pub mod service_env;
+pub mod services;
 pub mod spec;
 pub mod state;
 pub mod termination_message;
@@ -21,24 +22,22 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
-use nodelet_cgroups::hierarchy::Hierarchy;
 use nodelet_cgroups::qos::QosClass;
-use nodelet_runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::AgentConfig;
 use crate::events::Recorder;
-use crate::images::ImageManager;
 use crate::sources::SourceEvent;
 use crate::status::{StatusMessage, StatusSender};
+use services::{ContainerRuntime, ImageService, PodCgroups, PodNetwork};
 use state::{Phase, PodState};
 use worker::{Desired, Worker};
 
 /// What every pod worker shares.
 pub struct Ctx {
-    pub runtime: Runtime,
-    pub images: Arc<ImageManager>,
-    pub hierarchy: Hierarchy,
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub images: Arc<dyn ImageService>,
+    pub hierarchy: Arc<dyn PodCgroups>,
     pub config: AgentConfig,
     pub client: Option<kube::Client>,
     pub events: Recorder,
@@ -50,7 +49,7 @@ pub struct Ctx {
     /// Where pod workers save their records.
     pub states: restore::SavedStates,
     /// Pod networking (CNI).
-    pub network: crate::network::Network,
+    pub network: Arc<dyn PodNetwork>,
     /// Pods' volumes.
     pub volumes: crate::volumes::VolumeManager,
     /// The cluster's services, for containers' service variables (with an API server).
@@ -64,9 +63,10 @@ pub struct Ctx {
 
 impl Ctx {
     /// Deletes a container (killing what is left of it) and its root filesystem.
-    pub async fn remove_container(&self, c: &nodelet_runtime::Container) {
-        let _ = self.runtime.delete(c).await;
-        let _ = self.images.rootfs().remove(&c.id);
+    pub async fn remove_container(&self, id: &str) {
+        self.runtime.delete(id).await;
+        let (images, id) = (self.images.clone(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || images.remove_rootfs(&id)).await;
     }
 
     /// Removes a pod's cgroup (killing what is left in it), off the async threads: removal retries while the
@@ -428,7 +428,8 @@ async fn remove_unwanted(ctx: &Ctx, containers: &mut Vec<nodelet_runtime::Contai
     *containers = rest;
     for c in unwanted {
         tracing::info!(container = %c.id, "removing a container no pod wants");
-        ctx.remove_container(&c).await;
+        let id = ctx.runtime.adopt(c);
+        ctx.remove_container(&id).await;
     }
 }
 
@@ -443,5 +444,38 @@ mod tests {
         assert_eq!(panicked, Err("injected: worker 7".to_string()));
         let static_message = supervise(async { std::panic::panic_any("static") }).await;
         assert_eq!(static_message, Err("static".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_panics_is_replaced_and_its_pod_runs() {
+        use services::fake::{self, FakeRuntime, Script};
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(FakeRuntime::default());
+        runtime.script("main", Script::PanicOnce);
+        let (ctx, mut status) = fake::ctx(dir.path(), runtime.clone(), Default::default());
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(PodWorkers::new(ctx, 1).run(rx));
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "default", "uid": "u1"},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        }))
+        .unwrap();
+        tx.send(SourceEvent::Upsert(Box::new(pod))).await.unwrap();
+        let running = async {
+            while let Some(message) = status.recv().await {
+                if let StatusMessage::Update { state, .. } = message
+                    && state.containers.first().is_some_and(|c| c.state.is_running())
+                {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), running).await.expect("the pod runs after the panic");
+        let log = runtime.log();
+        assert_eq!(log.iter().filter(|l| *l == "create main").count(), 2, "{log:?}");
+        assert_eq!(log.iter().filter(|l| *l == "start main").count(), 1, "{log:?}");
+        // The first worker's sandbox was released before the second made its own.
+        let sandboxes: Vec<&String> = log.iter().filter(|l| l.contains("sandbox")).collect();
+        assert_eq!(sandboxes, ["sandbox", "remove sandbox", "sandbox"], "{log:?}");
     }
 }

@@ -1,6 +1,7 @@
 //! Pod fields nodelet does not implement yet. A pod that asks for one never runs weaker than it asked: the
 //! container fails with `CreateContainerConfigError` and a message that names the field, instead of the field
-//! being ignored. (Volumes, probes and lifecycle hooks are their own issues and are not refused here.)
+//! being ignored. (A volume nodelet cannot set up is the volume manager's `FailedMount`; probes and lifecycle
+//! hooks are their own issue and are not refused here.)
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 

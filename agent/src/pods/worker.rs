@@ -12,6 +12,8 @@ mod resize;
 mod start;
 mod take_over;
 mod termination;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Container as ApiContainer, Pod};
-use nodelet_runtime::{Container, ContainerExit, Sandbox, SandboxConfig};
+use nodelet_runtime::{ContainerExit, Sandbox, SandboxConfig};
 use tokio::sync::{mpsc, watch};
 
 use super::plan::{self, Action};
@@ -57,7 +59,6 @@ const VOLUMES: &str = "/volumes";
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
 
 struct Running {
-    container: Container,
     id: String,
     started_at: Timestamp,
     started: Instant,

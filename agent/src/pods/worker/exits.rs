@@ -73,7 +73,7 @@ impl Worker {
             return;
         }
         let Some(running) = self.running.remove(&exit.name) else { return };
-        self.ctx.remove_container(&running.container).await;
+        self.ctx.remove_container(&running.id).await;
         if running.started.elapsed() >= BACKOFF_RESET {
             self.crash_backoff.reset(&exit.name);
         }

@@ -6,11 +6,10 @@ use std::time::Instant;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Container as ApiContainer;
-use nodelet_runtime::{Container, ContainerConfig, ContainerExit, ContainerIo, RuntimeError};
+use nodelet_runtime::{ContainerConfig, ContainerExit, ContainerIo, RuntimeError};
 
 use super::{Desired, Exit, RETRY, Running, Worker};
 use crate::images::PullPolicy;
-use crate::images::pull::Progress;
 use crate::logs;
 use crate::pods::plan;
 use crate::pods::state::ContainerState;
@@ -50,9 +49,8 @@ impl Worker {
         // (the pull goes on in the background and its layers stay for the next user).
         let images = self.ctx.images.clone();
         let image_name = image.clone();
-        let mut pull = tokio::spawn(async move {
-            images.ensure(&image_name, policy, &secrets, &key, Arc::new(Progress::default()), &record_event).await
-        });
+        let mut pull =
+            tokio::spawn(async move { images.ensure(&image_name, policy, &secrets, &key, &record_event).await });
         let pulled = loop {
             tokio::select! {
                 pulled = &mut pull => break pulled,
@@ -108,7 +106,7 @@ impl Worker {
         let config = ContainerConfig { rootfs, ..config };
         let started = self.create_and_start(&config, &c, init, restart).await;
         let message = match started {
-            Ok(container) => {
+            Ok(()) => {
                 let now = Timestamp::now();
                 let record = self.record(init, index);
                 record.new_instance(&id);
@@ -119,11 +117,11 @@ impl Worker {
                 // once it runs.
                 record.started = true;
                 record.ready = !init || plan::is_sidecar(&c);
-                self.watch(c.name.clone(), id, container, now);
+                self.watch(c.name.clone(), id, now);
                 return;
             }
             Err(NotStarted::Create(message)) => {
-                let _ = self.ctx.images.rootfs().remove(&id);
+                self.ctx.images.remove_rootfs(&id);
                 self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {message}"));
                 let record = self.record(init, index);
                 record.state = ContainerState::waiting("CreateContainerError", Some(message));
@@ -132,7 +130,7 @@ impl Worker {
             }
             Err(NotStarted::Start(message)) => message,
         };
-        let _ = self.ctx.images.rootfs().remove(&id);
+        self.ctx.images.remove_rootfs(&id);
         self.record(init, index).new_instance(&id);
         let exit = ContainerExit { code: 128, signal: None, oom_killed: false, status_known: true };
         self.finish(&c.name, &id, exit, None, Some(message), Timestamp::now());
@@ -144,10 +142,10 @@ impl Worker {
         c: &ApiContainer,
         init: bool,
         restart: u32,
-    ) -> Result<Container, NotStarted> {
+    ) -> Result<(), NotStarted> {
         let (io, pipes) = ContainerIo::pipes(config.stdin).map_err(|e| NotStarted::Start(e.to_string()))?;
-        let container = match self.ctx.runtime.create(config, io).await {
-            Ok(container) => container,
+        match self.ctx.runtime.create(config, io).await {
+            Ok(()) => {}
             // The spec could not be made from the image and the pod (a user that does not exist, a hostile
             // /etc/passwd...): nothing ran.
             Err(RuntimeError::Spec(e)) => return Err(NotStarted::Create(e.to_string())),
@@ -163,26 +161,26 @@ impl Worker {
         }
         let path = logs::container_log_path(&self.log_dir, &c.name, restart);
         tokio::spawn(logs::copy_streams(pipes.stdout, pipes.stderr, path, self.log_rotation()));
-        if let Err(e) = self.ctx.runtime.start(&container).await {
-            let _ = self.ctx.runtime.delete(&container).await;
+        if let Err(e) = self.ctx.runtime.start(&config.id).await {
+            self.ctx.runtime.delete(&config.id).await;
             self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
             return Err(NotStarted::Start(e.to_string()));
         }
         self.event(Some((&c.name, init)), false, "Started", &format!("Started container {}", c.name));
-        Ok(container)
+        Ok(())
     }
 
-    fn watch(&mut self, name: String, id: String, container: Container, started_at: Timestamp) {
-        let running = Running { container: container.clone(), id: id.clone(), started_at, started: Instant::now() };
+    fn watch(&mut self, name: String, id: String, started_at: Timestamp) {
+        let running = Running { id: id.clone(), started_at, started: Instant::now() };
         self.running.insert(name.clone(), running);
-        self.watch_exit(name, id, container);
+        self.watch_exit(name, id);
     }
 
     /// Sends the container's exit to this worker when it comes.
-    pub(super) fn watch_exit(&self, name: String, id: String, container: Container) {
+    pub(super) fn watch_exit(&self, name: String, id: String) {
         let (runtime, tx) = (self.ctx.runtime.clone(), self.exits_tx.clone());
         tokio::spawn(async move {
-            let exit = runtime.wait(&container).await;
+            let exit = runtime.wait(&id).await;
             let _ = tx.send(Exit { name, id, exit });
         });
     }
@@ -201,7 +199,7 @@ impl Worker {
     ) -> anyhow::Result<ContainerConfig> {
         let spec = self.pod.spec.clone().unwrap_or_default();
         let sandbox = self.sandbox.as_ref().ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
-        let image = spec::image_config(&self.ctx.images.store().read_blob(&ready.record.config)?)?;
+        let image = spec::image_config(&self.ctx.images.config_blob(ready).map_err(anyhow::Error::msg)?)?;
         let lookup = spec::Lookup {
             client: self.ctx.client.as_ref(),
             namespace: &self.pod_ref.namespace,

@@ -15,11 +15,15 @@ impl Worker {
     /// running (their output is relayed again, their exits watched). A container that died meanwhile is reported
     /// as upstream reports a container it cannot find, and restarted per policy.
     pub(super) async fn take_over(&mut self, inherited: Inherited) {
-        let Inherited { saved, mut containers, sandbox } = inherited;
+        let Inherited { saved, containers, sandbox } = inherited;
+        // A member's PID finds the sandbox's namespaces again; the runtime keeps the handles from here on.
+        let member = containers.values().next().map(|c| c.pid);
+        let mut containers: std::collections::HashSet<String> =
+            containers.into_values().map(|c| self.ctx.runtime.adopt(c)).collect();
         let Some(saved) = saved else {
             // Nothing says what these were: start afresh.
-            for (_, c) in containers {
-                self.ctx.remove_container(&c).await;
+            for id in containers {
+                self.ctx.remove_container(&id).await;
             }
             if let Some(sandbox) = sandbox {
                 self.ctx.remove_sandbox(&sandbox).await;
@@ -36,7 +40,6 @@ impl Worker {
                 }
             }
         }
-        let member = containers.values().next().map(|c| c.pid);
         if let Some(sandbox) = sandbox {
             match sandbox.repair(member) {
                 Ok(sandbox) => {
@@ -72,20 +75,20 @@ impl Worker {
             .collect();
         for (name, id, started_at) in records {
             let mut live = containers.remove(&id);
-            if self.sandbox.is_none()
-                && let Some(c) = live.take()
-            {
+            if self.sandbox.is_none() && live {
                 // Its pod's namespaces are gone: it cannot go on as part of the pod.
-                self.ctx.remove_container(&c).await;
+                self.ctx.remove_container(&id).await;
+                live = false;
             }
-            let Some(container) = live else {
-                let _ = self.ctx.images.rootfs().remove(&id);
+            if !live {
+                let (images, gone) = (self.ctx.images.clone(), id.clone());
+                let _ = tokio::task::spawn_blocking(move || images.remove_rootfs(&gone)).await;
                 let exit = ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false };
                 let message = "The container could not be located when the pod was terminated".to_string();
                 self.finish(&name, &id, exit, Some(started_at), Some(message), now);
                 continue;
-            };
-            match self.ctx.runtime.reopen_output(&container) {
+            }
+            match self.ctx.runtime.reopen_output(&id) {
                 Some((stdout, stderr)) => {
                     let restart = id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
                     let path = logs::container_log_path(&self.log_dir, &name, restart);
@@ -95,13 +98,12 @@ impl Worker {
             }
             let ran = Duration::try_from(now.duration_since(started_at)).unwrap_or_default();
             let started = Instant::now().checked_sub(ran).unwrap_or_else(Instant::now);
-            self.running
-                .insert(name.clone(), Running { container: container.clone(), id: id.clone(), started_at, started });
-            self.watch_exit(name, id, container);
+            self.running.insert(name.clone(), Running { id: id.clone(), started_at, started });
+            self.watch_exit(name, id);
         }
         // Containers no record claims (created just before the crash): not ours to guess about.
-        for (_, c) in containers {
-            self.ctx.remove_container(&c).await;
+        for id in containers {
+            self.ctx.remove_container(&id).await;
         }
     }
 }

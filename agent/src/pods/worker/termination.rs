@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use nix::sys::signal::Signal;
 use tokio::task::JoinSet;
 
 use super::exits::terminated;
@@ -75,11 +74,11 @@ impl Worker {
             let init = self.state.init.iter().any(|c| c.name == name);
             self.event(Some((&name, init)), false, "Killing", &format!("Stopping container {name}"));
             let (ctx, grace) = (self.ctx.clone(), deadline.saturating_duration_since(Instant::now()));
-            stopping.push(running.container.clone());
+            stopping.push(running.id.clone());
             stops.spawn(async move {
-                let exit = ctx.runtime.stop(&running.container, grace).await;
+                let exit = ctx.runtime.stop(&running.id, grace).await;
                 tracing::debug!(container = %running.id, ?exit, "stopped");
-                ctx.remove_container(&running.container).await;
+                ctx.remove_container(&running.id).await;
                 (name, running, exit)
             });
         }
@@ -112,12 +111,12 @@ impl Worker {
     }
 
     /// SIGKILLs the containers at `at` (those already gone ignore it).
-    fn kill_at(&self, containers: &[nodelet_runtime::Container], at: Instant) {
+    fn kill_at(&self, containers: &[String], at: Instant) {
         let (runtime, containers) = (self.ctx.runtime.clone(), containers.to_vec());
         tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
             for c in &containers {
-                let _ = runtime.signal(c, Signal::SIGKILL);
+                runtime.kill(c);
             }
         });
     }

@@ -1,0 +1,307 @@
+//! What a pod worker asks of the node, behind small traits: the container runtime, the image service, the pod
+//! network and the pod cgroups. The agent plugs in the real ones (below); unit tests plug in the in-memory fakes
+//! of [`fake`], so that the worker's executor (start order, restarts and back-off, termination order, spec
+//! changes, failures) is tested without root. Containers are named by ID: the real runtime keeps their handles.
+
+#[cfg(test)]
+pub mod fake;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use nix::sys::signal::Signal;
+use nodelet_cgroups::hierarchy::Hierarchy;
+use nodelet_cgroups::qos::{PodLimits, QosClass};
+use nodelet_runtime::{
+    Container, ContainerConfig, ContainerExit, ContainerIo, Mount, Runtime, RuntimeError, Sandbox, SandboxConfig,
+};
+
+use crate::images::pull::Progress;
+use crate::images::{ImageEvent, ImageFailure, ImageManager, PullPolicy, ReadyImage};
+
+/// A boxed future (the traits are used as trait objects).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The container runtime: sandboxes and containers.
+pub trait ContainerRuntime: Send + Sync {
+    fn create_sandbox<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, Result<Sandbox, RuntimeError>>;
+    fn remove_sandbox<'a>(&'a self, sandbox: &'a Sandbox) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    fn list_sandboxes(&self) -> Vec<Sandbox>;
+    /// Creates a container (not started yet) whose output goes to `io`.
+    fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    /// The container's exit, once it comes.
+    fn wait<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ContainerExit>;
+    /// SIGTERM, then SIGKILL after `grace`; the exit.
+    fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, ContainerExit>;
+    fn kill(&self, id: &str);
+    /// Deletes the container (killing what is left of it).
+    fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
+    /// Takes over a container of the previous agent process; its ID.
+    fn adopt(&self, container: Container) -> String;
+    /// The live containers whose IDs start with `prefix` (adopted).
+    fn list_matching<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>>;
+    /// An adopted container's stdout and stderr, to relay them again.
+    fn reopen_output(&self, id: &str) -> Option<(File, File)>;
+}
+
+/// The image service: images present per pull policy, and containers' root filesystems on them.
+pub trait ImageService: Send + Sync {
+    fn ensure<'a>(
+        &'a self,
+        image: &'a str,
+        policy: PullPolicy,
+        pull_secrets: &'a [Vec<u8>],
+        backoff_key: &'a str,
+        event: &'a (dyn Fn(ImageEvent) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ReadyImage, ImageFailure>>;
+    /// The image's config blob (its process defaults).
+    fn config_blob(&self, image: &ReadyImage) -> Result<Vec<u8>, String>;
+    /// Mounts the container's root filesystem (blocking).
+    fn prepare_rootfs(&self, id: &str, image: &ReadyImage) -> Result<PathBuf, String>;
+    fn remove_rootfs(&self, id: &str);
+}
+
+/// The pod network and the pod's name files (resolv.conf, hosts, hostname).
+pub trait PodNetwork: Send + Sync {
+    /// Attaches the sandbox's network namespace; the pod's IPs.
+    fn attach<'a>(
+        &'a self,
+        pod: &'a Pod,
+        sandbox: &'a str,
+        netns: &'a Path,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>>;
+    fn detach<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    fn check<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    fn ips(&self, sandbox: &str) -> Vec<String>;
+    /// Sandboxes with an attachment.
+    fn attached(&self) -> Vec<String>;
+    /// Writes the pod's name files; their bind mounts.
+    fn write_files(&self, pod: &Pod, uid: &str, ips: &[String]) -> Result<Vec<Mount>, String>;
+    fn file_mounts(&self, uid: &str) -> Vec<Mount>;
+    fn remove_files(&self, uid: &str);
+}
+
+/// Pod-level cgroups (blocking calls).
+pub trait PodCgroups: Send + Sync {
+    fn ensure_pod(&self, qos: QosClass, uid: &str, limits: &PodLimits, pids: Option<u64>) -> io::Result<()>;
+    fn remove_pod(&self, qos: QosClass, uid: &str, timeout: Duration) -> io::Result<()>;
+    /// A container's cpu and memory, by its cgroup path relative to the hierarchy.
+    fn update_cpu_memory(&self, rel: &str, shares: u64, quota: Option<u64>, memory: Option<u64>) -> io::Result<()>;
+    fn update_burstable(&self, cpu_request_millis: u64) -> io::Result<()>;
+}
+
+/// The embedded runtime, with the handles of the containers it runs for the pod workers.
+pub struct RealRuntime {
+    runtime: Runtime,
+    live: Mutex<HashMap<String, Container>>,
+}
+
+impl RealRuntime {
+    pub fn new(runtime: Runtime) -> RealRuntime {
+        RealRuntime { runtime, live: Mutex::new(HashMap::new()) }
+    }
+
+    /// A live container's handle (for exec and attach).
+    pub fn container(&self, id: &str) -> Option<Container> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    fn keep(&self, c: Container) -> String {
+        let id = c.id.clone();
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), c);
+        id
+    }
+}
+
+/// The exit reported for a container the runtime does not know.
+fn unknown_exit() -> ContainerExit {
+    ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false }
+}
+
+impl ContainerRuntime for RealRuntime {
+    fn create_sandbox<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, Result<Sandbox, RuntimeError>> {
+        Box::pin(self.runtime.create_sandbox(config))
+    }
+
+    fn remove_sandbox<'a>(&'a self, sandbox: &'a Sandbox) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(self.runtime.remove_sandbox(sandbox))
+    }
+
+    fn list_sandboxes(&self) -> Vec<Sandbox> {
+        self.runtime.list_sandboxes()
+    }
+
+    fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let c = self.runtime.create(config, io).await?;
+            self.keep(c);
+            Ok(())
+        })
+    }
+
+    fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let c = self
+                .container(id)
+                .ok_or_else(|| RuntimeError::Start { id: id.into(), message: "unknown container".into() })?;
+            self.runtime.start(&c).await
+        })
+    }
+
+    fn wait<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ContainerExit> {
+        Box::pin(async move {
+            match self.container(id) {
+                Some(c) => self.runtime.wait(&c).await,
+                None => unknown_exit(),
+            }
+        })
+    }
+
+    fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, ContainerExit> {
+        Box::pin(async move {
+            match self.container(id) {
+                Some(c) => self.runtime.stop(&c, grace).await,
+                None => unknown_exit(),
+            }
+        })
+    }
+
+    fn kill(&self, id: &str) {
+        if let Some(c) = self.container(id) {
+            let _ = self.runtime.signal(&c, Signal::SIGKILL);
+        }
+    }
+
+    fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(c) = self.container(id) else { return };
+            if let Err(e) = self.runtime.delete(&c).await {
+                tracing::warn!(container = %id, error = %e, "deleting a container");
+            }
+            self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        })
+    }
+
+    fn adopt(&self, container: Container) -> String {
+        self.keep(container)
+    }
+
+    fn list_matching<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let known: Vec<String> = {
+                let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+                live.keys().filter(|id| id.starts_with(prefix)).cloned().collect()
+            };
+            let found = self.runtime.list_matching(prefix).await;
+            let mut ids: Vec<String> =
+                found.into_iter().filter(|c| !known.contains(&c.id)).map(|c| self.keep(c)).collect();
+            ids.extend(known);
+            ids
+        })
+    }
+
+    fn reopen_output(&self, id: &str) -> Option<(File, File)> {
+        self.runtime.reopen_output(&self.container(id)?)
+    }
+}
+
+impl ImageService for ImageManager {
+    fn ensure<'a>(
+        &'a self,
+        image: &'a str,
+        policy: PullPolicy,
+        pull_secrets: &'a [Vec<u8>],
+        backoff_key: &'a str,
+        event: &'a (dyn Fn(ImageEvent) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ReadyImage, ImageFailure>> {
+        Box::pin(ImageManager::ensure(
+            self,
+            image,
+            policy,
+            pull_secrets,
+            backoff_key,
+            Arc::new(Progress::default()),
+            event,
+        ))
+    }
+
+    fn config_blob(&self, image: &ReadyImage) -> Result<Vec<u8>, String> {
+        self.store().read_blob(&image.record.config).map_err(|e| e.to_string())
+    }
+
+    fn prepare_rootfs(&self, id: &str, image: &ReadyImage) -> Result<PathBuf, String> {
+        ImageManager::prepare_rootfs(self, id, image).map_err(|e| e.to_string())
+    }
+
+    fn remove_rootfs(&self, id: &str) {
+        if let Err(e) = self.rootfs().remove(id) {
+            tracing::warn!(container = %id, error = %e, "removing a container's root filesystem");
+        }
+    }
+}
+
+impl PodNetwork for crate::network::Network {
+    fn attach<'a>(
+        &'a self,
+        pod: &'a Pod,
+        sandbox: &'a str,
+        netns: &'a Path,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(
+            async move { crate::network::Network::attach(self, pod, sandbox, netns).await.map_err(|e| e.to_string()) },
+        )
+    }
+
+    fn detach<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { crate::network::Network::detach(self, sandbox).await.map_err(|e| e.to_string()) })
+    }
+
+    fn check<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { crate::network::Network::check(self, sandbox).await.map_err(|e| e.to_string()) })
+    }
+
+    fn ips(&self, sandbox: &str) -> Vec<String> {
+        crate::network::Network::ips(self, sandbox)
+    }
+
+    fn attached(&self) -> Vec<String> {
+        crate::network::Network::attached(self)
+    }
+
+    fn write_files(&self, pod: &Pod, uid: &str, ips: &[String]) -> Result<Vec<Mount>, String> {
+        crate::network::Network::write_files(self, pod, uid, ips)
+    }
+
+    fn file_mounts(&self, uid: &str) -> Vec<Mount> {
+        crate::network::Network::file_mounts(self, uid)
+    }
+
+    fn remove_files(&self, uid: &str) {
+        crate::network::Network::remove_files(self, uid)
+    }
+}
+
+impl PodCgroups for Hierarchy {
+    fn ensure_pod(&self, qos: QosClass, uid: &str, limits: &PodLimits, pids: Option<u64>) -> io::Result<()> {
+        Hierarchy::ensure_pod(self, qos, uid, limits, pids).map(drop)
+    }
+
+    fn remove_pod(&self, qos: QosClass, uid: &str, timeout: Duration) -> io::Result<()> {
+        Hierarchy::remove_pod(self, qos, uid, timeout)
+    }
+
+    fn update_cpu_memory(&self, rel: &str, shares: u64, quota: Option<u64>, memory: Option<u64>) -> io::Result<()> {
+        Hierarchy::update_cpu_memory(self, rel, shares, quota, memory)
+    }
+
+    fn update_burstable(&self, cpu_request_millis: u64) -> io::Result<()> {
+        Hierarchy::update_burstable(self, cpu_request_millis)
+    }
+}

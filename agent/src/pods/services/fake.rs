@@ -1,0 +1,359 @@
+//! In-memory fakes of the node's services, for the pod worker's unit tests: no process, mount, cgroup or
+//! network is touched. The fake runtime records what it was asked (`create main`, `stop proxy`...), and a test
+//! scripts containers by name: exit right after start with a code, fail to be created or started, or exit when
+//! told to.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use nodelet_cgroups::qos::{PodLimits, QosClass};
+use nodelet_runtime::{
+    Container, ContainerConfig, ContainerExit, ContainerIo, Mount, RuntimeError, Sandbox, SandboxConfig, SpecError,
+};
+use tokio::sync::{mpsc, watch};
+
+use super::{BoxFuture, ContainerRuntime, ImageService, PodCgroups, PodNetwork};
+use crate::images::digest::Digest;
+use crate::images::store::ImageRecord;
+use crate::images::{ImageEvent, ImageFailure, PullPolicy, ReadyImage};
+
+/// How a scripted container behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Script {
+    /// Exits with this code as soon as it started.
+    ExitAtStart(i32),
+    /// Its spec cannot be made (a `CreateContainerError`).
+    FailCreate,
+    /// The runtime fails to start it (`StartError`).
+    FailStart,
+    /// Its first create panics (a bug in the worker's path), later ones succeed.
+    PanicOnce,
+}
+
+#[derive(Default)]
+struct State {
+    log: Vec<String>,
+    exits: HashMap<String, watch::Sender<Option<ContainerExit>>>,
+    scripts: HashMap<String, Script>,
+    sandboxes: HashMap<String, Sandbox>,
+    /// The command line of the latest create, by container name.
+    commands: HashMap<String, Vec<String>>,
+}
+
+/// Everything a pod worker needs, on fakes (standalone: no API server), with files under `root`; the status
+/// manager's inbox.
+pub fn ctx(
+    root: &Path,
+    runtime: Arc<FakeRuntime>,
+    images: Arc<FakeImages>,
+) -> (Arc<crate::pods::Ctx>, mpsc::UnboundedReceiver<crate::status::StatusMessage>) {
+    let (status_tx, status) = mpsc::unbounded_channel();
+    let config = crate::config::AgentConfig {
+        kubeconfig: None,
+        node_name: "node".into(),
+        node_ip: "10.0.0.1".into(),
+        root_dir: root.to_path_buf(),
+        log_dir: root.join("logs"),
+        pod_manifest_path: None,
+        node_labels: Vec::new(),
+        register_with_taints: Vec::new(),
+        insecure_registries: Vec::new(),
+        image_credentials: None,
+        cni_conf_dir: root.join("net.d"),
+        cni_bin_dirs: Vec::new(),
+        kubelet: crate::config::KubeletConfiguration::default(),
+    };
+    let ctx = crate::pods::Ctx {
+        runtime,
+        images,
+        hierarchy: Arc::new(FakeCgroups),
+        config,
+        client: None,
+        events: crate::events::Recorder::new(None, "node".into()),
+        status: status_tx,
+        view: Default::default(),
+        leftovers: Default::default(),
+        states: crate::pods::restore::SavedStates::new(root),
+        volumes: crate::volumes::VolumeManager::new(root, None, Default::default()),
+        network: Arc::new(FakeNetwork),
+        services: None,
+        allocatable: (2000, 4 << 30),
+        min_oom_score_adj: 0,
+    };
+    (Arc::new(ctx), status)
+}
+
+/// The container name in an instance ID (`<uid>-<name>-<n>`; test pod UIDs have no `-`).
+pub fn name_of(id: &str) -> &str {
+    let rest = id.split_once('-').map_or(id, |(_, r)| r);
+    rest.rsplit_once('-').map_or(rest, |(n, _)| n)
+}
+
+/// The fake container runtime.
+#[derive(Default)]
+pub struct FakeRuntime {
+    state: Mutex<State>,
+}
+
+impl FakeRuntime {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn script(&self, name: &str, script: Script) {
+        self.lock().scripts.insert(name.to_string(), script);
+    }
+
+    /// What was asked, in order (`create x`, `start x`, `stop x`, `delete x`, `sandbox`, `remove sandbox`).
+    pub fn log(&self) -> Vec<String> {
+        self.lock().log.clone()
+    }
+
+    /// The command line the latest instance of `name` was created with.
+    pub fn command(&self, name: &str) -> Option<Vec<String>> {
+        self.lock().commands.get(name).cloned()
+    }
+
+    /// Makes the running instance of `name` exit with `code`.
+    pub fn exit(&self, name: &str, code: i32) {
+        let state = self.lock();
+        for (id, tx) in &state.exits {
+            if name_of(id) == name && tx.borrow().is_none() {
+                tx.send_replace(Some(ContainerExit { code, signal: None, oom_killed: false, status_known: true }));
+            }
+        }
+    }
+
+    fn end(&self, id: &str, code: i32, signal: Option<i32>) -> ContainerExit {
+        let state = self.lock();
+        let Some(tx) = state.exits.get(id) else {
+            return ContainerExit { code, signal, oom_killed: false, status_known: true };
+        };
+        if tx.borrow().is_none() {
+            tx.send_replace(Some(ContainerExit { code, signal, oom_killed: false, status_known: true }));
+        }
+        (*tx.borrow()).unwrap_or(ContainerExit { code, signal, oom_killed: false, status_known: true })
+    }
+}
+
+impl ContainerRuntime for FakeRuntime {
+    fn create_sandbox<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, Result<Sandbox, RuntimeError>> {
+        let dir = PathBuf::from("/nonexistent/sandboxes").join(&config.id);
+        let sandbox =
+            Sandbox { id: config.id.clone(), net: Some(dir.join("net")), dir, ipc: None, uts: None, pid: None };
+        let mut state = self.lock();
+        state.log.push("sandbox".into());
+        state.sandboxes.insert(config.id.clone(), sandbox.clone());
+        Box::pin(async move { Ok(sandbox) })
+    }
+
+    fn remove_sandbox<'a>(&'a self, sandbox: &'a Sandbox) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        let mut state = self.lock();
+        state.log.push("remove sandbox".into());
+        state.sandboxes.remove(&sandbox.id);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn list_sandboxes(&self) -> Vec<Sandbox> {
+        self.lock().sandboxes.values().cloned().collect()
+    }
+
+    fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        drop(io); // nothing writes: the agent's log copier sees the end at once
+        let name = name_of(&config.id).to_string();
+        let mut state = self.lock();
+        state.log.push(format!("create {name}"));
+        match state.scripts.get(&name) {
+            Some(Script::FailCreate) => return Box::pin(async { Err(RuntimeError::Spec(SpecError::NoCommand)) }),
+            Some(Script::PanicOnce) => {
+                state.scripts.remove(&name);
+                drop(state);
+                panic!("injected: creating {name}");
+            }
+            _ => {}
+        }
+        state.commands.insert(name, config.command.iter().chain(&config.args).cloned().collect());
+        state.exits.insert(config.id.clone(), watch::channel(None).0);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        let name = name_of(id).to_string();
+        let script = {
+            let mut state = self.lock();
+            state.log.push(format!("start {name}"));
+            state.scripts.get(&name).copied()
+        };
+        match script {
+            Some(Script::FailStart) => {
+                return Box::pin(async move {
+                    Err(RuntimeError::Start { id: id.into(), message: "exec: no such file".into() })
+                });
+            }
+            Some(Script::ExitAtStart(code)) => {
+                self.end(id, code, None);
+            }
+            _ => {}
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn wait<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ContainerExit> {
+        let rx = self.lock().exits.get(id).map(|tx| tx.subscribe());
+        Box::pin(async move {
+            let unknown = ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false };
+            let Some(mut rx) = rx else { return unknown };
+            match rx.wait_for(Option::is_some).await {
+                Ok(exit) => (*exit).unwrap_or(unknown),
+                Err(_) => unknown,
+            }
+        })
+    }
+
+    fn stop<'a>(&'a self, id: &'a str, _grace: Duration) -> BoxFuture<'a, ContainerExit> {
+        self.lock().log.push(format!("stop {}", name_of(id)));
+        let exit = self.end(id, 143, Some(15));
+        Box::pin(async move { exit })
+    }
+
+    fn kill(&self, id: &str) {
+        self.end(id, 137, Some(9));
+    }
+
+    fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+        let mut state = self.lock();
+        state.log.push(format!("delete {}", name_of(id)));
+        if let Some(tx) = state.exits.remove(id)
+            && tx.borrow().is_none()
+        {
+            tx.send_replace(Some(ContainerExit { code: 137, signal: Some(9), oom_killed: false, status_known: true }));
+        }
+        Box::pin(async {})
+    }
+
+    fn adopt(&self, container: Container) -> String {
+        container.id
+    }
+
+    fn list_matching<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>> {
+        let ids = self.lock().exits.keys().filter(|id| id.starts_with(prefix)).cloned().collect();
+        Box::pin(async move { ids })
+    }
+
+    fn reopen_output(&self, _: &str) -> Option<(File, File)> {
+        None
+    }
+}
+
+/// Images that are always present (or, for names in `missing`, never pullable).
+#[derive(Default)]
+pub struct FakeImages {
+    pub missing: Mutex<Vec<String>>,
+}
+
+impl ImageService for FakeImages {
+    fn ensure<'a>(
+        &'a self,
+        image: &'a str,
+        _: PullPolicy,
+        _: &'a [Vec<u8>],
+        _: &'a str,
+        _: &'a (dyn Fn(ImageEvent) + Send + Sync),
+    ) -> BoxFuture<'a, Result<ReadyImage, ImageFailure>> {
+        let missing = self.missing.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|m| m == image);
+        Box::pin(async move {
+            if missing {
+                return Err(ImageFailure {
+                    reason: "ErrImagePull",
+                    message: format!("failed to pull image {image:?}"),
+                });
+            }
+            let digest = Digest::parse(&format!("sha256:{}", "0".repeat(64)))
+                .map_err(|e| ImageFailure { reason: "ErrImagePull", message: e.to_string() })?;
+            let record = ImageRecord {
+                manifest: digest.clone(),
+                config: digest.clone(),
+                layers: Vec::new(),
+                names: vec![image.to_string()],
+                repo_digests: Vec::new(),
+                size: 0,
+                pulled_at: 0,
+                last_used: 0,
+            };
+            Ok(ReadyImage { record, image: image.to_string(), image_id: format!("{image}@{}", digest.as_str()) })
+        })
+    }
+
+    fn config_blob(&self, _: &ReadyImage) -> Result<Vec<u8>, String> {
+        Ok(br#"{"config": {"Cmd": ["sh"]}}"#.to_vec())
+    }
+
+    fn prepare_rootfs(&self, id: &str, _: &ReadyImage) -> Result<PathBuf, String> {
+        Ok(PathBuf::from("/nonexistent/rootfs").join(id))
+    }
+
+    fn remove_rootfs(&self, _: &str) {}
+}
+
+/// A network that gives every pod 10.88.0.5.
+#[derive(Default)]
+pub struct FakeNetwork;
+
+impl PodNetwork for FakeNetwork {
+    fn attach<'a>(&'a self, _: &'a Pod, _: &'a str, _: &'a Path) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async { Ok(vec!["10.88.0.5".to_string()]) })
+    }
+
+    fn detach<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn check<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn ips(&self, _: &str) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn attached(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn write_files(&self, _: &Pod, _: &str, _: &[String]) -> Result<Vec<Mount>, String> {
+        Ok(Vec::new())
+    }
+
+    fn file_mounts(&self, _: &str) -> Vec<Mount> {
+        Vec::new()
+    }
+
+    fn remove_files(&self, _: &str) {}
+}
+
+/// Cgroups that accept everything.
+#[derive(Default)]
+pub struct FakeCgroups;
+
+impl PodCgroups for FakeCgroups {
+    fn ensure_pod(&self, _: QosClass, _: &str, _: &PodLimits, _: Option<u64>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn remove_pod(&self, _: QosClass, _: &str, _: Duration) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn update_cpu_memory(&self, _: &str, _: u64, _: Option<u64>, _: Option<u64>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn update_burstable(&self, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The pod worker's executor on the in-memory fakes (`pods::services::fake`): what it asks of the runtime and in
+//! which order, and the states it reports, without root.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::{mpsc, watch};
+
+use super::{Desired, Worker};
+use crate::pods::restore::Inherited;
+use crate::pods::services::fake::{self, FakeImages, FakeRuntime, Script};
+use crate::pods::state::{ContainerRecord, ContainerState, Phase, PodState};
+use crate::status::StatusMessage;
+
+struct Harness {
+    runtime: Arc<FakeRuntime>,
+    status: mpsc::UnboundedReceiver<StatusMessage>,
+    desired: watch::Sender<Desired>,
+    pod: Pod,
+    worker: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+fn pod(yaml: &str) -> Pod {
+    let mut pod: Pod = serde_yaml::from_str(yaml).expect("test pod");
+    pod.metadata.namespace = Some("default".into());
+    pod.metadata.uid = Some("u1".into());
+    for c in pod.spec.iter_mut().flat_map(|s| s.containers.iter_mut().chain(s.init_containers.iter_mut().flatten())) {
+        c.image.get_or_insert_with(|| "busybox".into());
+    }
+    pod
+}
+
+impl Harness {
+    /// A worker for `pod` on fakes; `script` runs before it starts.
+    fn start(pod: Pod, script: impl FnOnce(&FakeRuntime, &FakeImages)) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let runtime = Arc::new(FakeRuntime::default());
+        let images = Arc::new(FakeImages::default());
+        script(&runtime, &images);
+        let (ctx, status) = fake::ctx(&root, runtime.clone(), images.clone());
+        let (desired, rx) = watch::channel(Desired::Pod(Arc::new(pod.clone())));
+        let inherited = Inherited { saved: None, containers: Default::default(), sandbox: None };
+        let worker = Worker::new(ctx, pod.clone(), rx, inherited, Arc::new(AtomicBool::new(false)));
+        let worker = Some(tokio::spawn(worker.run()));
+        Harness { runtime, status, desired, pod, worker, _dir: dir }
+    }
+
+    /// The first reported state that satisfies `f` (within 10 s).
+    async fn until(&mut self, what: &str, f: impl Fn(&PodState) -> bool) -> PodState {
+        let wait = async {
+            while let Some(message) = self.status.recv().await {
+                if let StatusMessage::Update { state, .. } = message
+                    && f(&state)
+                {
+                    return Some(*state);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(Duration::from_secs(10), wait).await {
+            Ok(Some(state)) => state,
+            _ => panic!("never reported: {what}; the runtime was asked: {:?}", self.runtime.log()),
+        }
+    }
+
+    /// Sends the pod with a deletion timestamp and waits until the worker is done.
+    async fn delete(&mut self) {
+        let mut deleted = self.pod.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        deleted.metadata.deletion_grace_period_seconds = Some(1);
+        self.desired.send_replace(Desired::Pod(Arc::new(deleted)));
+        let worker = self.worker.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(10), worker).await.expect("the worker ended").expect("no panic");
+    }
+}
+
+fn app<'a>(s: &'a PodState, name: &str) -> &'a ContainerRecord {
+    s.containers.iter().chain(&s.init).find(|c| c.name == name).expect("container record")
+}
+
+fn waiting_reason(c: &ContainerRecord) -> Option<&str> {
+    match &c.state {
+        ContainerState::Waiting { reason, .. } => Some(reason),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn init_containers_run_one_at_a_time_then_the_app() {
+    let p = pod("metadata: {name: p}
+spec:
+  restartPolicy: Never
+  initContainers: [{name: a}, {name: b}]
+  containers: [{name: main}]");
+    let mut h = Harness::start(p, |rt, _| {
+        for name in ["a", "b", "main"] {
+            rt.script(name, Script::ExitAtStart(0));
+        }
+    });
+    let done = h.until("Succeeded", |s| s.phase == Phase::Succeeded).await;
+    assert!(done.initialized);
+    let creates: Vec<String> = h.runtime.log().into_iter().filter(|l| l.starts_with("create")).collect();
+    assert_eq!(creates, ["create a", "create b", "create main"]);
+    let log = h.runtime.log();
+    let pos = |what: &str| log.iter().position(|l| l == what).expect(what);
+    assert!(pos("sandbox") < pos("create a"), "the sandbox first: {log:?}");
+    assert!(pos("start a") < pos("create b"), "b waits for a: {log:?}");
+}
+
+#[tokio::test]
+async fn a_failed_init_container_fails_a_never_pod() {
+    let p = pod("metadata: {name: p}
+spec:
+  restartPolicy: Never
+  initContainers: [{name: a}]
+  containers: [{name: main}]");
+    let mut h = Harness::start(p, |rt, _| rt.script("a", Script::ExitAtStart(2)));
+    let failed = h.until("Failed", |s| s.phase == Phase::Failed).await;
+    assert!(
+        matches!(app(&failed, "a").state, ContainerState::Terminated { exit_code: 2, ref reason, .. } if reason == "Error")
+    );
+    assert!(!h.runtime.log().contains(&"create main".to_string()), "{:?}", h.runtime.log());
+}
+
+#[tokio::test]
+async fn a_crashing_container_backs_off_before_it_restarts() {
+    let p = pod("metadata: {name: p}\nspec:\n  containers: [{name: main}]");
+    let mut h = Harness::start(p, |rt, _| rt.script("main", Script::ExitAtStart(1)));
+    let backing_off = h.until("CrashLoopBackOff", |s| waiting_reason(app(s, "main")) == Some("CrashLoopBackOff")).await;
+    let main = app(&backing_off, "main");
+    let ContainerState::Waiting { message, .. } = &main.state else { unreachable!() };
+    assert_eq!(message.as_deref(), Some("back-off 10s restarting failed container=main pod=p_default(u1)"));
+    assert!(matches!(main.last_state, Some(ContainerState::Terminated { exit_code: 1, .. })), "{main:?}");
+    assert_eq!(backing_off.phase, Phase::Running);
+    // As upstream: the first restart at once, the next after the back-off (10 s, then doubling).
+    assert_eq!(main.restart_count, 1, "{main:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let starts = h.runtime.log().iter().filter(|l| *l == "start main").count();
+    assert_eq!(starts, 2, "{:?}", h.runtime.log());
+    h.delete().await;
+}
+
+#[tokio::test]
+async fn deletion_stops_the_app_containers_before_the_sidecars() {
+    let p = pod("metadata: {name: p}
+spec:
+  initContainers: [{name: proxy, restartPolicy: Always}]
+  containers: [{name: a}, {name: b}]");
+    let mut h = Harness::start(p, |_, _| {});
+    h.until("all running", |s| s.containers.iter().chain(&s.init).all(|c| c.state.is_running())).await;
+    let log = h.runtime.log();
+    let pos = |log: &[String], what: &str| log.iter().position(|l| l == what).expect(what);
+    assert!(pos(&log, "start proxy") < pos(&log, "create a"), "the sidecar first: {log:?}");
+    h.delete().await;
+    let log = h.runtime.log();
+    assert!(pos(&log, "stop a") < pos(&log, "stop proxy") && pos(&log, "stop b") < pos(&log, "stop proxy"), "{log:?}");
+    assert!(pos(&log, "stop proxy") < pos(&log, "remove sandbox"), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_changed_spec_restarts_the_container_with_it() {
+    let p = pod("metadata: {name: p}\nspec:\n  containers: [{name: main, command: [sleep, '1']}]");
+    let mut h = Harness::start(p.clone(), |_, _| {});
+    h.until("running", |s| app(s, "main").state.is_running()).await;
+    let mut changed = p;
+    changed.spec.as_mut().expect("spec").containers[0].command = Some(vec!["sleep".into(), "2".into()]);
+    h.pod = changed.clone();
+    h.desired.send_replace(Desired::Pod(Arc::new(changed)));
+    let restarted =
+        h.until("restarted", |s| app(s, "main").restart_count == 1 && app(s, "main").state.is_running()).await;
+    assert!(app(&restarted, "main").container_id.as_deref().is_some_and(|id| id.ends_with("-1")));
+    assert_eq!(h.runtime.command("main"), Some(vec!["sleep".to_string(), "2".to_string()]));
+    let log = h.runtime.log();
+    assert_eq!(log.iter().filter(|l| *l == "stop main").count(), 1, "{log:?}");
+    h.delete().await;
+}
+
+#[tokio::test]
+async fn failures_to_create_pull_or_start_are_reported_as_upstream() {
+    let p = pod("metadata: {name: p}
+spec:
+  restartPolicy: Never
+  containers: [{name: spec}, {name: start}, {name: pull, image: missing}]");
+    let mut h = Harness::start(p, |rt, images| {
+        rt.script("spec", Script::FailCreate);
+        rt.script("start", Script::FailStart);
+        images.missing.lock().unwrap_or_else(|e| e.into_inner()).push("missing".into());
+    });
+    let s = h
+        .until("all three failures", |s| {
+            waiting_reason(app(s, "spec")) == Some("CreateContainerError")
+                && waiting_reason(app(s, "pull")) == Some("ErrImagePull")
+                && matches!(app(s, "start").state, ContainerState::Terminated { .. })
+        })
+        .await;
+    let ContainerState::Terminated { exit_code, reason, message, .. } = &app(&s, "start").state else { unreachable!() };
+    assert_eq!((*exit_code, reason.as_str()), (128, "StartError"));
+    assert!(message.as_deref().is_some_and(|m| m.contains("no such file")), "{message:?}");
+    h.delete().await;
+}
+
+#[tokio::test]
+async fn no_container_starts_before_the_volumes_are_set_up() {
+    // Standalone (no API server): a required ConfigMap cannot be found.
+    let p = pod("metadata: {name: p}
+spec:
+  containers: [{name: main, volumeMounts: [{name: c, mountPath: /c}]}]
+  volumes: [{name: c, configMap: {name: app}}]");
+    let mut h = Harness::start(p, |_, _| {});
+    let s = h.until("ContainerCreating", |s| waiting_reason(app(s, "main")) == Some("ContainerCreating")).await;
+    assert_eq!(s.phase, Phase::Pending);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.runtime.log().is_empty(), "nothing runs without its volumes: {:?}", h.runtime.log());
+    h.delete().await;
+}
