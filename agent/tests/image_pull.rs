@@ -1,6 +1,7 @@
 //! The image service against real registries (Debian's docker-registry on loopback): manifest formats, auth,
 //! tampered blobs, pull policies and reasons, shared downloads, overlay rootfs with whiteouts, crash recovery
 //! and GC.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! Layer unpacking: hostile layers are rejected and write nothing outside the layer directory; well-formed
 //! layers keep ownership, modes, xattrs, links and devices; whiteouts and opaque directories work through a
 //! real overlay mount of a two-layer image.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
