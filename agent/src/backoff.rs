@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// Past this many keys, those quiet long enough to have expired are dropped.
+const GC_AT: usize = 256;
+
 /// Back-off state for many keys (e.g. `<pod uid>_<image>`).
 #[derive(Debug)]
 pub struct Backoff {
@@ -32,6 +35,10 @@ impl Backoff {
     /// key has been quiet for twice the maximum.
     pub fn next(&mut self, key: &str, now: Instant) {
         let (initial, max) = (self.initial, self.max);
+        if self.entries.len() >= GC_AT {
+            // Keys of pods long gone: quiet for twice the maximum, they would start over anyway (upstream's GC).
+            self.entries.retain(|_, e| now.saturating_duration_since(e.last_update) <= max * 2);
+        }
         let entry = self.entries.entry(key.to_owned()).or_insert(Entry { delay: Duration::ZERO, last_update: now });
         let expired = now.saturating_duration_since(entry.last_update) > max * 2;
         entry.delay = if entry.delay.is_zero() || expired { initial } else { (entry.delay * 2).min(max) };
@@ -76,5 +83,16 @@ mod tests {
         assert_eq!(b.delay("k"), Duration::from_secs(10));
         b.reset("k");
         assert_eq!(b.delay("k"), Duration::ZERO);
+    }
+
+    #[test]
+    fn keys_of_gone_pods_do_not_pile_up() {
+        let mut b = Backoff::image_pull();
+        let t0 = Instant::now();
+        for i in 0..10 * GC_AT {
+            b.next(&format!("pod-{i}_image"), t0 + Duration::from_secs(i as u64));
+        }
+        // Only the keys of the last 600 s (twice the maximum) may stay.
+        assert!(b.entries.len() <= GC_AT.max(601), "{}", b.entries.len());
     }
 }

@@ -90,6 +90,15 @@ impl Rootfs {
         }
     }
 
+    /// The container IDs with a root filesystem here that was made before `before` (the previous agent's).
+    pub fn made_before(&self, before: std::time::SystemTime) -> Vec<String> {
+        let entries = fs::read_dir(&self.dir).into_iter().flatten().flatten();
+        entries
+            .filter(|e| e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < before))
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Image manifests that some container rootfs uses (for GC).
     pub fn images_in_use(&self) -> Result<Vec<Digest>> {
         let mut out = Vec::new();
@@ -110,4 +119,22 @@ fn is_mountpoint(path: &Path) -> bool {
     let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else { return false };
     let target = path.display().to_string();
     mounts.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_are_those_made_before_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = Rootfs::new(dir.path()).unwrap();
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        fs::create_dir(dir.path().join("u1-main-0")).unwrap();
+        assert!(rootfs.made_before(before).is_empty(), "made after the agent started: not a leftover");
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        assert_eq!(rootfs.made_before(later), vec!["u1-main-0".to_string()]);
+        rootfs.remove("u1-main-0").unwrap();
+        assert!(rootfs.made_before(later).is_empty());
+    }
 }

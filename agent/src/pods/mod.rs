@@ -143,6 +143,8 @@ pub struct PodWorkers {
     unsynced: usize,
     /// The cpu requests the burstable QoS cgroup's shares were last set to.
     burstable_millis: Option<u64>,
+    /// When this agent process started: root filesystems older than that and without a container are leftovers.
+    started: std::time::SystemTime,
 }
 
 impl PodWorkers {
@@ -159,6 +161,7 @@ impl PodWorkers {
             done_rx,
             unsynced: sources,
             burstable_millis: None,
+            started: std::time::SystemTime::now(),
         }
     }
 
@@ -355,7 +358,7 @@ impl PodWorkers {
             self.ctx.network.attached().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
         let unmounted: Vec<String> =
             self.ctx.volumes.pods_on_disk().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
-        let ctx = self.ctx.clone();
+        let (ctx, started) = (self.ctx.clone(), self.started);
         tokio::spawn(async move {
             let mut containers = containers;
             for sandbox in sandboxes {
@@ -380,6 +383,13 @@ impl PodWorkers {
             for uid in stale {
                 ctx.remove_saved_pod_cgroup(&uid).await;
                 ctx.states.remove(&uid);
+            }
+            // Root filesystems the previous agent made for containers it never created (it died in between).
+            let live = ctx.runtime.list_matching("").await;
+            for id in ctx.images.rootfs_made_before(started).into_iter().filter(|id| !live.contains(id)) {
+                tracing::info!(container = %id, "removing a root filesystem no container uses");
+                let (images, id) = (ctx.images.clone(), id.clone());
+                let _ = tokio::task::spawn_blocking(move || images.remove_rootfs(&id)).await;
             }
             // After the containers: nothing uses these volumes any more.
             for uid in unmounted {

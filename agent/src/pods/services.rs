@@ -66,6 +66,8 @@ pub trait ImageService: Send + Sync {
     /// Mounts the container's root filesystem (blocking).
     fn prepare_rootfs(&self, id: &str, image: &ReadyImage) -> Result<PathBuf, String>;
     fn remove_rootfs(&self, id: &str);
+    /// Containers with a root filesystem made before `before` (to find those of containers never created).
+    fn rootfs_made_before(&self, before: std::time::SystemTime) -> Vec<String>;
 }
 
 /// The pod network and the pod's name files (resolv.conf, hosts, hostname).
@@ -195,15 +197,13 @@ impl ContainerRuntime for RealRuntime {
 
     fn list_matching<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>> {
         Box::pin(async move {
-            let known: Vec<String> = {
-                let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-                live.keys().filter(|id| id.starts_with(prefix)).cloned().collect()
-            };
             let found = self.runtime.list_matching(prefix).await;
-            let mut ids: Vec<String> =
-                found.into_iter().filter(|c| !known.contains(&c.id)).map(|c| self.keep(c)).collect();
-            ids.extend(known);
-            ids
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            // A handle this process already holds stays (it may be one it created itself, not an adopted one).
+            for c in found {
+                live.entry(c.id.clone()).or_insert(c);
+            }
+            live.keys().filter(|id| id.starts_with(prefix)).cloned().collect()
         })
     }
 
@@ -244,6 +244,10 @@ impl ImageService for ImageManager {
         if let Err(e) = self.rootfs().remove(id) {
             tracing::warn!(container = %id, error = %e, "removing a container's root filesystem");
         }
+    }
+
+    fn rootfs_made_before(&self, before: std::time::SystemTime) -> Vec<String> {
+        self.rootfs().made_before(before)
     }
 }
 

@@ -18,6 +18,19 @@ use crate::config::KubeletConfiguration;
 /// Cache size above which expired token reviews and decisions are dropped.
 const CACHE_ENTRIES: usize = 1024;
 
+/// Makes room for one more entry in a cache of at most [`CACHE_ENTRIES`]: expired entries go first, then, if
+/// every entry is fresh (e.g. a flood of distinct bogus tokens), the oldest ones.
+fn bound<K: Clone + Eq + std::hash::Hash, V>(cache: &mut HashMap<K, V>, ttl: Duration, at: impl Fn(&V) -> Instant) {
+    if cache.len() < CACHE_ENTRIES {
+        return;
+    }
+    cache.retain(|_, v| at(v).elapsed() < ttl);
+    while cache.len() >= CACHE_ENTRIES {
+        let Some(oldest) = cache.iter().min_by_key(|(_, v)| at(v)).map(|(k, _)| k.clone()) else { return };
+        cache.remove(&oldest);
+    }
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct User {
@@ -153,9 +166,7 @@ impl Auth {
             .filter(|_| status.authenticated == Some(true))
             .map(|u| User { name: u.username.unwrap_or_default(), groups: u.groups.unwrap_or_default() });
         let mut tokens = lock(&self.tokens);
-        if tokens.len() >= CACHE_ENTRIES {
-            tokens.retain(|_, (_, at)| at.elapsed() < self.token_ttl);
-        }
+        bound(&mut tokens, self.token_ttl, |(_, at)| *at);
         tokens.insert(token.to_string(), (user.clone(), Instant::now()));
         Ok(user)
     }
@@ -205,10 +216,7 @@ impl Auth {
             .map_err(|e| Denied::Failed(format!("subject access review: {e}")))?;
         let allowed = reviewed.status.is_some_and(|s| s.allowed);
         let mut decisions = lock(&self.decisions);
-        if decisions.len() >= CACHE_ENTRIES {
-            let ttl = self.allowed_ttl.max(self.denied_ttl);
-            decisions.retain(|_, (_, at)| at.elapsed() < ttl);
-        }
+        bound(&mut decisions, self.allowed_ttl.max(self.denied_ttl), |(_, at)| *at);
         decisions.insert(key, (allowed, Instant::now()));
         Ok(allowed)
     }
@@ -230,6 +238,17 @@ fn user_of_certificate(cert: &CertificateDer<'_>) -> Option<User> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caches_stay_bounded_under_a_flood_of_fresh_entries() {
+        let mut cache: HashMap<String, Instant> = HashMap::new();
+        for i in 0..3 * CACHE_ENTRIES {
+            bound(&mut cache, Duration::from_secs(3600), |at| *at);
+            cache.insert(format!("bogus-{i}"), Instant::now());
+        }
+        assert_eq!(cache.len(), CACHE_ENTRIES);
+        assert!(cache.contains_key(&format!("bogus-{}", 3 * CACHE_ENTRIES - 1)), "the newest stays");
+    }
 
     #[test]
     fn attributes_follow_upstream_paths() {

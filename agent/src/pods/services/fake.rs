@@ -298,6 +298,10 @@ impl ImageService for FakeImages {
     }
 
     fn remove_rootfs(&self, _: &str) {}
+
+    fn rootfs_made_before(&self, _: std::time::SystemTime) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A network that gives every pod 10.88.0.5.
