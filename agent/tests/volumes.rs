@@ -3,7 +3,8 @@
 //! memory, hostPath, the service account volume the API server injects (its token verified by a TokenReview),
 //! an optional missing configMap (the pod runs) and a required one (FailedMount until it exists), an
 //! unsupported volume type (a clear FailedMount), a subPath symlink escape (refused), `kill -9` of the agent
-//! with volumes mounted (no remount, no restart), and deletion (nothing left mounted or on disk).
+//! with volumes mounted (no remount, no restart), an image volume (and one whose image cannot be pulled),
+//! termination messages, and deletion (nothing left mounted or on disk).
 
 mod support;
 
@@ -16,6 +17,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use nodelet_integration::cluster::Cluster;
+use nodelet_integration::layers::{Layer, push_image};
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
 use support::{Nodelet, pod, wait_for, wait_pod};
@@ -323,8 +325,31 @@ spec:
     ensure!(message("main").as_deref() == Some("bye"), "{statuses:?}");
     ensure!(message("fails").as_deref() == Some("first\nlast words\n"), "{statuses:?}");
 
+    // An image volume: the image's files, read-only; one whose image cannot be pulled keeps its container
+    // waiting with the pull's reason.
+    let content = Layer::new().dir("data", 0o755).file("data/hello.txt", b"from an image\n", 0o644);
+    push_image(&registry, "content", "v1", &[content.tar()]).await?;
+    let content_ref = registry.reference("content", "v1");
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: imgvol}}\nspec:\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'cat /img/data/hello.txt; touch /img/x 2>/dev/null || echo read-only'], volumeMounts: [{{name: img, mountPath: /img}}]}}\n  volumes:\n  - {{name: img, image: {{reference: {content_ref}, pullPolicy: IfNotPresent}}}}\n"
+    ))).await?;
+    let done = wait_pod(&pods, "imgvol", "Succeeded", Duration::from_secs(60), |p| phase(p) == "Succeeded").await?;
+    let out = log_text(&node, &done, "main");
+    ensure!(out == "from an image\nread-only\n", "image volume: {out:?}");
+    let missing_ref = registry.reference("content", "missing");
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: imgmissing}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600'], volumeMounts: [{{name: img, mountPath: /img}}]}}\n  volumes:\n  - {{name: img, image: {{reference: {missing_ref}}}}}\n"
+    ))).await?;
+    wait_pod(&pods, "imgmissing", "waiting on the image volume's pull", Duration::from_secs(60), |p| {
+        let s = p.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
+        s.first()
+            .and_then(|c| c.state.clone()?.waiting?.reason)
+            .is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+    })
+    .await?;
+
     // Deleted: nothing of the pods' volumes is left mounted or on disk.
-    let names = ["vols", "needs-cfg", "claim", "escape", "said"];
+    let names = ["vols", "needs-cfg", "claim", "escape", "said", "imgvol", "imgmissing"];
     let mut uids = Vec::new();
     for name in names {
         uids.push(pods.get(name).await?.metadata.uid.unwrap_or_default());
@@ -341,6 +366,8 @@ spec:
     ensure!(mounts_under(pid, &pods_dir).is_empty(), "left mounted: {:?}", mounts_under(pid, &pods_dir));
     for uid in uids {
         ensure!(!pods_dir.join(&uid).join("volumes").exists(), "pod {uid}'s volumes left on disk");
+        let image_volume = node.root_dir().join("rootfs").join(format!("{uid}.volume.img"));
+        ensure!(!image_volume.exists(), "{} left", image_volume.display());
     }
     ensure!(host_dir.path().join("made/from-pod").exists(), "a hostPath's contents stay");
     node.ensure_running()?;

@@ -358,6 +358,14 @@ impl PodWorkers {
             self.ctx.network.attached().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
         let unmounted: Vec<String> =
             self.ctx.volumes.pods_on_disk().into_iter().filter(|u| !self.workers.contains_key(u)).collect();
+        // Image volumes (`<uid>.volume.<name>`) of pods no worker runs.
+        let image_volumes: Vec<String> = self
+            .ctx
+            .images
+            .rootfs_made_before(self.started)
+            .into_iter()
+            .filter(|id| id.split_once(".volume.").is_some_and(|(uid, _)| !self.workers.contains_key(uid)))
+            .collect();
         let (ctx, started) = (self.ctx.clone(), self.started);
         tokio::spawn(async move {
             let mut containers = containers;
@@ -386,7 +394,9 @@ impl PodWorkers {
             }
             // Root filesystems the previous agent made for containers it never created (it died in between).
             let live = ctx.runtime.list_matching("").await;
-            for id in ctx.images.rootfs_made_before(started).into_iter().filter(|id| !live.contains(id)) {
+            let made = ctx.images.rootfs_made_before(started);
+            let unused = made.into_iter().filter(|id| !id.contains('.') && !live.contains(id));
+            for id in unused.chain(image_volumes) {
                 tracing::info!(container = %id, "removing a root filesystem no container uses");
                 let (images, id) = (ctx.images.clone(), id.clone());
                 let _ = tokio::task::spawn_blocking(move || images.remove_rootfs(&id)).await;

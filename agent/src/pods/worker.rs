@@ -92,6 +92,8 @@ pub struct Worker {
     name_files: Vec<nodelet_runtime::Mount>,
     /// The pod's volumes, once set up (no container starts before).
     volumes: Option<crate::volumes::PodVolumes>,
+    /// `image` volumes pulled and mounted (by the first container that mounts each).
+    image_volumes: HashMap<String, PathBuf>,
     /// When the volumes' contents are next brought up to date.
     volumes_resync: Instant,
     /// Notified when an object the volumes show changes.
@@ -159,6 +161,7 @@ impl Worker {
             saved: None,
             name_files: Vec::new(),
             volumes: None,
+            image_volumes: HashMap::new(),
             volumes_resync: Instant::now(),
             volume_changes,
             pending: None,

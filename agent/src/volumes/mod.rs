@@ -63,7 +63,14 @@ enum Kind<'a> {
     },
     /// Files written by the atomic writer: (plugin directory, on tmpfs).
     Files(&'static str, bool),
+    /// Pulled and mounted by the pod worker when a container that mounts it starts (as upstream).
+    Image,
     Unsupported(&'static str),
+}
+
+/// The root filesystem ID of a pod's `image` volume (a `.` never appears in container IDs).
+pub fn image_volume_id(uid: &str, volume: &str) -> String {
+    format!("{uid}.volume.{volume}")
 }
 
 fn kind(v: &Volume) -> Kind<'_> {
@@ -86,11 +93,13 @@ fn kind(v: &Volume) -> Kind<'_> {
     if v.projected.is_some() {
         return Kind::Files("kubernetes.io~projected", true);
     }
+    if v.image.is_some() {
+        return Kind::Image;
+    }
     let unsupported = [
         (v.persistent_volume_claim.is_some(), "persistentVolumeClaim"),
         (v.ephemeral.is_some(), "ephemeral"),
         (v.csi.is_some(), "csi"),
-        (v.image.is_some(), "image"),
         (v.nfs.is_some(), "nfs"),
         (v.iscsi.is_some(), "iscsi"),
         (v.fc.is_some(), "fc"),
@@ -166,6 +175,7 @@ impl VolumeManager {
                 Kind::Unsupported(what) => {
                     return Err(err(format!("volume type {what} is not supported by nodelet yet")));
                 }
+                Kind::Image => continue,
                 Kind::HostPath { path, type_ } => Job::HostPath(PathBuf::from(path), type_.map(str::to_owned)),
                 Kind::EmptyDir { memory, size_limit } => {
                     let size =

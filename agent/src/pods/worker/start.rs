@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Container as ApiContainer;
 use nodelet_runtime::{ContainerConfig, ContainerExit, ContainerIo, RuntimeError};
 
 use super::{Desired, Exit, RETRY, Running, Worker};
-use crate::images::PullPolicy;
+use crate::images::{ImageFailure, PullPolicy, ReadyImage};
 use crate::logs;
 use crate::pods::plan;
 use crate::pods::state::ContainerState;
@@ -39,48 +39,20 @@ impl Worker {
             Ok(p) => p,
             Err(message) => return self.config_error(&c, init, index, message),
         };
-        let secrets = spec::pull_secrets(&self.pod, self.ctx.client.as_ref()).await;
-        let key = format!("{}_{image}", self.pod_ref.uid);
-        let (events, pod_ref, cname) = (self.ctx.events.clone(), self.pod_ref.clone(), c.name.clone());
-        let record_event = move |e: crate::images::ImageEvent| {
-            events.record(&pod_ref, Some((&cname, init)), e.warning, e.reason, &e.message)
+        let ready = match self.pull(&image, policy, Some((&c.name, init))).await {
+            None => return,
+            Some(Ok(ready)) => ready,
+            Some(Err(failure)) => return self.pull_failed(&c.name, init, index, failure),
         };
-        // The pull runs as a task of its own, so that a deletion or removal arriving meanwhile is acted on at once
-        // (the pull goes on in the background and its layers stay for the next user).
-        let images = self.ctx.images.clone();
-        let image_name = image.clone();
-        let mut pull =
-            tokio::spawn(async move { images.ensure(&image_name, policy, &secrets, &key, &record_event).await });
-        let pulled = loop {
-            tokio::select! {
-                pulled = &mut pull => break pulled,
-                changed = self.rx.changed() => match self.latest(changed.is_ok()) {
-                    Desired::Pod(pod) if pod.metadata.deletion_timestamp.is_none() => {
-                        self.pod = Arc::unwrap_or_clone(pod);
-                    }
-                    other => {
-                        self.pending = Some(other);
-                        return;
-                    }
-                },
+        match self.image_volumes(&c).await {
+            None => return,
+            Some(Ok(())) => {}
+            Some(Err(failure)) => {
+                let message = format!("Error: {}", failure.message);
+                self.event(Some((&c.name, init)), true, "Failed", &message);
+                return self.pull_failed(&c.name, init, index, failure);
             }
-        };
-        let pulled = match pulled {
-            Ok(pulled) => pulled,
-            Err(e) => {
-                let message = format!("pulling the image stopped: {e}");
-                return self.config_error(&c, init, index, message);
-            }
-        };
-        let ready = match pulled {
-            Ok(ready) => ready,
-            Err(failure) => {
-                let record = self.record(init, index);
-                record.state = ContainerState::waiting(failure.reason, Some(failure.message));
-                self.next_attempt.insert(c.name.clone(), Instant::now() + RETRY);
-                return;
-            }
-        };
+        }
         {
             let record = self.record(init, index);
             record.image = ready.image.clone();
@@ -134,6 +106,86 @@ impl Worker {
         self.record(init, index).new_instance(&id);
         let exit = ContainerExit { code: 128, signal: None, oom_killed: false, status_known: true };
         self.finish(&c.name, &id, exit, None, Some(message), Timestamp::now());
+    }
+
+    /// Pulls `image` per `policy` (events on `container`, else on the pod) as a task of its own, so that a
+    /// deletion or removal arriving meanwhile is acted on at once (the pull goes on in the background and its
+    /// layers stay for the next user): `None` then.
+    async fn pull(
+        &mut self,
+        image: &str,
+        policy: PullPolicy,
+        container: Option<(&str, bool)>,
+    ) -> Option<Result<ReadyImage, ImageFailure>> {
+        let secrets = spec::pull_secrets(&self.pod, self.ctx.client.as_ref()).await;
+        let key = format!("{}_{image}", self.pod_ref.uid);
+        let (events, pod_ref) = (self.ctx.events.clone(), self.pod_ref.clone());
+        let container = container.map(|(name, init)| (name.to_string(), init));
+        let record_event = move |e: crate::images::ImageEvent| {
+            let on = container.as_ref().map(|(name, init)| (name.as_str(), *init));
+            events.record(&pod_ref, on, e.warning, e.reason, &e.message)
+        };
+        let (images, image_name) = (self.ctx.images.clone(), image.to_string());
+        let mut pull =
+            tokio::spawn(async move { images.ensure(&image_name, policy, &secrets, &key, &record_event).await });
+        let pulled = loop {
+            tokio::select! {
+                pulled = &mut pull => break pulled,
+                changed = self.rx.changed() => match self.latest(changed.is_ok()) {
+                    Desired::Pod(pod) if pod.metadata.deletion_timestamp.is_none() => {
+                        self.pod = Arc::unwrap_or_clone(pod);
+                    }
+                    other => {
+                        self.pending = Some(other);
+                        return None;
+                    }
+                },
+            }
+        };
+        Some(pulled.unwrap_or_else(|e| {
+            Err(ImageFailure { reason: "ErrImagePull", message: format!("pulling the image stopped: {e}") })
+        }))
+    }
+
+    fn pull_failed(&mut self, name: &str, init: bool, index: usize, failure: ImageFailure) {
+        let record = self.record(init, index);
+        record.state = ContainerState::waiting(failure.reason, Some(failure.message));
+        self.next_attempt.insert(name.to_string(), Instant::now() + RETRY);
+    }
+
+    /// Pulls and mounts (read-only overlays of their layers) the `image` volumes `c` mounts that are not ready
+    /// yet, as upstream pulls them: when a container that mounts one starts. `None`: a deletion came in.
+    async fn image_volumes(&mut self, c: &ApiContainer) -> Option<Result<(), ImageFailure>> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        for m in c.volume_mounts.iter().flatten() {
+            let Some(source) = spec.volumes.iter().flatten().find(|v| v.name == m.name).and_then(|v| v.image.as_ref())
+            else {
+                continue;
+            };
+            if self.image_volumes.contains_key(&m.name) {
+                continue;
+            }
+            let reference = source.reference.clone().unwrap_or_default();
+            let policy = match PullPolicy::for_container(&reference, source.pull_policy.as_deref()) {
+                Ok(p) => p,
+                Err(message) => return Some(Err(ImageFailure { reason: "InvalidImageName", message })),
+            };
+            let ready = match self.pull(&reference, policy, None).await? {
+                Ok(ready) => ready,
+                Err(failure) => return Some(Err(failure)),
+            };
+            let id = crate::volumes::image_volume_id(&self.pod_ref.uid, &m.name);
+            let images = self.ctx.images.clone();
+            let prepared = tokio::task::spawn_blocking(move || images.prepare_rootfs(&id, &ready)).await;
+            match prepared {
+                Ok(Ok(path)) => {
+                    self.image_volumes.insert(m.name.clone(), path);
+                }
+                Ok(Err(message)) => return Some(Err(ImageFailure { reason: "ErrImagePull", message })),
+                Err(e) => return Some(Err(ImageFailure { reason: "ErrImagePull", message: e.to_string() })),
+            }
+        }
+        Some(Ok(()))
     }
 
     async fn create_and_start(
@@ -208,10 +260,15 @@ impl Worker {
         };
         let ips = spec::Ips { host: &self.ctx.config.node_ip, pod: self.state.pod_ip.as_deref() };
         let env = spec::environment(&self.pod, c, &ips, &lookup).await?;
-        let volumes = self.volumes.as_ref().ok_or_else(|| anyhow::anyhow!("the pod's volumes are not set up"))?;
+        let mut volumes = self.volumes.clone().ok_or_else(|| anyhow::anyhow!("the pod's volumes are not set up"))?;
+        volumes.extend(
+            self.image_volumes
+                .iter()
+                .map(|(name, path)| (name.clone(), crate::volumes::SetUp { path: path.clone(), read_only: true })),
+        );
         let subpaths = self.ctx.volumes.subpaths_dir(&self.pod_ref.uid, &c.name);
         let mut mounts = self.name_files.clone();
-        mounts.extend(crate::volumes::container_mounts(volumes, c, &env, &subpaths).map_err(anyhow::Error::msg)?);
+        mounts.extend(crate::volumes::container_mounts(&volumes, c, &env, &subpaths).map_err(anyhow::Error::msg)?);
         if let Some(destination) = c.termination_message_path.clone().filter(|p| !p.is_empty()) {
             let source = self.termination_message_file(&c.name, id);
             termination_message::create(&source)

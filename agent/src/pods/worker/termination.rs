@@ -161,5 +161,9 @@ impl Worker {
         self.ctx.remove_pod_cgroup(self.state.qos, &self.pod_ref.uid).await;
         self.volumes = None;
         self.ctx.tear_down_volumes(&self.pod_ref.uid).await;
+        for name in std::mem::take(&mut self.image_volumes).into_keys() {
+            let (images, id) = (self.ctx.images.clone(), crate::volumes::image_volume_id(&self.pod_ref.uid, &name));
+            let _ = tokio::task::spawn_blocking(move || images.remove_rootfs(&id)).await;
+        }
     }
 }
