@@ -115,6 +115,18 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone(), view.clone()).run(status_rx));
     start_kubelet_api(&config, client.clone(), view.clone())?;
+    let network = Arc::new(Network::new(NetworkConfig {
+        conf_dir: config.cni_conf_dir.clone(),
+        bin_dirs: config.cni_bin_dirs.clone(),
+        pod_cidr,
+        root_dir: config.root_dir.clone(),
+        dns: NodeDns {
+            cluster_dns: config.kubelet.cluster_dns.clone(),
+            cluster_domain: config.kubelet.cluster_domain.clone(),
+            host_resolv_conf: std::fs::read_to_string(&config.kubelet.resolv_conf).unwrap_or_default(),
+        },
+        node_name: config.node_name.clone(),
+    }));
     let ctx = Arc::new(Ctx {
         runtime: Arc::new(crate::pods::services::RealRuntime::new(runtime)),
         images: images.clone(),
@@ -136,18 +148,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             },
         ),
         services: client.clone().map(crate::pods::service_env::ServiceCache::start),
-        network: Arc::new(Network::new(NetworkConfig {
-            conf_dir: config.cni_conf_dir.clone(),
-            bin_dirs: config.cni_bin_dirs.clone(),
-            pod_cidr,
-            root_dir: config.root_dir.clone(),
-            dns: NodeDns {
-                cluster_dns: config.kubelet.cluster_dns.clone(),
-                cluster_domain: config.kubelet.cluster_domain.clone(),
-                host_resolv_conf: std::fs::read_to_string(&config.kubelet.resolv_conf).unwrap_or_default(),
-            },
-            node_name: config.node_name.clone(),
-        })),
+        network: network.clone(),
         allocatable,
         min_oom_score_adj: std::fs::read_to_string("/proc/self/oom_score_adj")
             .ok()
@@ -163,7 +164,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         tokio::spawn(crate::sources::file::watch(dir, config.node_name.clone(), source_tx.clone(), statics_tx));
     }
     if let Some(client) = client.clone() {
-        let node = Arc::new(NodeManager::new(client.clone(), config.clone(), images.clone())?);
+        let node = Arc::new(NodeManager::new(client.clone(), config.clone(), images.clone(), network.clone())?);
         node.register().await?;
         let lease = node.clone();
         tokio::spawn(async move { lease.run_lease().await });

@@ -113,7 +113,7 @@ pub struct Cni {
 }
 
 impl Cni {
-    fn find(&self, plugin: &str) -> Result<PathBuf, CniError> {
+    pub fn find(&self, plugin: &str) -> Result<PathBuf, CniError> {
         self.bin_dirs
             .iter()
             .map(|d| d.join(plugin))

@@ -85,6 +85,18 @@ impl Network {
         NetworkList::parse(&raw.to_string(), Path::new("(built-in default network)"))
     }
 
+    /// Whether pods can be attached: the network configuration loads and every plugin it names is installed
+    /// (else the node is not Ready, as upstream's "cni plugin not initialized").
+    pub fn readiness(&self) -> Result<(), String> {
+        let list = self.list().map_err(|e| e.to_string())?;
+        for plugin in &list.plugins {
+            let kind =
+                plugin["type"].as_str().ok_or_else(|| format!("network {:?}: a plugin has no type", list.name))?;
+            self.cni.find(kind).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// ADD of the pod's sandbox to the network; returns its IPs. On failure whatever a plugin already took is
     /// released again (DEL), so a failed sandbox leaks nothing.
     pub async fn attach(&self, pod: &Pod, sandbox: &str, netns: &Path) -> Result<Vec<String>, CniError> {
@@ -251,5 +263,27 @@ mod tests {
         assert_eq!(network.list().unwrap().name, "mine");
         std::fs::write(dir.path().join("net.d/0.conf"), "{broken").unwrap();
         assert!(network.list().unwrap_err().to_string().contains("0.conf: invalid JSON"));
+        assert!(network.readiness().unwrap_err().contains("0.conf: invalid JSON"));
+    }
+
+    #[test]
+    fn ready_only_with_every_plugin_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let network = Network::new(NetworkConfig {
+            conf_dir: dir.path().join("net.d"),
+            bin_dirs: vec![bin.clone()],
+            pod_cidr: "10.77.0.0/24".into(),
+            root_dir: dir.path().into(),
+            dns: Default::default(),
+            node_name: "n".into(),
+        });
+        // The built-in network needs bridge, host-local and portmap.
+        assert!(network.readiness().unwrap_err().contains("bridge"));
+        for plugin in ["bridge", "host-local", "portmap"] {
+            std::fs::write(bin.join(plugin), "#!/bin/sh\n").unwrap();
+        }
+        assert_eq!(network.readiness(), Ok(()));
     }
 }

@@ -28,6 +28,7 @@ pub struct NodeManager {
     config: AgentConfig,
     facts: NodeFacts,
     images: std::sync::Arc<crate::images::ImageManager>,
+    network: std::sync::Arc<crate::network::Network>,
 }
 
 impl NodeManager {
@@ -35,9 +36,10 @@ impl NodeManager {
         client: kube::Client,
         config: AgentConfig,
         images: std::sync::Arc<crate::images::ImageManager>,
+        network: std::sync::Arc<crate::network::Network>,
     ) -> Result<NodeManager> {
         let facts = NodeFacts::gather(&config)?;
-        Ok(NodeManager { client, config, facts, images })
+        Ok(NodeManager { client, config, facts, images, network })
     }
 
     /// Creates the Node object (or finds it already there, as after a restart), retrying until the API server
@@ -155,7 +157,18 @@ impl NodeManager {
                 ("KubeletHasInsufficientPID", "kubelet has insufficient PID available"),
                 ("KubeletHasSufficientPID", "kubelet has sufficient PID available"),
             ),
-            condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+            match self.network.readiness() {
+                Ok(()) => condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+                Err(e) => condition(
+                    "Ready",
+                    "False",
+                    "KubeletNotReady",
+                    &format!(
+                        "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady \
+                         message:Network plugin returns error: {e}"
+                    ),
+                ),
+            },
         ]);
         status
     }
