@@ -348,8 +348,39 @@ spec:
     })
     .await?;
 
+    // mountPropagation: HostToContainer on a shared host mount: a mount made on the host after the container
+    // started appears in it. On a private mount it is refused with the CRI runtimes' message.
+    let shared = host_dir.path().join("shared");
+    let private = host_dir.path().join("private");
+    std::fs::create_dir_all(&shared)?;
+    std::fs::create_dir_all(&private)?;
+    let d = shared.display();
+    node.in_mount_namespace(&format!("mount --bind {d} {d} && mount --make-shared {d} && mkdir -p {d}/sub"))?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: propagation}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'while true; do cat /h/sub/marker 2>/dev/null; sleep 0.2; done'], volumeMounts: [{{name: h, mountPath: /h, mountPropagation: HostToContainer}}]}}\n  volumes:\n  - {{name: h, hostPath: {{path: {d}}}}}\n"
+    ))).await?;
+    let running = wait_pod(&pods, "propagation", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    node.in_mount_namespace(&format!("mount -t tmpfs tmpfs {d}/sub && echo propagated > {d}/sub/marker"))?;
+    wait_for("the host's new mount in the container", Duration::from_secs(20), || async {
+        Ok(log_text(&node, &running, "main").contains("propagated").then_some(()))
+    })
+    .await?;
+    node.in_mount_namespace(&format!("umount {d}/sub"))?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: unshared}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600'], volumeMounts: [{{name: h, mountPath: /h, mountPropagation: HostToContainer}}]}}\n  volumes:\n  - {{name: h, hostPath: {{path: {}}}}}\n",
+        private.display()
+    ))).await?;
+    wait_pod(&pods, "unshared", "refused: not a shared mount", Duration::from_secs(60), |p| {
+        let s = p.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
+        s.first().and_then(|c| c.state.clone()?.waiting).is_some_and(|w| {
+            w.reason.as_deref() == Some("CreateContainerConfigError")
+                && w.message.unwrap_or_default().contains("is not a shared or slave mount")
+        })
+    })
+    .await?;
+
     // Deleted: nothing of the pods' volumes is left mounted or on disk.
-    let names = ["vols", "needs-cfg", "claim", "escape", "said", "imgvol", "imgmissing"];
+    let names = ["vols", "needs-cfg", "claim", "escape", "said", "imgvol", "imgmissing", "propagation", "unshared"];
     let mut uids = Vec::new();
     for name in names {
         uids.push(pods.get(name).await?.metadata.uid.unwrap_or_default());

@@ -91,6 +91,19 @@ pub enum Seccomp {
     RuntimeDefault,
 }
 
+/// Mount propagation of a bind mount (Kubernetes' `mountPropagation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// `None`: the container sees the source as it was (`rprivate`).
+    #[default]
+    Private,
+    /// `HostToContainer`: mounts made below the source on the host later appear in the container (`rslave`).
+    HostToContainer,
+    /// `Bidirectional` (privileged containers): and the container's mounts below it appear on the host
+    /// (`rshared`, the container's root `shared`).
+    Bidirectional,
+}
+
 /// A mount into the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mount {
@@ -102,6 +115,8 @@ pub enum Mount {
         destination: String,
         /// Mounted read-only.
         read_only: bool,
+        /// Whether mounts below it propagate (Kubernetes' `mountPropagation`).
+        propagation: Propagation,
     },
     /// A fresh tmpfs (emptyDir with `medium: Memory`).
     Tmpfs {

@@ -18,7 +18,7 @@ pub mod user;
 pub mod zygote;
 
 pub use config::{
-    ContainerConfig, ExecConfig, ImageConfig, Mount, Namespace, Namespaces, Resources, Seccomp, Security,
+    ContainerConfig, ExecConfig, ImageConfig, Mount, Namespace, Namespaces, Propagation, Resources, Seccomp, Security,
 };
 pub use container::{Container, ContainerExit, ContainerIo, ExecProcess, IoPipes, Runtime};
 pub use error::{RuntimeError, SpecError};

@@ -158,6 +158,14 @@ fn namespace(kind: &str, ns: &Namespace) -> Option<Value> {
     }
 }
 
+fn propagation_option(p: crate::config::Propagation) -> &'static str {
+    match p {
+        crate::config::Propagation::Private => "rprivate",
+        crate::config::Propagation::HostToContainer => "rslave",
+        crate::config::Propagation::Bidirectional => "rshared",
+    }
+}
+
 /// The whole OCI runtime spec.
 pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
     let env = environment(cfg);
@@ -184,9 +192,9 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
                        "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}));
     for m in &cfg.mounts {
         mounts.push(match m {
-            Mount::Bind { source, destination, read_only } => json!({
+            Mount::Bind { source, destination, read_only, propagation } => json!({
                 "destination": destination, "type": "bind", "source": source,
-                "options": ["rbind", "rprivate", if *read_only { "ro" } else { "rw" }],
+                "options": ["rbind", propagation_option(*propagation), if *read_only { "ro" } else { "rw" }],
             }),
             Mount::Tmpfs { destination, size } => {
                 let mut options = vec!["nosuid".to_string(), "nodev".to_string(), "mode=1777".to_string()];
@@ -219,12 +227,20 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
         resources["pids"] = json!({"limit": limit});
     }
 
+    let shared = cfg
+        .mounts
+        .iter()
+        .any(|m| matches!(m, Mount::Bind { propagation: crate::config::Propagation::Bidirectional, .. }));
     let mut linux = json!({
         "namespaces": namespaces,
         "cgroupsPath": cfg.cgroups_path,
         "resources": resources,
         "sysctl": cfg.sysctls,
     });
+    if shared {
+        // A Bidirectional mount's events must reach the host: the container's root is shared, not a slave.
+        linux["rootfsPropagation"] = json!("shared");
+    }
     if !privileged {
         linux["maskedPaths"] = json!(MASKED_PATHS);
         linux["readonlyPaths"] = json!(READONLY_PATHS);

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, VolumeMount};
-use nodelet_runtime::Mount;
+use nodelet_runtime::{Mount, Propagation};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use super::PodVolumes;
@@ -27,14 +27,20 @@ pub fn mounts(
     subpaths: &Path,
 ) -> Result<Vec<Mount>, String> {
     let mut out = Vec::new();
+    let privileged = c.security_context.as_ref().and_then(|s| s.privileged).unwrap_or(false);
     for (index, m) in c.volume_mounts.iter().flatten().enumerate() {
         let volume = volumes
             .get(&m.name)
             .ok_or_else(|| format!("cannot find volume {:?} to mount into container {:?}", m.name, c.name))?;
-        match m.mount_propagation.as_deref() {
-            None | Some("None") | Some("HostToContainer") => {}
-            Some(other) => return Err(format!("mountPropagation {other} is not supported by nodelet yet")),
-        }
+        let propagation = match m.mount_propagation.as_deref() {
+            None | Some("None") => Propagation::Private,
+            Some("HostToContainer") => Propagation::HostToContainer,
+            Some("Bidirectional") if privileged => Propagation::Bidirectional,
+            Some("Bidirectional") => {
+                return Err("Bidirectional mount propagation is available only to privileged containers".into());
+            }
+            Some(other) => return Err(format!("invalid mount propagation mode {other:?}")),
+        };
         if m.recursive_read_only.as_deref() == Some("Enabled") {
             return Err("recursiveReadOnly: Enabled is not supported by nodelet yet".into());
         }
@@ -43,10 +49,14 @@ pub fn mounts(
             None => volume.path.clone(),
             Some(sub) => pin(&volume.path, &sub, &subpaths.join(format!("{}-{index}", m.name)))?,
         };
+        if propagation != Propagation::Private {
+            super::mounts::check_propagation(&source, propagation == Propagation::Bidirectional)?;
+        }
         out.push(Mount::Bind {
             source,
             destination: m.mount_path.clone(),
             read_only: m.read_only.unwrap_or(false) || volume.read_only,
+            propagation,
         });
     }
     Ok(out)

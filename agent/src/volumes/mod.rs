@@ -415,7 +415,8 @@ mod tests {
             vec![nodelet_runtime::Mount::Bind {
                 source: info.path.clone(),
                 destination: "/etc/info".into(),
-                read_only: true
+                read_only: true,
+                propagation: nodelet_runtime::Propagation::Private,
             }]
         );
         assert_eq!(manager.pods_on_disk(), vec!["u-1".to_string()]);

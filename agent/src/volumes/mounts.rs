@@ -20,6 +20,44 @@ pub fn under(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Checks that the mount holding `source` propagates as a `HostToContainer` (shared or slave) or
+/// `Bidirectional` (shared) volume needs, with the CRI runtimes' message when it does not.
+pub fn check_propagation(source: &Path, bidirectional: bool) -> Result<(), String> {
+    let path = std::fs::canonicalize(source).map_err(|e| format!("{}: {e}", source.display()))?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let (mount_point, optional) =
+        holding_mount(&text, &path).ok_or_else(|| format!("no mount holds {}", path.display()))?;
+    let shared = optional.iter().any(|o| o.starts_with("shared:"));
+    let slave = optional.iter().any(|o| o.starts_with("master:"));
+    match (bidirectional, shared, slave) {
+        (true, true, _) | (false, true, _) | (false, _, true) => Ok(()),
+        (true, _, _) => Err(format!(
+            "path {:?} is mounted on {:?} but it is not a shared mount",
+            path.display().to_string(),
+            mount_point
+        )),
+        (false, _, _) => Err(format!(
+            "path {:?} is mounted on {:?} but it is not a shared or slave mount",
+            path.display().to_string(),
+            mount_point
+        )),
+    }
+}
+
+/// The mount point (the longest that holds `path`) and its optional fields (`shared:N`, `master:N`...).
+fn holding_mount(mountinfo: &str, path: &Path) -> Option<(String, Vec<String>)> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let mount_point = unescape(fields.get(4)?);
+            let optional = fields.get(6..)?.iter().take_while(|f| **f != "-").map(|f| f.to_string()).collect();
+            Some((mount_point, optional))
+        })
+        .filter(|(mp, _)| path.starts_with(mp))
+        .max_by_key(|(mp, _)| mp.len())
+}
+
 /// True when `path` is a mount point.
 pub fn is_mountpoint(path: &Path) -> bool {
     under(path).iter().any(|p| p == path)
@@ -79,6 +117,18 @@ pub fn unmount_all(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mount_holding_a_path_and_its_propagation() {
+        let info = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    30 22 0:40 / /var/lib rw shared:5 master:2 - tmpfs tmpfs rw\n\
+                    31 22 0:41 / /data rw - tmpfs tmpfs rw\n";
+        let (mp, optional) = holding_mount(info, Path::new("/var/lib/kubelet/x")).unwrap();
+        assert_eq!((mp.as_str(), optional), ("/var/lib", vec!["shared:5".to_string(), "master:2".to_string()]));
+        let (mp, optional) = holding_mount(info, Path::new("/data/y")).unwrap();
+        assert_eq!((mp.as_str(), optional.len()), ("/data", 0));
+        assert_eq!(holding_mount(info, Path::new("/etc")).unwrap().0, "/");
+    }
 
     #[test]
     fn mountinfo_escapes() {

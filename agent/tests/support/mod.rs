@@ -245,6 +245,16 @@ impl Nodelet {
     pub fn root_dir(&self) -> PathBuf {
         self.root.clone()
     }
+
+    /// Runs `script` with `sh -c` in the agent's mount namespace (which outlives the agent's restarts).
+    pub fn in_mount_namespace(&self, script: &str) -> Result<String> {
+        let ns = format!("--mount=/run/nodelet-sandbox/{}.mnt", self.sandbox);
+        let out = Command::new("nsenter").args([ns.as_str(), "--", "sh", "-c", script]).output()?;
+        if !out.status.success() {
+            bail!("{script}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
 }
 
 impl Drop for Nodelet {

@@ -273,7 +273,8 @@ impl Worker {
             let source = self.termination_message_file(&c.name, id);
             termination_message::create(&source)
                 .map_err(|e| anyhow::anyhow!("creating the termination message file {}: {e}", source.display()))?;
-            mounts.push(nodelet_runtime::Mount::Bind { source, destination, read_only: false });
+            let propagation = Default::default();
+            mounts.push(nodelet_runtime::Mount::Bind { source, destination, read_only: false, propagation });
         }
         let pod_cgroup = nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid);
         let cgroup_root = self.ctx.config.kubelet.cgroup_root.clone().unwrap_or_default();
