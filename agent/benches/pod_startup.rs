@@ -47,7 +47,7 @@ fn largest_mappings(pid: u32, n: usize) -> Vec<String> {
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
+    sorted[rank(sorted.len(), q)].as_secs_f64() * 1000.0
 }
 
 /// Creates `names` (all at once) and returns each one's created -> Running time as seen by a watch.
@@ -273,4 +273,12 @@ async fn delete_all(pods: &Api<Pod>) {
     })
     .await
     .expect("cleanup");
+}
+
+/// The index of the `q` quantile (nearest rank) among `n` sorted samples.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // q is clamped to [0, 1]: 0..=1000 fits
+fn rank(n: usize, q: f64) -> usize {
+    // Per mille, so the rank is integer arithmetic: ceil(n * q).
+    let per_mille = (q.clamp(0.0, 1.0) * 1000.0).round() as usize;
+    (n * per_mille).div_ceil(1000).clamp(1, n) - 1
 }

@@ -14,4 +14,5 @@ pub mod root_lock;
 pub mod server;
 pub mod sources;
 pub mod status;
+pub mod units;
 pub mod volumes;

@@ -466,7 +466,7 @@ async fn gc_frees_space_from_unused_images_only() -> Result<()> {
     // Fill the filesystem to 90%: GC must free down to 80%.
     let (used, capacity) = filesystem_usage(fs.dir.path())?;
     let filler = fs.dir.path().join("filler");
-    std::fs::write(&filler, vec![1u8; (capacity * 90 / 100 - used) as usize])?;
+    std::fs::write(&filler, vec![1u8; usize::try_from(capacity * 90 / 100 - used)?])?;
 
     // Too young to collect (imageMinimumGCAge): nothing goes.
     let young = GcPolicy { minimum_age: Duration::from_secs(3600), ..Default::default() };

@@ -475,7 +475,7 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     })
     .await
     .with_context(|| node.log())?;
-    ensure!(beats.iter().copied().eq(1..=beats.len() as u32), "lines lost or repeated: {beats:?}");
+    ensure!(beats.iter().copied().eq(1..=u32::try_from(beats.len())?), "lines lost or repeated: {beats:?}");
     // What the force-deleted pod left is removed once the API server's pods are known.
     let records = node.root_dir().join("runtime/records");
     wait_for("the orphan's container to be removed", Duration::from_secs(30), || async {

@@ -17,7 +17,7 @@ mod support;
 
 fn monotonic_us() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
-    t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000
+    t.tv_sec().unsigned_abs() * 1_000_000 + t.tv_nsec().unsigned_abs() / 1_000
 }
 
 /// The timestamp (µs since boot, kernel log clock) of the next kernel log line containing `needle`.
@@ -96,7 +96,7 @@ impl Drop for Tracer {
 }
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
-    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1] as f64 / 1000.0
+    sorted[rank(sorted.len(), q)] as f64 / 1000.0
 }
 
 #[tokio::main]
@@ -180,4 +180,12 @@ async fn main() {
         *latencies.last().unwrap() as f64 / 1000.0,
         before_exit
     );
+}
+
+/// The index of the `q` quantile (nearest rank) among `n` sorted samples.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // q is clamped to [0, 1]: 0..=1000 fits
+fn rank(n: usize, q: f64) -> usize {
+    // Per mille, so the rank is integer arithmetic: ceil(n * q).
+    let per_mille = (q.clamp(0.0, 1.0) * 1000.0).round() as usize;
+    (n * per_mille).div_ceil(1000).clamp(1, n) - 1
 }

@@ -137,7 +137,12 @@ impl PressureTrigger {
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && stall < window => {
                 read(file)?; // the file itself must be readable
-                Mode::Sampling { kind, stall_us: stall.as_micros() as u64, window, samples: VecDeque::new() }
+                Mode::Sampling {
+                    kind,
+                    stall_us: u64::try_from(stall.as_micros()).unwrap_or(u64::MAX),
+                    window,
+                    samples: VecDeque::new(),
+                }
             }
             Err(e) => return Err(err(e)),
         };

@@ -169,7 +169,7 @@ fn node_stats_from(stat: &str, meminfo: &str) -> io::Result<NodeStats> {
 }
 
 fn ticks_per_second() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map_or(100, |t| t.max(1) as u64)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map_or(100, |t| t.max(1).unsigned_abs())
 }
 
 /// CPU usage rate from successive cumulative samples: nanocores (1e9 = one core busy), as the summary API's
@@ -184,7 +184,9 @@ impl CpuRate {
     pub fn sample(&mut self, at: Instant, usage_ns: u64) -> Option<u64> {
         let rate = self.last.and_then(|(t0, u0)| {
             let dt = at.checked_duration_since(t0)?.as_nanos();
-            (dt > 0).then(|| (u128::from(usage_ns.saturating_sub(u0)) * 1_000_000_000 / dt) as u64)
+            (dt > 0).then(|| {
+                u64::try_from(u128::from(usage_ns.saturating_sub(u0)) * 1_000_000_000 / dt).unwrap_or(u64::MAX)
+            })
         });
         self.last = Some((at, usage_ns));
         rate

@@ -85,7 +85,7 @@ impl Process {
         if self.child.try_wait().ok().flatten().is_some() {
             return;
         }
-        let pid = self.child.id() as libc::pid_t;
+        let pid = self.child.id().cast_signed();
         // SAFETY: kill(2) with a pid we spawned and have not reaped yet, so it cannot name another process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + grace;

@@ -72,7 +72,7 @@ async fn relay(client: TcpStream, server: TcpStream, served: Arc<AtomicU64>, lim
             break;
         }
         let before = served.fetch_add(n as u64, Ordering::SeqCst);
-        let allowed = limit.load(Ordering::SeqCst).saturating_sub(before).min(n as u64) as usize;
+        let allowed = limit.load(Ordering::SeqCst).saturating_sub(before).min(n as u64).try_into().unwrap_or(n);
         cw.write_all(&buf[..allowed]).await?;
         if allowed < n {
             // Stalled: hold the connection open without passing anything more.

@@ -153,7 +153,8 @@ impl Drop for UpstreamNode {
         // Daemons first (they share the sandbox's mount namespace), then every container left in its cgroups.
         if let Some(ns) = mount_ns(self.daemons.pid()) {
             for pid in all_pids().into_iter().filter(|p| mount_ns(*p).as_ref() == Some(&ns)) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.cast_signed()), nix::sys::signal::SIGKILL);
             }
         }
         for root in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path()) {

@@ -76,7 +76,7 @@ async fn settle() {
 fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let p = |q: f64| ms(v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]);
+    let p = |q: f64| ms(v[rank(v.len(), q)]);
     (p(0.5), p(0.99))
 }
 
@@ -145,4 +145,12 @@ async fn bench(zygote: Zygote, runs: usize) {
         phase(2),
         phase(3)
     );
+}
+
+/// The index of the `q` quantile (nearest rank) among `n` sorted samples.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // q is clamped to [0, 1]: 0..=1000 fits
+fn rank(n: usize, q: f64) -> usize {
+    // Per mille, so the rank is integer arithmetic: ceil(n * q).
+    let per_mille = (q.clamp(0.0, 1.0) * 1000.0).round() as usize;
+    (n * per_mille).div_ceil(1000).clamp(1, n) - 1
 }

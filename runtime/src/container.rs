@@ -625,7 +625,7 @@ fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
 fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = nix::errno::Errno::result(fd)? as RawFd;
+    let fd = RawFd::try_from(nix::errno::Errno::result(fd)?).map_err(|_| nix::errno::Errno::EBADF)?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -636,7 +636,7 @@ fn reap_pidfd(pidfd: &OwnedFd) -> Option<Exited> {
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waitid with P_PIDFD on a pidfd we own, writing into a properly sized siginfo_t.
     let rc = unsafe {
-        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
+        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd().unsigned_abs(), &mut info, libc::WEXITED | libc::WNOHANG)
     };
     // SAFETY: waitid succeeded; si_pid/si_code/si_status are initialised (si_pid is 0 if nothing was reaped).
     let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };

@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn start_time_of_self_is_stable_and_absent_for_dead_pids() {
-        let me = std::process::id() as i32;
+        let me = std::process::id().cast_signed();
         assert!(start_time(me).is_some());
         assert_eq!(start_time(me), start_time(me));
         assert_eq!(start_time(i32::MAX), None);

@@ -166,7 +166,7 @@ pub(crate) fn record_image(store: &Store, p: Pulled<'_>) -> Result<ImageRecord> 
         last_used: now,
     });
     record.size =
-        record.layers.iter().map(|l| l.size).sum::<u64>() + p.manifest_len as u64 + p.config_size.max(0) as u64;
+        record.layers.iter().map(|l| l.size).sum::<u64>() + p.manifest_len as u64 + p.config_size.max(0).unsigned_abs();
     let name = p.reference.whole();
     if p.reference.digest().is_none() && !record.names.contains(&name) {
         record.names.push(name);

@@ -312,7 +312,7 @@ async fn fetch_small(client: &Client, reference: &Reference, desc: &OciDescripto
     if size > MAX_JSON_BYTES {
         return Err(ImageError::Malformed { what: "config", message: format!("{size} bytes is too large") });
     }
-    let mut out = Vec::with_capacity(size as usize);
+    let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     client.pull_blob(reference, desc, &mut out).await.map_err(|e| match e {
         OciDistributionError::DigestError(_) => ImageError::DigestMismatch {
             what: "config",

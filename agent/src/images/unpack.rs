@@ -290,7 +290,7 @@ fn device(header: &tar::Header) -> Dev {
 }
 
 fn mtime<R: Read>(entry: &tar::Entry<'_, R>) -> i64 {
-    entry.header().mtime().map(|t| t.min(i64::MAX as u64) as i64).unwrap_or(0)
+    entry.header().mtime().map(|t| i64::try_from(t).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 fn timestamps(secs: i64) -> Timestamps {
@@ -332,8 +332,8 @@ fn set_xattrs_at(parent: &OwnedFd, name: &OsStr, attrs: &[Xattr], shown: &str) -
 }
 
 fn owner(header: &tar::Header) -> (rustix::fs::Uid, rustix::fs::Gid) {
-    let uid = header.uid().unwrap_or(0).min(u32::MAX as u64 - 1) as u32;
-    let gid = header.gid().unwrap_or(0).min(u32::MAX as u64 - 1) as u32;
+    let uid = u32::try_from(header.uid().unwrap_or(0)).unwrap_or(u32::MAX - 1).min(u32::MAX - 1);
+    let gid = u32::try_from(header.gid().unwrap_or(0)).unwrap_or(u32::MAX - 1).min(u32::MAX - 1);
     (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid))
 }
 

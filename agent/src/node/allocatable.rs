@@ -32,7 +32,7 @@ fn reserved(map: &BTreeMap<String, String>, name: &str, scale: f64) -> Result<u6
     if v < 0.0 {
         bail!("negative reservation {value:?} for {name}");
     }
-    Ok((v * scale).ceil() as u64)
+    Ok(crate::units::ceil_u64(v * scale))
 }
 
 /// An eviction threshold: a quantity, or a percentage of `capacity` (0 when not set).
@@ -44,10 +44,10 @@ pub fn threshold(thresholds: &BTreeMap<String, String>, signal: &str, capacity: 
             .ok()
             .filter(|p| (0.0..=100.0).contains(p))
             .with_context(|| format!("invalid eviction threshold {value:?} for {signal}"))?;
-        return Ok((capacity as f64 * p / 100.0).ceil() as u64);
+        return Ok(crate::units::ceil_u64(capacity as f64 * p / 100.0));
     }
     let v = quantity(&Quantity(value.clone())).with_context(|| format!("invalid eviction threshold {value:?}"))?;
-    Ok(v.max(0.0).ceil() as u64)
+    Ok(crate::units::ceil_u64(v))
 }
 
 /// The eviction thresholds in force: the configured ones, else upstream's defaults.

@@ -203,7 +203,7 @@ impl NodeManager {
                 },
                 spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
                     holder_identity: Some(name.clone()),
-                    lease_duration_seconds: Some(duration as i32),
+                    lease_duration_seconds: Some(i32::try_from(duration).unwrap_or(i32::MAX)),
                     renew_time: Some(MicroTime(Timestamp::now())),
                     ..Default::default()
                 }),

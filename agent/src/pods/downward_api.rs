@@ -125,7 +125,7 @@ pub fn resource_value(
     } else {
         (value / divisor).ceil()
     };
-    Ok(format!("{}", out as i64))
+    Ok(format!("{}", crate::units::ceil_i64(out)))
 }
 
 #[cfg(test)]

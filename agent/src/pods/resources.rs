@@ -44,8 +44,8 @@ pub fn container_resources(c: &Container) -> ContainerResources {
     let r = c.resources.as_ref();
     let requests = r.and_then(|r| r.requests.as_ref());
     let limits = r.and_then(|r| r.limits.as_ref());
-    let millis = |v: f64| (v * 1000.0).ceil() as u64;
-    let bytes = |v: f64| v.ceil() as u64;
+    let millis = |v: f64| crate::units::ceil_u64(v * 1000.0);
+    let bytes = crate::units::ceil_u64;
     let cpu_limit = get(limits, "cpu").map(millis);
     let memory_limit = get(limits, "memory").map(bytes);
     ContainerResources {
@@ -117,9 +117,9 @@ pub fn runtime_resources(
     let quota = c.cpu_limit_millis.and_then(qos::milli_cpu_to_quota);
     nodelet_runtime::Resources {
         cpu_shares: Some(qos::milli_cpu_to_shares(c.cpu_request_millis.unwrap_or(0))),
-        cpu_quota: quota.map(|q| q as i64),
+        cpu_quota: quota.map(|q| i64::try_from(q).unwrap_or(i64::MAX)),
         cpu_period: quota.map(|_| qos::CPU_PERIOD_US),
-        memory_limit: c.memory_limit_bytes.map(|m| m as i64),
+        memory_limit: c.memory_limit_bytes.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
         pids_limit: pod_pids_limit(pids_limit).and_then(|p| i64::try_from(p).ok()),
         oom_group,
     }

@@ -157,14 +157,16 @@ pub fn security(pod: &Pod, c: &Container) -> Security {
         .and_then(|s| s.seccomp_profile.as_ref())
         .or(pod_sc.and_then(|s| s.seccomp_profile.as_ref()))
         .map(|p| p.type_.as_str());
+    // IDs are validated to 0..=2^31-1 before a pod runs (validation.rs): the conversions cannot fail.
+    let id = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
     let mut supplemental: Vec<u32> =
-        pod_sc.and_then(|s| s.supplemental_groups.clone()).unwrap_or_default().into_iter().map(|g| g as u32).collect();
+        pod_sc.and_then(|s| s.supplemental_groups.clone()).unwrap_or_default().into_iter().map(id).collect();
     if let Some(fs_group) = pod_sc.and_then(|s| s.fs_group) {
-        supplemental.push(fs_group as u32);
+        supplemental.push(id(fs_group));
     }
     Security {
-        run_as_user: sc.and_then(|s| s.run_as_user).or(pod_sc.and_then(|s| s.run_as_user)).map(|u| u as u32),
-        run_as_group: sc.and_then(|s| s.run_as_group).or(pod_sc.and_then(|s| s.run_as_group)).map(|g| g as u32),
+        run_as_user: sc.and_then(|s| s.run_as_user).or(pod_sc.and_then(|s| s.run_as_user)).map(id),
+        run_as_group: sc.and_then(|s| s.run_as_group).or(pod_sc.and_then(|s| s.run_as_group)).map(id),
         supplemental_groups: supplemental,
         privileged: sc.and_then(|s| s.privileged).unwrap_or(false),
         allow_privilege_escalation: sc.and_then(|s| s.allow_privilege_escalation),

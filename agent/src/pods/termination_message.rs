@@ -40,7 +40,7 @@ fn tail(path: &Path, max: usize) -> io::Result<Option<Vec<u8>>> {
     };
     let len = f.metadata()?.len();
     f.seek(SeekFrom::Start(len.saturating_sub(max as u64)))?;
-    let mut out = Vec::with_capacity(max.min(len as usize));
+    let mut out = Vec::with_capacity(max.min(usize::try_from(len).unwrap_or(max)));
     f.take(max as u64).read_to_end(&mut out)?;
     Ok(Some(out))
 }
@@ -71,7 +71,7 @@ fn from_log(log: &Path) -> Option<String> {
     let raw = tail(log, 64 * 1024).ok()??;
     let text = String::from_utf8_lossy(&raw);
     // The first line may be cut: skip it unless the read started at the file's beginning.
-    let whole = fs::metadata(log).is_ok_and(|m| m.len() as usize <= raw.len());
+    let whole = fs::metadata(log).is_ok_and(|m| m.len() <= raw.len() as u64);
     let mut out = String::new();
     for line in text.lines().skip(usize::from(!whole)).filter_map(crate::logs::parse_line) {
         out.push_str(&line.text);

@@ -80,6 +80,15 @@ pub fn validate(pod: &Pod) -> Vec<String> {
     if spec.containers.is_empty() {
         errors.push("spec.containers: Required value".into());
     }
+    if let Some(sc) = spec.security_context.as_ref() {
+        let ids = [("runAsUser", sc.run_as_user), ("runAsGroup", sc.run_as_group), ("fsGroup", sc.fs_group)];
+        for (field, id) in ids {
+            user_id(&format!("spec.securityContext.{field}"), id, &mut errors);
+        }
+        for (i, g) in sc.supplemental_groups.iter().flatten().enumerate() {
+            user_id(&format!("spec.securityContext.supplementalGroups[{i}]"), Some(*g), &mut errors);
+        }
+    }
     let mut names = HashSet::new();
     let init = spec.init_containers.iter().flatten().enumerate().map(|(i, c)| (format!("spec.initContainers[{i}]"), c));
     let app = spec.containers.iter().enumerate().map(|(i, c)| (format!("spec.containers[{i}]"), c));
@@ -89,7 +98,19 @@ pub fn validate(pod: &Pod) -> Vec<String> {
     errors
 }
 
+/// A user or group ID as the API allows it (upstream's `IsValidUserID`/`IsValidGroupID`): never one that would
+/// wrap to root in the 32-bit IDs of the kernel.
+fn user_id(path: &str, id: Option<i64>, errors: &mut Vec<String>) {
+    if let Some(id) = id.filter(|id| !(0..=2_147_483_647).contains(id)) {
+        errors.push(format!("{path}: Invalid value: {id}: must be between 0 and 2147483647, inclusive"));
+    }
+}
+
 fn container(path: &str, c: &Container, names: &mut HashSet<String>, errors: &mut Vec<String>) {
+    if let Some(sc) = c.security_context.as_ref() {
+        user_id(&format!("{path}.securityContext.runAsUser"), sc.run_as_user, errors);
+        user_id(&format!("{path}.securityContext.runAsGroup"), sc.run_as_group, errors);
+    }
     if c.name.is_empty() {
         errors.push(format!("{path}.name: Required value"));
     } else if !is_label(&c.name) {
@@ -174,6 +195,22 @@ mod tests {
             "spec": {"containers": [{"name": "main", "image": "busybox",
                 "resources": {"limits": {"memory": "64Mi", "cpu": "500m"}, "requests": {"memory": "32Mi"}},
                 "ports": [{"containerPort": 80, "hostPort": 8080}]}]}})
+    }
+
+    #[test]
+    fn user_ids_that_would_wrap_are_refused() {
+        let p: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": {
+            "securityContext": {"runAsUser": 4294967296i64, "supplementalGroups": [-1]},
+            "containers": [{"name": "c", "image": "i", "securityContext": {"runAsGroup": 2147483648i64}}]}}))
+        .unwrap();
+        assert_eq!(
+            validate(&p),
+            [
+                "spec.securityContext.runAsUser: Invalid value: 4294967296: must be between 0 and 2147483647, inclusive",
+                "spec.securityContext.supplementalGroups[0]: Invalid value: -1: must be between 0 and 2147483647, inclusive",
+                "spec.containers[0].securityContext.runAsGroup: Invalid value: 2147483648: must be between 0 and 2147483647, inclusive",
+            ]
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ fn container_status(c: &ContainerRecord, init: bool) -> ContainerStatus {
         container_id: c.container_id.clone(),
         state: Some(api_state(&c.state)),
         last_state: Some(c.last_state.as_ref().map(api_state).unwrap_or_default()),
-        restart_count: c.restart_count as i32,
+        restart_count: i32::try_from(c.restart_count).unwrap_or(i32::MAX),
         ready: c.ready,
         started: if init { Some(c.state.is_running()) } else { Some(c.started) },
         // What the running instance's cgroup has (upstream: allocatedResources = the requests admitted).

@@ -75,7 +75,7 @@ pub fn image_volume_id(uid: &str, volume: &str) -> String {
 
 fn kind(v: &Volume) -> Kind<'_> {
     if let Some(e) = &v.empty_dir {
-        let size_limit = e.size_limit.as_ref().and_then(crate::pods::resources::quantity).map(|q| q as u64);
+        let size_limit = e.size_limit.as_ref().and_then(crate::pods::resources::quantity).map(crate::units::ceil_u64);
         return Kind::EmptyDir { memory: e.medium.as_deref() == Some("Memory"), size_limit };
     }
     if let Some(h) = &v.host_path {

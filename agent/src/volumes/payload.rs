@@ -32,7 +32,7 @@ pub struct PodFacts<'a> {
 }
 
 fn mode(m: Option<i32>, default: i32) -> u32 {
-    (m.unwrap_or(default) & 0o7777) as u32
+    u32::try_from(m.unwrap_or(default) & 0o7777).unwrap_or(0o644)
 }
 
 /// `data`/`binaryData` or a secret's `data` as (key -> bytes).

@@ -217,7 +217,7 @@ impl Nodelet {
     pub fn kill(&mut self) {
         if let Some(p) = self.process.take() {
             // SAFETY: kill(2) on the PID of our own child process, which has not been reaped yet.
-            unsafe { libc::kill(p.pid() as i32, libc::SIGKILL) };
+            unsafe { libc::kill(p.pid().cast_signed(), libc::SIGKILL) };
             drop(p);
         }
     }
