@@ -379,8 +379,22 @@ spec:
     })
     .await?;
 
+    // recursiveReadOnly: a read-only hostPath whose submount is read-only too; without it the submount is not.
+    let ro = host_dir.path().join("ro");
+    std::fs::create_dir_all(ro.join("sub"))?;
+    node.in_mount_namespace(&format!("mount -t tmpfs tmpfs {}/sub", ro.display()))?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: rro}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'for d in /r /p; do touch $d/sub/x 2>/dev/null && echo $d:writable || echo $d:read-only; done']\n    volumeMounts:\n    - {{name: h, mountPath: /r, readOnly: true, recursiveReadOnly: Enabled}}\n    - {{name: h, mountPath: /p, readOnly: true}}\n  volumes:\n  - {{name: h, hostPath: {{path: {}}}}}\n",
+        ro.display()
+    ))).await?;
+    let done = wait_pod(&pods, "rro", "Succeeded", Duration::from_secs(60), |p| phase(p) == "Succeeded").await?;
+    let out = log_text(&node, &done, "main");
+    ensure!(out == "/r:read-only\n/p:writable\n", "recursiveReadOnly: {out:?}");
+    node.in_mount_namespace(&format!("umount {}/sub", ro.display()))?;
+
     // Deleted: nothing of the pods' volumes is left mounted or on disk.
-    let names = ["vols", "needs-cfg", "claim", "escape", "said", "imgvol", "imgmissing", "propagation", "unshared"];
+    let names =
+        ["vols", "needs-cfg", "claim", "escape", "said", "imgvol", "imgmissing", "propagation", "unshared", "rro"];
     let mut uids = Vec::new();
     for name in names {
         uids.push(pods.get(name).await?.metadata.uid.unwrap_or_default());

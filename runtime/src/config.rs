@@ -115,6 +115,8 @@ pub enum Mount {
         destination: String,
         /// Mounted read-only.
         read_only: bool,
+        /// With `read_only`: the mounts below the source read-only too (`recursiveReadOnly`, mount_setattr).
+        recursive: bool,
         /// Whether mounts below it propagate (Kubernetes' `mountPropagation`).
         propagation: Propagation,
     },

@@ -192,10 +192,13 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
                        "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}));
     for m in &cfg.mounts {
         mounts.push(match m {
-            Mount::Bind { source, destination, read_only, propagation } => json!({
-                "destination": destination, "type": "bind", "source": source,
-                "options": ["rbind", propagation_option(*propagation), if *read_only { "ro" } else { "rw" }],
-            }),
+            Mount::Bind { source, destination, read_only, recursive, propagation } => {
+                let mut options = vec!["rbind", propagation_option(*propagation), if *read_only { "ro" } else { "rw" }];
+                if *read_only && *recursive {
+                    options.push("rro");
+                }
+                json!({"destination": destination, "type": "bind", "source": source, "options": options})
+            }
             Mount::Tmpfs { destination, size } => {
                 let mut options = vec!["nosuid".to_string(), "nodev".to_string(), "mode=1777".to_string()];
                 if let Some(size) = size {

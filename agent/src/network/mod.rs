@@ -190,6 +190,7 @@ impl Network {
                 source: dir.join(name),
                 destination: format!("/etc/{name}"),
                 read_only: false,
+                recursive: false,
                 propagation: Default::default(),
             })
             .collect()

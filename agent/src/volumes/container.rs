@@ -41,9 +41,16 @@ pub fn mounts(
             }
             Some(other) => return Err(format!("invalid mount propagation mode {other:?}")),
         };
-        if m.recursive_read_only.as_deref() == Some("Enabled") {
-            return Err("recursiveReadOnly: Enabled is not supported by nodelet yet".into());
-        }
+        let read_only = m.read_only.unwrap_or(false) || volume.read_only;
+        // Enabled and IfPossible alike: this kernel has mount_setattr (5.12+), so recursive read-only is possible.
+        let recursive = match m.recursive_read_only.as_deref() {
+            None | Some("Disabled") => false,
+            Some("Enabled" | "IfPossible") if !m.read_only.unwrap_or(false) => {
+                return Err("recursiveReadOnly requires readOnly to be true".into());
+            }
+            Some("Enabled" | "IfPossible") => true,
+            Some(other) => return Err(format!("invalid recursiveReadOnly mode {other:?}")),
+        };
         let sub = sub_path(m, env)?;
         let source = match sub {
             None => volume.path.clone(),
@@ -52,12 +59,10 @@ pub fn mounts(
         if propagation != Propagation::Private {
             super::mounts::check_propagation(&source, propagation == Propagation::Bidirectional)?;
         }
-        out.push(Mount::Bind {
-            source,
-            destination: m.mount_path.clone(),
-            read_only: m.read_only.unwrap_or(false) || volume.read_only,
-            propagation,
-        });
+        if recursive && propagation != Propagation::Private {
+            return Err("recursiveReadOnly requires mountPropagation None".into());
+        }
+        out.push(Mount::Bind { source, destination: m.mount_path.clone(), read_only, recursive, propagation });
     }
     Ok(out)
 }

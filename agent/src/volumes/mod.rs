@@ -416,6 +416,7 @@ mod tests {
                 source: info.path.clone(),
                 destination: "/etc/info".into(),
                 read_only: true,
+                recursive: false,
                 propagation: nodelet_runtime::Propagation::Private,
             }]
         );

@@ -274,7 +274,8 @@ impl Worker {
             termination_message::create(&source)
                 .map_err(|e| anyhow::anyhow!("creating the termination message file {}: {e}", source.display()))?;
             let propagation = Default::default();
-            mounts.push(nodelet_runtime::Mount::Bind { source, destination, read_only: false, propagation });
+            let (read_only, recursive) = (false, false);
+            mounts.push(nodelet_runtime::Mount::Bind { source, destination, read_only, recursive, propagation });
         }
         let pod_cgroup = nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid);
         let cgroup_root = self.ctx.config.kubelet.cgroup_root.clone().unwrap_or_default();
