@@ -10,6 +10,7 @@ pub mod logs;
 pub mod network;
 pub mod node;
 pub mod pods;
+pub mod prober;
 pub mod root_lock;
 pub mod server;
 pub mod sources;

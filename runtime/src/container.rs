@@ -163,6 +163,9 @@ impl Inner {
     }
 }
 
+/// How much of an `exec_sync` process's stdout and stderr is kept.
+pub const EXEC_OUTPUT: u64 = 16 * 1024;
+
 impl Runtime {
     /// A runtime keeping its state under `root` (`libcontainer/`, `bundles/`, `records/`, `sandboxes/`, `cgroupfs/`).
     /// Must be called inside a tokio runtime: it spawns the task that receives exit events from the zygote. Makes
@@ -418,7 +421,7 @@ impl Runtime {
         to_exit(exited, false).code
     }
 
-    /// Runs `exec` to completion with captured output, killed after `timeout` (exec probes, `kubectl exec` without
+    /// Runs `exec` to completion with captured output (at most [`EXEC_OUTPUT`] bytes of each stream), killed after `timeout` (exec probes, `kubectl exec` without
     /// a stream). Returns (exit code, stdout, stderr); `None` as the code on timeout.
     pub async fn exec_sync(
         &self,
@@ -428,10 +431,15 @@ impl Runtime {
     ) -> Result<(Option<i32>, Vec<u8>, Vec<u8>), RuntimeError> {
         let (io, pipes) = ContainerIo::pipes(false)?;
         let pid = self.exec(c, &ExecConfig { tty: false, ..exec.clone() }, io).await?.pid;
-        let read = |mut f: File| {
+        // At most EXEC_OUTPUT bytes are kept; the rest is read and dropped (the process never blocks on a full
+        // pipe, and its output never grows the agent).
+        let read = |f: File| {
             tokio::task::spawn_blocking(move || {
                 let mut buf = Vec::new();
-                std::io::Read::read_to_end(&mut f, &mut buf).map(|_| buf)
+                let mut f = std::io::Read::take(f, EXEC_OUTPUT);
+                std::io::Read::read_to_end(&mut f, &mut buf)?;
+                std::io::copy(&mut f.into_inner(), &mut std::io::sink())?;
+                Ok::<_, std::io::Error>(buf)
             })
         };
         let (out, err) = (read(pipes.stdout), read(pipes.stderr));

@@ -25,6 +25,9 @@ use nodelet_runtime::{
 use crate::images::pull::Progress;
 use crate::images::{ImageEvent, ImageFailure, ImageManager, PullPolicy, ReadyImage};
 
+/// An exec's exit code (`None`: killed at its timeout) and its output (stdout, then stderr).
+pub type ExecResult = Result<(Option<i32>, Vec<u8>), RuntimeError>;
+
 /// A boxed future (the traits are used as trait objects).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -49,6 +52,8 @@ pub trait ContainerRuntime: Send + Sync {
     fn list_matching<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>>;
     /// An adopted container's stdout and stderr, to relay them again.
     fn reopen_output(&self, id: &str) -> Option<(File, File)>;
+    /// Runs `args` in the container, killed after `timeout`: (exit code, `None` on timeout; stdout then stderr).
+    fn exec_sync<'a>(&'a self, id: &'a str, args: &'a [String], timeout: Duration) -> BoxFuture<'a, ExecResult>;
 }
 
 /// The image service: images present per pull policy, and containers' root filesystems on them.
@@ -209,6 +214,18 @@ impl ContainerRuntime for RealRuntime {
 
     fn reopen_output(&self, id: &str) -> Option<(File, File)> {
         self.runtime.reopen_output(&self.container(id)?)
+    }
+
+    fn exec_sync<'a>(&'a self, id: &'a str, args: &'a [String], timeout: Duration) -> BoxFuture<'a, ExecResult> {
+        Box::pin(async move {
+            let c = self
+                .container(id)
+                .ok_or_else(|| RuntimeError::Exec { id: id.into(), message: "the container is not running".into() })?;
+            let exec = nodelet_runtime::ExecConfig { args: args.to_vec(), env: Vec::new(), tty: false };
+            let (code, mut out, err) = self.runtime.exec_sync(&c, &exec, timeout).await?;
+            out.extend(err);
+            Ok((code, out))
+        })
     }
 }
 

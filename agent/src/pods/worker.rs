@@ -8,6 +8,7 @@
 //! latest.
 
 mod exits;
+mod probes;
 mod resize;
 mod start;
 mod take_over;
@@ -60,6 +61,8 @@ const BACKOFF_RESET: Duration = Duration::from_secs(600);
 
 struct Running {
     id: String,
+    /// Its probe tasks, aborted when the instance is dropped from `running`.
+    _probes: probes::Probes,
     started_at: Timestamp,
     started: Instant,
 }
@@ -78,6 +81,8 @@ pub struct Worker {
     rx: watch::Receiver<Desired>,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits_rx: mpsc::UnboundedReceiver<Exit>,
+    probe_tx: mpsc::UnboundedSender<crate::prober::ProbeReport>,
+    probe_rx: mpsc::UnboundedReceiver<crate::prober::ProbeReport>,
     running: HashMap<String, Running>,
     crash_backoff: Backoff,
     next_attempt: HashMap<String, Instant>,
@@ -141,6 +146,7 @@ impl Worker {
                 .collect(),
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let volume_changes = ctx.volumes.changes(&pod_ref.uid);
         let log_dir = logs::pod_log_dir(&ctx.config.log_dir, &pod_ref.namespace, &pod_ref.name, &pod_ref.uid);
         Worker {
@@ -151,6 +157,8 @@ impl Worker {
             rx,
             exits_tx,
             exits_rx,
+            probe_tx,
+            probe_rx,
             running: HashMap::new(),
             crash_backoff: Backoff::new(Duration::from_secs(10), Duration::from_secs(300)),
             next_attempt: HashMap::new(),
@@ -243,6 +251,7 @@ impl Worker {
                     }
                 }
                 Some(exit) = self.exits_rx.recv() => self.on_exit(exit).await,
+                Some(report) = self.probe_rx.recv() => self.on_probe(report),
                 _ = self.volume_changes.notified() => self.volumes_resync = Instant::now(),
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }

@@ -17,7 +17,7 @@ use nodelet_runtime::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::{BoxFuture, ContainerRuntime, ImageService, PodCgroups, PodNetwork};
+use super::{BoxFuture, ContainerRuntime, ExecResult, ImageService, PodCgroups, PodNetwork};
 use crate::images::digest::Digest;
 use crate::images::store::ImageRecord;
 use crate::images::{ImageEvent, ImageFailure, PullPolicy, ReadyImage};
@@ -41,6 +41,8 @@ struct State {
     exits: HashMap<String, watch::Sender<Option<ContainerExit>>>,
     scripts: HashMap<String, Script>,
     sandboxes: HashMap<String, Sandbox>,
+    /// What an exec (probe) in a container exits with, by container name (default 0).
+    exec_codes: HashMap<String, i32>,
     /// The command line of the latest create, by container name.
     commands: HashMap<String, Vec<String>>,
 }
@@ -117,6 +119,11 @@ impl FakeRuntime {
     /// The command line the latest instance of `name` was created with.
     pub fn command(&self, name: &str) -> Option<Vec<String>> {
         self.lock().commands.get(name).cloned()
+    }
+
+    /// Makes execs (probes) in `name` exit with `code` from now on.
+    pub fn set_exec(&self, name: &str, code: i32) {
+        self.lock().exec_codes.insert(name.to_string(), code);
     }
 
     /// Makes the running instance of `name` exit with `code`.
@@ -247,6 +254,11 @@ impl ContainerRuntime for FakeRuntime {
 
     fn reopen_output(&self, _: &str) -> Option<(File, File)> {
         None
+    }
+
+    fn exec_sync<'a>(&'a self, id: &'a str, _: &'a [String], _: Duration) -> BoxFuture<'a, ExecResult> {
+        let code = self.lock().exec_codes.get(name_of(id)).copied().unwrap_or(0);
+        Box::pin(async move { Ok((Some(code), format!("exit {code}").into_bytes())) })
     }
 }
 

@@ -85,11 +85,11 @@ impl Worker {
                 record.state = ContainerState::Running { started_at: now };
                 record.spec_hash = Some(plan::spec_hash(&c));
                 record.applied = Some(crate::pods::state::Applied::of(&c));
-                // No probes yet: a container counts as started, and an app container or a sidecar as ready,
-                // once it runs.
-                record.started = true;
-                record.ready = !init || plan::is_sidecar(&c);
-                self.watch(c.name.clone(), id, now);
+                // Started at once without a startup probe; ready (app containers and sidecars) at once without
+                // a readiness probe, else when the probes say so.
+                record.started = c.startup_probe.is_none();
+                record.ready = (!init || plan::is_sidecar(&c)) && record.started && c.readiness_probe.is_none();
+                self.watch(&c, id, now, false);
                 return;
             }
             Err(NotStarted::Create(message)) => {
@@ -222,10 +222,24 @@ impl Worker {
         Ok(())
     }
 
-    fn watch(&mut self, name: String, id: String, started_at: Timestamp) {
-        let running = Running { id: id.clone(), started_at, started: Instant::now() };
-        self.running.insert(name.clone(), running);
-        self.watch_exit(name, id);
+    /// Records a running instance: its exit is watched and its probes start (`ready`: the readiness it had, for
+    /// one taken over from the previous agent).
+    pub(super) fn watch(&mut self, c: &ApiContainer, id: String, started_at: Timestamp, ready: bool) {
+        self.watch_since(c, id, started_at, Instant::now(), ready);
+    }
+
+    pub(super) fn watch_since(
+        &mut self,
+        c: &ApiContainer,
+        id: String,
+        started_at: Timestamp,
+        started: Instant,
+        ready: bool,
+    ) {
+        let probes = self.start_probes(c, &id, ready);
+        let running = Running { id: id.clone(), _probes: probes, started_at, started };
+        self.running.insert(c.name.clone(), running);
+        self.watch_exit(c.name.clone(), id);
     }
 
     /// Sends the container's exit to this worker when it comes.

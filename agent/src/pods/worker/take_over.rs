@@ -98,8 +98,16 @@ impl Worker {
             }
             let ran = Duration::try_from(now.duration_since(started_at)).unwrap_or_default();
             let started = Instant::now().checked_sub(ran).unwrap_or_else(Instant::now);
-            self.running.insert(name.clone(), Running { id: id.clone(), started_at, started });
-            self.watch_exit(name, id);
+            let (init, index) = self.locate(&name);
+            let ready = self.record(init, index).ready;
+            match self.container_spec(&name, init) {
+                Some((c, _)) => self.watch_since(&c, id, started_at, started, ready),
+                None => {
+                    let probes = super::probes::Probes::default();
+                    self.running.insert(name.clone(), Running { id: id.clone(), _probes: probes, started_at, started });
+                    self.watch_exit(name, id);
+                }
+            }
         }
         // Containers no record claims (created just before the crash): not ours to guess about.
         for id in containers {

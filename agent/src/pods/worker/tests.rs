@@ -218,3 +218,50 @@ spec:
     assert!(h.runtime.log().is_empty(), "nothing runs without its volumes: {:?}", h.runtime.log());
     h.delete().await;
 }
+
+#[tokio::test]
+async fn readiness_follows_the_probe_and_a_failed_liveness_probe_restarts() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers:
+  - name: web
+    readinessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}
+  - name: live
+    livenessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}");
+    let mut h = Harness::start(p, |rt, _| rt.set_exec("live", 0));
+    let running = h.until("web running", |s| app(s, "web").state.is_running()).await;
+    assert!(!app(&running, "web").ready, "unready until the first probe");
+    assert!(app(&running, "live").ready, "no readiness probe: ready once running");
+    h.until("web ready", |s| app(s, "web").ready).await;
+    h.runtime.set_exec("web", 1);
+    h.until("web unready again", |s| !app(s, "web").ready && app(s, "web").state.is_running()).await;
+    // A failing liveness probe: stopped (SIGTERM) and started again, as restartPolicy Always says.
+    h.runtime.set_exec("live", 1);
+    let restarted = h.until("live restarted", |s| app(s, "live").restart_count == 1).await;
+    assert!(
+        matches!(app(&restarted, "live").last_state, Some(ContainerState::Terminated { exit_code: 143, .. }))
+            || matches!(app(&restarted, "live").state, ContainerState::Terminated { exit_code: 143, .. }),
+        "{:?}",
+        app(&restarted, "live")
+    );
+    assert!(h.runtime.log().contains(&"stop live".to_string()), "{:?}", h.runtime.log());
+    h.delete().await;
+}
+
+#[tokio::test]
+async fn a_startup_probe_holds_back_started_and_readiness() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers:
+  - name: slow
+    startupProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 30}
+    readinessProbe: {exec: {command: [check]}, periodSeconds: 1}");
+    let mut h = Harness::start(p, |rt, _| rt.set_exec("slow", 1));
+    let s = h.until("running", |s| app(s, "slow").state.is_running()).await;
+    assert!(!app(&s, "slow").started && !app(&s, "slow").ready);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.runtime.set_exec("slow", 0);
+    let s = h.until("started and ready", |s| app(s, "slow").started && app(s, "slow").ready).await;
+    assert_eq!(app(&s, "slow").restart_count, 0);
+    h.delete().await;
+}

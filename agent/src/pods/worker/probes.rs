@@ -1,0 +1,81 @@
+//! A running container's probes (see [`crate::prober`]): started with the instance, their reports turned into
+//! its `ready` and `started`, `Unhealthy` events, and a restart when liveness or startup fails.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Container as ApiContainer;
+
+use super::Worker;
+use crate::pods::plan;
+use crate::prober::{self, Kind, ProbeReport, Report, Target};
+
+/// An instance's probe tasks, aborted when dropped (the instance ended or was replaced).
+#[derive(Default)]
+pub struct Probes(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+impl Worker {
+    /// Starts `c`'s probes for instance `id`; `ready`: its readiness so far (false for a new instance).
+    pub(super) fn start_probes(&self, c: &ApiContainer, id: &str, ready: bool) -> Probes {
+        if c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none() {
+            return Probes::default();
+        }
+        let host_network = self.pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+        let target = Target {
+            netns: self.sandbox.as_ref().and_then(|s| s.net.clone()).filter(|_| !host_network),
+            pod_ip: self.state.pod_ip.clone().unwrap_or_else(|| self.ctx.config.node_ip.clone()),
+        };
+        let runtime = self.ctx.runtime.clone();
+        Probes(prober::start(c, id, target, runtime, self.probe_tx.clone(), ready))
+    }
+
+    /// Acts on a probe task's report about a still-running instance.
+    pub(super) fn on_probe(&mut self, report: ProbeReport) {
+        let ProbeReport { container: name, id, report } = report;
+        if self.running.get(&name).is_none_or(|r| r.id != id) {
+            return;
+        }
+        let (init, index) = self.locate(&name);
+        let Some((c, _)) = self.container_spec(&name, init) else { return };
+        match report {
+            Report::Failed { kind, output } => {
+                let message = format!("{} probe failed: {}", kind.name(), output.trim_end());
+                self.event(Some((&name, init)), true, "Unhealthy", &message);
+            }
+            Report::Result { kind: Kind::Readiness, healthy } => {
+                let record = self.record(init, index);
+                record.ready = healthy && record.started;
+            }
+            Report::Result { kind: Kind::Startup, healthy: true } => {
+                let record = self.record(init, index);
+                record.started = true;
+                if c.readiness_probe.is_none() {
+                    record.ready = !init || plan::is_sidecar(&c);
+                }
+            }
+            Report::Result { kind, healthy: false } => {
+                let which = if kind == Kind::Liveness { "liveness" } else { "startup" };
+                let message = format!("Container {name} failed {which} probe, will be restarted");
+                self.event(Some((&name, init)), false, "Killing", &message);
+                // Stopped in the background: its exit comes through the exit watch and is restarted per policy.
+                let probe = if kind == Kind::Liveness { &c.liveness_probe } else { &c.startup_probe };
+                let seconds = probe
+                    .as_ref()
+                    .and_then(|p| p.termination_grace_period_seconds)
+                    .or(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+                    .unwrap_or(30);
+                let grace = Duration::from_secs(seconds.max(0).unsigned_abs());
+                let runtime = self.ctx.runtime.clone();
+                tokio::spawn(async move { runtime.stop(&id, grace).await });
+            }
+            Report::Result { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Probe handlers: `exec` through the runtime (killed at the timeout), `tcpSocket` and `httpGet` over a
+//! connection opened inside the pod's network namespace (a short-lived thread joins it, connects and exits, so
+//! no thread of the agent ever stays in a pod's namespace). `grpc` is not built yet: such a probe fails with a
+//! message saying so (never a silent success).
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use k8s_openapi::api::core::v1::{Container, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{Outcome, Target};
+use crate::pods::services::ContainerRuntime;
+
+/// Upstream keeps at most this much of a probe's output (exec) or body (httpGet).
+const MAX_OUTPUT: usize = 10 * 1024;
+
+/// Runs the probe once with `timeout`.
+pub async fn run(
+    probe: &Probe,
+    c: &Container,
+    id: &str,
+    target: &Target,
+    runtime: &Arc<dyn ContainerRuntime>,
+    timeout: Duration,
+) -> Outcome {
+    if let Some(exec) = &probe.exec {
+        let args = exec.command.clone().unwrap_or_default();
+        return match runtime.exec_sync(id, &args, timeout).await {
+            Ok((Some(0), _)) => Outcome::Success,
+            Ok((Some(_), output)) => Outcome::Failure(text(&output)),
+            Ok((None, _)) => Outcome::Failure(format!("command {args:?} timed out")),
+            Err(e) => Outcome::Failure(e.to_string()),
+        };
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        let host = tcp.host.clone().unwrap_or_else(|| target.pod_ip.clone());
+        return match port(&tcp.port, c).and_then(|p| address(&host, p)) {
+            Ok(addr) => match connect(target.netns.clone(), addr, timeout).await {
+                Ok(_) => Outcome::Success,
+                Err(e) => Outcome::Failure(format!("dial tcp {addr}: {e}")),
+            },
+            Err(e) => Outcome::Failure(e),
+        };
+    }
+    if let Some(http) = &probe.http_get {
+        return match tokio::time::timeout(timeout, http_get(http, c, target, timeout)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Failure(format!(
+                "Get \"{}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)",
+                url(http, target, c).unwrap_or_default()
+            )),
+        };
+    }
+    if probe.grpc.is_some() {
+        return Outcome::Failure("grpc probes are not supported by nodelet yet".into());
+    }
+    Outcome::Failure("the probe has no handler".into())
+}
+
+fn text(output: &[u8]) -> String {
+    String::from_utf8_lossy(&output[..output.len().min(MAX_OUTPUT)]).into_owned()
+}
+
+/// A probe's port: a number, or the name of one of the container's ports.
+fn port(p: &IntOrString, c: &Container) -> Result<u16, String> {
+    let number = match p {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => match name.parse::<i32>() {
+            Ok(n) => n,
+            Err(_) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                .map(|cp| cp.container_port)
+                .ok_or_else(|| format!("couldn't find port: {name:?} in container {:?}", c.name))?,
+        },
+    };
+    u16::try_from(number).ok().filter(|n| *n > 0).ok_or_else(|| format!("invalid port number: {number}"))
+}
+
+fn address(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let ip: std::net::IpAddr = host.parse().map_err(|_| format!("probe host {host:?} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Connects to `addr` from inside `netns` (a thread of its own joins the namespace and exits after).
+async fn connect(netns: Option<PathBuf>, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("probe-connect".into()).spawn(move || {
+        let result = (|| {
+            if let Some(ns) = netns {
+                let file = std::fs::File::open(&ns)?;
+                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            }
+            TcpStream::connect_timeout(&addr, timeout)
+        })();
+        let _ = tx.send(result);
+    })?;
+    rx.await.map_err(|_| std::io::Error::other("the connecting thread ended"))?
+}
+
+fn url(http: &k8s_openapi::api::core::v1::HTTPGetAction, target: &Target, c: &Container) -> Result<String, String> {
+    let scheme = http.scheme.as_deref().unwrap_or("HTTP").to_ascii_lowercase();
+    let host = http.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.pod_ip.clone());
+    let port = port(&http.port, c)?;
+    let path = http.path.clone().unwrap_or_default();
+    let path = if path.starts_with('/') { path } else { format!("/{path}") };
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    Ok(format!("{scheme}://{host}:{port}{path}"))
+}
+
+/// An HTTP(S) GET as upstream's prober: 200-399 succeed; redirects to the same host are followed, to another
+/// host are a success; the body is read up to 10 KiB for the failure message. HTTPS is not verified.
+async fn http_get(
+    http: &k8s_openapi::api::core::v1::HTTPGetAction,
+    c: &Container,
+    target: &Target,
+    timeout: Duration,
+) -> Outcome {
+    let url = match url(http, target, c) {
+        Ok(u) => u,
+        Err(e) => return Outcome::Failure(e),
+    };
+    let mut current = url.clone();
+    for _ in 0..10 {
+        let response = match request(&current, http, target, timeout).await {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failure(format!("Get {current:?}: {e}")),
+        };
+        let (status, location, body) = response;
+        if (300..400).contains(&status)
+            && let Some(location) = location
+        {
+            let next = resolve(&current, &location);
+            if host_of(&next) != host_of(&current) {
+                // Upstream: a redirect to another host is a success (with a warning event upstream).
+                return Outcome::Success;
+            }
+            current = next;
+            continue;
+        }
+        if (200..400).contains(&status) {
+            return Outcome::Success;
+        }
+        return Outcome::Failure(format!(
+            "HTTP probe failed with statuscode: {status}{}",
+            if body.is_empty() { String::new() } else { format!(", body: {body}") }
+        ));
+    }
+    Outcome::Failure(format!("Get {url:?}: stopped after 10 redirects"))
+}
+
+fn host_of(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest.split('/').next().unwrap_or(rest))
+}
+
+fn resolve(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
+    let host = rest.split('/').next().unwrap_or(rest);
+    if location.starts_with('/') {
+        format!("{scheme}://{host}{location}")
+    } else {
+        format!("{scheme}://{host}/{location}")
+    }
+}
+
+/// One GET: (status, Location header, body up to 10 KiB).
+async fn request(
+    url: &str,
+    http: &k8s_openapi::api::core::v1::HTTPGetAction,
+    target: &Target,
+    timeout: Duration,
+) -> Result<(u16, Option<String>, String), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    let https = uri.scheme_str() == Some("https");
+    let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let addr = address(&host, port)?;
+    let stream = connect(target.netns.clone(), addr, timeout).await.map_err(|e| format!("dial tcp {addr}: {e}"))?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+    let mut builder = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(hyper::header::USER_AGENT, "kube-probe/1.37")
+        .header(hyper::header::ACCEPT, "*/*");
+    let mut host_header = uri.authority().map_or(String::new(), |a| a.to_string());
+    for h in http.http_headers.iter().flatten() {
+        if h.name.eq_ignore_ascii_case("host") {
+            host_header = h.value.clone();
+        } else {
+            builder = builder.header(h.name.as_str(), h.value.as_str());
+        }
+    }
+    let request = builder
+        .header(hyper::header::HOST, host_header)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = if https {
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls()));
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        let stream = tls.connect(name, stream).await.map_err(|e| e.to_string())?;
+        send(hyper_util::rt::TokioIo::new(stream), request).await?
+    } else {
+        send(hyper_util::rt::TokioIo::new(stream), request).await?
+    };
+    let status = response.status().as_u16();
+    let location = response.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut body = Vec::new();
+    let mut incoming = response.into_body();
+    while body.len() < MAX_OUTPUT {
+        match incoming.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    body.extend_from_slice(data);
+                }
+            }
+            _ => break,
+        }
+    }
+    body.truncate(MAX_OUTPUT);
+    Ok((status, location, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn send<T>(
+    io: T,
+    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    // The connection task ends once the response is read or dropped and the sender is gone.
+    tokio::spawn(conn);
+    sender.send_request(request).await.map_err(|e| e.to_string())
+}
+
+/// TLS that accepts any server certificate (upstream's prober does not verify either).
+fn insecure_tls() -> rustls::ClientConfig {
+    #[derive(Debug)]
+    struct AcceptAll(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AcceptAll {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAll(provider))).with_no_client_auth())
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAll(Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))))
+                .with_no_client_auth()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container() -> Container {
+        serde_json::from_value(serde_json::json!({"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}))
+            .unwrap()
+    }
+
+    #[test]
+    fn ports_by_number_or_name() {
+        let c = container();
+        assert_eq!(port(&IntOrString::Int(80), &c), Ok(80));
+        assert_eq!(port(&IntOrString::String("http".into()), &c), Ok(8080));
+        assert_eq!(port(&IntOrString::String("81".into()), &c), Ok(81));
+        assert!(port(&IntOrString::String("nope".into()), &c).unwrap_err().contains("couldn't find port"));
+        assert!(port(&IntOrString::Int(0), &c).is_err());
+    }
+
+    #[test]
+    fn urls_and_redirects() {
+        let target = Target { netns: None, pod_ip: "10.1.2.3".into() };
+        let http: k8s_openapi::api::core::v1::HTTPGetAction =
+            serde_json::from_value(serde_json::json!({"port": "http", "path": "healthz"})).unwrap();
+        assert_eq!(url(&http, &target, &container()).unwrap(), "http://10.1.2.3:8080/healthz");
+        assert_eq!(resolve("http://10.1.2.3:8080/a", "/b"), "http://10.1.2.3:8080/b");
+        assert_eq!(host_of("http://10.1.2.3:8080/b"), "10.1.2.3:8080");
+        assert_eq!(resolve("http://h:1/a", "https://other/x"), "https://other/x");
+    }
+
+    #[tokio::test]
+    async fn http_and_tcp_probes_against_a_local_server() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let reply = if head.starts_with("GET /ok ") {
+                        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string()
+                    } else if head.starts_with("GET /moved ") {
+                        "HTTP/1.1 302 Found\r\nlocation: /ok\r\ncontent-length: 0\r\n\r\n".to_string()
+                    } else {
+                        "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nboom".to_string()
+                    };
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        let target = Target { netns: None, pod_ip: "127.0.0.1".into() };
+        let c = container();
+        let runtime: Arc<dyn ContainerRuntime> = Arc::new(crate::pods::services::fake::FakeRuntime::default());
+        let probe = |json: serde_json::Value| -> Probe { serde_json::from_value(json).unwrap() };
+        let t = Duration::from_secs(2);
+        let ok = probe(serde_json::json!({"httpGet": {"port": port, "path": "/ok"}}));
+        assert_eq!(run(&ok, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let moved = probe(serde_json::json!({"httpGet": {"port": port, "path": "/moved"}}));
+        assert_eq!(run(&moved, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let bad = probe(serde_json::json!({"httpGet": {"port": port, "path": "/bad"}}));
+        assert_eq!(
+            run(&bad, &c, "id", &target, &runtime, t).await,
+            Outcome::Failure("HTTP probe failed with statuscode: 500, body: boom".into())
+        );
+        let tcp = probe(serde_json::json!({"tcpSocket": {"port": port}}));
+        assert_eq!(run(&tcp, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let refused = probe(serde_json::json!({"tcpSocket": {"port": closed}}));
+        assert!(
+            matches!(run(&refused, &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.contains("refused"))
+        );
+        let grpc = probe(serde_json::json!({"grpc": {"port": port}}));
+        assert!(
+            matches!(run(&grpc, &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.contains("not supported"))
+        );
+    }
+}

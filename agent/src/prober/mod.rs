@@ -1,0 +1,281 @@
+//! The prober: startup, liveness and readiness probes of running containers, with upstream's semantics.
+//!
+//! One task per probe of a container instance (a timer and a handler; tokio tasks cost a few hundred bytes, not
+//! a goroutine stack), started when the instance starts and aborted when it ends. A task reports only
+//! *transitions* (after `failureThreshold` failures or `successThreshold` successes in a row) and every failed
+//! run (for the `Unhealthy` event) to its pod worker, which owns the container's `ready` and `started` and kills a
+//! container whose liveness or startup probe failed. Liveness and readiness wait until the startup probe has
+//! succeeded (a shared flag), as upstream.
+//!
+//! The handlers (`handlers.rs`) open their connections from inside the pod's network namespace, so probes work
+//! whether or not the node can route to the pod's IP (with a loopback-only or an overlay network too).
+
+pub mod handlers;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Probe};
+use tokio::sync::mpsc;
+
+use crate::pods::services::ContainerRuntime;
+
+/// Which probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Startup,
+    Liveness,
+    Readiness,
+}
+
+impl Kind {
+    /// As upstream's events name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Startup => "Startup",
+            Kind::Liveness => "Liveness",
+            Kind::Readiness => "Readiness",
+        }
+    }
+}
+
+/// One run's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The probe ran and failed; its output (truncated) for the event.
+    Failure(String),
+}
+
+/// What a probe task tells its pod worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A run failed (not yet a transition, unless `failureThreshold` is reached too).
+    Failed { kind: Kind, output: String },
+    /// The probe's result changed (true: healthy).
+    Result { kind: Kind, healthy: bool },
+}
+
+/// A report about container instance `id` (named `container`).
+#[derive(Debug, Clone)]
+pub struct ProbeReport {
+    pub container: String,
+    pub id: String,
+    pub report: Report,
+}
+
+/// A probe's timing and thresholds, with upstream's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub initial_delay: Duration,
+    pub period: Duration,
+    pub timeout: Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+}
+
+impl Timing {
+    pub fn of(p: &Probe) -> Timing {
+        let secs = |v: Option<i32>, default: i32, min: i32| {
+            Duration::from_secs(v.unwrap_or(default).max(min).unsigned_abs().into())
+        };
+        let count = |v: Option<i32>, default: i32| v.unwrap_or(default).max(1).unsigned_abs();
+        Timing {
+            initial_delay: secs(p.initial_delay_seconds, 0, 0),
+            period: secs(p.period_seconds, 10, 1),
+            timeout: secs(p.timeout_seconds, 1, 1),
+            success_threshold: count(p.success_threshold, 1),
+            failure_threshold: count(p.failure_threshold, 3),
+        }
+    }
+}
+
+/// Counts consecutive outcomes and says when the result flips (upstream's worker: a result changes after
+/// `failureThreshold` failures or `successThreshold` successes in a row).
+#[derive(Debug, Clone)]
+pub struct Counter {
+    timing: Timing,
+    healthy: Option<bool>,
+    run: u32,
+    last: Option<bool>,
+}
+
+impl Counter {
+    /// `healthy`: the result before any run (readiness: false; liveness: true; startup: none, so that it flips
+    /// either way at its threshold).
+    pub fn new(timing: Timing, healthy: Option<bool>) -> Counter {
+        Counter { timing, healthy, run: 0, last: None }
+    }
+
+    /// Records an outcome; `Some(new result)` when the result changes.
+    pub fn record(&mut self, success: bool) -> Option<bool> {
+        if self.last == Some(success) {
+            self.run = self.run.saturating_add(1);
+        } else {
+            self.run = 1;
+            self.last = Some(success);
+        }
+        let threshold = if success { self.timing.success_threshold } else { self.timing.failure_threshold };
+        if self.healthy != Some(success) && self.run >= threshold {
+            self.healthy = Some(success);
+            return Some(success);
+        }
+        None
+    }
+}
+
+/// Where a container's probes connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The pod's network namespace (`None`: the host's, hostNetwork pods).
+    pub netns: Option<PathBuf>,
+    /// The pod's IP (the default host of httpGet and tcpSocket probes).
+    pub pod_ip: String,
+}
+
+/// Starts the probes of container instance `id` (`ready`: its readiness so far); their tasks end when aborted
+/// (the instance ended).
+pub fn start(
+    c: &Container,
+    id: &str,
+    target: Target,
+    runtime: Arc<dyn ContainerRuntime>,
+    tx: mpsc::UnboundedSender<ProbeReport>,
+    ready: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let started = Arc::new(AtomicBool::new(c.startup_probe.is_none()));
+    let probes =
+        [(Kind::Startup, &c.startup_probe), (Kind::Liveness, &c.liveness_probe), (Kind::Readiness, &c.readiness_probe)];
+    probes
+        .into_iter()
+        .filter_map(|(kind, p)| Some((kind, p.clone()?)))
+        .map(|(kind, probe)| {
+            let task = Task {
+                kind,
+                probe,
+                container: c.clone(),
+                id: id.to_string(),
+                target: target.clone(),
+                runtime: runtime.clone(),
+                tx: tx.clone(),
+                started: started.clone(),
+                ready,
+            };
+            tokio::spawn(task.run())
+        })
+        .collect()
+}
+
+struct Task {
+    kind: Kind,
+    probe: Probe,
+    container: Container,
+    id: String,
+    target: Target,
+    runtime: Arc<dyn ContainerRuntime>,
+    tx: mpsc::UnboundedSender<ProbeReport>,
+    started: Arc<AtomicBool>,
+    /// The readiness the instance had (an instance taken over from the previous agent keeps its own).
+    ready: bool,
+}
+
+impl Task {
+    async fn run(self) {
+        let timing = Timing::of(&self.probe);
+        let initial = match self.kind {
+            Kind::Startup => None,
+            Kind::Liveness => Some(true),
+            Kind::Readiness => Some(self.ready),
+        };
+        let mut counter = Counter::new(timing, initial);
+        tokio::time::sleep(timing.initial_delay).await;
+        let mut next = tokio::time::Instant::now();
+        loop {
+            // Liveness and readiness wait for the startup probe; the startup probe stops once it succeeded.
+            let gated = self.kind != Kind::Startup && !self.started.load(Ordering::Acquire);
+            if !gated {
+                let outcome =
+                    handlers::run(&self.probe, &self.container, &self.id, &self.target, &self.runtime, timing.timeout)
+                        .await;
+                let success = outcome == Outcome::Success;
+                if let Outcome::Failure(output) = outcome {
+                    self.send(Report::Failed { kind: self.kind, output });
+                }
+                if let Some(healthy) = counter.record(success) {
+                    if self.kind == Kind::Startup && healthy {
+                        self.started.store(true, Ordering::Release);
+                    }
+                    self.send(Report::Result { kind: self.kind, healthy });
+                    if self.kind == Kind::Startup && healthy {
+                        return;
+                    }
+                }
+            }
+            next += timing.period;
+            tokio::time::sleep_until(next).await;
+        }
+    }
+
+    fn send(&self, report: Report) {
+        let _ = self.tx.send(ProbeReport { container: self.container.name.clone(), id: self.id.clone(), report });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(success: u32, failure: u32) -> Timing {
+        Timing {
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            success_threshold: success,
+            failure_threshold: failure,
+        }
+    }
+
+    #[test]
+    fn results_flip_only_at_the_thresholds() {
+        // Readiness: starts unready; 2 successes in a row make it ready, 3 failures in a row unready again.
+        let mut c = Counter::new(timing(2, 3), Some(false));
+        assert_eq!(c.record(true), None);
+        assert_eq!(c.record(false), None);
+        assert_eq!(c.record(true), None);
+        assert_eq!(c.record(true), Some(true));
+        assert_eq!(c.record(true), None);
+        assert_eq!(c.record(false), None);
+        assert_eq!(c.record(false), None);
+        assert_eq!(c.record(false), Some(false));
+        assert_eq!(c.record(false), None, "reported once");
+        // Liveness: starts healthy; a single success after failures below the threshold changes nothing.
+        let mut l = Counter::new(timing(1, 2), Some(true));
+        assert_eq!(l.record(false), None);
+        assert_eq!(l.record(true), None);
+        assert_eq!(l.record(false), None);
+        assert_eq!(l.record(false), Some(false));
+        // Startup: no result before it runs; it flips either way at its threshold.
+        let mut s = Counter::new(timing(1, 2), None);
+        assert_eq!(s.record(false), None);
+        assert_eq!(s.record(false), Some(false));
+        let mut s = Counter::new(timing(1, 2), None);
+        assert_eq!(s.record(true), Some(true));
+    }
+
+    #[test]
+    fn upstream_defaults() {
+        let t = Timing::of(&Probe::default());
+        assert_eq!(
+            t,
+            Timing {
+                initial_delay: Duration::ZERO,
+                period: Duration::from_secs(10),
+                timeout: Duration::from_secs(1),
+                success_threshold: 1,
+                failure_threshold: 3,
+            }
+        );
+    }
+}
