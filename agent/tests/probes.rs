@@ -1,0 +1,132 @@
+//! Probes end to end on nodelet as the only node of a real control plane (its pods on a loopback-only network:
+//! the probes connect from inside each pod's network namespace): an exec readiness probe following a file,
+//! a failing exec liveness probe (Unhealthy and Killing events, a restart), httpGet and tcpSocket probes on
+//! agnhost's netexec server, and a startup probe holding back readiness.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use nodelet_integration::cluster::Cluster;
+use nodelet_integration::registry::Registry;
+use nodelet_integration::testbed::{Need, ready};
+use support::{Nodelet, pod, wait_pod};
+
+const NODE: &str = "nodelet-probes";
+
+fn condition(p: &Pod, kind: &str) -> Option<String> {
+    let conditions = p.status.as_ref()?.conditions.as_ref()?;
+    conditions.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())
+}
+
+fn container_ready(p: &Pod) -> Option<bool> {
+    p.status.as_ref()?.container_statuses.as_ref()?.first().map(|c| c.ready)
+}
+
+fn restarts(p: &Pod) -> i32 {
+    let statuses = p.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+    statuses.and_then(|s| s.first()).map_or(0, |c| c.restart_count)
+}
+
+async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String, String)>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={pod}"))).await?;
+    Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect())
+}
+
+#[tokio::test]
+async fn probes_drive_readiness_and_restarts() -> Result<()> {
+    if !ready("probes_drive_readiness_and_restarts", &[Need::Root, Need::ControlPlane, Need::Registry]) {
+        return Ok(());
+    }
+    let cluster = Cluster::start().await?;
+    let registry = Registry::start().await?;
+    let image = registry.reference("busybox", "latest");
+    let agnhost = registry.reference("agnhost", "2.66.1");
+    let kubeconfig = cluster.node_kubeconfig(NODE)?;
+    let net_d = support::loopback_only_network()?;
+    let node = Nodelet::start(
+        NODE,
+        "nodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
+        &[
+            "--port".into(),
+            nodelet_integration::ports::free_port()?.to_string(),
+            "--client-ca-file".into(),
+            cluster.pki().ca().cert.display().to_string(),
+            "--cni-conf-dir".into(),
+            net_d.path().display().to_string(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--insecure-registry".into(),
+            registry.host(),
+        ],
+    )?;
+    let client = cluster.admin().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+
+    // Readiness follows an exec probe: unready, ready once the file exists, unready once it is gone.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: readiness}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'sleep 4; touch /tmp/ready; sleep 6; rm /tmp/ready; sleep 3600']\n    readinessProbe: {{exec: {{command: [cat, /tmp/ready]}}, periodSeconds: 1, failureThreshold: 1}}\n"
+    ))).await?;
+    let running = wait_pod(&pods, "readiness", "Running, not ready", Duration::from_secs(60), |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") && container_ready(p) == Some(false)
+    })
+    .await
+    .with_context(|| node.log())?;
+    ensure!(condition(&running, "Ready").as_deref() == Some("False"), "{:?}", running.status);
+    wait_pod(&pods, "readiness", "ready", Duration::from_secs(20), |p| {
+        condition(p, "Ready").as_deref() == Some("True")
+    })
+    .await?;
+    wait_pod(&pods, "readiness", "unready again", Duration::from_secs(20), |p| {
+        condition(p, "Ready").as_deref() == Some("False") && container_ready(p) == Some(false)
+    })
+    .await?;
+    let events = events_for(&client, "readiness").await?;
+    ensure!(events.iter().any(|(r, m)| r == "Unhealthy" && m.starts_with("Readiness probe failed:")), "{events:?}");
+    ensure!(restarts(&pods.get("readiness").await?) == 0, "a readiness probe never restarts");
+
+    // A failing liveness probe: Unhealthy, Killing, and a restart.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: liveness}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'sleep 2; touch /tmp/sick; sleep 3600']\n    livenessProbe: {{exec: {{command: [sh, -c, 'test ! -e /tmp/sick']}}, periodSeconds: 1, failureThreshold: 2}}\n"
+    ))).await?;
+    wait_pod(&pods, "liveness", "restarted", Duration::from_secs(60), |p| restarts(p) >= 1)
+        .await
+        .with_context(|| node.log())?;
+    let events = events_for(&client, "liveness").await?;
+    ensure!(events.iter().any(|(r, m)| r == "Unhealthy" && m.starts_with("Liveness probe failed:")), "{events:?}");
+    ensure!(
+        events.iter().any(|(r, m)| r == "Killing" && m == "Container main failed liveness probe, will be restarted"),
+        "{events:?}"
+    );
+
+    // httpGet and tcpSocket on agnhost's netexec, reached inside the pod's network namespace; a startup probe
+    // on a port nothing listens on holds readiness back.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {agnhost}\n    args: [netexec, --http-port=8080]\n    ports: [{{name: http, containerPort: 8080}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}, periodSeconds: 1}}\n    livenessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n  - name: waits\n    image: {image}\n    command: [sleep, '3600']\n    startupProbe: {{tcpSocket: {{port: 9999}}, periodSeconds: 1, failureThreshold: 600}}\n"
+    ))).await?;
+    let web = wait_pod(&pods, "web", "main ready", Duration::from_secs(60), |p| {
+        let statuses = p.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
+        statuses.iter().any(|c| c.name == "main" && c.ready)
+    })
+    .await
+    .with_context(|| node.log())?;
+    let statuses = web.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
+    let waits = statuses.iter().find(|c| c.name == "waits").context("waits")?;
+    ensure!(waits.started == Some(false) && !waits.ready, "the startup probe holds it back: {waits:?}");
+    ensure!(condition(&web, "Ready").as_deref() == Some("False"), "one container is not ready");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let web = pods.get("web").await?;
+    let statuses = web.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
+    ensure!(statuses.iter().all(|c| c.restart_count == 0), "the tcp liveness probe passes: {statuses:?}");
+    node_running(&node)
+}
+
+fn node_running(node: &Nodelet) -> Result<()> {
+    ensure!(node.log().contains("nodelet is running"), "{}", node.log());
+    Ok(())
+}
