@@ -123,6 +123,36 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     let web = pods.get("web").await?;
     let statuses = web.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
     ensure!(statuses.iter().all(|c| c.restart_count == 0), "the tcp liveness probe passes: {statuses:?}");
+
+    // Lifecycle hooks: postStart runs in the container (beside its process, as upstream, so it waits for it); preStop runs before
+    // SIGTERM (the container's TERM trap sees what the hook wrote); a failing postStart restarts the container.
+    let out = tempfile::tempdir()?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: hooks}}\nspec:\n  terminationGracePeriodSeconds: 10\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'trap \"cat /tmp/prestop > /out/seen; exit 0\" TERM; until [ -e /tmp/poststart ]; do sleep 0.1; done; cat /tmp/poststart > /out/started; while true; do sleep 0.2; done']\n    lifecycle:\n      postStart: {{exec: {{command: [sh, -c, 'echo from-post-start > /tmp/poststart']}}}}\n      preStop: {{exec: {{command: [sh, -c, 'echo from-pre-stop > /tmp/prestop']}}}}\n    volumeMounts: [{{name: out, mountPath: /out}}]\n  volumes: [{{name: out, hostPath: {{path: {}}}}}]\n",
+        out.path().display()
+    ))).await?;
+    wait_pod(&pods, "hooks", "Running", Duration::from_secs(60), |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await
+    .with_context(|| node.log())?;
+    support::wait_for("postStart's file read by the container", Duration::from_secs(20), || async {
+        Ok(std::fs::read_to_string(out.path().join("started")).ok().filter(|s| s == "from-post-start\n"))
+    })
+    .await?;
+    pods.delete("hooks", &Default::default()).await?;
+    support::wait_for("the pod to go", Duration::from_secs(30), || async {
+        Ok(pods.get_opt("hooks").await?.is_none().then_some(()))
+    })
+    .await?;
+    let seen = std::fs::read_to_string(out.path().join("seen")).unwrap_or_default();
+    ensure!(seen == "from-pre-stop\n", "the TERM trap saw {seen:?}");
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: badhook}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sleep, '3600']\n    lifecycle: {{postStart: {{exec: {{command: ['false']}}}}}}\n"
+    ))).await?;
+    wait_pod(&pods, "badhook", "restarted", Duration::from_secs(60), |p| restarts(p) >= 1).await?;
+    let events = events_for(&client, "badhook").await?;
+    ensure!(events.iter().any(|(r, m)| r == "FailedPostStartHook" && m == "PostStartHook failed"), "{events:?}");
     node_running(&node)
 }
 

@@ -117,7 +117,7 @@ fn url(http: &k8s_openapi::api::core::v1::HTTPGetAction, target: &Target, c: &Co
 
 /// An HTTP(S) GET as upstream's prober: 200-399 succeed; redirects to the same host are followed, to another
 /// host are a success; the body is read up to 10 KiB for the failure message. HTTPS is not verified.
-async fn http_get(
+pub(crate) async fn http_get(
     http: &k8s_openapi::api::core::v1::HTTPGetAction,
     c: &Container,
     target: &Target,

@@ -11,6 +11,7 @@
 //! whether or not the node can route to the pod's IP (with a loopback-only or an overlay network too).
 
 pub mod handlers;
+pub mod hooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;

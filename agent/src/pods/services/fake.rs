@@ -257,7 +257,9 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     fn exec_sync<'a>(&'a self, id: &'a str, _: &'a [String], _: Duration) -> BoxFuture<'a, ExecResult> {
-        let code = self.lock().exec_codes.get(name_of(id)).copied().unwrap_or(0);
+        let mut state = self.lock();
+        state.log.push(format!("exec {}", name_of(id)));
+        let code = state.exec_codes.get(name_of(id)).copied().unwrap_or(0);
         Box::pin(async move { Ok((Some(code), format!("exit {code}").into_bytes())) })
     }
 }

@@ -22,18 +22,22 @@ impl Drop for Probes {
 }
 
 impl Worker {
+    /// Where probes and hooks connect: the pod's network namespace and IP.
+    pub(super) fn probe_target(&self) -> Target {
+        let host_network = self.pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+        Target {
+            netns: self.sandbox.as_ref().and_then(|s| s.net.clone()).filter(|_| !host_network),
+            pod_ip: self.state.pod_ip.clone().unwrap_or_else(|| self.ctx.config.node_ip.clone()),
+        }
+    }
+
     /// Starts `c`'s probes for instance `id`; `ready`: its readiness so far (false for a new instance).
     pub(super) fn start_probes(&self, c: &ApiContainer, id: &str, ready: bool) -> Probes {
         if c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none() {
             return Probes::default();
         }
-        let host_network = self.pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
-        let target = Target {
-            netns: self.sandbox.as_ref().and_then(|s| s.net.clone()).filter(|_| !host_network),
-            pod_ip: self.state.pod_ip.clone().unwrap_or_else(|| self.ctx.config.node_ip.clone()),
-        };
         let runtime = self.ctx.runtime.clone();
-        Probes(prober::start(c, id, target, runtime, self.probe_tx.clone(), ready))
+        Probes(prober::start(c, id, self.probe_target(), runtime, self.probe_tx.clone(), ready))
     }
 
     /// Acts on a probe task's report about a still-running instance.

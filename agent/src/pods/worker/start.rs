@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Container as ApiContainer;
@@ -80,8 +80,25 @@ impl Worker {
         let message = match started {
             Ok(()) => {
                 let now = Timestamp::now();
+                self.record(init, index).new_instance(&id);
+                if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
+                    // The container runs; it is not Running in the status until its postStart hook returned.
+                    self.watch(&c, id.clone(), now, false);
+                    let ok = self.post_start(&c, init, &id, &hook).await;
+                    // Running also after a failed hook, until its exit (which is on its way) is recorded: never
+                    // a second instance beside it.
+                    let record = self.record(init, index);
+                    record.state = ContainerState::Running { started_at: now };
+                    if !ok {
+                        return;
+                    }
+                    record.spec_hash = Some(plan::spec_hash(&c));
+                    record.applied = Some(crate::pods::state::Applied::of(&c));
+                    record.started = c.startup_probe.is_none();
+                    record.ready = (!init || plan::is_sidecar(&c)) && record.started && c.readiness_probe.is_none();
+                    return;
+                }
                 let record = self.record(init, index);
-                record.new_instance(&id);
                 record.state = ContainerState::Running { started_at: now };
                 record.spec_hash = Some(plan::spec_hash(&c));
                 record.applied = Some(crate::pods::state::Applied::of(&c));
@@ -106,6 +123,42 @@ impl Worker {
         self.record(init, index).new_instance(&id);
         let exit = ContainerExit { code: 128, signal: None, oom_killed: false, status_known: true };
         self.finish(&c.name, &id, exit, None, Some(message), Timestamp::now());
+    }
+
+    /// Runs the container's postStart hook; false when it failed (the container is stopped and restarted per
+    /// policy, as upstream) or a deletion came in meanwhile (acted on next).
+    async fn post_start(
+        &mut self,
+        c: &ApiContainer,
+        init: bool,
+        id: &str,
+        hook: &k8s_openapi::api::core::v1::LifecycleHandler,
+    ) -> bool {
+        let (target, runtime) = (self.probe_target(), self.ctx.runtime.clone());
+        let run = crate::prober::hooks::run(hook, c, id, &target, &runtime, crate::prober::hooks::UNBOUNDED);
+        tokio::pin!(run);
+        let result = loop {
+            tokio::select! {
+                result = &mut run => break result,
+                changed = self.rx.changed() => match self.latest(changed.is_ok()) {
+                    Desired::Pod(pod) if pod.metadata.deletion_timestamp.is_none() => {
+                        self.pod = Arc::unwrap_or_clone(pod);
+                    }
+                    other => {
+                        self.pending = Some(other);
+                        return false;
+                    }
+                },
+            }
+        };
+        let Err(e) = result else { return true };
+        tracing::info!(container = %id, error = %e, "postStart hook failed");
+        self.event(Some((&c.name, init)), true, "FailedPostStartHook", "PostStartHook failed");
+        let grace = self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+        let (runtime, id) = (self.ctx.runtime.clone(), id.to_string());
+        // Its exit comes through the exit watch: recorded and restarted per policy.
+        tokio::spawn(async move { runtime.stop(&id, Duration::from_secs(grace.max(0).unsigned_abs())).await });
+        false
     }
 
     /// Pulls `image` per `policy` (events on `container`, else on the pod) as a task of its own, so that a

@@ -10,6 +10,10 @@ use tokio::task::JoinSet;
 use super::exits::terminated;
 use super::{Desired, Worker};
 use crate::pods::plan;
+use crate::prober::hooks;
+
+/// What SIGTERM gets at least after a preStop hook took its share of the grace period (upstream's minimum).
+const MIN_GRACE: Duration = Duration::from_secs(2);
 use crate::pods::state::{ContainerState, Phase};
 use crate::status::StatusMessage;
 
@@ -75,7 +79,21 @@ impl Worker {
             self.event(Some((&name, init)), false, "Killing", &format!("Stopping container {name}"));
             let (ctx, grace) = (self.ctx.clone(), deadline.saturating_duration_since(Instant::now()));
             stopping.push(running.id.clone());
+            let pre_stop = self.container_spec(&name, init).and_then(|(c, _)| {
+                let hook = c.lifecycle.as_ref()?.pre_stop.clone()?;
+                Some((c, hook, self.probe_target(), self.pod_ref.clone()))
+            });
             stops.spawn(async move {
+                let mut grace = grace;
+                if let Some((c, hook, target, pod)) = pre_stop.filter(|_| !grace.is_zero()) {
+                    // The hook runs first and shares the grace period; SIGTERM gets what is left (at least 2 s).
+                    let began = Instant::now();
+                    if let Err(e) = hooks::run(&hook, &c, &running.id, &target, &ctx.runtime, grace).await {
+                        tracing::info!(container = %running.id, error = %e, "preStop hook failed");
+                        ctx.events.record(&pod, Some((&c.name, init)), true, "FailedPreStopHook", "PreStopHook failed");
+                    }
+                    grace = grace.saturating_sub(began.elapsed()).max(MIN_GRACE);
+                }
                 let exit = ctx.runtime.stop(&running.id, grace).await;
                 tracing::debug!(container = %running.id, ?exit, "stopped");
                 ctx.remove_container(&running.id).await;

@@ -265,3 +265,35 @@ spec:
     assert_eq!(app(&s, "slow").restart_count, 0);
     h.delete().await;
 }
+
+#[tokio::test]
+async fn hooks_run_after_start_and_before_stop() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers:
+  - name: main
+    lifecycle:
+      postStart: {exec: {command: [setup]}}
+      preStop: {exec: {command: [drain]}}");
+    let mut h = Harness::start(p, |_, _| {});
+    h.until("running", |s| app(s, "main").state.is_running()).await;
+    h.delete().await;
+    let log = h.runtime.log();
+    let main: Vec<&str> = log.iter().map(String::as_str).filter(|l| l.ends_with(" main")).collect();
+    assert_eq!(main, ["create main", "start main", "exec main", "exec main", "stop main", "delete main"], "{log:?}");
+}
+
+#[tokio::test]
+async fn a_failed_post_start_hook_restarts_the_container() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers:
+  - name: main
+    lifecycle: {postStart: {exec: {command: [setup]}}}");
+    let mut h = Harness::start(p, |rt, _| rt.set_exec("main", 1));
+    h.until("restarted", |s| app(s, "main").restart_count >= 1).await;
+    let log = h.runtime.log();
+    let first_stop = log.iter().position(|l| l == "stop main").expect("stopped");
+    assert!(log.iter().position(|l| l == "exec main").is_some_and(|e| e < first_stop), "{log:?}");
+    h.delete().await;
+}
