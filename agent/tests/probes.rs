@@ -124,6 +124,23 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     let statuses = web.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
     ensure!(statuses.iter().all(|c| c.restart_count == 0), "the tcp liveness probe passes: {statuses:?}");
 
+    // A readiness gate: Ready only once another controller sets its condition True (ContainersReady before).
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: gated}}\nspec:\n  terminationGracePeriodSeconds: 1\n  readinessGates: [{{conditionType: example.com/attached}}]\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    let gated = wait_pod(&pods, "gated", "ContainersReady", Duration::from_secs(60), |p| {
+        condition(p, "ContainersReady").as_deref() == Some("True")
+    })
+    .await?;
+    ensure!(condition(&gated, "Ready").as_deref() == Some("False"), "{:?}", gated.status);
+    let patch = serde_json::json!({"status": {"conditions": [{"type": "example.com/attached", "status": "True"}]}});
+    pods.patch_status("gated", &kube::api::PatchParams::default(), &kube::api::Patch::Strategic(&patch)).await?;
+    wait_pod(&pods, "gated", "Ready once its gate is True", Duration::from_secs(20), |p| {
+        condition(p, "Ready").as_deref() == Some("True")
+    })
+    .await
+    .with_context(|| node.log())?;
+
     // Lifecycle hooks: postStart runs in the container (beside its process, as upstream, so it waits for it); preStop runs before
     // SIGTERM (the container's TERM trap sees what the hook wrote); a failing postStart restarts the container.
     let out = tempfile::tempdir()?;

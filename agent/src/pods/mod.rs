@@ -311,6 +311,7 @@ impl PodWorkers {
             pod_ip: None,
             init: Vec::new(),
             containers: Vec::new(),
+            readiness_gates: Vec::new(),
         };
         let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
     }

@@ -135,6 +135,8 @@ pub struct PodState {
     pub pod_ip: Option<String>,
     pub init: Vec<ContainerRecord>,
     pub containers: Vec<ContainerRecord>,
+    /// The pod's `readinessGates`: each condition type and its status in the API object (`None`: missing).
+    pub readiness_gates: Vec<(String, Option<String>)>,
 }
 
 /// `status.phase`.

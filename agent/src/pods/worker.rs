@@ -36,6 +36,21 @@ use crate::events::PodRef;
 use crate::logs;
 use crate::status::StatusMessage;
 
+/// The pod's readiness gates and the status of their conditions in the API object (set by other controllers).
+fn readiness_gates(pod: &Pod) -> Vec<(String, Option<String>)> {
+    let gates = pod.spec.as_ref().and_then(|s| s.readiness_gates.as_ref());
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    gates
+        .into_iter()
+        .flatten()
+        .map(|g| {
+            let status =
+                conditions.into_iter().flatten().find(|c| c.type_ == g.condition_type).map(|c| c.status.clone());
+            (g.condition_type.clone(), status)
+        })
+        .collect()
+}
+
 /// What the dispatcher wants of a worker: the latest wins.
 #[derive(Debug, Clone)]
 pub enum Desired {
@@ -144,6 +159,7 @@ impl Worker {
                 .iter()
                 .map(|c| ContainerRecord::new(&c.name, c.image.as_deref().unwrap_or_default(), app_reason))
                 .collect(),
+            readiness_gates: Vec::new(),
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -179,6 +195,7 @@ impl Worker {
 
     fn publish(&mut self) {
         self.state.observed_generation = self.pod.metadata.generation;
+        self.state.readiness_gates = readiness_gates(&self.pod);
         if self.state.phase.is_terminal() {
             self.terminal.store(true, Ordering::Relaxed);
         }

@@ -104,8 +104,21 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
         .collect();
     let initialized = state.initialized || incomplete.is_empty() || state.phase == Phase::Succeeded;
     let completed = state.phase == Phase::Succeeded;
-    let ready = unready.is_empty() && !completed && !state.containers.is_empty();
-    let (ready_reason, ready_message) = if completed {
+    let containers_ready = unready.is_empty() && !completed && !state.containers.is_empty();
+    // Readiness gates (upstream's GeneratePodReadyCondition): every gate's condition True, else its message.
+    let gates: Vec<String> = state
+        .readiness_gates
+        .iter()
+        .filter(|(_, status)| status.as_deref() != Some("True"))
+        .map(|(kind, status)| match status {
+            None => format!("corresponding condition of pod readiness gate {kind:?} does not exist."),
+            Some(s) => format!("the status of pod readiness gate {kind:?} is not \"True\", but {s}"),
+        })
+        .collect();
+    let ready = containers_ready && gates.is_empty();
+    let (ready_reason, ready_message) = if containers_ready && !gates.is_empty() {
+        (Some("ReadinessGatesNotReady".to_string()), Some(gates.join(", ")))
+    } else if completed {
         (Some("PodCompleted".to_string()), None)
     } else if state.containers.is_empty() {
         // Refused before anything ran (validation, admission).
@@ -125,7 +138,7 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
             Some(format!("containers with incomplete status: [{}]", incomplete.join(" "))),
         ),
         condition("Ready", ready, ready_reason.clone(), ready_message.clone()),
-        condition("ContainersReady", ready, ready_reason, ready_message),
+        condition("ContainersReady", containers_ready, ready_reason, ready_message),
     ];
     PodStatus {
         phase: Some(state.phase.as_str().into()),
@@ -143,5 +156,57 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
             .then(|| state.init.iter().map(|c| container_status(c, true)).collect()),
         container_statuses: Some(state.containers.iter().map(|c| container_status(c, false)).collect()),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pods::state::{ContainerRecord, ContainerState};
+
+    fn running_ready() -> PodState {
+        let mut c = ContainerRecord::new("main", "busybox", "ContainerCreating");
+        c.state = ContainerState::Running { started_at: jiff::Timestamp::now() };
+        c.ready = true;
+        c.started = true;
+        PodState {
+            phase: Phase::Running,
+            reason: None,
+            message: None,
+            sandbox_ready: true,
+            initialized: true,
+            observed_generation: None,
+            start_time: jiff::Timestamp::now(),
+            qos: nodelet_cgroups::qos::QosClass::BestEffort,
+            host_ip: "10.0.0.1".into(),
+            pod_ip: Some("10.88.0.2".into()),
+            init: Vec::new(),
+            containers: vec![c],
+            readiness_gates: Vec::new(),
+        }
+    }
+
+    fn condition<'a>(s: &'a PodStatus, kind: &str) -> &'a k8s_openapi::api::core::v1::PodCondition {
+        s.conditions.iter().flatten().find(|c| c.type_ == kind).expect("condition")
+    }
+
+    #[test]
+    fn readiness_gates_hold_ready_back_but_not_containers_ready() {
+        let mut state = running_ready();
+        assert_eq!(condition(&pod_status(&state, None), "Ready").status, "True");
+        state.readiness_gates = vec![("example.com/lb".into(), None), ("example.com/dns".into(), Some("False".into()))];
+        let status = pod_status(&state, None);
+        let ready = condition(&status, "Ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("False", Some("ReadinessGatesNotReady")));
+        assert_eq!(
+            ready.message.as_deref(),
+            Some(
+                "corresponding condition of pod readiness gate \"example.com/lb\" does not exist., \
+                 the status of pod readiness gate \"example.com/dns\" is not \"True\", but False"
+            )
+        );
+        assert_eq!(condition(&status, "ContainersReady").status, "True");
+        state.readiness_gates = vec![("example.com/lb".into(), Some("True".into()))];
+        assert_eq!(condition(&pod_status(&state, None), "Ready").status, "True");
     }
 }
