@@ -1,7 +1,8 @@
 //! Probes end to end on nodelet as the only node of a real control plane (its pods on a loopback-only network:
 //! the probes connect from inside each pod's network namespace): an exec readiness probe following a file,
 //! a failing exec liveness probe (Unhealthy and Killing events, a restart), httpGet and tcpSocket probes on
-//! agnhost's netexec server, and a startup probe holding back readiness.
+//! agnhost's netexec server, a grpc probe on agnhost's health server, a startup probe holding back readiness,
+//! a readiness gate, and lifecycle hooks (postStart, preStop before SIGTERM, a failing postStart).
 
 mod support;
 
@@ -123,6 +124,14 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     let web = pods.get("web").await?;
     let statuses = web.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
     ensure!(statuses.iter().all(|c| c.restart_count == 0), "the tcp liveness probe passes: {statuses:?}");
+
+    // A grpc probe against agnhost's health server (grpc-go): ready.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: grpc}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {agnhost}\n    args: [grpc-health-checking, --port=5000, --http-port=8081]\n    readinessProbe: {{grpc: {{port: 5000}}, periodSeconds: 1}}\n"
+    ))).await?;
+    wait_pod(&pods, "grpc", "ready by its grpc probe", Duration::from_secs(60), |p| container_ready(p) == Some(true))
+        .await
+        .with_context(|| node.log())?;
 
     // A readiness gate: Ready only once another controller sets its condition True (ContainersReady before).
     pods.create(&PostParams::default(), &pod(&format!(

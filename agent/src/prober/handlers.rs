@@ -1,7 +1,7 @@
 //! Probe handlers: `exec` through the runtime (killed at the timeout), `tcpSocket` and `httpGet` over a
 //! connection opened inside the pod's network namespace (a short-lived thread joins it, connects and exits, so
-//! no thread of the agent ever stays in a pod's namespace). `grpc` is not built yet: such a probe fails with a
-//! message saying so (never a silent success).
+//! no thread of the agent ever stays in a pod's namespace), and `grpc`: the standard health protocol
+//! (`grpc.health.v1.Health/Check` over HTTP/2, hand-encoded: one string field in, one enum field out).
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
@@ -56,8 +56,20 @@ pub async fn run(
             )),
         };
     }
-    if probe.grpc.is_some() {
-        return Outcome::Failure("grpc probes are not supported by nodelet yet".into());
+    if let Some(grpc) = &probe.grpc {
+        let service = grpc.service.clone().unwrap_or_default();
+        let port = match u16::try_from(grpc.port).ok().filter(|p| *p > 0) {
+            Some(p) => p,
+            None => return Outcome::Failure(format!("invalid port number: {}", grpc.port)),
+        };
+        let addr = match address(&target.pod_ip, port) {
+            Ok(a) => a,
+            Err(e) => return Outcome::Failure(e),
+        };
+        return match tokio::time::timeout(timeout, grpc_check(addr, &service, target, timeout)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Failure(format!("timeout: health rpc did not complete within {}s", timeout.as_secs())),
+        };
     }
     Outcome::Failure("the probe has no handler".into())
 }
@@ -242,6 +254,128 @@ where
     sender.send_request(request).await.map_err(|e| e.to_string())
 }
 
+/// `grpc.health.v1.Health/Check` for `service` at `addr` (plain HTTP/2, as upstream's prober).
+async fn grpc_check(addr: SocketAddr, service: &str, target: &Target, timeout: Duration) -> Outcome {
+    match grpc_status(addr, service, target, timeout).await {
+        Ok(1) => Outcome::Success,
+        Ok(status) => {
+            let name = match status {
+                0 => "UNKNOWN",
+                2 => "NOT_SERVING",
+                3 => "SERVICE_UNKNOWN",
+                _ => "UNKNOWN",
+            };
+            Outcome::Failure(format!("service unhealthy (responded with {name:?})"))
+        }
+        Err(e) => Outcome::Failure(e),
+    }
+}
+
+/// The serving status the health service answers (1: SERVING).
+async fn grpc_status(addr: SocketAddr, service: &str, target: &Target, timeout: Duration) -> Result<u64, String> {
+    let stream = connect(target.netns.clone(), addr, timeout)
+        .await
+        .map_err(|e| format!("failed to connect service {addr:?} within {}s: {e}", timeout.as_secs()))?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = hyper::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header(hyper::header::CONTENT_TYPE, "application/grpc")
+        .header(hyper::header::TE, "trailers")
+        .header(hyper::header::USER_AGENT, "kube-probe/1.37")
+        .body(http_body_util::Full::new(bytes::Bytes::from(grpc_frame(&health_request(service)))))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let mut body = response.into_body();
+    let mut message = Vec::new();
+    let mut grpc_status: Option<(String, String)> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Some(data) = frame.data_ref() {
+            if message.len() + data.len() > MAX_OUTPUT {
+                return Err("health rpc answer too large".into());
+            }
+            message.extend_from_slice(data);
+        } else if let Some(trailers) = frame.trailers_ref() {
+            let get = |k: &str| trailers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            grpc_status = Some((get("grpc-status"), get("grpc-message")));
+        }
+    }
+    if let Some((code, desc)) = grpc_status.filter(|(code, _)| code != "0") {
+        return Err(format!("rpc error: code = {code} desc = {desc}"));
+    }
+    // One length-prefixed message: HealthCheckResponse { status (field 1, varint) }.
+    let payload = message.get(5..).ok_or("health rpc: no answer")?;
+    health_response(payload).ok_or_else(|| "health rpc: an answer that does not parse".to_string())
+}
+
+/// HealthCheckRequest { string service = 1; } in protobuf.
+fn health_request(service: &str) -> Vec<u8> {
+    if service.is_empty() {
+        return Vec::new();
+    }
+    let mut out = vec![0x0a];
+    varint(service.len() as u64, &mut out);
+    out.extend_from_slice(service.as_bytes());
+    out
+}
+
+/// The status (field 1) of a HealthCheckResponse; a missing field is 0 (UNKNOWN).
+fn health_response(mut b: &[u8]) -> Option<u64> {
+    let mut status = 0;
+    while let Some((&key, rest)) = b.split_first() {
+        b = rest;
+        match key & 7 {
+            0 => {
+                let (v, rest) = read_varint(b)?;
+                b = rest;
+                if key >> 3 == 1 {
+                    status = v;
+                }
+            }
+            2 => {
+                let (len, rest) = read_varint(b)?;
+                b = rest.get(usize::try_from(len).ok()?..)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(u8::try_from(v & 0x7f).unwrap_or(0) | 0x80);
+        v >>= 7;
+    }
+    out.push(u8::try_from(v).unwrap_or(0x7f));
+}
+
+fn read_varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
+/// A gRPC message: uncompressed flag, big-endian length, the message.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
 /// TLS that accepts any server certificate (upstream's prober does not verify either).
 fn insecure_tls() -> rustls::ClientConfig {
     #[derive(Debug)]
@@ -321,6 +455,77 @@ mod tests {
         assert_eq!(resolve("http://h:1/a", "https://other/x"), "https://other/x");
     }
 
+    #[test]
+    fn health_messages_encode_and_decode() {
+        assert_eq!(health_request(""), Vec::<u8>::new());
+        assert_eq!(health_request("db"), vec![0x0a, 2, b'd', b'b']);
+        assert_eq!(health_response(&[0x08, 0x01]), Some(1));
+        assert_eq!(health_response(&[]), Some(0));
+        assert_eq!(health_response(&[0x12, 0x01, 0xff, 0x08, 0x02]), Some(2), "unknown fields are skipped");
+        assert_eq!(health_response(&[0x08]), None, "truncated");
+        assert_eq!(health_response(&[0x0b]), None, "a wire type it does not know");
+        assert_eq!(grpc_frame(&[0x08, 0x01]), vec![0, 0, 0, 0, 2, 0x08, 0x01]);
+        let mut long = Vec::new();
+        varint(300, &mut long);
+        assert_eq!(read_varint(&long), Some((300, &[][..])));
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_against_a_local_health_server() {
+        use http_body_util::StreamBody;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        // The service name decides the answer: "" serving, "down" not serving, else an error.
+                        let name = body.get(7..).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                        let (status, code) = match name.as_str() {
+                            "" => (1u8, "0"),
+                            "down" => (2, "0"),
+                            _ => (0, "5"),
+                        };
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers.insert("grpc-status", code.parse().unwrap());
+                        let data = bytes::Bytes::from(grpc_frame(&[0x08, status]));
+                        let frames = if code == "0" {
+                            vec![
+                                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(data)),
+                                Ok(hyper::body::Frame::trailers(trailers)),
+                            ]
+                        } else {
+                            vec![Ok(hyper::body::Frame::trailers(trailers))]
+                        };
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(
+                            futures_util::stream::iter(frames),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                        .await;
+                });
+            }
+        });
+        let target = Target { netns: None, pod_ip: "127.0.0.1".into() };
+        let c = container();
+        let runtime: Arc<dyn ContainerRuntime> = Arc::new(crate::pods::services::fake::FakeRuntime::default());
+        let t = Duration::from_secs(2);
+        let probe = |service: &str| -> Probe {
+            serde_json::from_value(serde_json::json!({"grpc": {"port": port, "service": service}})).unwrap()
+        };
+        assert_eq!(run(&probe(""), &c, "id", &target, &runtime, t).await, Outcome::Success);
+        assert_eq!(
+            run(&probe("down"), &c, "id", &target, &runtime, t).await,
+            Outcome::Failure("service unhealthy (responded with \"NOT_SERVING\")".into())
+        );
+        assert!(
+            matches!(run(&probe("gone"), &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.contains("code = 5"))
+        );
+    }
+
     #[tokio::test]
     async fn http_and_tcp_probes_against_a_local_server() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -364,10 +569,6 @@ mod tests {
         let refused = probe(serde_json::json!({"tcpSocket": {"port": closed}}));
         assert!(
             matches!(run(&refused, &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.contains("refused"))
-        );
-        let grpc = probe(serde_json::json!({"grpc": {"port": port}}));
-        assert!(
-            matches!(run(&grpc, &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.contains("not supported"))
         );
     }
 }
