@@ -17,6 +17,8 @@ pub struct ImageConfig {
     pub working_dir: Option<String>,
     /// `User`: `uid`, `uid:gid`, `name` or `name:group`.
     pub user: Option<String>,
+    /// `StopSignal` (`SIGQUIT`, `QUIT` or `3`).
+    pub stop_signal: Option<String>,
 }
 
 /// One container to create.
@@ -56,6 +58,20 @@ pub struct ContainerConfig {
     pub stdin: bool,
     /// `oom_score_adj` of the container's processes (the kubelet sets it from the QoS class).
     pub oom_score_adj: Option<i32>,
+    /// The signal that asks the container to stop (the pod's `lifecycle.stopSignal`, else the image's); SIGTERM
+    /// when unset. See [`parse_signal`].
+    pub stop_signal: Option<String>,
+}
+
+/// A signal as images and pods name it: `SIGQUIT`, `QUIT` or `3`.
+pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok();
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse().ok()
 }
 
 /// Security context, merged from pod and container level by the agent.
@@ -181,4 +197,19 @@ pub struct ExecConfig {
     pub env: Vec<String>,
     /// Allocate a terminal.
     pub tty: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    #[test]
+    fn signals_by_name_short_name_or_number() {
+        assert_eq!(parse_signal("SIGQUIT"), Some(Signal::SIGQUIT));
+        assert_eq!(parse_signal("quit"), Some(Signal::SIGQUIT));
+        assert_eq!(parse_signal("10"), Some(Signal::SIGUSR1));
+        assert_eq!(parse_signal("SIGBOGUS"), None);
+        assert_eq!(parse_signal("99"), None);
+    }
 }

@@ -357,7 +357,12 @@ impl Runtime {
 
     /// Stops the container the kubelet's way: SIGTERM, up to `grace` to exit, then SIGKILL.
     pub async fn stop(&self, c: &Container, grace: Duration) -> ContainerExit {
-        let _ = self.signal(c, Signal::SIGTERM);
+        self.stop_with(c, Signal::SIGTERM, grace).await
+    }
+
+    /// [`Runtime::stop`] with another first signal (a container's stop signal).
+    pub async fn stop_with(&self, c: &Container, signal: Signal, grace: Duration) -> ContainerExit {
+        let _ = self.signal(c, signal);
         if let Ok(exit) = tokio::time::timeout(grace, self.wait(c)).await {
             return exit;
         }

@@ -19,6 +19,7 @@ pub mod zygote;
 
 pub use config::{
     ContainerConfig, ExecConfig, ImageConfig, Mount, Namespace, Namespaces, Propagation, Resources, Seccomp, Security,
+    parse_signal,
 };
 pub use container::{Container, ContainerExit, ContainerIo, ExecProcess, IoPipes, Runtime};
 pub use error::{RuntimeError, SpecError};

@@ -108,11 +108,13 @@ pub trait PodCgroups: Send + Sync {
 pub struct RealRuntime {
     runtime: Runtime,
     live: Mutex<HashMap<String, Container>>,
+    /// Stop signals other than SIGTERM, by container ID.
+    stop_signals: Mutex<HashMap<String, Signal>>,
 }
 
 impl RealRuntime {
     pub fn new(runtime: Runtime) -> RealRuntime {
-        RealRuntime { runtime, live: Mutex::new(HashMap::new()) }
+        RealRuntime { runtime, live: Mutex::new(HashMap::new()), stop_signals: Mutex::new(HashMap::new()) }
     }
 
     /// A live container's handle (for exec and attach).
@@ -148,6 +150,16 @@ impl ContainerRuntime for RealRuntime {
     fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let c = self.runtime.create(config, io).await?;
+            let signal = config.stop_signal.as_deref().and_then(|s| {
+                let parsed = nodelet_runtime::parse_signal(s);
+                if parsed.is_none() {
+                    tracing::warn!(container = %config.id, signal = %s, "unknown stop signal: SIGTERM stops it");
+                }
+                parsed
+            });
+            if let Some(signal) = signal.filter(|s| *s != Signal::SIGTERM) {
+                self.stop_signals.lock().unwrap_or_else(|e| e.into_inner()).insert(config.id.clone(), signal);
+            }
             self.keep(c);
             Ok(())
         })
@@ -174,7 +186,10 @@ impl ContainerRuntime for RealRuntime {
     fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, ContainerExit> {
         Box::pin(async move {
             match self.container(id) {
-                Some(c) => self.runtime.stop(&c, grace).await,
+                Some(c) => {
+                    let signal = self.stop_signals.lock().unwrap_or_else(|e| e.into_inner()).get(id).copied();
+                    self.runtime.stop_with(&c, signal.unwrap_or(Signal::SIGTERM), grace).await
+                }
                 None => unknown_exit(),
             }
         })
@@ -193,6 +208,7 @@ impl ContainerRuntime for RealRuntime {
                 tracing::warn!(container = %id, error = %e, "deleting a container");
             }
             self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+            self.stop_signals.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
         })
     }
 

@@ -26,6 +26,7 @@ pub fn image_config(config_json: &[u8]) -> Result<ImageConfig> {
         env: strings("Env"),
         working_dir: text("WorkingDir"),
         user: text("User"),
+        stop_signal: text("StopSignal"),
     })
 }
 
@@ -194,4 +195,18 @@ pub async fn pull_secrets(pod: &Pod, client: Option<&kube::Client>) -> Vec<Vec<u
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_defaults_include_the_stop_signal() {
+        let config = br#"{"config": {"Cmd": ["nginx"], "StopSignal": "SIGQUIT", "WorkingDir": ""}}"#;
+        let image = image_config(config).unwrap();
+        assert_eq!(image.cmd, ["nginx"]);
+        assert_eq!(image.stop_signal.as_deref(), Some("SIGQUIT"));
+        assert_eq!(image.working_dir, None);
+    }
 }

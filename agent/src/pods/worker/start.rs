@@ -319,6 +319,7 @@ impl Worker {
         let spec = self.pod.spec.clone().unwrap_or_default();
         let sandbox = self.sandbox.as_ref().ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
         let image = spec::image_config(&self.ctx.images.config_blob(ready).map_err(anyhow::Error::msg)?)?;
+        let stop_signal = c.lifecycle.as_ref().and_then(|l| l.stop_signal.clone()).or(image.stop_signal.clone());
         let lookup = spec::Lookup {
             client: self.ctx.client.as_ref(),
             namespace: &self.pod_ref.namespace,
@@ -376,6 +377,7 @@ impl Worker {
                 .collect(),
             tty: c.tty.unwrap_or(false),
             stdin: c.stdin.unwrap_or(false),
+            stop_signal,
             oom_score_adj: Some(
                 resources::oom_score_adj(self.state.qos, &resources::container_resources(c), self.ctx.allocatable.1)
                     .max(self.ctx.min_oom_score_adj),
