@@ -14,15 +14,22 @@ use crate::qos::{CPU_PERIOD_US, MIN_SHARES, PodLimits, QosClass, milli_cpu_to_sh
 /// A v1 controller hierarchy nodelet writes to or reads from on hybrid hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum V1 {
+    /// `cpu`: shares and CFS quota.
     Cpu,
+    /// `cpuacct`: CPU usage accounting.
     Cpuacct,
+    /// `memory`: limits, usage, OOM events.
     Memory,
+    /// `pids`: the process count limit.
     Pids,
+    /// `blkio`: block I/O accounting.
     Blkio,
+    /// `freezer`: freezing a cgroup's processes.
     Freezer,
 }
 
 impl V1 {
+    /// Every v1 controller nodelet uses.
     pub const ALL: [V1; 6] = [V1::Cpu, V1::Cpuacct, V1::Memory, V1::Pids, V1::Blkio, V1::Freezer];
 
     /// The controller's name in `/proc/self/cgroup` and under `/sys/fs/cgroup`.
@@ -41,8 +48,11 @@ impl V1 {
 /// Node allocatable enforced on `kubepods` (capacity minus system and kube reserved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocatable {
+    /// CPU in millicores.
     pub cpu_millis: u64,
+    /// Memory in bytes.
     pub memory_bytes: u64,
+    /// Processes (`None`: unlimited).
     pub pids: Option<u64>,
 }
 

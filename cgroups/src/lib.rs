@@ -4,6 +4,7 @@
 //! QoS classes, cgroup names and the kubelet's resource conversions ([`qos`]); the kubepods tree with limits on
 //! disk ([`hierarchy`]); PSI parsing and triggers ([`psi`]); OOM kill events and records ([`oom`]); usage for the
 //! summary API ([`stats`]); killing, freezing and removing cgroups ([`control`]).
+#![deny(missing_docs)]
 
 pub mod control;
 pub mod hierarchy;

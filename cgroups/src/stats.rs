@@ -21,11 +21,15 @@ pub struct CgroupStats {
     pub memory_working_set_bytes: u64,
     /// Anonymous memory (+ swap cache on v1's `rss`), bytes.
     pub memory_rss_bytes: u64,
+    /// Page faults (`pgfault`).
     pub page_faults: u64,
+    /// Major page faults (`pgmajfault`).
     pub major_page_faults: u64,
     /// Processes and threads in the cgroup.
     pub pids: u64,
+    /// Bytes read from block devices.
     pub io_read_bytes: u64,
+    /// Bytes written to block devices.
     pub io_write_bytes: u64,
 }
 
@@ -128,8 +132,11 @@ fn io_v1(text: &str) -> (u64, u64) {
 /// The node as a whole, from `/proc` (the same on v1 and v2 hosts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct NodeStats {
+    /// CPU time used, in nanoseconds.
     pub cpu_usage_ns: u64,
+    /// The machine's memory, in bytes.
     pub memory_capacity_bytes: u64,
+    /// Memory in use, in bytes.
     pub memory_usage_bytes: u64,
     /// usage - inactive file pages.
     pub memory_working_set_bytes: u64,

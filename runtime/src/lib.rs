@@ -3,6 +3,7 @@
 //! Call [`Zygote::fork`] first thing in `main` (before any thread exists), then build a [`Runtime`] on it inside
 //! tokio. The zygote does every clone; the runtime builds specs, keeps state for re-adoption, and turns the
 //! zygote's exit events and the cgroup's OOM counter into [`ContainerExit`]s.
+#![deny(missing_docs)]
 
 mod bundle;
 pub mod cgroup;
