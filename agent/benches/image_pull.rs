@@ -3,6 +3,7 @@
 //! fetches and unpacks into its overlayfs snapshotter), interleaved run by run. Each run starts from an empty
 //! store: a fresh `--root-dir` for nodelet, a freshly started containerd with an empty root for containerd
 //! (daemon start-up is not timed). Root. Prints median / min / max and the ratio to containerd.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

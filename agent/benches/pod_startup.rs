@@ -4,6 +4,7 @@
 //! upstream peer: the upstream kubelet on Debian's containerd (runc shims, a pause image), a second node of the
 //! same test control plane (`nodelet_integration::upstream`), pods pinned to each node by `nodeSelector`, each
 //! node measured while the other is idle. Root. Prints a table.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 
 #[path = "../tests/support/mod.rs"]
 mod support;

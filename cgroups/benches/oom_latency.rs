@@ -5,7 +5,7 @@
 //! meant for the throwaway cgroup v2 VM, whose printk clock is not CLOCK_MONOTONIC). Root; test cgroups are
 //! children of this process's own. Also counts how often the OOM event arrived before the process's exit was
 //! observed (what makes `OOMKilled` race-free). Prints a table.
-#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::time::Duration;

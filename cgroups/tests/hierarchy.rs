@@ -2,7 +2,7 @@
 //! consistent between a container and its pod; freezing (cgroup2 and the v1 freezer); pod removal. Runs on this
 //! hybrid host (v1 controllers + unified tree) and in the pure cgroup v2 VM, each below this process's own
 //! cgroups.
-#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@
 //!
 //! Prerequisites are installed by `scripts/setup.sh` (the README's test command runs it). Tests call
 //! [`testbed::ready`] first: it skips with a clear message on a machine without them, and fails under `CI=true`.
+#![allow(clippy::expect_used)] // the test bed: a broken invariant here is a failed test
 
 pub mod certs;
 pub mod cluster;

@@ -1,5 +1,6 @@
 //! The control plane fixture is the real thing: objects round-trip through kube-apiserver and etcd, `kubectl`
 //! talks to it, and the Node authorizer + NodeRestriction confine a node identity.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 
 use anyhow::Result;
 use k8s_openapi::api::coordination::v1::Lease;

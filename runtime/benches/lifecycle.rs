@@ -3,6 +3,7 @@
 //! CLIs on the same bundle (same spec, same rootfs), interleaved so that all three see the same machine, each run
 //! after a pause (see `settle`). Root; runs in a cgroup sandbox like the tests, state on tmpfs. Prints a table of
 //! median and p99 and the ratio to crun.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -47,7 +47,7 @@ pub fn join_unified(layout: Layout, cgroups_path: &str, pid: i32) -> std::io::Re
     if layout != Layout::Hybrid {
         return Ok(());
     }
-    let dir = unified_dir(layout, cgroups_path).expect("hybrid has a unified tree");
+    let Some(dir) = unified_dir(layout, cgroups_path) else { return Ok(()) };
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("cgroup.procs"), pid.to_string())
 }

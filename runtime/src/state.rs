@@ -39,8 +39,9 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// Writes `bytes` to `path` atomically with respect to crashes of this process.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
     let err = |source| RuntimeError::State { path: path.to_path_buf(), source };
-    let dir = path.parent().expect("state files live in a directory");
-    std::fs::create_dir_all(dir).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(bytes).map_err(err)?;
@@ -50,7 +51,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
 impl Record {
     /// Saves the record as `<dir>/<id>.json`.
     pub fn save(&self, dir: &Path) -> Result<(), RuntimeError> {
-        let bytes = serde_json::to_vec_pretty(self).expect("records serialise");
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| RuntimeError::State { path: dir.to_path_buf(), source: std::io::Error::other(e) })?;
         write_atomic(&dir.join(format!("{}.json", self.id)), &bytes)
     }
 

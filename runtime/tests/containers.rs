@@ -1,6 +1,6 @@
 //! The runtime end to end, as root, inside a cgroup sandbox (a private mount namespace whose cgroup roots are
 //! test-owned children: `integration/scripts/cgroup-sandbox.sh`). Own `main`: the zygote is forked before tokio.
-#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

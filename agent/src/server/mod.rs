@@ -117,7 +117,9 @@ impl KubeletApi {
             "items": self.pods.list(),
         });
         let mut response = Response::new(full(serde_json::to_vec(&list).unwrap_or_default()));
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, "application/json".parse().expect("static"));
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
         response
     }
 
@@ -150,7 +152,9 @@ impl KubeletApi {
             rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
         });
         let mut response = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, "text/plain".parse().expect("static"));
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
         response
     }
 }
@@ -162,7 +166,9 @@ fn full(data: Vec<u8>) -> Body {
 fn text(code: StatusCode, message: String) -> Response<Body> {
     let mut response = Response::new(full(format!("{message}\n").into_bytes()));
     *response.status_mut() = code;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static"));
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 

@@ -1,6 +1,7 @@
 //! A nodelet process for end-to-end tests: run as the node of a test [`Cluster`] (or standalone), inside a cgroup
 //! sandbox (`integration/scripts/cgroup-sandbox.sh`: every cgroup root it writes to is a test-owned child), with
 //! its root dir, pod logs and config in a temp dir. Stopped with SIGTERM on drop; the sandbox is cleaned after.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

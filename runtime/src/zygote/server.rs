@@ -227,7 +227,10 @@ fn with_stdio(mut b: ContainerBuilder, stdio: [bool; 3], fds: Vec<OwnedFd>) -> R
             .map(OwnedFd::from)
             .map_err(|e| e.to_string())
     };
-    let mut next = |attached: bool| if attached { Ok(fds.next().expect("counted above")) } else { devnull() };
+    let mut next = |attached: bool| match attached {
+        true => fds.next().ok_or_else(|| "fewer descriptors than the request names".to_string()),
+        false => devnull(),
+    };
     b = b.with_stdin(next(stdio[0])?);
     b = b.with_stdout(next(stdio[1])?);
     b = b.with_stderr(next(stdio[2])?);

@@ -1,5 +1,6 @@
 //! Shared by the privileged tests and benchmarks of the runtime (included with `mod support;` /
 //! `#[path]`): a cgroup sandbox to run in and a busybox root filesystem.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 
 use std::path::Path;
 use std::time::Duration;
