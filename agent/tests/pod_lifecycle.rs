@@ -163,6 +163,15 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     let v2 = format!("{root}/kubepods/burstable/pod{uid}/{id}/memory.max");
     let limit = std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2))?;
     ensure!(limit.trim() == (48u64 << 20).to_string(), "the container's memory limit is {limit}");
+    // PodResizeInProgress held while the resize was applied is deleted from the status once it is done (a
+    // strategic merge patch keeps conditions left out). (A resize beyond the node's allocatable is refused by
+    // the API server itself in 1.37, so Infeasible is covered by unit tests.)
+    let resize_conditions = |p: &Pod| {
+        let conditions = p.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+        conditions.into_iter().filter(|c| c.type_.starts_with("PodResize")).count()
+    };
+    wait_pod(&pods, "burstable", "no resize condition left", Duration::from_secs(30), |p| resize_conditions(p) == 0)
+        .await?;
     pods.delete("burstable", &DeleteParams::default()).await?;
     wait_for("the burstable pod to go", Duration::from_secs(30), || async {
         Ok(pods.get_opt("burstable").await?.is_none().then_some(()))

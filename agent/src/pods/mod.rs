@@ -312,6 +312,7 @@ impl PodWorkers {
             init: Vec::new(),
             containers: Vec::new(),
             readiness_gates: Vec::new(),
+            resize: None,
         };
         let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
     }

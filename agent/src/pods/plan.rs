@@ -118,6 +118,17 @@ pub fn initialized(spec: &PodSpec, init: &[ContainerRecord]) -> bool {
     })
 }
 
+/// Whether a running container's requests or limits differ from what its cgroup has (a resize to apply).
+pub fn resize_wanted(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord]) -> bool {
+    let all =
+        spec.init_containers.iter().flatten().map(|c| (c, init)).chain(spec.containers.iter().map(|c| (c, containers)));
+    all.into_iter().any(|(c, records)| {
+        record(records, &c.name).is_some_and(|r| {
+            r.state.is_running() && r.applied.as_ref().is_some_and(|a| !a.changed(&Applied::of(c)).is_empty())
+        })
+    })
+}
+
 /// What to do next. Empty: nothing until an exit, a retry time or a new spec.
 pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
     if let Some(deadline) = spec.active_deadline_seconds

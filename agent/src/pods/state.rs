@@ -137,6 +137,17 @@ pub struct PodState {
     pub containers: Vec<ContainerRecord>,
     /// The pod's `readinessGates`: each condition type and its status in the API object (`None`: missing).
     pub readiness_gates: Vec<(String, Option<String>)>,
+    /// An in-place resize that waits or is being applied (`PodResizePending` / `PodResizeInProgress`).
+    pub resize: Option<ResizeStatus>,
+}
+
+/// Where an in-place resize stands, as upstream's resize conditions say it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResizeStatus {
+    /// `PodResizePending`: it cannot be applied (`Infeasible`: more than the node has).
+    Pending { reason: &'static str, message: String },
+    /// `PodResizeInProgress`: being applied; with the error of an attempt that failed (reason `Error`).
+    InProgress { error: Option<String> },
 }
 
 /// `status.phase`.

@@ -160,6 +160,7 @@ impl Worker {
                 .map(|c| ContainerRecord::new(&c.name, c.image.as_deref().unwrap_or_default(), app_reason))
                 .collect(),
             readiness_gates: Vec::new(),
+            resize: None,
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -453,6 +454,12 @@ impl Worker {
         let spec = self.pod.spec.clone().unwrap_or_default();
         if !self.state.initialized && plan::initialized(&spec, &self.state.init) {
             self.state.initialized = true;
+        }
+        // A pending resize the spec no longer asks for (reverted, or applied) is over.
+        if matches!(self.state.resize, Some(super::state::ResizeStatus::Pending { .. }))
+            && !plan::resize_wanted(&spec, &self.state.init, &self.state.containers)
+        {
+            self.state.resize = None;
         }
         self.state.phase = plan::phase(&spec, &self.state.init, &self.state.containers, self.state.initialized);
     }

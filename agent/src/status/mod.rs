@@ -58,6 +58,17 @@ pub struct StatusManager {
     view: view::PodView,
 }
 
+/// A strategic merge patch merges conditions by type, so a condition left out stays: the resize conditions,
+/// which exist only while they hold, are deleted explicitly when absent.
+fn delete_absent_resize_conditions(patch: &mut serde_json::Value) {
+    let Some(conditions) = patch["status"]["conditions"].as_array_mut() else { return };
+    for kind in [pod_status::RESIZE_PENDING, pod_status::RESIZE_IN_PROGRESS] {
+        if !conditions.iter().any(|c| c["type"] == kind) {
+            conditions.push(serde_json::json!({"type": kind, "$patch": "delete"}));
+        }
+    }
+}
+
 impl StatusManager {
     pub fn new(client: Option<kube::Client>, root_dir: PathBuf, view: view::PodView) -> StatusManager {
         StatusManager {
@@ -198,10 +209,11 @@ impl StatusManager {
         };
         let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
         // A static pod's status goes to its mirror pod, which has a UID of its own.
-        let patch = match pod.static_pod {
+        let mut patch = match pod.static_pod {
             true => serde_json::json!({"status": status}),
             false => serde_json::json!({"metadata": {"uid": pod.uid}, "status": status}),
         };
+        delete_absent_resize_conditions(&mut patch);
         match pods.patch_status(&pod.name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
             Ok(_) => Ok(()),
             // The mirror pod is not there yet (or is being recreated): retried.
@@ -246,4 +258,22 @@ fn same_ignoring_times(a: &PodStatus, b: &PodStatus) -> bool {
         serde_json::to_value(s).unwrap_or_default()
     };
     strip(a) == strip(b)
+}
+
+#[cfg(test)]
+mod resize_patch_tests {
+    use super::*;
+
+    #[test]
+    fn absent_resize_conditions_are_deleted_by_the_patch() {
+        let mut patch = serde_json::json!({"status": {"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "PodResizePending", "status": "True", "reason": "Infeasible"}
+        ]}});
+        delete_absent_resize_conditions(&mut patch);
+        let conditions = patch["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conditions.len(), 3);
+        assert_eq!(conditions[2], serde_json::json!({"type": "PodResizeInProgress", "$patch": "delete"}));
+        assert_eq!(conditions[1]["reason"], "Infeasible", "a present one stays as it is");
+    }
 }

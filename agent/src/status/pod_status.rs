@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::pods::state::{ContainerRecord, ContainerState, Phase, PodState};
+use crate::pods::state::{ContainerRecord, ContainerState, Phase, PodState, ResizeStatus};
 
 fn api_state(state: &ContainerState) -> ApiState {
     match state {
@@ -68,6 +68,10 @@ fn quantities(map: &std::collections::BTreeMap<String, String>) -> std::collecti
 
 /// The API status for `state`. Condition transition times carry over from `previous` while a condition keeps its
 /// status.
+/// The resize conditions: present only while true, so a status patch must delete them when they are gone.
+pub const RESIZE_PENDING: &str = "PodResizePending";
+pub const RESIZE_IN_PROGRESS: &str = "PodResizeInProgress";
+
 pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
     let now = Time(jiff::Timestamp::now());
     let condition = |kind: &str, ok: bool, reason: Option<String>, message: Option<String>| {
@@ -140,6 +144,29 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
         condition("Ready", ready, ready_reason.clone(), ready_message.clone()),
         condition("ContainersReady", containers_ready, ready_reason, ready_message),
     ];
+    let mut conditions = conditions;
+    let resize = |kind: &str, reason: Option<String>, message: Option<String>| PodCondition {
+        type_: kind.into(),
+        status: "True".into(),
+        reason,
+        message,
+        last_transition_time: previous
+            .and_then(|p| p.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == kind && c.status == "True"))
+            .and_then(|c| c.last_transition_time.clone())
+            .or_else(|| Some(now.clone())),
+        observed_generation: state.observed_generation,
+        ..Default::default()
+    };
+    match &state.resize {
+        Some(ResizeStatus::Pending { reason, message }) => {
+            conditions.push(resize(RESIZE_PENDING, Some((*reason).into()), Some(message.clone())));
+        }
+        Some(ResizeStatus::InProgress { error }) => {
+            conditions.push(resize(RESIZE_IN_PROGRESS, error.as_ref().map(|_| "Error".into()), error.clone()));
+        }
+        None => {}
+    }
     PodStatus {
         phase: Some(state.phase.as_str().into()),
         observed_generation: state.observed_generation,
@@ -183,6 +210,7 @@ mod tests {
             init: Vec::new(),
             containers: vec![c],
             readiness_gates: Vec::new(),
+            resize: None,
         }
     }
 
@@ -208,5 +236,21 @@ mod tests {
         assert_eq!(condition(&status, "ContainersReady").status, "True");
         state.readiness_gates = vec![("example.com/lb".into(), Some("True".into()))];
         assert_eq!(condition(&pod_status(&state, None), "Ready").status, "True");
+    }
+
+    #[test]
+    fn resize_conditions_only_while_they_hold() {
+        let mut state = running_ready();
+        let none = pod_status(&state, None);
+        assert!(none.conditions.iter().flatten().all(|c| !c.type_.starts_with("PodResize")));
+        state.resize =
+            Some(ResizeStatus::Pending { reason: "Infeasible", message: "Node didn't have enough capacity".into() });
+        let pending = pod_status(&state, None);
+        let c = condition(&pending, RESIZE_PENDING);
+        assert_eq!((c.status.as_str(), c.reason.as_deref()), ("True", Some("Infeasible")));
+        state.resize = Some(ResizeStatus::InProgress { error: Some("write failed".into()) });
+        let failed = pod_status(&state, None);
+        let c = condition(&failed, RESIZE_IN_PROGRESS);
+        assert_eq!((c.reason.as_deref(), c.message.as_deref()), (Some("Error"), Some("write failed")));
     }
 }

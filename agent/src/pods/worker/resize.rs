@@ -8,7 +8,7 @@ use nodelet_cgroups::qos;
 
 use super::Worker;
 use crate::pods::resources;
-use crate::pods::state::Applied;
+use crate::pods::state::{Applied, ResizeStatus};
 
 /// How long before a resize that failed (e.g. a memory limit below the usage) is tried again.
 const RESIZE_RETRY: Duration = Duration::from_secs(10);
@@ -16,6 +16,24 @@ const RESIZE_RETRY: Duration = Duration::from_secs(10);
 impl Worker {
     pub(super) async fn resize(&mut self, name: &str, init: bool) {
         let Some((c, index)) = self.container_spec(name, init) else { return };
+        // More than the node has is infeasible (upstream's PodResizePending, reason Infeasible): nothing is
+        // applied, and it is looked at again when the spec changes or after the retry delay.
+        let (cpu, memory) = resources::pod_requests(&self.pod);
+        let (cpu_capacity, memory_capacity) = self.ctx.allocatable;
+        let over = [("cpu", cpu, cpu_capacity), ("memory", memory, memory_capacity)]
+            .into_iter()
+            .find(|(_, requested, capacity)| requested > capacity);
+        if let Some((resource, requested, capacity)) = over {
+            let message =
+                format!("Node didn't have enough capacity: {resource}, requested: {requested}, capacity: {capacity}");
+            if !matches!(&self.state.resize, Some(ResizeStatus::Pending { message: m, .. }) if *m == message) {
+                self.event(None, true, "ResizeInfeasible", &format!("Pod resize Infeasible: {message}"));
+            }
+            self.state.resize = Some(ResizeStatus::Pending { reason: "Infeasible", message });
+            self.next_attempt.insert(name.to_string(), Instant::now() + RESIZE_RETRY);
+            return;
+        }
+        self.state.resize = Some(ResizeStatus::InProgress { error: None });
         let record = self.record(init, index);
         let Some(id) = record.container_id.as_deref().and_then(|i| i.strip_prefix("nodelet://")).map(str::to_string)
         else {
@@ -58,10 +76,15 @@ impl Worker {
         match applied {
             Ok(Ok(())) => {
                 self.record(init, index).applied = Some(wanted);
+                let spec = self.pod.spec.clone().unwrap_or_default();
+                if !crate::pods::plan::resize_wanted(&spec, &self.state.init, &self.state.containers) {
+                    self.state.resize = None;
+                }
                 self.event(Some((name, init)), false, "ResizeCompleted", &format!("Pod resize completed: {name}"));
             }
             Ok(Err(e)) => {
                 self.event(Some((name, init)), true, "ResizeFailed", &format!("Pod resize of {name} failed: {e}"));
+                self.state.resize = Some(ResizeStatus::InProgress { error: Some(e.to_string()) });
                 self.next_attempt.insert(name.to_string(), Instant::now() + RESIZE_RETRY);
             }
             Err(e) => tracing::warn!(container = %name, error = %e, "resizing a container stopped"),
