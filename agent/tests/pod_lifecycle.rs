@@ -325,5 +325,25 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     let rejected = wait_pod(&pods, "windows", "Failed", Duration::from_secs(60), |p| phase(p) == "Failed").await?;
     let st = rejected.status.clone().unwrap_or_default();
     ensure!(st.reason.as_deref() == Some("PodOSNotSupported"), "{st:?}");
+    pods.delete("windows", &DeleteParams::default()).await?;
+
+    // runAsNonRoot: busybox runs as root, so the container waits in CreateContainerConfigError with upstream's
+    // message; with runAsUser 1000 it runs.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: nonroot}}\nspec:\n  terminationGracePeriodSeconds: 1\n  securityContext: {{runAsNonRoot: true}}\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    let refused = wait_pod(&pods, "nonroot", "CreateContainerConfigError", Duration::from_secs(60), |p| {
+        statuses(p, false).first().and_then(waiting).is_some_and(|(r, _)| r == "CreateContainerConfigError")
+    })
+    .await?;
+    let (_, message) = statuses(&refused, false).first().and_then(waiting).unwrap_or_default();
+    ensure!(
+        message.starts_with("container has runAsNonRoot and image will run as root (pod: \"nonroot_default("),
+        "{message}"
+    );
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: nonroot-ok}}\nspec:\n  terminationGracePeriodSeconds: 1\n  securityContext: {{runAsNonRoot: true, runAsUser: 1000}}\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    wait_pod(&pods, "nonroot-ok", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
     Ok(())
 }

@@ -149,6 +149,40 @@ fn key_value(
     }
 }
 
+/// `runAsNonRoot`, checked as upstream does before a container is created: against `runAsUser`, else the
+/// image's user (numeric, or a name that cannot be verified; none at all is root).
+pub fn verify_run_as_non_root(pod: &Pod, c: &Container, image_user: Option<&str>) -> Result<()> {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let sc = c.security_context.as_ref();
+    let non_root = sc.and_then(|s| s.run_as_non_root).or(pod_sc.and_then(|s| s.run_as_non_root)).unwrap_or(false);
+    if !non_root {
+        return Ok(());
+    }
+    let who = format!(
+        "(pod: \"{}_{}({})\", container: {})",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.uid.as_deref().unwrap_or_default(),
+        c.name
+    );
+    if let Some(uid) = sc.and_then(|s| s.run_as_user).or(pod_sc.and_then(|s| s.run_as_user)) {
+        if uid == 0 {
+            return Err(anyhow!("container's runAsUser breaks non-root policy {who}"));
+        }
+        return Ok(());
+    }
+    let user = image_user.unwrap_or_default();
+    let name = user.split(':').next().unwrap_or_default();
+    match name.parse::<i64>() {
+        _ if name.is_empty() => Err(anyhow!("container has runAsNonRoot and image will run as root {who}")),
+        Ok(0) => Err(anyhow!("container has runAsNonRoot and image will run as root {who}")),
+        Ok(_) => Ok(()),
+        Err(_) => Err(anyhow!(
+            "container has runAsNonRoot and image has non-numeric user ({name}), cannot verify user is non-root {who}"
+        )),
+    }
+}
+
 /// The container's security settings, pod-level defaults first.
 pub fn security(pod: &Pod, c: &Container) -> Security {
     let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
@@ -200,6 +234,31 @@ pub async fn pull_secrets(pod: &Pod, client: Option<&kube::Client>) -> Vec<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_as_non_root_as_upstream_checks_it() {
+        let pod = |sc: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+                "spec": {"securityContext": sc, "containers": [{"name": "c"}]}}))
+            .unwrap()
+        };
+        let check = |p: &Pod, user: Option<&str>| {
+            verify_run_as_non_root(p, &p.spec.as_ref().unwrap().containers[0], user).map_err(|e| e.to_string())
+        };
+        let strict = pod(serde_json::json!({"runAsNonRoot": true}));
+        assert_eq!(
+            check(&strict, None).unwrap_err(),
+            "container has runAsNonRoot and image will run as root (pod: \"p_ns(u)\", container: c)"
+        );
+        assert!(check(&strict, Some("0:0")).is_err());
+        assert!(check(&strict, Some("1000:1000")).is_ok());
+        assert!(check(&strict, Some("nobody")).unwrap_err().contains("image has non-numeric user (nobody)"));
+        let by_uid = pod(serde_json::json!({"runAsNonRoot": true, "runAsUser": 1000}));
+        assert!(check(&by_uid, None).is_ok());
+        let root = pod(serde_json::json!({"runAsNonRoot": true, "runAsUser": 0}));
+        assert!(check(&root, Some("1000")).unwrap_err().starts_with("container's runAsUser breaks non-root policy"));
+        assert!(check(&pod(serde_json::json!({})), None).is_ok());
+    }
 
     #[test]
     fn image_defaults_include_the_stop_signal() {

@@ -320,6 +320,7 @@ impl Worker {
         let sandbox = self.sandbox.as_ref().ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
         let image = spec::image_config(&self.ctx.images.config_blob(ready).map_err(anyhow::Error::msg)?)?;
         let stop_signal = c.lifecycle.as_ref().and_then(|l| l.stop_signal.clone()).or(image.stop_signal.clone());
+        spec::verify_run_as_non_root(&self.pod, c, image.user.as_deref())?;
         let lookup = spec::Lookup {
             client: self.ctx.client.as_ref(),
             namespace: &self.pod_ref.namespace,
