@@ -127,6 +127,15 @@ impl Counter {
     }
 }
 
+/// A random part of `period` (hashing the time with a randomly keyed hasher: no random number crate needed).
+fn jitter(period: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let millis = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(h.finish() % millis)
+}
+
 /// Where a container's probes connect.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -136,15 +145,15 @@ pub struct Target {
     pub pod_ip: String,
 }
 
-/// Starts the probes of container instance `id` (`ready`: its readiness so far); their tasks end when aborted
-/// (the instance ended).
+/// Starts the probes of container instance `id` (`taken_over`: its readiness under the previous agent); their
+/// tasks end when aborted (the instance ended).
 pub fn start(
     c: &Container,
     id: &str,
     target: Target,
     runtime: Arc<dyn ContainerRuntime>,
     tx: mpsc::UnboundedSender<ProbeReport>,
-    ready: bool,
+    taken_over: Option<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let started = Arc::new(AtomicBool::new(c.startup_probe.is_none()));
     let probes =
@@ -162,7 +171,7 @@ pub fn start(
                 runtime: runtime.clone(),
                 tx: tx.clone(),
                 started: started.clone(),
-                ready,
+                taken_over,
             };
             tokio::spawn(task.run())
         })
@@ -178,8 +187,8 @@ struct Task {
     runtime: Arc<dyn ContainerRuntime>,
     tx: mpsc::UnboundedSender<ProbeReport>,
     started: Arc<AtomicBool>,
-    /// The readiness the instance had (an instance taken over from the previous agent keeps its own).
-    ready: bool,
+    /// For an instance taken over from the previous agent: the readiness it had, kept until probed.
+    taken_over: Option<bool>,
 }
 
 impl Task {
@@ -188,10 +197,16 @@ impl Task {
         let initial = match self.kind {
             Kind::Startup => None,
             Kind::Liveness => Some(true),
-            Kind::Readiness => Some(self.ready),
+            Kind::Readiness => Some(self.taken_over.unwrap_or(false)),
         };
         let mut counter = Counter::new(timing, initial);
-        tokio::time::sleep(timing.initial_delay).await;
+        if self.taken_over.is_some() {
+            // After an agent restart every probe would fire at once: spread them over their first period
+            // (upstream does the same for probes that start right after the kubelet does).
+            tokio::time::sleep(jitter(timing.period)).await;
+        } else {
+            tokio::time::sleep(timing.initial_delay).await;
+        }
         let mut next = tokio::time::Instant::now();
         loop {
             // Liveness and readiness wait for the startup probe; the startup probe stops once it succeeded.
@@ -263,6 +278,14 @@ mod tests {
         assert_eq!(s.record(false), Some(false));
         let mut s = Counter::new(timing(1, 2), None);
         assert_eq!(s.record(true), Some(true));
+    }
+
+    #[test]
+    fn jitter_stays_within_the_period() {
+        let period = Duration::from_secs(10);
+        let samples: Vec<Duration> = (0..50).map(|_| jitter(period)).collect();
+        assert!(samples.iter().all(|d| *d < period));
+        assert!(samples.iter().any(|d| *d != samples[0]), "not always the same: {samples:?}");
     }
 
     #[test]

@@ -31,13 +31,13 @@ impl Worker {
         }
     }
 
-    /// Starts `c`'s probes for instance `id`; `ready`: its readiness so far (false for a new instance).
-    pub(super) fn start_probes(&self, c: &ApiContainer, id: &str, ready: bool) -> Probes {
+    /// Starts `c`'s probes for instance `id` (`taken_over`: its readiness under the previous agent).
+    pub(super) fn start_probes(&self, c: &ApiContainer, id: &str, taken_over: Option<bool>) -> Probes {
         if c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none() {
             return Probes::default();
         }
         let runtime = self.ctx.runtime.clone();
-        Probes(prober::start(c, id, self.probe_target(), runtime, self.probe_tx.clone(), ready))
+        Probes(prober::start(c, id, self.probe_target(), runtime, self.probe_tx.clone(), taken_over))
     }
 
     /// Acts on a probe task's report about a still-running instance.

@@ -83,7 +83,7 @@ impl Worker {
                 self.record(init, index).new_instance(&id);
                 if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
                     // The container runs; it is not Running in the status until its postStart hook returned.
-                    self.watch(&c, id.clone(), now, false);
+                    self.watch(&c, id.clone(), now);
                     let ok = self.post_start(&c, init, &id, &hook).await;
                     // Running also after a failed hook, until its exit (which is on its way) is recorded: never
                     // a second instance beside it.
@@ -106,7 +106,7 @@ impl Worker {
                 // a readiness probe, else when the probes say so.
                 record.started = c.startup_probe.is_none();
                 record.ready = (!init || plan::is_sidecar(&c)) && record.started && c.readiness_probe.is_none();
-                self.watch(&c, id, now, false);
+                self.watch(&c, id, now);
                 return;
             }
             Err(NotStarted::Create(message)) => {
@@ -275,21 +275,22 @@ impl Worker {
         Ok(())
     }
 
-    /// Records a running instance: its exit is watched and its probes start (`ready`: the readiness it had, for
-    /// one taken over from the previous agent).
-    pub(super) fn watch(&mut self, c: &ApiContainer, id: String, started_at: Timestamp, ready: bool) {
-        self.watch_since(c, id, started_at, Instant::now(), ready);
+    /// Records a new running instance: its exit is watched and its probes start.
+    pub(super) fn watch(&mut self, c: &ApiContainer, id: String, started_at: Timestamp) {
+        self.watch_since(c, id, started_at, Instant::now(), None);
     }
 
+    /// [`Worker::watch`] for an instance started at `started`; `taken_over`: the readiness an instance of the
+    /// previous agent had (its probes keep it and start at a random point of their first period).
     pub(super) fn watch_since(
         &mut self,
         c: &ApiContainer,
         id: String,
         started_at: Timestamp,
         started: Instant,
-        ready: bool,
+        taken_over: Option<bool>,
     ) {
-        let probes = self.start_probes(c, &id, ready);
+        let probes = self.start_probes(c, &id, taken_over);
         let running = Running { id: id.clone(), _probes: probes, started_at, started };
         self.running.insert(c.name.clone(), running);
         self.watch_exit(c.name.clone(), id);

@@ -101,7 +101,7 @@ impl Worker {
             let (init, index) = self.locate(&name);
             let ready = self.record(init, index).ready;
             match self.container_spec(&name, init) {
-                Some((c, _)) => self.watch_since(&c, id, started_at, started, ready),
+                Some((c, _)) => self.watch_since(&c, id, started_at, started, Some(ready)),
                 None => {
                     let probes = super::probes::Probes::default();
                     self.running.insert(name.clone(), Running { id: id.clone(), _probes: probes, started_at, started });
