@@ -151,8 +151,8 @@ pub(crate) async fn http_get(
         {
             let next = resolve(&current, &location);
             if host_of(&next) != host_of(&current) {
-                // Upstream: a redirect to another host is a success (with a warning event upstream).
-                return Outcome::Success;
+                // Upstream: a redirect to another host is not followed; a success with a warning.
+                return Outcome::Warning(format!("Probe terminated redirects, Response body: {body}"));
             }
             current = next;
             continue;
@@ -542,6 +542,9 @@ mod tests {
                         "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string()
                     } else if head.starts_with("GET /moved ") {
                         "HTTP/1.1 302 Found\r\nlocation: /ok\r\ncontent-length: 0\r\n\r\n".to_string()
+                    } else if head.starts_with("GET /away ") {
+                        "HTTP/1.1 302 Found\r\nlocation: http://10.255.255.1/x\r\ncontent-length: 4\r\n\r\naway"
+                            .to_string()
                     } else {
                         "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nboom".to_string()
                     };
@@ -558,6 +561,11 @@ mod tests {
         assert_eq!(run(&ok, &c, "id", &target, &runtime, t).await, Outcome::Success);
         let moved = probe(serde_json::json!({"httpGet": {"port": port, "path": "/moved"}}));
         assert_eq!(run(&moved, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let away = probe(serde_json::json!({"httpGet": {"port": port, "path": "/away"}}));
+        assert_eq!(
+            run(&away, &c, "id", &target, &runtime, t).await,
+            Outcome::Warning("Probe terminated redirects, Response body: away".into())
+        );
         let bad = probe(serde_json::json!({"httpGet": {"port": port, "path": "/bad"}}));
         assert_eq!(
             run(&bad, &c, "id", &target, &runtime, t).await,

@@ -38,7 +38,7 @@ pub async fn run(
     }
     if let Some(http) = &handler.http_get {
         return match tokio::time::timeout(timeout, handlers::http_get(http, c, target, timeout)).await {
-            Ok(Outcome::Success) => Ok(()),
+            Ok(Outcome::Success | Outcome::Warning(_)) => Ok(()),
             Ok(Outcome::Failure(e)) => Err(format!(
                 "HTTP lifecycle hook ({}) for Container {:?} failed - error: {e}",
                 http.path.clone().unwrap_or_default(),

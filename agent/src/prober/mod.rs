@@ -46,6 +46,8 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Success,
+    /// A success with a warning (a redirect to another host): upstream's `ProbeWarning` event.
+    Warning(String),
     /// The probe ran and failed; its output (truncated) for the event.
     Failure(String),
 }
@@ -55,6 +57,8 @@ pub enum Outcome {
 pub enum Report {
     /// A run failed (not yet a transition, unless `failureThreshold` is reached too).
     Failed { kind: Kind, output: String },
+    /// A run succeeded with a warning.
+    Warned { kind: Kind, output: String },
     /// The probe's result changed (true: healthy).
     Result { kind: Kind, healthy: bool },
 }
@@ -215,9 +219,11 @@ impl Task {
                 let outcome =
                     handlers::run(&self.probe, &self.container, &self.id, &self.target, &self.runtime, timing.timeout)
                         .await;
-                let success = outcome == Outcome::Success;
-                if let Outcome::Failure(output) = outcome {
-                    self.send(Report::Failed { kind: self.kind, output });
+                let success = !matches!(outcome, Outcome::Failure(_));
+                match outcome {
+                    Outcome::Failure(output) => self.send(Report::Failed { kind: self.kind, output }),
+                    Outcome::Warning(output) => self.send(Report::Warned { kind: self.kind, output }),
+                    Outcome::Success => {}
                 }
                 if let Some(healthy) = counter.record(success) {
                     if self.kind == Kind::Startup && healthy {

@@ -53,6 +53,10 @@ impl Worker {
                 let message = format!("{} probe failed: {}", kind.name(), output.trim_end());
                 self.event(Some((&name, init)), true, "Unhealthy", &message);
             }
+            Report::Warned { kind, output } => {
+                let message = format!("{} probe warning: {}", kind.name(), output.trim_end());
+                self.event(Some((&name, init)), true, "ProbeWarning", &message);
+            }
             Report::Result { kind: Kind::Readiness, healthy } => {
                 let record = self.record(init, index);
                 record.ready = healthy && record.started;
