@@ -37,6 +37,8 @@ pub struct SetUp {
     pub path: PathBuf,
     /// configMap, secret, downwardAPI and projected volumes are read-only in containers (upstream).
     pub read_only: bool,
+    /// A disk-backed emptyDir's usage at its last set-up or resync (bytes allocated), for `sizeLimit` eviction.
+    pub usage_bytes: Option<u64>,
 }
 
 /// A pod's volumes by name.
@@ -331,6 +333,32 @@ fn pod_memory_limit(pod: &Pod) -> Option<u64> {
     Some(app?.max(init?))
 }
 
+/// Bytes allocated below `dir` on its filesystem (like `du`: symlinks not followed, other filesystems not
+/// entered), walking at most a million entries.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(root) = std::fs::symlink_metadata(dir) else { return 0 };
+    let (device, mut total, mut seen) = (root.dev(), 0u64, 0usize);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            seen += 1;
+            if seen > 1_000_000 {
+                return total;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.dev() != device {
+                continue;
+            }
+            total = total.saturating_add(meta.blocks().saturating_mul(512));
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
 /// One volume's host-side work.
 enum Job {
     EmptyDir { dir: PathBuf, tmpfs: Option<u64> },
@@ -344,7 +372,7 @@ impl Job {
         match self {
             Job::HostPath(path, type_) => {
                 host_path::check(&path, type_.as_deref())?;
-                Ok(SetUp { path, read_only: false })
+                Ok(SetUp { path, read_only: false, usage_bytes: None })
             }
             Job::EmptyDir { dir, tmpfs } => {
                 match tmpfs {
@@ -359,14 +387,15 @@ impl Job {
                 }
                 std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
                     .map_err(|e| e.to_string())?;
-                Ok(SetUp { path: dir, read_only: false })
+                let usage_bytes = tmpfs.is_none().then(|| disk_usage(&dir));
+                Ok(SetUp { path: dir, read_only: false, usage_bytes })
             }
             Job::Files { dir, tmpfs, payload } => {
                 if tmpfs {
                     mounts::ensure_tmpfs(&dir, None, 0o755).map_err(|e| e.to_string())?;
                 }
                 atomic_writer::write(&dir, &payload, group).map_err(|e| format!("writing the volume's files: {e}"))?;
-                Ok(SetUp { path: dir, read_only: true })
+                Ok(SetUp { path: dir, read_only: true, usage_bytes: None })
             }
         }
     }
@@ -406,6 +435,11 @@ mod tests {
         assert_eq!(volumes["host"].path, host);
         assert!(host.is_dir());
         assert!(volumes["scratch"].path.ends_with("pods/u-1/volumes/kubernetes.io~empty-dir/scratch"));
+        assert_eq!(volumes["scratch"].usage_bytes, Some(0));
+        std::fs::write(volumes["scratch"].path.join("data"), vec![7u8; 64 * 1024]).unwrap();
+        let used = manager.set_up(&p, &ips).await.unwrap()["scratch"].usage_bytes.unwrap_or(0);
+        assert!(used >= 64 * 1024, "usage recorded at the resync: {used}");
+        std::fs::remove_file(volumes["scratch"].path.join("data")).unwrap();
         // Idempotent: a second set-up (a resync, or after a restart) changes nothing.
         assert_eq!(manager.set_up(&p, &ips).await.unwrap(), volumes);
         let c = p.spec.as_ref().unwrap().containers[0].clone();

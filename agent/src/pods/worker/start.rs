@@ -331,11 +331,9 @@ impl Worker {
         let ips = spec::Ips { host: &self.ctx.config.node_ip, pod: self.state.pod_ip.as_deref() };
         let env = spec::environment(&self.pod, c, &ips, &lookup).await?;
         let mut volumes = self.volumes.clone().ok_or_else(|| anyhow::anyhow!("the pod's volumes are not set up"))?;
-        volumes.extend(
-            self.image_volumes
-                .iter()
-                .map(|(name, path)| (name.clone(), crate::volumes::SetUp { path: path.clone(), read_only: true })),
-        );
+        volumes.extend(self.image_volumes.iter().map(|(name, path)| {
+            (name.clone(), crate::volumes::SetUp { path: path.clone(), read_only: true, usage_bytes: None })
+        }));
         let subpaths = self.ctx.volumes.subpaths_dir(&self.pod_ref.uid, &c.name);
         let mut mounts = self.name_files.clone();
         mounts.extend(crate::volumes::container_mounts(&volumes, c, &env, &subpaths).map_err(anyhow::Error::msg)?);
