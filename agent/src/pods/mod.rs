@@ -107,12 +107,31 @@ impl Ctx {
     }
 }
 
+/// What the dispatcher and a pod's worker share.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Set by the worker once its pod is terminal: it no longer counts for admission.
+    pub terminal: AtomicBool,
+    /// Set by the dispatcher while a resize does not fit beside the other pods (upstream's `Deferred`): why.
+    pub resize_deferred: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub fn deferred(&self) -> Option<String> {
+        self.resize_deferred.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_deferred(&self, why: Option<String>) {
+        *self.resize_deferred.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+}
+
 struct Admitted {
     tx: watch::Sender<Desired>,
     requests: (u64, u64),
     qos: QosClass,
-    /// Set by the worker once its pod is terminal: it no longer counts for admission.
-    terminal: Arc<AtomicBool>,
+    /// Shared with the worker: its pod is terminal; its resize is deferred.
+    shared: Arc<Shared>,
 }
 
 /// How a worker task ended.
@@ -202,6 +221,7 @@ impl PodWorkers {
                 self.workers.remove(&uid);
                 self.ctx.view.remove(&uid);
                 self.update_burstable_shares();
+                self.retry_deferred();
             }
             Done::Panicked { uid, message } => {
                 let Some(w) = self.workers.remove(&uid) else { return };
@@ -242,9 +262,12 @@ impl PodWorkers {
             *desired = Desired::Pod(Arc::new(pod));
             return;
         }
-        if let Some(w) = self.workers.get(&uid) {
+        if self.workers.contains_key(&uid) {
             self.ctx.view.upsert(pod.clone());
-            w.tx.send_replace(Desired::Pod(Arc::new(pod)));
+            self.allocate(&uid, &pod);
+            if let Some(w) = self.workers.get(&uid) {
+                w.tx.send_replace(Desired::Pod(Arc::new(pod)));
+            }
             return;
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
@@ -273,15 +296,15 @@ impl PodWorkers {
         {
             return self.reject(&pod, reason, message);
         }
-        let terminal = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let pod = Arc::new(pod);
         let (tx, rx) = watch::channel(Desired::Pod(pod.clone()));
         let qos = resources::pod_qos(&pod);
-        self.workers.insert(uid.clone(), Admitted { tx, requests, qos, terminal: terminal.clone() });
+        self.workers.insert(uid.clone(), Admitted { tx, requests, qos, shared: shared.clone() });
         self.update_burstable_shares();
         self.ctx.view.upsert(Pod::clone(&pod));
         let inherited = self.ctx.leftovers.claim(&uid, &self.ctx.states);
-        let worker = Worker::new(self.ctx.clone(), Arc::unwrap_or_clone(pod), rx, inherited, terminal);
+        let worker = Worker::new(self.ctx.clone(), Arc::unwrap_or_clone(pod), rx, inherited, shared);
         let done = self.done_tx.clone();
         tokio::spawn(async move {
             let done_message = match supervise(worker.run()).await {
@@ -317,11 +340,56 @@ impl PodWorkers {
         let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
     }
 
+    /// A running pod whose requests changed (an in-place resize): allocated if it fits beside the other pods'
+    /// requests, else deferred (upstream's `PodResizePending`/`Deferred`) until it does. More than the node has at
+    /// all is the worker's `Infeasible`.
+    fn allocate(&mut self, uid: &str, pod: &Pod) {
+        let wanted = resources::pod_requests(pod);
+        let Some(w) = self.workers.get(uid) else { return };
+        if wanted == w.requests && w.shared.deferred().is_none() {
+            return;
+        }
+        let others = self.usage_without(uid);
+        let capacity = self.capacity();
+        let short = [
+            ("cpu", wanted.0, others.cpu_millis, capacity.cpu_millis),
+            ("memory", wanted.1, others.memory_bytes, capacity.memory_bytes),
+        ]
+        .into_iter()
+        .find(|(_, want, used, cap)| want <= cap && used + want > *cap);
+        let Some(w) = self.workers.get_mut(uid) else { return };
+        match short {
+            Some((resource, want, used, cap)) => w.shared.set_deferred(Some(format!(
+                "Node didn't have enough resource: {resource}, requested: {want}, used: {used}, capacity: {cap}"
+            ))),
+            None => {
+                w.requests = wanted;
+                w.shared.set_deferred(None);
+            }
+        }
+        self.update_burstable_shares();
+    }
+
+    /// Deferred resizes looked at again (a pod ended or went): a worker whose resize now fits is woken.
+    fn retry_deferred(&mut self) {
+        let deferred: Vec<String> =
+            self.workers.iter().filter(|(_, w)| w.shared.deferred().is_some()).map(|(uid, _)| uid.clone()).collect();
+        for uid in deferred {
+            let Some(Desired::Pod(pod)) = self.workers.get(&uid).map(|w| w.tx.borrow().clone()) else { continue };
+            self.allocate(&uid, &pod);
+            if let Some(w) = self.workers.get(&uid).filter(|w| w.shared.deferred().is_none()) {
+                w.tx.send_modify(|_| {});
+            }
+        }
+    }
+
     /// The burstable QoS cgroup's cpu shares follow its running pods' cpu requests (upstream's QoS manager), so
     /// that burstable pods together get their share against guaranteed ones.
     fn update_burstable_shares(&mut self) {
-        let active =
-            self.workers.values().filter(|w| w.qos == QosClass::Burstable && !w.terminal.load(Ordering::Relaxed));
+        let active = self
+            .workers
+            .values()
+            .filter(|w| w.qos == QosClass::Burstable && !w.shared.terminal.load(Ordering::Relaxed));
         let millis: u64 = active.map(|w| w.requests.0).sum();
         if self.burstable_millis == Some(millis) {
             return;
@@ -337,7 +405,16 @@ impl PodWorkers {
 
     /// What the admitted pods that are not terminal use.
     fn usage(&self) -> admission::Usage {
-        let active = self.workers.values().filter(|w| !w.terminal.load(Ordering::Relaxed));
+        self.usage_without("")
+    }
+
+    /// [`PodWorkers::usage`] of every pod but `uid`.
+    fn usage_without(&self, uid: &str) -> admission::Usage {
+        let active = self
+            .workers
+            .iter()
+            .filter(|(u, w)| *u != uid && !w.shared.terminal.load(Ordering::Relaxed))
+            .map(|(_, w)| w);
         active.fold(admission::Usage::default(), |u, w| admission::Usage {
             pods: u.pods + 1,
             cpu_millis: u.cpu_millis + w.requests.0,
@@ -466,6 +543,66 @@ mod tests {
         assert_eq!(panicked, Err("injected: worker 7".to_string()));
         let static_message = supervise(async { std::panic::panic_any("static") }).await;
         assert_eq!(static_message, Err("static".to_string()));
+    }
+
+    fn test_pod(name: &str, uid: &str, cpu: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "uid": uid},
+            "spec": {"containers": [{"name": "main", "image": "busybox",
+                "resources": {"requests": {"cpu": cpu}, "limits": {"memory": "64Mi"}}}]}
+        }))
+        .unwrap()
+    }
+
+    /// The next state reported for pod `name` that satisfies `f`.
+    async fn state_of(
+        status: &mut mpsc::UnboundedReceiver<StatusMessage>,
+        name: &str,
+        what: &str,
+        f: impl Fn(&PodState) -> bool,
+    ) -> PodState {
+        let wait = async {
+            while let Some(message) = status.recv().await {
+                if let StatusMessage::Update { pod, state } = message
+                    && pod.name == name
+                    && f(&state)
+                {
+                    return *state;
+                }
+            }
+            panic!("the status channel closed");
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait).await.unwrap_or_else(|_| panic!("{name}: never {what}"))
+    }
+
+    #[tokio::test]
+    async fn a_resize_that_does_not_fit_beside_the_others_is_deferred_until_it_does() {
+        use services::fake::{self, FakeRuntime};
+        let dir = tempfile::tempdir().unwrap();
+        // The fake node has 2000m of cpu.
+        let (ctx, mut status) = fake::ctx(dir.path(), Arc::new(FakeRuntime::default()), Default::default());
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(PodWorkers::new(ctx, 1).run(rx));
+        tx.send(SourceEvent::Upsert(Box::new(test_pod("big", "u1", "1500m")))).await.unwrap();
+        tx.send(SourceEvent::Upsert(Box::new(test_pod("small", "u2", "200m")))).await.unwrap();
+        let running = |s: &PodState| s.containers.first().is_some_and(|c| c.state.is_running());
+        state_of(&mut status, "small", "running", running).await;
+        tx.send(SourceEvent::Upsert(Box::new(test_pod("small", "u2", "800m")))).await.unwrap();
+        let deferred = state_of(&mut status, "small", "deferred", |s| s.resize.is_some()).await;
+        let Some(state::ResizeStatus::Pending { reason, message }) = deferred.resize else { panic!("{deferred:?}") };
+        assert_eq!(reason, "Deferred");
+        assert_eq!(message, "Node didn't have enough resource: cpu, requested: 800, used: 1500, capacity: 2000");
+        // The big pod goes: the resize fits now and is applied without waiting for a retry.
+        tx.send(SourceEvent::Remove { uid: "u1".into() }).await.unwrap();
+        let applied = state_of(&mut status, "small", "resized", |s| {
+            s.resize.is_none()
+                && s.containers[0]
+                    .applied
+                    .as_ref()
+                    .is_some_and(|a| a.requests.get("cpu").map(String::as_str) == Some("800m"))
+        })
+        .await;
+        assert_eq!(applied.containers[0].restart_count, 0);
     }
 
     #[tokio::test]

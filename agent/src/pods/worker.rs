@@ -19,7 +19,7 @@ mod tests;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -120,8 +120,8 @@ pub struct Worker {
     volume_changes: Arc<tokio::sync::Notify>,
     /// A deletion or removal that arrived while a container was being prepared, handled first.
     pending: Option<Desired>,
-    /// Tells the dispatcher the pod is terminal (it stops counting for admission).
-    terminal: Arc<AtomicBool>,
+    /// Shared with the dispatcher: the pod is terminal (it stops counting for admission); a deferred resize.
+    shared: Arc<super::Shared>,
 }
 
 impl Worker {
@@ -130,7 +130,7 @@ impl Worker {
         pod: Pod,
         rx: watch::Receiver<Desired>,
         inherited: Inherited,
-        terminal: Arc<AtomicBool>,
+        shared: Arc<super::Shared>,
     ) -> Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         let pod_ref = PodRef::of(&pod);
@@ -190,7 +190,7 @@ impl Worker {
             volumes_resync: Instant::now(),
             volume_changes,
             pending: None,
-            terminal,
+            shared,
         }
     }
 
@@ -198,7 +198,7 @@ impl Worker {
         self.state.observed_generation = self.pod.metadata.generation;
         self.state.readiness_gates = readiness_gates(&self.pod);
         if self.state.phase.is_terminal() {
-            self.terminal.store(true, Ordering::Relaxed);
+            self.shared.terminal.store(true, Ordering::Relaxed);
         }
         let saved = Saved::of(&self.state);
         if self.saved.as_ref() != Some(&saved) {
@@ -303,6 +303,13 @@ impl Worker {
             Desired::Pod(pod) => {
                 let deleting = pod.metadata.deletion_timestamp.is_some();
                 let grace = pod.metadata.deletion_grace_period_seconds;
+                // A deferred resize that the dispatcher now allocated: applied at once, not at the next retry
+                // (only running containers wait for a resize retry; a crash back-off is left alone).
+                let deferred = matches!(&self.state.resize, Some(super::state::ResizeStatus::Pending { reason, .. }) if *reason == "Deferred");
+                if deferred && self.shared.deferred().is_none() {
+                    let running: Vec<String> = self.running.keys().cloned().collect();
+                    self.next_attempt.retain(|name, _| !running.contains(name));
+                }
                 // Labels and annotations a downwardAPI volume may show.
                 if (&pod.metadata.labels, &pod.metadata.annotations)
                     != (&self.pod.metadata.labels, &self.pod.metadata.annotations)

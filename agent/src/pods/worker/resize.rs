@@ -33,6 +33,12 @@ impl Worker {
             self.next_attempt.insert(name.to_string(), Instant::now() + RESIZE_RETRY);
             return;
         }
+        // Fits the node, not beside the other pods (the dispatcher decides): Deferred until it does.
+        if let Some(message) = self.shared.deferred() {
+            self.state.resize = Some(ResizeStatus::Pending { reason: "Deferred", message });
+            self.next_attempt.insert(name.to_string(), Instant::now() + RESIZE_RETRY);
+            return;
+        }
         self.state.resize = Some(ResizeStatus::InProgress { error: None });
         let record = self.record(init, index);
         let Some(id) = record.container_id.as_deref().and_then(|i| i.strip_prefix("nodelet://")).map(str::to_string)

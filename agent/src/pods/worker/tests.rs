@@ -2,7 +2,6 @@
 //! which order, and the states it reports, without root.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -44,7 +43,7 @@ impl Harness {
         let (ctx, status) = fake::ctx(&root, runtime.clone(), images.clone());
         let (desired, rx) = watch::channel(Desired::Pod(Arc::new(pod.clone())));
         let inherited = Inherited { saved: None, containers: Default::default(), sandbox: None };
-        let worker = Worker::new(ctx, pod.clone(), rx, inherited, Arc::new(AtomicBool::new(false)));
+        let worker = Worker::new(ctx, pod.clone(), rx, inherited, Arc::default());
         let worker = Some(tokio::spawn(worker.run()));
         Harness { runtime, status, desired, pod, worker, _dir: dir }
     }
