@@ -231,13 +231,20 @@ spec:
         latencies[10], latencies[19]
     );
 
-    // kill -9 with volumes mounted: back, nothing is remounted and the container was not restarted.
+    // kill -9 with volumes mounted: back, nothing is remounted and the container was not restarted. A pod with a
+    // secret volume force-deleted while the agent is down has its volumes unmounted and removed once it is back.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: orphan}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600'], volumeMounts: [{{name: s, mountPath: /s}}]}}\n  volumes:\n  - {{name: s, secret: {{secretName: app-secret}}}}\n"
+    ))).await?;
+    let orphan = wait_pod(&pods, "orphan", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let orphan_dir = node.root_dir().join("pods").join(orphan.metadata.uid.clone().unwrap_or_default());
     let uid = running.metadata.uid.clone().unwrap_or_default();
     let pod_dir = node.root_dir().join("pods").join(&uid);
     let pid = node.pid().context("pid")?;
     let before = mounts_under(pid, &pod_dir);
     ensure!(before.len() >= 4, "secret, projected and memory tmpfs and the subPath pin: {before:?}");
     node.kill();
+    pods.delete("orphan", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
     node.restart()?;
     let pid = node.pid().context("pid")?;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
@@ -248,7 +255,13 @@ spec:
         Ok(heartbeat.filter(|c| c.status == "True").map(|_| ()))
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for("the force-deleted pod's volumes gone", Duration::from_secs(30), || async {
+        let gone = mounts_under(pid, &orphan_dir).is_empty() && !orphan_dir.join("volumes").exists();
+        Ok(gone.then_some(()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let after = mounts_under(pid, &pod_dir);
     ensure!(after == before, "mounts changed across the restart: {before:?} -> {after:?}");
     let now = pods.get("vols").await?;
