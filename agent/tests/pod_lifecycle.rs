@@ -19,7 +19,7 @@ use nodelet_integration::cluster::Cluster;
 use nodelet_integration::layers::{Layer, push_image};
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{Nodelet, pod, wait_for, wait_pod};
+use support::{pod, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-lifecycle";
 
@@ -54,25 +54,12 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     push_image(&registry, "hostile", "zero", &[zero.tar()]).await?;
     let fifo = Layer::new().dir("etc", 0o755).file("etc/passwd", b"root:x:0:0::/:/bin/sh\n", 0o644).fifo("etc/group");
     push_image(&registry, "hostile", "fifo", &[fifo.tar()]).await?;
-    let kubeconfig = cluster.node_kubeconfig(NODE)?;
-    let net_d = support::loopback_only_network()?;
-    let node = Nodelet::start(
+    let (node, _net_d) = support::start_cluster_node(
+        &cluster,
+        &registry,
         NODE,
         "podPidsLimit: -1\nnodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
-        &[
-            "--port".into(),
-            nodelet_integration::ports::free_port()?.to_string(),
-            "--client-ca-file".into(),
-            cluster.pki().ca().cert.display().to_string(),
-            "--cni-conf-dir".into(),
-            net_d.path().display().to_string(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--insecure-registry".into(),
-            registry.host(),
-            "--max-pods".into(),
-            "3".into(),
-        ],
+        &["--max-pods".into(), "3".into()],
     )?;
     let client = cluster.admin().await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

@@ -9,13 +9,13 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{Nodelet, pod, wait_pod};
+use support::{Nodelet, events_for, pod, wait_pod};
 
 const NODE: &str = "nodelet-probes";
 
@@ -33,12 +33,6 @@ fn restarts(p: &Pod) -> i32 {
     statuses.and_then(|s| s.first()).map_or(0, |c| c.restart_count)
 }
 
-async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String, String)>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={pod}"))).await?;
-    Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect())
-}
-
 #[tokio::test]
 async fn probes_drive_readiness_and_restarts() -> Result<()> {
     if !ready("probes_drive_readiness_and_restarts", &[Need::Root, Need::ControlPlane, Need::Registry]) {
@@ -48,23 +42,12 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     let registry = Registry::start().await?;
     let image = registry.reference("busybox", "latest");
     let agnhost = registry.reference("agnhost", "2.66.1");
-    let kubeconfig = cluster.node_kubeconfig(NODE)?;
-    let net_d = support::loopback_only_network()?;
-    let node = Nodelet::start(
+    let (node, _net_d) = support::start_cluster_node(
+        &cluster,
+        &registry,
         NODE,
         "nodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
-        &[
-            "--port".into(),
-            nodelet_integration::ports::free_port()?.to_string(),
-            "--client-ca-file".into(),
-            cluster.pki().ca().cert.display().to_string(),
-            "--cni-conf-dir".into(),
-            net_d.path().display().to_string(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--insecure-registry".into(),
-            registry.host(),
-        ],
+        &[],
     )?;
     let client = cluster.admin().await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::layers::{Layer, push_image};
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{Nodelet, pod, wait_for, wait_pod};
+use support::{Nodelet, events_for, pod, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-volumes";
 
@@ -39,12 +39,6 @@ fn log_text(node: &Nodelet, p: &Pod, container: &str) -> String {
 /// The value of the last `KEY=` line of a log.
 fn value(log: &str, key: &str) -> Option<String> {
     log.lines().rev().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_owned)
-}
-
-async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String, String)>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={pod}"))).await?;
-    Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect())
 }
 
 /// Mount points below `dir` in the agent's mount namespace.
@@ -88,24 +82,13 @@ async fn volumes_reach_the_containers() -> Result<()> {
     let cluster = Cluster::start().await?;
     let registry = Registry::start().await?;
     let image = registry.reference("busybox", "latest");
-    let kubeconfig = cluster.node_kubeconfig(NODE)?;
-    let net_d = support::loopback_only_network()?;
     let host_dir = tempfile::tempdir()?;
-    let mut node = Nodelet::start(
+    let (mut node, _net_d) = support::start_cluster_node(
+        &cluster,
+        &registry,
         NODE,
         "nodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n",
-        &[
-            "--port".into(),
-            nodelet_integration::ports::free_port()?.to_string(),
-            "--client-ca-file".into(),
-            cluster.pki().ca().cert.display().to_string(),
-            "--cni-conf-dir".into(),
-            net_d.path().display().to_string(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--insecure-registry".into(),
-            registry.host(),
-        ],
+        &[],
     )?;
     let client = cluster.admin().await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

@@ -77,34 +77,46 @@ fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
     text.chain(binary).collect()
 }
 
-fn config_map_payload(
+/// A ConfigMap's or Secret's files; `data` is `None` when the object does not exist. `kind`: its lower-case
+/// kind (for "not found"), `missing`: upstream's message for an item naming a key it does not have.
+fn object_payload(
+    data: Option<BTreeMap<String, Vec<u8>>>,
+    (kind, missing): (&str, &str),
     name: &str,
     items: Option<&[KeyToPath]>,
     default_mode: i32,
     optional: bool,
+) -> Result<Payload, String> {
+    match data {
+        Some(data) => keyed(data, items, default_mode, optional, missing),
+        None if optional => Ok(Payload::new()),
+        None => Err(format!("{kind} {name:?} not found")),
+    }
+}
+
+const CONFIG_MAP: (&str, &str) = ("configmap", "configmap references non-existent config key");
+const SECRET: (&str, &str) = ("secret", "references non-existent secret key");
+
+fn config_map_payload(
+    name: &str,
+    items: Option<&[KeyToPath]>,
+    mode: i32,
+    optional: bool,
     objects: &Objects,
 ) -> Result<Payload, String> {
-    match objects.config_maps.get(name).cloned().flatten() {
-        Some(cm) => {
-            keyed(config_map_data(&cm), items, default_mode, optional, "configmap references non-existent config key")
-        }
-        None if optional => Ok(Payload::new()),
-        None => Err(format!("configmap {name:?} not found")),
-    }
+    let data = objects.config_maps.get(name).cloned().flatten().map(|cm| config_map_data(&cm));
+    object_payload(data, CONFIG_MAP, name, items, mode, optional)
 }
 
 fn secret_payload(
     name: &str,
     items: Option<&[KeyToPath]>,
-    default_mode: i32,
+    mode: i32,
     optional: bool,
     objects: &Objects,
 ) -> Result<Payload, String> {
-    match objects.secrets.get(name).cloned().flatten() {
-        Some(s) => keyed(secret_data(&s), items, default_mode, optional, "references non-existent secret key"),
-        None if optional => Ok(Payload::new()),
-        None => Err(format!("secret {name:?} not found")),
-    }
+    let data = objects.secrets.get(name).cloned().flatten().map(|s| secret_data(&s));
+    object_payload(data, SECRET, name, items, mode, optional)
 }
 
 /// A `configMap` volume's files.

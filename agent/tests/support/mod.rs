@@ -334,6 +334,42 @@ pub async fn wait_pod(
     }
 }
 
+/// Starts nodelet as node `name` of `cluster` on a loopback-only pod network, pulling from `registry`, with the
+/// kubelet API on a free loopback port; `config_yaml` and `extra` args as [`Nodelet::start`]. The network's
+/// configuration directory is returned too: it must live as long as the node.
+pub fn start_cluster_node(
+    cluster: &nodelet_integration::cluster::Cluster,
+    registry: &nodelet_integration::registry::Registry,
+    name: &str,
+    config_yaml: &str,
+    extra: &[String],
+) -> Result<(Nodelet, tempfile::TempDir)> {
+    let kubeconfig = cluster.node_kubeconfig(name)?;
+    let net_d = loopback_only_network()?;
+    let mut args = vec![
+        "--port".into(),
+        nodelet_integration::ports::free_port()?.to_string(),
+        "--client-ca-file".into(),
+        cluster.pki().ca().cert.display().to_string(),
+        "--cni-conf-dir".into(),
+        net_d.path().display().to_string(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--insecure-registry".into(),
+        registry.host(),
+    ];
+    args.extend(extra.iter().cloned());
+    Ok((Nodelet::start(name, config_yaml, &args)?, net_d))
+}
+
+/// The (reason, message) of the Events about pod `pod` in `default`.
+pub async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String, String)>> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    let params = kube::api::ListParams::default().fields(&format!("involvedObject.name={pod}"));
+    let list = events.list(&params).await?;
+    Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect())
+}
+
 /// A pod from YAML.
 pub fn pod(yaml: &str) -> Pod {
     serde_yaml::from_str(yaml).expect("test pod YAML")
