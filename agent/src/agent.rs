@@ -16,6 +16,7 @@ use crate::network::dns::NodeDns;
 use crate::network::{Network, NetworkConfig};
 use crate::node::{NodeFacts, NodeManager};
 use crate::pods::restore::{Leftovers, SavedStates};
+use crate::pods::services::ContainerRuntime;
 use crate::pods::{Ctx, PodWorkers};
 use crate::server::{KubeletApi, auth::Auth, tls};
 use crate::status::StatusManager;
@@ -35,7 +36,12 @@ pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
 }
 
 /// Starts the kubelet API server. Standalone, it runs only when configured to need no API server (AlwaysAllow).
-fn start_kubelet_api(config: &AgentConfig, client: Option<kube::Client>, pods: PodView) -> Result<()> {
+fn start_kubelet_api(
+    config: &AgentConfig,
+    client: Option<kube::Client>,
+    pods: PodView,
+    runtime: Arc<dyn ContainerRuntime>,
+) -> Result<()> {
     let kubelet = &config.kubelet;
     let auth = match Auth::new(kubelet, client, &config.node_name) {
         Ok(auth) => auth,
@@ -54,7 +60,14 @@ fn start_kubelet_api(config: &AgentConfig, client: Option<kube::Client>, pods: P
     let tls = tls::server_config(&files, kubelet.authentication.x509.client_ca_file.as_deref())
         .context("the kubelet API's TLS configuration")?;
     let ip: std::net::IpAddr = kubelet.address.parse().context("address")?;
-    let api = KubeletApi { auth, pods, pod_logs_dir: config.log_dir.clone() };
+    let streaming = crate::server::streaming::Streaming {
+        runtime,
+        spdy: crate::streaming::spdy::Config {
+            idle_timeout: kubelet.streaming_connection_idle_timeout,
+            ..Default::default()
+        },
+    };
+    let api = KubeletApi { auth, pods, pod_logs_dir: config.log_dir.clone(), streaming };
     let address = std::net::SocketAddr::new(ip, kubelet.port);
     // Bound here so that a taken port is a startup error, not a log line.
     let listener =
@@ -114,7 +127,8 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     let view = PodView::default();
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone(), view.clone()).run(status_rx));
-    start_kubelet_api(&config, client.clone(), view.clone())?;
+    let container_runtime: Arc<dyn ContainerRuntime> = Arc::new(crate::pods::services::RealRuntime::new(runtime));
+    start_kubelet_api(&config, client.clone(), view.clone(), container_runtime.clone())?;
     let network = Arc::new(Network::new(NetworkConfig {
         conf_dir: config.cni_conf_dir.clone(),
         bin_dirs: config.cni_bin_dirs.clone(),
@@ -128,7 +142,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         node_name: config.node_name.clone(),
     }));
     let ctx = Arc::new(Ctx {
-        runtime: Arc::new(crate::pods::services::RealRuntime::new(runtime)),
+        runtime: container_runtime,
         images: images.clone(),
         hierarchy: Arc::new(hierarchy),
         config: config.clone(),

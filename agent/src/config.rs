@@ -57,6 +57,9 @@ pub struct KubeletConfiguration {
     /// Hard eviction thresholds (`memory.available`, `nodefs.available`...; quantities or percentages). Unset:
     /// upstream's defaults. Today they shape allocatable; the eviction manager will enforce them.
     pub eviction_hard: Option<std::collections::BTreeMap<String, String>>,
+    /// How long an exec, attach or port-forward connection may be idle before it is closed.
+    #[serde(with = "go_duration")]
+    pub streaming_connection_idle_timeout: Duration,
 }
 
 impl Default for KubeletConfiguration {
@@ -91,6 +94,7 @@ impl Default for KubeletConfiguration {
             kube_reserved: Default::default(),
             system_reserved: Default::default(),
             eviction_hard: None,
+            streaming_connection_idle_timeout: Duration::from_secs(4 * 3600),
         }
     }
 }

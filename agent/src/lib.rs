@@ -15,5 +15,6 @@ pub mod root_lock;
 pub mod server;
 pub mod sources;
 pub mod status;
+pub mod streaming;
 pub mod units;
 pub mod volumes;

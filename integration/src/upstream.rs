@@ -121,16 +121,31 @@ imageGCLowThresholdPercent: 99
     /// The node's daemons with their RSS in KiB: the kubelet, containerd and one runc shim per pod (not the
     /// containers, nor the pause processes, which nodelet does not have).
     pub fn daemons_rss_kib(&self) -> Vec<(String, u64)> {
+        self.daemons().into_iter().map(|(comm, pid)| (comm, rss_kib(pid))).collect()
+    }
+
+    /// The PIDs of the node's daemons (as [`UpstreamNode::daemons_rss_kib`] counts them).
+    pub fn daemon_pids(&self) -> Vec<u32> {
+        self.daemons().into_iter().map(|(_, pid)| pid).collect()
+    }
+
+    /// (name, PID) of the kubelet, containerd and the shims.
+    fn daemons(&self) -> Vec<(String, u32)> {
         let Some(ns) = mount_ns(self.daemons.pid()) else { return Vec::new() };
         let mut out = Vec::new();
         for pid in all_pids() {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let comm = comm.trim();
             if mount_ns(pid).as_ref() == Some(&ns) && ["kubelet", "containerd", "containerd-shim"].contains(&comm) {
-                out.push((comm.to_string(), rss_kib(pid)));
+                out.push((comm.to_string(), pid));
             }
         }
         out
+    }
+
+    /// The name of the node's cgroup sandbox (`cgroup-sandbox.sh`): its pods' cgroups are below it.
+    pub fn sandbox(&self) -> &str {
+        &self.sandbox
     }
 
     /// The last lines of the kubelet's log (for errors).

@@ -5,6 +5,7 @@
 //! zygote's exit events and the cgroup's OOM counter into [`ContainerExit`]s.
 #![deny(missing_docs)]
 
+pub mod async_io;
 mod bundle;
 pub mod cgroup;
 mod cgroupfs;

@@ -6,6 +6,7 @@
 
 pub mod cni;
 pub mod dns;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 

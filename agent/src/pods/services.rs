@@ -19,7 +19,8 @@ use nix::sys::signal::Signal;
 use nodelet_cgroups::hierarchy::Hierarchy;
 use nodelet_cgroups::qos::{PodLimits, QosClass};
 use nodelet_runtime::{
-    Container, ContainerConfig, ContainerExit, ContainerIo, Mount, Runtime, RuntimeError, Sandbox, SandboxConfig,
+    Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, Runtime, RuntimeError, Sandbox,
+    SandboxConfig,
 };
 
 use crate::images::pull::Progress;
@@ -54,6 +55,17 @@ pub trait ContainerRuntime: Send + Sync {
     fn reopen_output(&self, id: &str) -> Option<(File, File)>;
     /// Runs `args` in the container, killed after `timeout`: (exit code, `None` on timeout; stdout then stderr).
     fn exec_sync<'a>(&'a self, id: &'a str, args: &'a [String], timeout: Duration) -> BoxFuture<'a, ExecResult>;
+    /// Starts `args` in container `id` for a streaming exec (`kubectl exec`): on `io`, or on a new terminal
+    /// (returned) when `tty`.
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        args: &'a [String],
+        tty: bool,
+        io: ContainerIo,
+    ) -> BoxFuture<'a, Result<ExecProcess, RuntimeError>>;
+    /// Waits for a process [`ContainerRuntime::exec`] started: its exit code (128 + signal when killed).
+    fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32>;
 }
 
 /// The image service: images present per pull policy, and containers' root filesystems on them.
@@ -242,6 +254,26 @@ impl ContainerRuntime for RealRuntime {
             out.extend(err);
             Ok((code, out))
         })
+    }
+
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        args: &'a [String],
+        tty: bool,
+        io: ContainerIo,
+    ) -> BoxFuture<'a, Result<ExecProcess, RuntimeError>> {
+        Box::pin(async move {
+            let c = self
+                .container(id)
+                .ok_or_else(|| RuntimeError::Exec { id: id.into(), message: "the container is not running".into() })?;
+            let exec = nodelet_runtime::ExecConfig { args: args.to_vec(), env: Vec::new(), tty };
+            self.runtime.exec(&c, &exec, io).await
+        })
+    }
+
+    fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32> {
+        Box::pin(self.runtime.wait_exec(pid))
     }
 }
 

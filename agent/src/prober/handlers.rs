@@ -3,9 +3,7 @@
 //! no thread of the agent ever stays in a pod's namespace), and `grpc`: the standard health protocol
 //! (`grpc.health.v1.Health/Check` over HTTP/2, hand-encoded: one string field in, one enum field out).
 
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +38,7 @@ pub async fn run(
     if let Some(tcp) = &probe.tcp_socket {
         let host = tcp.host.clone().unwrap_or_else(|| target.pod_ip.clone());
         return match port(&tcp.port, c).and_then(|p| address(&host, p)) {
-            Ok(addr) => match connect(target.netns.clone(), addr, timeout).await {
+            Ok(addr) => match crate::network::netns::connect(target.netns.clone(), addr, timeout).await {
                 Ok(_) => Outcome::Success,
                 Err(e) => Outcome::Failure(format!("dial tcp {addr}: {e}")),
             },
@@ -99,22 +97,6 @@ fn port(p: &IntOrString, c: &Container) -> Result<u16, String> {
 fn address(host: &str, port: u16) -> Result<SocketAddr, String> {
     let ip: std::net::IpAddr = host.parse().map_err(|_| format!("probe host {host:?} is not an IP address"))?;
     Ok(SocketAddr::new(ip, port))
-}
-
-/// Connects to `addr` from inside `netns` (a thread of its own joins the namespace and exits after).
-async fn connect(netns: Option<PathBuf>, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("probe-connect".into()).spawn(move || {
-        let result = (|| {
-            if let Some(ns) = netns {
-                let file = std::fs::File::open(&ns)?;
-                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-            }
-            TcpStream::connect_timeout(&addr, timeout)
-        })();
-        let _ = tx.send(result);
-    })?;
-    rx.await.map_err(|_| std::io::Error::other("the connecting thread ended"))?
 }
 
 fn url(http: &k8s_openapi::api::core::v1::HTTPGetAction, target: &Target, c: &Container) -> Result<String, String> {
@@ -197,7 +179,7 @@ async fn request(
     let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = address(&host, port)?;
-    let stream = connect(target.netns.clone(), addr, timeout).await.map_err(|e| format!("dial tcp {addr}: {e}"))?;
+    let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout).await.map_err(|e| format!("dial tcp {addr}: {e}"))?;
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
     let mut builder = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
@@ -273,7 +255,7 @@ async fn grpc_check(addr: SocketAddr, service: &str, target: &Target, timeout: D
 
 /// The serving status the health service answers (1: SERVING).
 async fn grpc_status(addr: SocketAddr, service: &str, target: &Target, timeout: Duration) -> Result<u64, String> {
-    let stream = connect(target.netns.clone(), addr, timeout)
+    let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
         .await
         .map_err(|e| format!("failed to connect service {addr:?} within {}s: {e}", timeout.as_secs()))?;
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;

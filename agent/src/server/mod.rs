@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod container_logs;
+pub mod streaming;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -27,6 +28,7 @@ pub struct KubeletApi {
     pub auth: Auth,
     pub pods: PodView,
     pub pod_logs_dir: PathBuf,
+    pub streaming: streaming::Streaming,
 }
 
 /// Connections served at once; more are closed at accept (each costs a task and TLS buffers).
@@ -70,7 +72,8 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig,
             let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             // A client that never finishes its request head does not hold a connection forever.
             builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+            let served = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = served.await {
                 tracing::debug!(%peer, error = %e, "kubelet API connection ended");
             }
         });
@@ -78,7 +81,11 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig,
 }
 
 impl KubeletApi {
-    async fn handle<B>(&self, req: Request<B>, cert: Option<&CertificateDer<'static>>) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        cert: Option<&CertificateDer<'static>>,
+    ) -> Response<Body> {
         let path = req.uri().path().to_string();
         let bearer = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let allowed = match self.auth.authenticate(cert, bearer).await {
@@ -99,11 +106,30 @@ impl KubeletApi {
         };
         tracing::debug!(%path, user = %user.name, "kubelet API request");
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let get_or_post = matches!(*req.method(), Method::GET | Method::POST);
         match (req.method(), segments.as_slice()) {
             (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok".into()),
             (&Method::GET, ["pods"] | ["pods", ""]) => self.pods(),
             (&Method::GET, ["containerLogs", namespace, pod, container]) => {
                 self.container_logs(namespace, pod, container, req.uri().query())
+            }
+            (_, ["exec", ns, pod, container]) if get_or_post => {
+                let pod = self.pods.get(ns, pod);
+                let container = container.to_string();
+                self.streaming.exec(req, pod, None, &container)
+            }
+            (_, ["exec", ns, pod, uid, container]) if get_or_post => {
+                let pod = self.pods.get(ns, pod);
+                let (uid, container) = (uid.to_string(), container.to_string());
+                self.streaming.exec(req, pod, Some(&uid), &container)
+            }
+            (_, ["portForward", ns, pod]) if get_or_post => {
+                let pod = self.pods.get(ns, pod);
+                self.streaming.port_forward(req, pod, None)
+            }
+            (_, ["portForward", ns, pod, uid]) if get_or_post => {
+                let (pod, uid) = (self.pods.get(ns, pod), uid.to_string());
+                self.streaming.port_forward(req, pod, Some(&uid))
             }
             _ => text(StatusCode::NOT_FOUND, "404 page not found".into()),
         }

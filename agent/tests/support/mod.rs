@@ -228,6 +228,11 @@ impl Nodelet {
         self.process.as_ref().map(|p| p.pid())
     }
 
+    /// The name of the agent's cgroup sandbox (`cgroup-sandbox.sh`): its pods' cgroups are below it.
+    pub fn sandbox(&self) -> &str {
+        &self.sandbox
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("nodelet-{}.log", self.name))).unwrap_or_default()
     }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use nodelet_cgroups::qos::{PodLimits, QosClass};
 use nodelet_runtime::{
-    Container, ContainerConfig, ContainerExit, ContainerIo, Mount, RuntimeError, Sandbox, SandboxConfig, SpecError,
+    Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, RuntimeError, Sandbox, SandboxConfig,
+    SpecError,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -45,6 +46,8 @@ struct State {
     exec_codes: HashMap<String, i32>,
     /// The command line of the latest create, by container name.
     commands: HashMap<String, Vec<String>>,
+    /// Host processes started by `exec`, by PID.
+    children: HashMap<i32, std::process::Child>,
 }
 
 /// Everything a pod worker needs, on fakes (standalone: no API server), with files under `root`; the status
@@ -254,6 +257,48 @@ impl ContainerRuntime for FakeRuntime {
 
     fn reopen_output(&self, _: &str) -> Option<(File, File)> {
         None
+    }
+
+    /// Runs `args` on the host (no container) with `io`, so that streaming code is tested with real processes.
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        args: &'a [String],
+        tty: bool,
+        io: ContainerIo,
+    ) -> BoxFuture<'a, Result<ExecProcess, RuntimeError>> {
+        let fail = |message: &str| RuntimeError::Exec { id: id.into(), message: message.into() };
+        let started = (|| {
+            if tty {
+                return Err(fail("the fake runtime has no terminals"));
+            }
+            let (program, rest) = args.split_first().ok_or_else(|| fail("no command"))?;
+            let stdio = |fd: Option<std::os::fd::OwnedFd>| fd.map_or_else(std::process::Stdio::null, Into::into);
+            let child = std::process::Command::new(program)
+                .args(rest)
+                .stdin(stdio(io.stdin))
+                .stdout(stdio(io.stdout))
+                .stderr(stdio(io.stderr))
+                .spawn()
+                .map_err(|e| fail(&e.to_string()))?;
+            let pid = i32::try_from(child.id()).map_err(|_| fail("pid"))?;
+            self.lock().log.push(format!("exec {}", name_of(id)));
+            self.lock().children.insert(pid, child);
+            Ok(ExecProcess { pid, pty: None })
+        })();
+        Box::pin(async move { started })
+    }
+
+    fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32> {
+        let child = self.lock().children.remove(&pid);
+        Box::pin(async move {
+            let Some(mut child) = child else { return 137 };
+            let status = tokio::task::spawn_blocking(move || child.wait()).await;
+            match status {
+                Ok(Ok(s)) => s.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(9)),
+                _ => 137,
+            }
+        })
     }
 
     fn exec_sync<'a>(&'a self, id: &'a str, _: &'a [String], _: Duration) -> BoxFuture<'a, ExecResult> {

@@ -1,0 +1,412 @@
+//! `cargo bench -p nodelet --bench probes [-- CONTAINERS] [--seconds S] [--no-upstream]`: the cost of probing.
+//! CONTAINERS containers (default 500, ten per pod) each with a 1 s exec readiness probe and a 1 s liveness
+//! probe, on one node, for S seconds (default 60) once every pod is Ready. Two scenarios:
+//!
+//! - `exec + httpGet` (the liveness probe an httpGet to busybox `httpd` in the container), nodelet only: pods use
+//!   the host network (a distinct port per container), and the upstream kubelet can run neither hostNetwork pods
+//!   in its cgroup sandbox here (runc fails to mount the v1 cgroups of a host-network container there) nor reach
+//!   the bench's pod network (not routable from the host), so it has no row for this one;
+//! - `exec + exec` (the liveness probe `true`), side by side in the same run with the upstream kubelet on
+//!   containerd (`nodelet_integration::upstream`), each node measured while the other is idle.
+//!
+//! Measured:
+//!
+//! - the node software's own CPU (user + system of its long-lived processes: nodelet's agent and zygote; the
+//!   kubelet, containerd and the runc shims) as a % of one core;
+//! - the machine's CPU outside the pods' cgroups above what it was idle (adds what those processes fork and reap:
+//!   runc for upstream, and the control plane's share), as a % of one core;
+//! - the exec probes' period drift: each probe appends the kernel's time (`adjtimex`, microseconds) to a file on
+//!   a hostPath volume; drift = interval between two runs − period, p50/p99/max over every container;
+//! - liveness restarts (0 unless a probe failed).
+//!
+//! Root. Prints a table.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use nodelet_integration::cluster::Cluster;
+use nodelet_integration::registry::Registry;
+use nodelet_integration::upstream::UpstreamNode;
+use support::{Nodelet, pod, wait_for};
+
+const PER_POD: usize = 10;
+
+/// CPU time in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    /// User + system of the node software's long-lived processes.
+    daemons: f64,
+    /// Busy time of the whole machine.
+    machine: f64,
+    /// CPU of the pods' cgroups.
+    pods: f64,
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// utime + stime of `pid` (its exited threads included), in seconds.
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (which may hold spaces) in parentheses: field 3 onwards.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15: indexes 11 and 12 after the name.
+    (get(11) + get(12)) as f64 / ticks_per_second()
+}
+
+/// Busy seconds of the machine (every CPU) from `/proc/stat`.
+fn machine_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    busy as f64 / ticks_per_second()
+}
+
+/// CPU seconds of a cgroup sandbox's pods (v1 cpuacct or v2 cpu.stat).
+fn pods_cpu(sandbox: &str) -> f64 {
+    let v1 = Path::new("/sys/fs/cgroup/cpu,cpuacct").join(sandbox).join("cpuacct.usage");
+    if let Ok(ns) = std::fs::read_to_string(&v1) {
+        return ns.trim().parse::<u64>().unwrap_or(0) as f64 / 1e9;
+    }
+    let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mine = mine.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim_end_matches('/').to_string();
+    let v2 = PathBuf::from(format!("/sys/fs/cgroup{mine}/{sandbox}/cpu.stat"));
+    let stat = std::fs::read_to_string(v2).unwrap_or_default();
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(0.0, |us| us as f64 / 1e6)
+}
+
+/// What the liveness probe is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    ExecHttp,
+    ExecExec,
+}
+
+impl Scenario {
+    fn label(self) -> &'static str {
+        match self {
+            Scenario::ExecHttp => "exec + httpGet",
+            Scenario::ExecExec => "exec + exec",
+        }
+    }
+}
+
+/// One node under test.
+struct Peer<'a> {
+    label: &'static str,
+    node: &'static str,
+    sandbox: String,
+    /// The node software's long-lived processes now.
+    daemons: Box<dyn Fn() -> Vec<u32> + 'a>,
+    port_base: usize,
+}
+
+impl Peer<'_> {
+    fn sample(&self) -> Cpu {
+        Cpu {
+            daemons: (self.daemons)().into_iter().map(process_cpu).sum(),
+            machine: machine_busy(),
+            pods: pods_cpu(&self.sandbox),
+        }
+    }
+}
+
+/// What one node measured.
+struct Measured {
+    daemons_pct: f64,
+    outside_pods_pct: f64,
+    drift_ms: Vec<f64>,
+    restarts: i32,
+    ready_after: Duration,
+}
+
+fn pod_yaml(scenario: Scenario, name: &str, node: &str, log_dir: &Path, port_base: usize) -> String {
+    let mut containers = String::new();
+    for c in 0..PER_POD {
+        let port = port_base + c;
+        let (command, liveness) = match scenario {
+            Scenario::ExecHttp => (
+                format!("mkdir -p /www && echo ok >/www/index.html && exec httpd -f -p {port} -h /www"),
+                format!("{{httpGet: {{path: /, port: {port}}}, periodSeconds: 1}}"),
+            ),
+            Scenario::ExecExec => ("exec sleep 3600".to_string(), "{exec: {command: [true]}, periodSeconds: 1}".to_string()),
+        };
+        containers.push_str(&format!(
+            "  - name: c{c}
+    image: IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, '{command}']
+    volumeMounts: [{{name: log, mountPath: /log}}]
+    readinessProbe: {{exec: {{command: [sh, -c, 'adjtimex >>/log/{name}-c{c}']}}, periodSeconds: 1}}
+    livenessProbe: {liveness}
+"
+        ));
+    }
+    format!(
+        "metadata: {{name: {name}, labels: {{bench: probes}}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: {node}}}
+  hostNetwork: {host_network}
+  terminationGracePeriodSeconds: 0
+  volumes: [{{name: log, hostPath: {{path: {log}, type: DirectoryOrCreate}}}}]
+  containers:
+{containers}",
+        log = log_dir.display(),
+        host_network = scenario == Scenario::ExecHttp,
+    )
+}
+
+/// The run times (seconds) in an `adjtimex` log, in order.
+fn run_times(log: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut sec = None;
+    for line in log.lines() {
+        let value = |l: &str| l.split(':').nth(1).and_then(|v| v.trim().parse::<u64>().ok());
+        if line.contains("time.tv_sec:") {
+            sec = value(line);
+        } else if line.contains("time.tv_usec:")
+            && let (Some(s), Some(us)) = (sec.take(), value(line))
+        {
+            out.push(s as f64 + us as f64 / 1e6);
+        }
+    }
+    out
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+async fn measure(
+    pods: &Api<Pod>,
+    image: &str,
+    (peer, scenario): (&Peer<'_>, Scenario),
+    n_pods: usize,
+    seconds: u64,
+    log_root: &Path,
+) -> Measured {
+    let log_dir = log_root.join(format!("{}-{scenario:?}", peer.node));
+    let t0 = Instant::now();
+    for i in 0..n_pods {
+        let name = format!("probes-{}-{i}", peer.node);
+        let yaml = pod_yaml(scenario, &name, peer.node, &log_dir, peer.port_base + i * PER_POD).replace("IMAGE", image);
+        pods.create(&PostParams::default(), &pod(&yaml)).await.expect("create pod");
+    }
+    let lp = ListParams::default().labels("bench=probes");
+    wait_for("every pod Ready", Duration::from_secs(600), || async {
+        let list = pods.list(&lp).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count();
+        Ok((ready == n_pods).then_some(()))
+    })
+    .await
+    .expect("pods Ready");
+    let ready_after = t0.elapsed();
+    // Let the start-up settle (first runs are jittered into the first period).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (from, start) = (unix_now(), peer.sample());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (to, end) = (unix_now(), peer.sample());
+    let wall = to - from;
+    let mut drift_ms = Vec::new();
+    for entry in std::fs::read_dir(&log_dir).expect("probe logs").flatten() {
+        let times: Vec<f64> = run_times(&std::fs::read_to_string(entry.path()).unwrap_or_default())
+            .into_iter()
+            .filter(|t| (from..=to).contains(t))
+            .collect();
+        drift_ms.extend(times.windows(2).map(|w| (w[1] - w[0] - 1.0) * 1000.0));
+    }
+    let restarts = pods
+        .list(&lp)
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+        .map(|c| c.restart_count)
+        .sum();
+    pods.delete_collection(&DeleteParams::default(), &lp).await.expect("delete");
+    wait_for("pods gone", Duration::from_secs(600), || async {
+        Ok(pods.list(&lp).await?.items.is_empty().then_some(()))
+    })
+    .await
+    .expect("cleanup");
+    Measured {
+        daemons_pct: (end.daemons - start.daemons) / wall * 100.0,
+        outside_pods_pct: ((end.machine - start.machine) - (end.pods - start.pods)) / wall * 100.0,
+        drift_ms,
+        restarts,
+        ready_after,
+    }
+}
+
+fn arg_after(flag: &str) -> Option<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+#[tokio::main]
+async fn main() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("probes: needs root");
+        std::process::exit(1);
+    }
+    let containers: usize = std::env::args().skip(1).take(1).find_map(|a| a.parse().ok()).unwrap_or(500);
+    let seconds = arg_after("--seconds").unwrap_or(60);
+    let n_pods = containers.div_ceil(PER_POD);
+    let cluster = Cluster::start().await.expect("control plane (run integration/scripts/setup.sh)");
+    let registry = Registry::start().await.expect("registry");
+    let kubeconfig = cluster.node_kubeconfig("probes").expect("node kubeconfig");
+    let net_d = support::loopback_only_network().expect("CNI conf dir");
+    let port = nodelet_integration::ports::free_port().expect("a port").to_string();
+    let node = Nodelet::start(
+        "probes",
+        &format!("maxPods: {}\n", n_pods + 10),
+        &[
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--insecure-registry".into(),
+            registry.host(),
+            "--cni-conf-dir".into(),
+            net_d.path().display().to_string(),
+            "--address".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port,
+        ],
+    )
+    .expect("nodelet");
+    let client = cluster.admin().await.expect("client");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let ready = |name: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            wait_for(name, Duration::from_secs(120), || async {
+                let ready = nodes
+                    .get_opt(name)
+                    .await?
+                    .and_then(|n| n.status?.conditions)
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                Ok(ready.then_some(()))
+            })
+            .await
+        }
+    };
+    ready("probes").await.expect("nodelet Ready");
+    let upstream = if std::env::args().any(|a| a == "--no-upstream") {
+        None
+    } else {
+        let up = UpstreamNode::start(&cluster, &registry, "upstream", n_pods + 10).await.expect("upstream");
+        if let Err(e) = ready("upstream").await {
+            panic!("upstream kubelet not Ready: {e:#}\n{}", up.log_tail(40));
+        }
+        Some(up)
+    };
+    let agent = node.pid().expect("nodelet pid");
+    let mut peers = vec![Peer {
+        label: "nodelet",
+        node: "probes",
+        sandbox: node.sandbox().to_string(),
+        daemons: Box::new(move || nodelet_daemons(agent)),
+        port_base: 20000,
+    }];
+    if let Some(up) = &upstream {
+        peers.push(Peer {
+            label: "kubelet + containerd",
+            node: "upstream",
+            sandbox: up.sandbox().to_string(),
+            daemons: Box::new(|| up.daemon_pids()),
+            port_base: 21000,
+        });
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let image = registry.reference("busybox", "latest");
+    let log_root = tempfile::Builder::new().prefix("nodelet-probe-bench-").tempdir().expect("log dir");
+    let mut runs = vec![(&peers[0], Scenario::ExecHttp)];
+    runs.extend(peers.iter().map(|p| (p, Scenario::ExecExec)));
+    let mut rows = Vec::new();
+    for run in &runs {
+        rows.push(measure(&pods, &image, *run, n_pods, seconds, log_root.path()).await);
+    }
+    println!(
+        "{} containers ({n_pods} pods), each a 1 s exec readiness probe and a 1 s liveness probe, {seconds} s once \
+         all Ready; drift of the exec readiness probes\n",
+        n_pods * PER_POD
+    );
+    println!(
+        "{:<22} {:<15} {:>10} {:>14} {:>16} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "node",
+        "probes",
+        "all Ready",
+        "daemons %core",
+        "outside pods %",
+        "drift p50",
+        "drift p99",
+        "drift max",
+        "runs",
+        "restarts"
+    );
+    for ((peer, scenario), m) in runs.iter().zip(&mut rows) {
+        m.drift_ms.sort_by(f64::total_cmp);
+        let q = |q: f64| m.drift_ms.get(rank(m.drift_ms.len(), q)).copied().unwrap_or(f64::NAN);
+        println!(
+            "{:<22} {:<15} {:>9.1}s {:>14.1} {:>16.1} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9} {:>9}",
+            peer.label,
+            scenario.label(),
+            m.ready_after.as_secs_f64(),
+            m.daemons_pct,
+            m.outside_pods_pct,
+            q(0.5),
+            q(0.99),
+            q(1.0),
+            m.drift_ms.len(),
+            m.restarts
+        );
+    }
+    drop(runs);
+    drop(peers);
+    drop(upstream);
+}
+
+/// nodelet's long-lived processes: the agent and its zygote.
+fn nodelet_daemons(agent: u32) -> Vec<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).unwrap_or_default();
+    let mut out = vec![agent];
+    out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).filter(|c| {
+        std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|comm| comm.trim() == "nodelet-zygote")
+    }));
+    out
+}
+
+/// The nearest-rank index of quantile `q` among `n` sorted samples (0 when there are none).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // q is clamped to [0, 1]: 0..=1000 fits
+fn rank(n: usize, q: f64) -> usize {
+    let per_mille = (q.clamp(0.0, 1.0) * 1000.0).round() as usize;
+    (n * per_mille).div_ceil(1000).clamp(1, n.max(1)) - 1
+}

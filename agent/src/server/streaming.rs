@@ -1,0 +1,206 @@
+//! `/exec`, `/attach`, `/portForward` and `/run` on the kubelet API: which running container a request means,
+//! upstream's refusals (status codes and messages), and the protocol upgrade that hands the connection to
+//! `crate::streaming`.
+
+use std::sync::Arc;
+
+use hyper::header::{CONNECTION, HeaderValue, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Pod;
+
+use super::{Body, text};
+use crate::pods::services::ContainerRuntime;
+use crate::streaming::remotecommand::{self, Options, SPDY_PROTOCOLS};
+use crate::streaming::{exec, portforward, spdy, spdy_session};
+
+/// The header carrying the protocols a client speaks and the one chosen.
+pub const PROTOCOL_HEADER: &str = "X-Stream-Protocol-Version";
+
+/// What the streaming handlers need.
+#[derive(Clone)]
+pub struct Streaming {
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub spdy: spdy::Config,
+}
+
+/// The ID of the running instance of `container` in `pod` (app, init or ephemeral), as the runtime names it.
+pub fn running_container(pod: &Pod, uid: Option<&str>, container: &str) -> Result<String, String> {
+    let not_found = || format!("container not found ({container:?})");
+    if uid.is_some_and(|u| pod.metadata.uid.as_deref() != Some(u)) {
+        return Err(not_found());
+    }
+    let status = pod.status.as_ref().ok_or_else(not_found)?;
+    let statuses = [&status.container_statuses, &status.init_container_statuses, &status.ephemeral_container_statuses];
+    statuses
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|s| s.name == container && s.state.as_ref().is_some_and(|st| st.running.is_some()))
+        .and_then(|s| s.container_id.as_deref())
+        .and_then(|id| id.split_once("://").map(|(_, id)| id.to_string()))
+        .ok_or_else(not_found)
+}
+
+/// Checks an SPDY upgrade request and negotiates its subprotocol; the refusal as upstream words it otherwise.
+pub fn spdy_handshake<B>(req: &Request<B>, server: &[&'static str]) -> Result<&'static str, Response<Body>> {
+    let headers = req.headers();
+    let values: Vec<&str> = headers.get_all(PROTOCOL_HEADER).iter().filter_map(|v| v.to_str().ok()).collect();
+    if values.is_empty() {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unable to upgrade: header {PROTOCOL_HEADER} does not exist in request with {} headers",
+                headers.len()
+            ),
+        ));
+    }
+    let Some(protocol) = remotecommand::negotiate(values.iter().copied(), server) else {
+        let mut refused = text(
+            StatusCode::FORBIDDEN,
+            format!("unable to upgrade: unable to negotiate protocol: client supports {values:?}, server accepts {server:?}"),
+        );
+        for p in server {
+            refused.headers_mut().append("X-Accepted-Stream-Protocol-Versions", HeaderValue::from_static(p));
+        }
+        return Err(refused);
+    };
+    let has = |name, want: &str| {
+        headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains(want)))
+    };
+    if !has(CONNECTION, "upgrade") || !has(UPGRADE, "spdy/3.1") {
+        return Err(text(StatusCode::BAD_REQUEST, "unable to upgrade: missing upgrade headers in request".into()));
+    }
+    Ok(protocol)
+}
+
+/// The 101 answer to an SPDY upgrade.
+pub fn switching_protocols(protocol: &'static str) -> Response<Body> {
+    let mut response = Response::new(super::full(Vec::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+    h.insert(PROTOCOL_HEADER, HeaderValue::from_static(protocol));
+    response
+}
+
+impl Streaming {
+    /// `/exec/{ns}/{pod}[/{uid}]/{container}?command=...`: after the checks, upgrades and runs the command.
+    pub fn exec(&self, mut req: Request<hyper::body::Incoming>, pod: Option<Pod>, uid: Option<&str>, container: &str) -> Response<Body> {
+        let query = req.uri().query().map(str::to_string);
+        let options = match Options::from_query(query.as_deref()) {
+            Ok(o) => o,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        };
+        let Some(pod) = pod else { return text(StatusCode::NOT_FOUND, "pod does not exist".into()) };
+        let id = match running_container(&pod, uid, container) {
+            Ok(id) => id,
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
+        let command = remotecommand::command(query.as_deref());
+        let protocol = match spdy_handshake(&req, &SPDY_PROTOCOLS) {
+            Ok(p) => p,
+            Err(refused) => return refused,
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        let this = self.clone();
+        let name = container.to_string();
+        tokio::spawn(async move {
+            let upgraded = match upgrade.await {
+                Ok(u) => u,
+                Err(e) => return tracing::debug!(error = %e, "exec: the upgrade failed"),
+            };
+            let conn = spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded), this.spdy);
+            let (session, finish) =
+                match spdy_session::accept(conn, protocol, options, spdy_session::STREAM_CREATION_TIMEOUT).await {
+                    Ok(s) => s,
+                    Err(e) => return tracing::info!(container = %name, error = %e, "exec: no session"),
+                };
+            tracing::debug!(container = %name, ?command, protocol, "exec");
+            let outcome = exec::run(this.runtime.as_ref(), &id, command, options.tty, session).await;
+            finish.finish(&outcome).await;
+        });
+        switching_protocols(protocol)
+    }
+}
+
+impl Streaming {
+    /// `/portForward/{ns}/{pod}[/{uid}]`: upgrades and forwards the client's connections into the pod.
+    pub fn port_forward(&self, mut req: Request<hyper::body::Incoming>, pod: Option<Pod>, uid: Option<&str>) -> Response<Body> {
+        let Some(pod) = pod else { return text(StatusCode::NOT_FOUND, "pod does not exist".into()) };
+        let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+        if uid.is_some_and(|u| u != pod_uid) {
+            return text(StatusCode::NOT_FOUND, "pod not found".into());
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let Some(sandbox) = self.runtime.list_sandboxes().into_iter().find(|s| s.id == pod_uid) else {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("pod not found ({name:?})"));
+        };
+        let protocol = match spdy_handshake(&req, &[portforward::PROTOCOL]) {
+            Ok(p) => p,
+            Err(refused) => return refused,
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        let config = self.spdy;
+        let target = portforward::Target { netns: sandbox.net, pod: name, uid: pod_uid };
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let conn = spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded), config);
+                    portforward::serve(conn, target, spdy_session::STREAM_CREATION_TIMEOUT).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "port-forward: the upgrade failed"),
+            }
+        });
+        switching_protocols(protocol)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn only_a_running_instance_is_found() {
+        let p = pod(
+            "metadata: {name: p, uid: u1}
+status:
+  containerStatuses:
+  - {name: app, image: i, imageID: '', ready: true, restartCount: 0, containerID: 'nodelet://u1-app-0', state: {running: {}}}
+  - {name: done, image: i, imageID: '', ready: false, restartCount: 0, containerID: 'nodelet://u1-done-0', state: {terminated: {exitCode: 0}}}
+  ephemeralContainerStatuses:
+  - {name: debug, image: i, imageID: '', ready: false, restartCount: 0, containerID: 'nodelet://u1-debug-0', state: {running: {}}}
+",
+        );
+        assert_eq!(running_container(&p, None, "app"), Ok("u1-app-0".into()));
+        assert_eq!(running_container(&p, Some("u1"), "debug"), Ok("u1-debug-0".into()));
+        assert_eq!(running_container(&p, None, "done"), Err("container not found (\"done\")".into()));
+        assert_eq!(running_container(&p, Some("other"), "app"), Err("container not found (\"app\")".into()));
+        assert!(running_container(&p, None, "nope").is_err());
+    }
+
+    #[test]
+    fn spdy_handshakes_are_checked_as_upstream() {
+        let req = |headers: &[(&str, &str)]| {
+            let mut b = Request::builder();
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap()
+        };
+        let upgrade = [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")];
+        let ok = req(&[upgrade[0], upgrade[1], (PROTOCOL_HEADER, "v4.channel.k8s.io"), (PROTOCOL_HEADER, "v3.channel.k8s.io")]);
+        assert_eq!(spdy_handshake(&ok, &SPDY_PROTOCOLS).unwrap(), "v4.channel.k8s.io");
+        let missing = spdy_handshake(&req(&upgrade), &SPDY_PROTOCOLS).unwrap_err();
+        assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+        let unknown = spdy_handshake(&req(&[upgrade[0], upgrade[1], (PROTOCOL_HEADER, "v9")]), &SPDY_PROTOCOLS).unwrap_err();
+        assert_eq!(unknown.status(), StatusCode::FORBIDDEN);
+        assert_eq!(unknown.headers().get_all("X-Accepted-Stream-Protocol-Versions").iter().count(), 4);
+        let no_upgrade = spdy_handshake(&req(&[(PROTOCOL_HEADER, "v4.channel.k8s.io")]), &SPDY_PROTOCOLS).unwrap_err();
+        assert_eq!(no_upgrade.status(), StatusCode::BAD_REQUEST);
+    }
+}
