@@ -108,6 +108,22 @@ impl Scenario {
     }
 }
 
+/// Processes left in a cgroup sandbox's tree (its pods' containers).
+fn sandbox_procs(sandbox: &str) -> usize {
+    fn walk(dir: &Path) -> usize {
+        let here = std::fs::read_to_string(dir.join("cgroup.procs")).map_or(0, |p| p.lines().count());
+        let children = std::fs::read_dir(dir).into_iter().flatten().flatten().filter(|e| e.path().is_dir());
+        here + children.map(|e| walk(&e.path())).sum::<usize>()
+    }
+    let v1 = Path::new("/sys/fs/cgroup/cpu,cpuacct").join(sandbox);
+    if v1.exists() {
+        return walk(&v1);
+    }
+    let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mine = mine.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim_end_matches('/').to_string();
+    walk(&PathBuf::from(format!("/sys/fs/cgroup{mine}/{sandbox}")))
+}
+
 /// One node under test.
 struct Peer<'a> {
     label: &'static str,
@@ -146,7 +162,9 @@ fn pod_yaml(scenario: Scenario, name: &str, node: &str, log_dir: &Path, port_bas
                 format!("mkdir -p /www && echo ok >/www/index.html && exec httpd -f -p {port} -h /www"),
                 format!("{{httpGet: {{path: /, port: {port}}}, periodSeconds: 1}}"),
             ),
-            Scenario::ExecExec => ("exec sleep 3600".to_string(), "{exec: {command: [true]}, periodSeconds: 1}".to_string()),
+            Scenario::ExecExec => {
+                ("exec sleep 3600".to_string(), "{exec: {command: [true]}, periodSeconds: 1}".to_string())
+            }
         };
         containers.push_str(&format!(
             "  - name: c{c}
@@ -256,6 +274,12 @@ async fn measure(
     })
     .await
     .expect("cleanup");
+    // And their processes: the next run is measured on a quiet node.
+    wait_for("containers gone", Duration::from_secs(300), || async {
+        Ok((sandbox_procs(&peer.sandbox) == 0).then_some(()))
+    })
+    .await
+    .expect("containers gone");
     Measured {
         daemons_pct: (end.daemons - start.daemons) / wall * 100.0,
         outside_pods_pct: ((end.machine - start.machine) - (end.pods - start.pods)) / wall * 100.0,

@@ -66,6 +66,7 @@ fn start_kubelet_api(
             idle_timeout: kubelet.streaming_connection_idle_timeout,
             ..Default::default()
         },
+        websockets: kubelet.feature("ExtendWebSocketsToKubelet"),
     };
     let api = KubeletApi { auth, pods, pod_logs_dir: config.log_dir.clone(), streaming };
     let address = std::net::SocketAddr::new(ip, kubelet.port);

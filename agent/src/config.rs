@@ -60,6 +60,22 @@ pub struct KubeletConfiguration {
     /// How long an exec, attach or port-forward connection may be idle before it is closed.
     #[serde(with = "go_duration")]
     pub streaming_connection_idle_timeout: Duration,
+    /// Feature gates by name. Only those nodelet acts on matter ([`KubeletConfiguration::feature`]); others are
+    /// accepted (a kubeadm config may set them).
+    pub feature_gates: std::collections::BTreeMap<String, bool>,
+}
+
+impl KubeletConfiguration {
+    /// Whether gate `name` is on: as configured, else upstream 1.37's default for the gates nodelet acts on.
+    pub fn feature(&self, name: &str) -> bool {
+        self.feature_gates.get(name).copied().unwrap_or(matches!(name, "ExtendWebSocketsToKubelet"))
+    }
+
+    /// The features the node declares in `status.declaredFeatures` (NodeDeclaredFeatures): the API server
+    /// routes by them.
+    pub fn declared_features(&self) -> Vec<String> {
+        ["ExtendWebSocketsToKubelet"].into_iter().filter(|f| self.feature(f)).map(String::from).collect()
+    }
 }
 
 impl Default for KubeletConfiguration {
@@ -95,6 +111,7 @@ impl Default for KubeletConfiguration {
             system_reserved: Default::default(),
             eviction_hard: None,
             streaming_connection_idle_timeout: Duration::from_secs(4 * 3600),
+            feature_gates: Default::default(),
         }
     }
 }

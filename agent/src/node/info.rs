@@ -115,6 +115,7 @@ impl NodeFacts {
             daemon_endpoints: Some(NodeDaemonEndpoints {
                 kubelet_endpoint: Some(DaemonEndpoint { port: i32::from(config.kubelet.port) }),
             }),
+            declared_features: Some(config.kubelet.declared_features()).filter(|f| !f.is_empty()),
             ..Default::default()
         }
     }

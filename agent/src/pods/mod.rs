@@ -413,7 +413,11 @@ impl PodWorkers {
         let active = self
             .workers
             .iter()
-            .filter(|(u, w)| *u != uid && !w.shared.terminal.load(Ordering::Relaxed))
+            // As upstream's active pods: not terminal, and still wanted by a source (a pod deleted from the API
+            // holds no slot while its containers are stopped and its volumes torn down).
+            .filter(|(u, w)| {
+                *u != uid && !w.shared.terminal.load(Ordering::Relaxed) && !matches!(*w.tx.borrow(), Desired::Removed)
+            })
             .map(|(_, w)| w);
         active.fold(admission::Usage::default(), |u, w| admission::Usage {
             pods: u.pods + 1,

@@ -179,7 +179,9 @@ async fn request(
     let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = address(&host, port)?;
-    let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout).await.map_err(|e| format!("dial tcp {addr}: {e}"))?;
+    let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
+        .await
+        .map_err(|e| format!("dial tcp {addr}: {e}"))?;
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
     let mut builder = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::{Body, text};
 use crate::pods::services::ContainerRuntime;
 use crate::streaming::remotecommand::{self, Options, SPDY_PROTOCOLS};
-use crate::streaming::{exec, portforward, spdy, spdy_session};
+use crate::streaming::{exec, portforward, spdy, spdy_session, websocket};
 
 /// The header carrying the protocols a client speaks and the one chosen.
 pub const PROTOCOL_HEADER: &str = "X-Stream-Protocol-Version";
@@ -21,7 +21,37 @@ pub const PROTOCOL_HEADER: &str = "X-Stream-Protocol-Version";
 pub struct Streaming {
     pub runtime: Arc<dyn ContainerRuntime>,
     pub spdy: spdy::Config,
+    /// `ExtendWebSocketsToKubelet`: v5 WebSocket requests are served here (the node declares it, so the API
+    /// server passes them through instead of translating them to SPDY).
+    pub websockets: bool,
 }
+
+/// Upgrades a WebSocket request to `protocol` and hands the socket to `serve`.
+fn websocket_upgrade<F, Fut>(
+    mut req: Request<hyper::body::Incoming>,
+    protocol: Option<&'static str>,
+    serve: F,
+) -> Response<Body>
+where
+    F: FnOnce(WebSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let accepted = match websocket::accept(&req, protocol) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("unable to upgrade: {e}")),
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => serve(websocket::server(hyper_util::rt::TokioIo::new(upgraded)).await).await,
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    accepted.map(|()| super::full(Vec::new()))
+}
+
+/// An upgraded WebSocket connection.
+pub type WebSocket = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
 /// The ID of the running instance of `container` in `pod` (app, init or ephemeral), as the runtime names it.
 pub fn running_container(pod: &Pod, uid: Option<&str>, container: &str) -> Result<String, String> {
@@ -42,33 +72,38 @@ pub fn running_container(pod: &Pod, uid: Option<&str>, container: &str) -> Resul
 }
 
 /// Checks an SPDY upgrade request and negotiates its subprotocol; the refusal as upstream words it otherwise.
-pub fn spdy_handshake<B>(req: &Request<B>, server: &[&'static str]) -> Result<&'static str, Response<Body>> {
+pub fn spdy_handshake<B>(req: &Request<B>, server: &[&'static str]) -> Result<&'static str, Box<Response<Body>>> {
     let headers = req.headers();
     let values: Vec<&str> = headers.get_all(PROTOCOL_HEADER).iter().filter_map(|v| v.to_str().ok()).collect();
     if values.is_empty() {
-        return Err(text(
+        return Err(Box::new(text(
             StatusCode::BAD_REQUEST,
             format!(
                 "unable to upgrade: header {PROTOCOL_HEADER} does not exist in request with {} headers",
                 headers.len()
             ),
-        ));
+        )));
     }
     let Some(protocol) = remotecommand::negotiate(values.iter().copied(), server) else {
         let mut refused = text(
             StatusCode::FORBIDDEN,
-            format!("unable to upgrade: unable to negotiate protocol: client supports {values:?}, server accepts {server:?}"),
+            format!(
+                "unable to upgrade: unable to negotiate protocol: client supports {values:?}, server accepts {server:?}"
+            ),
         );
         for p in server {
             refused.headers_mut().append("X-Accepted-Stream-Protocol-Versions", HeaderValue::from_static(p));
         }
-        return Err(refused);
+        return Err(Box::new(refused));
     };
     let has = |name, want: &str| {
         headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains(want)))
     };
     if !has(CONNECTION, "upgrade") || !has(UPGRADE, "spdy/3.1") {
-        return Err(text(StatusCode::BAD_REQUEST, "unable to upgrade: missing upgrade headers in request".into()));
+        return Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: missing upgrade headers in request".into(),
+        )));
     }
     Ok(protocol)
 }
@@ -86,7 +121,13 @@ pub fn switching_protocols(protocol: &'static str) -> Response<Body> {
 
 impl Streaming {
     /// `/exec/{ns}/{pod}[/{uid}]/{container}?command=...`: after the checks, upgrades and runs the command.
-    pub fn exec(&self, mut req: Request<hyper::body::Incoming>, pod: Option<Pod>, uid: Option<&str>, container: &str) -> Response<Body> {
+    pub fn exec(
+        &self,
+        mut req: Request<hyper::body::Incoming>,
+        pod: Option<Pod>,
+        uid: Option<&str>,
+        container: &str,
+    ) -> Response<Body> {
         let query = req.uri().query().map(str::to_string);
         let options = match Options::from_query(query.as_deref()) {
             Ok(o) => o,
@@ -98,9 +139,33 @@ impl Streaming {
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
         let command = remotecommand::command(query.as_deref());
+        if websocket::is_websocket(&req) {
+            let offered = websocket::client_protocols(&req);
+            let speaks = |p: &&str| self.websockets || !p.starts_with("v5.");
+            let protocol =
+                websocket::CHANNEL_PROTOCOLS.into_iter().filter(speaks).find(|p| offered.iter().any(|o| o == p));
+            if protocol.is_none() && !offered.is_empty() {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "requested protocol(s) are not supported: {offered:?}; supports {:?}",
+                        websocket::CHANNEL_PROTOCOLS
+                    ),
+                );
+            }
+            let runtime = self.runtime.clone();
+            return websocket_upgrade(req, protocol, move |ws| async move {
+                let tty = options.tty;
+                let protocol = protocol.unwrap_or("channel.k8s.io");
+                websocket::remotecommand(ws, protocol, options, |session| async move {
+                    exec::run(runtime.as_ref(), &id, command, tty, session).await
+                })
+                .await;
+            });
+        }
         let protocol = match spdy_handshake(&req, &SPDY_PROTOCOLS) {
             Ok(p) => p,
-            Err(refused) => return refused,
+            Err(refused) => return *refused,
         };
         let upgrade = hyper::upgrade::on(&mut req);
         let this = self.clone();
@@ -126,7 +191,12 @@ impl Streaming {
 
 impl Streaming {
     /// `/portForward/{ns}/{pod}[/{uid}]`: upgrades and forwards the client's connections into the pod.
-    pub fn port_forward(&self, mut req: Request<hyper::body::Incoming>, pod: Option<Pod>, uid: Option<&str>) -> Response<Body> {
+    pub fn port_forward(
+        &self,
+        mut req: Request<hyper::body::Incoming>,
+        pod: Option<Pod>,
+        uid: Option<&str>,
+    ) -> Response<Body> {
         let Some(pod) = pod else { return text(StatusCode::NOT_FOUND, "pod does not exist".into()) };
         let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
         if uid.is_some_and(|u| u != pod_uid) {
@@ -136,13 +206,26 @@ impl Streaming {
         let Some(sandbox) = self.runtime.list_sandboxes().into_iter().find(|s| s.id == pod_uid) else {
             return text(StatusCode::INTERNAL_SERVER_ERROR, format!("pod not found ({name:?})"));
         };
+        let target = portforward::Target { netns: sandbox.net, pod: name, uid: pod_uid };
+        if websocket::is_websocket(&req) {
+            if !websocket::client_protocols(&req).iter().any(|p| p == websocket::TUNNEL_PROTOCOL) {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("port-forward over WebSocket needs the {} subprotocol", websocket::TUNNEL_PROTOCOL),
+                );
+            }
+            let config = self.spdy;
+            return websocket_upgrade(req, Some(websocket::TUNNEL_PROTOCOL), move |ws| async move {
+                let conn = spdy::Connection::serve(websocket::tunnel(ws), config);
+                portforward::serve(conn, target, spdy_session::STREAM_CREATION_TIMEOUT).await;
+            });
+        }
         let protocol = match spdy_handshake(&req, &[portforward::PROTOCOL]) {
             Ok(p) => p,
-            Err(refused) => return refused,
+            Err(refused) => return *refused,
         };
         let upgrade = hyper::upgrade::on(&mut req);
         let config = self.spdy;
-        let target = portforward::Target { netns: sandbox.net, pod: name, uid: pod_uid };
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
@@ -193,11 +276,17 @@ status:
             b.body(()).unwrap()
         };
         let upgrade = [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")];
-        let ok = req(&[upgrade[0], upgrade[1], (PROTOCOL_HEADER, "v4.channel.k8s.io"), (PROTOCOL_HEADER, "v3.channel.k8s.io")]);
+        let ok = req(&[
+            upgrade[0],
+            upgrade[1],
+            (PROTOCOL_HEADER, "v4.channel.k8s.io"),
+            (PROTOCOL_HEADER, "v3.channel.k8s.io"),
+        ]);
         assert_eq!(spdy_handshake(&ok, &SPDY_PROTOCOLS).unwrap(), "v4.channel.k8s.io");
         let missing = spdy_handshake(&req(&upgrade), &SPDY_PROTOCOLS).unwrap_err();
         assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
-        let unknown = spdy_handshake(&req(&[upgrade[0], upgrade[1], (PROTOCOL_HEADER, "v9")]), &SPDY_PROTOCOLS).unwrap_err();
+        let unknown =
+            spdy_handshake(&req(&[upgrade[0], upgrade[1], (PROTOCOL_HEADER, "v9")]), &SPDY_PROTOCOLS).unwrap_err();
         assert_eq!(unknown.status(), StatusCode::FORBIDDEN);
         assert_eq!(unknown.headers().get_all("X-Accepted-Stream-Protocol-Versions").iter().count(), 4);
         let no_upgrade = spdy_handshake(&req(&[(PROTOCOL_HEADER, "v4.channel.k8s.io")]), &SPDY_PROTOCOLS).unwrap_err();

@@ -11,7 +11,7 @@ use nodelet_runtime::ContainerIo;
 use tokio::task::JoinSet;
 
 use super::fdio::{copy_in, copy_out};
-use super::remotecommand::{Outcome, Session};
+use super::remotecommand::{Outcome, Session, TerminalSize};
 use crate::pods::services::ContainerRuntime;
 
 /// How long output is read after the process exited.
@@ -21,12 +21,35 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
+/// How long a TTY exec waits for the client's first terminal size before starting the process.
+const FIRST_SIZE: Duration = Duration::from_secs(1);
+
+fn set_size(master: &OwnedFd, size: TerminalSize) {
+    let ws = rustix::termios::Winsize { ws_row: size.height, ws_col: size.width, ws_xpixel: 0, ws_ypixel: 0 };
+    if let Err(e) = rustix::termios::tcsetwinsize(master, ws) {
+        tracing::debug!(error = %e, "resizing an exec terminal");
+    }
+}
+
 /// Runs `command` in container `id` with `session`'s streams; returns how it ended.
-pub async fn run(runtime: &dyn ContainerRuntime, id: &str, command: Vec<String>, tty: bool, session: Session) -> Outcome {
+pub async fn run(
+    runtime: &dyn ContainerRuntime,
+    id: &str,
+    command: Vec<String>,
+    tty: bool,
+    session: Session,
+) -> Outcome {
     let Session { stdin, stdout, stderr, resize } = session;
     let mut outputs = JoinSet::new();
     let mut inputs = JoinSet::new();
     let pid = if tty {
+        // The client sends its terminal's size right after opening its streams: it is set as soon as the
+        // terminal exists (the process may already be running by then, as with upstream's runtimes).
+        let mut resize = resize;
+        let first = match resize.as_mut() {
+            Some(sizes) => tokio::time::timeout(FIRST_SIZE, sizes.recv()).await.ok().flatten(),
+            None => None,
+        };
         let io = ContainerIo { stdin: None, stdout: None, stderr: None };
         let process = match runtime.exec(id, &command, true, io).await {
             Ok(p) => p,
@@ -35,19 +58,14 @@ pub async fn run(runtime: &dyn ContainerRuntime, id: &str, command: Vec<String>,
         let Some(master) = process.pty.map(OwnedFd::from) else {
             return Outcome::Failed("the runtime returned no terminal".into());
         };
+        if let Some(size) = first {
+            set_size(&master, size);
+        }
         if let Some(mut sizes) = resize {
             let Ok(fd) = master.try_clone() else { return Outcome::Failed("duplicating the terminal".into()) };
             inputs.spawn(async move {
                 while let Some(size) = sizes.recv().await {
-                    let ws = rustix::termios::Winsize {
-                        ws_row: size.height,
-                        ws_col: size.width,
-                        ws_xpixel: 0,
-                        ws_ypixel: 0,
-                    };
-                    if let Err(e) = rustix::termios::tcsetwinsize(&fd, ws) {
-                        tracing::debug!(error = %e, "resizing an exec terminal");
-                    }
+                    set_size(&fd, size);
                 }
             });
         }

@@ -11,3 +11,4 @@ pub mod portforward;
 pub mod remotecommand;
 pub mod spdy;
 pub mod spdy_session;
+pub mod websocket;

@@ -104,7 +104,8 @@ pub async fn serve(mut conn: Connection, target: Target, creation_timeout: Durat
         } else {
             pair.data = Some((port, stream));
         }
-        if pair.error.is_some() && pair.data.is_some()
+        if pair.error.is_some()
+            && pair.data.is_some()
             && let Some(Pair { data: Some((port, data)), error: Some(error), .. }) = pairs.remove(&id)
         {
             tokio::spawn(forward(data, error, port, target.clone()));

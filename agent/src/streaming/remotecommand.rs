@@ -164,7 +164,11 @@ fn go_list(items: &[String]) -> String {
 /// The first of the client's protocols (comma-separated, in any number of header values) that the server speaks;
 /// upstream's `httpstream.Handshake`.
 pub fn negotiate<'a>(client: impl Iterator<Item = &'a str>, server: &[&'static str]) -> Option<&'static str> {
-    client.flat_map(|v| v.split(',')).map(str::trim).filter(|p| !p.is_empty()).find_map(|p| server.iter().copied().find(|s| *s == p))
+    client
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .find_map(|p| server.iter().copied().find(|s| *s == p))
 }
 
 #[cfg(test)]

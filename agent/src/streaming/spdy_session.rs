@@ -49,7 +49,10 @@ pub async fn accept(
     timeout: Duration,
 ) -> Result<(Session, Finish), String> {
     let resize = options.tty && (protocol.starts_with("v3.") || protocol.starts_with("v4."));
-    let expected = 1 + usize::from(options.stdin) + usize::from(options.stdout) + usize::from(options.stderr)
+    let expected = 1
+        + usize::from(options.stdin)
+        + usize::from(options.stdout)
+        + usize::from(options.stderr)
         + usize::from(resize);
     let mut session = Session { stdin: None, stdout: None, stderr: None, resize: None };
     let mut finish = Finish { conn, protocol, error: None, outputs: JoinSet::new(), inputs: JoinSet::new() };
@@ -139,7 +142,8 @@ mod tests {
         let server = tokio::spawn(async move {
             let (session, finish) = accept(conn, "v4.channel.k8s.io", options, STREAM_CREATION_TIMEOUT).await.unwrap();
             let runtime = Arc::new(FakeRuntime::default());
-            let command: Vec<String> = ["sh", "-c", "cat; echo oops >&2; exit 7"].iter().map(|s| s.to_string()).collect();
+            let command: Vec<String> =
+                ["sh", "-c", "cat; echo oops >&2; exit 7"].iter().map(|s| s.to_string()).collect();
             let outcome = crate::streaming::exec::run(runtime.as_ref(), "c", command, false, session).await;
             finish.finish(&outcome).await;
         });

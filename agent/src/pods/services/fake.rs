@@ -295,7 +295,9 @@ impl ContainerRuntime for FakeRuntime {
             let Some(mut child) = child else { return 137 };
             let status = tokio::task::spawn_blocking(move || child.wait()).await;
             match status {
-                Ok(Ok(s)) => s.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(9)),
+                Ok(Ok(s)) => {
+                    s.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(9))
+                }
                 _ => 137,
             }
         })

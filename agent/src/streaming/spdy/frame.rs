@@ -47,18 +47,51 @@ const ID_MASK: u32 = 0x7fff_ffff;
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Data { stream: u32, flags: u8, data: Bytes },
-    SynStream { stream: u32, associated: u32, priority: u8, flags: u8, headers: Bytes },
-    SynReply { stream: u32, flags: u8, headers: Bytes },
-    RstStream { stream: u32, status: u32 },
+    Data {
+        stream: u32,
+        flags: u8,
+        data: Bytes,
+    },
+    SynStream {
+        stream: u32,
+        associated: u32,
+        priority: u8,
+        flags: u8,
+        headers: Bytes,
+    },
+    SynReply {
+        stream: u32,
+        flags: u8,
+        headers: Bytes,
+    },
+    RstStream {
+        stream: u32,
+        status: u32,
+    },
     /// (flags, id, value) entries.
-    Settings { entries: Vec<(u8, u32, u32)> },
-    Ping { id: u32 },
-    GoAway { last_good: u32, status: u32 },
-    Headers { stream: u32, flags: u8, headers: Bytes },
-    WindowUpdate { stream: u32, delta: u32 },
+    Settings {
+        entries: Vec<(u8, u32, u32)>,
+    },
+    Ping {
+        id: u32,
+    },
+    GoAway {
+        last_good: u32,
+        status: u32,
+    },
+    Headers {
+        stream: u32,
+        flags: u8,
+        headers: Bytes,
+    },
+    WindowUpdate {
+        stream: u32,
+        delta: u32,
+    },
     /// A control frame of a type this version does not define: ignored, as the protocol says.
-    Unknown { kind: u16 },
+    Unknown {
+        kind: u16,
+    },
 }
 
 /// Why bytes are not a frame. Any of these ends the connection (GOAWAY with PROTOCOL_ERROR).
@@ -97,7 +130,8 @@ pub fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usize)>, F
 }
 
 fn control(kind: u16, flags: u8, mut p: &[u8]) -> Result<Frame, FrameError> {
-    let need = |p: &[u8], n: usize, name: &'static str| if p.len() < n { Err(FrameError::Malformed(name)) } else { Ok(()) };
+    let need =
+        |p: &[u8], n: usize, name: &'static str| if p.len() < n { Err(FrameError::Malformed(name)) } else { Ok(()) };
     Ok(match kind {
         SYN_STREAM => {
             need(p, 10, "SYN_STREAM")?;
@@ -273,7 +307,10 @@ mod tests {
         // A declared length over the limit is refused before the payload arrives.
         assert_eq!(parse(b"\x00\x00\x00\x01\x00\xff\xff\xff", 1024), Err(FrameError::TooLarge(0xff_ffff)));
         assert_eq!(parse(b"\x80\x02\x00\x06\x00\x00\x00\x04\0\0\0\x01", 1024), Err(FrameError::Version(2)));
-        assert_eq!(parse(b"\x80\x03\x00\x03\x00\x00\x00\x04\0\0\0\x01", 1024), Err(FrameError::Malformed("RST_STREAM")));
+        assert_eq!(
+            parse(b"\x80\x03\x00\x03\x00\x00\x00\x04\0\0\0\x01", 1024),
+            Err(FrameError::Malformed("RST_STREAM"))
+        );
         // SETTINGS whose count does not match its length.
         let bad = b"\x80\x03\x00\x04\x00\x00\x00\x0c\xff\xff\xff\xff\0\0\0\0\0\0\0\0";
         assert_eq!(parse(bad, 1024), Err(FrameError::Malformed("SETTINGS")));
@@ -288,6 +325,9 @@ mod tests {
             self.0 ^= self.0 << 17;
             self.0
         }
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % u64::try_from(n).unwrap()).unwrap()
+        }
         fn bytes(&mut self, n: usize) -> Vec<u8> {
             (0..n).map(|_| self.next().to_le_bytes()[0]).collect()
         }
@@ -298,16 +338,19 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut valid = BytesMut::new();
         encode(&Frame::Settings { entries: vec![(0, 7, 1)] }, &mut valid);
-        encode(&Frame::SynStream { stream: 1, associated: 0, priority: 0, flags: 0, headers: Bytes::new() }, &mut valid);
+        encode(
+            &Frame::SynStream { stream: 1, associated: 0, priority: 0, flags: 0, headers: Bytes::new() },
+            &mut valid,
+        );
         for i in 0..200_000 {
             let input = if i % 2 == 0 {
-                let n = (rng.next() % 64) as usize;
+                let n = rng.below(64);
                 rng.bytes(n)
             } else {
                 let mut v = valid.to_vec();
-                let at = (rng.next() as usize) % v.len();
+                let at = rng.below(v.len());
                 v[at] = rng.next().to_le_bytes()[0];
-                v.truncate((rng.next() as usize) % (v.len() + 1));
+                v.truncate(rng.below(v.len() + 1));
                 v
             };
             let mut rest: &[u8] = &input;

@@ -53,7 +53,11 @@ impl Default for HeaderCodec {
 
 impl HeaderCodec {
     pub fn new() -> Self {
-        Self { inflate: Decompress::new(true), deflate: Compress::new(Compression::default(), true), deflate_primed: false }
+        Self {
+            inflate: Decompress::new(true),
+            deflate: Compress::new(Compression::default(), true),
+            deflate_primed: false,
+        }
     }
 
     /// Inflates and parses the next received block.

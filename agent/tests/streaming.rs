@@ -1,0 +1,175 @@
+//! `kubectl exec` and `kubectl port-forward` end to end on nodelet as the only node of a real control plane: the
+//! API server proxies to nodelet's kubelet API, which speaks SPDY/3.1 (the API server translates kubectl's
+//! WebSocket requests to it, or passes kubectl's SPDY through with `KUBECTL_*_WEBSOCKETS=false`). Checked: stdout,
+//! stderr and exit codes, stdin to EOF, a terminal (with its size), and forwarded connections to a pod's port,
+//! including one to a port nothing listens on.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::PostParams;
+use nodelet_integration::cluster::Cluster;
+use nodelet_integration::registry::Registry;
+use nodelet_integration::testbed::{Need, ready};
+use support::{ChildGuard, pod, wait_pod};
+
+const NODE_WS: &str = "nodelet-streaming-ws";
+const NODE_SPDY: &str = "nodelet-streaming-spdy";
+
+/// Runs kubectl with `env` set, `stdin` fed: (exit code, stdout, stderr).
+fn kubectl(cluster: &Cluster, env: &[(&str, &str)], args: &[&str], stdin: &[u8]) -> Result<(i32, String, String)> {
+    let mut cmd = cluster.kubectl();
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().context("kubectl")?;
+    child.stdin.take().context("stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The two ways a request reaches nodelet: WebSocket to the API server (translated to SPDY), or SPDY throughout.
+const TRANSPORTS: [(&str, &[(&str, &str)]); 2] = [
+    ("websocket->spdy", &[]),
+    ("spdy", &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"), ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")]),
+];
+
+#[tokio::test]
+async fn exec_and_port_forward_through_the_api_server() -> Result<()> {
+    if !ready("exec_and_port_forward_through_the_api_server", &[Need::Root, Need::ControlPlane, Need::Registry]) {
+        return Ok(());
+    }
+    let cluster = Cluster::start().await?;
+    let registry = Registry::start().await?;
+    let image = registry.reference("busybox", "latest");
+    // Two nodes: one declares ExtendWebSocketsToKubelet (the API server passes WebSocket requests through), one
+    // does not (the API server translates them to SPDY).
+    let (ws_node, _ws_net) = support::start_cluster_node(&cluster, &registry, NODE_WS, "address: 127.0.0.1\n", &[])?;
+    let (spdy_node, _spdy_net) = support::start_cluster_node(
+        &cluster,
+        &registry,
+        NODE_SPDY,
+        "address: 127.0.0.1\nfeatureGates: {ExtendWebSocketsToKubelet: false}\n",
+        &[],
+    )?;
+    let client = cluster.admin().await?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let declared = |n: &k8s_openapi::api::core::v1::Node| {
+        n.status.as_ref().and_then(|s| s.declared_features.clone()).unwrap_or_default()
+    };
+    support::wait_for("declared features", Duration::from_secs(30), || async {
+        let (ws, spdy) = (nodes.get(NODE_WS).await?, nodes.get(NODE_SPDY).await?);
+        Ok((declared(&ws) == ["ExtendWebSocketsToKubelet"] && declared(&spdy).is_empty()).then_some(()))
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for (pod_name, node_name) in [("shell-ws", NODE_WS), ("shell-spdy", NODE_SPDY)] {
+        pods.create(&PostParams::default(), &pod(&format!(
+            "metadata: {{name: {pod_name}}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'mkdir -p /www && echo served-by-httpd > /www/index.html && exec httpd -f -p 8080 -h /www']\n"
+        ))).await?;
+    }
+    for (pod_name, node) in [("shell-ws", &ws_node), ("shell-spdy", &spdy_node)] {
+        wait_pod(&pods, pod_name, "Running", Duration::from_secs(60), |p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .await
+        .with_context(|| node.log())?;
+        check_exec(&cluster, pod_name).with_context(|| node.log())?;
+        check_port_forward(&cluster, pod_name).await.with_context(|| node.log())?;
+    }
+    Ok(())
+}
+
+/// Output, exit codes, stdin and a terminal, through both of kubectl's transports.
+fn check_exec(cluster: &Cluster, pod: &str) -> Result<()> {
+    for (name, env) in TRANSPORTS {
+        // Output on both streams and the exit code.
+        let (code, out, err) =
+            kubectl(cluster, env, &["exec", pod, "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 3"], b"")?;
+        ensure!(code == 3, "{pod} {name}: exit code {code}; {out:?} {err:?}");
+        ensure!(out == "to-out\n", "{pod} {name}: stdout {out:?}");
+        ensure!(
+            err.starts_with("to-err\n") && err.contains("command terminated with exit code 3"),
+            "{pod} {name}: {err:?}"
+        );
+        // Stdin to EOF.
+        let (code, out, err) =
+            kubectl(cluster, env, &["exec", "-i", pod, "--", "sh", "-c", "cat; echo eof"], b"typed\n")?;
+        ensure!(code == 0 && out == "typed\neof\n", "{pod} {name}: {code} {out:?} {err:?}");
+        // A large output arrives whole.
+        let big = ["exec", pod, "--", "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"];
+        let (code, out, _) = kubectl(cluster, env, &big, b"")?;
+        ensure!(code == 0 && out.len() == 3_000_000, "{pod} {name}: {} bytes", out.len());
+        // A command that does not exist.
+        let (code, _, err) = kubectl(cluster, env, &["exec", pod, "--", "/no/such/binary"], b"")?;
+        ensure!(code != 0 && !err.is_empty(), "{pod} {name}: {code} {err:?}");
+        // A terminal, through script(1) so that kubectl has one: its size reaches the process (set right after
+        // the process started, as upstream's runtimes do: the command reads it a moment later).
+        let kc = cluster.kubectl();
+        let line: Vec<String> =
+            std::iter::once(kc.get_program()).chain(kc.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
+        let vars: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+        let inner = format!(
+            "stty cols 91 rows 37; {vars}{} exec -it {pod} -- sh -c 'tty; sleep 0.5; stty size'",
+            line.join(" ")
+        );
+        let out = Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(Stdio::null()).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(text.contains("/dev/pts/"), "{pod} {name}: no terminal in the container: {text:?}");
+        ensure!(text.contains("37 91"), "{pod} {name}: the terminal size did not arrive: {text:?}");
+    }
+    Ok(())
+}
+
+/// HTTP through a forwarded port (two connections on one session), and a port nothing listens on.
+async fn check_port_forward(cluster: &Cluster, pod: &str) -> Result<()> {
+    for (name, env) in TRANSPORTS {
+        let mut cmd = cluster.kubectl();
+        cmd.args(["port-forward", &format!("pod/{pod}"), ":8080", ":9"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = ChildGuard(cmd.spawn()?);
+        let mut lines = BufReader::new(child.0.stdout.take().context("stdout")?).lines();
+        let mut ports = Vec::new();
+        while ports.len() < 2 {
+            let line = lines.next().context("kubectl port-forward ended")??;
+            // "Forwarding from 127.0.0.1:PORT -> 8080"
+            if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
+                ports.push(rest.split_whitespace().next().unwrap_or_default().parse::<u16>()?);
+            }
+        }
+        for _ in 0..2 {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", ports[0]))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut response = String::new();
+            s.read_to_string(&mut response)?;
+            ensure!(response.contains("served-by-httpd"), "{pod} {name}: {response:?}");
+        }
+        // Nothing listens on port 9 in the pod: the connection ends and kubectl reports nodelet's error.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", ports[1]))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        ensure!(buf.is_empty(), "{pod} {name}: {buf:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = child.0.kill();
+        let mut err = String::new();
+        child.0.stderr.take().context("stderr")?.read_to_string(&mut err)?;
+        ensure!(err.contains(&format!("error forwarding port 9 to pod {pod}")), "{pod} {name}: kubectl said {err:?}");
+    }
+    Ok(())
+}
