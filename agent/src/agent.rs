@@ -41,6 +41,7 @@ fn start_kubelet_api(
     client: Option<kube::Client>,
     pods: PodView,
     runtime: Arc<dyn ContainerRuntime>,
+    attachments: crate::pods::attach::Attachments,
 ) -> Result<()> {
     let kubelet = &config.kubelet;
     let auth = match Auth::new(kubelet, client, &config.node_name) {
@@ -67,6 +68,7 @@ fn start_kubelet_api(
             ..Default::default()
         },
         websockets: kubelet.feature("ExtendWebSocketsToKubelet"),
+        attachments,
     };
     let api = KubeletApi { auth, pods, pod_logs_dir: config.log_dir.clone(), streaming };
     let address = std::net::SocketAddr::new(ip, kubelet.port);
@@ -129,7 +131,8 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone(), view.clone()).run(status_rx));
     let container_runtime: Arc<dyn ContainerRuntime> = Arc::new(crate::pods::services::RealRuntime::new(runtime));
-    start_kubelet_api(&config, client.clone(), view.clone(), container_runtime.clone())?;
+    let attachments = crate::pods::attach::Attachments::default();
+    start_kubelet_api(&config, client.clone(), view.clone(), container_runtime.clone(), attachments.clone())?;
     let network = Arc::new(Network::new(NetworkConfig {
         conf_dir: config.cni_conf_dir.clone(),
         bin_dirs: config.cni_bin_dirs.clone(),
@@ -169,6 +172,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0),
+        attachments,
     });
     let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());
     let sources = usize::from(manifests.is_some()) + usize::from(client.is_some());

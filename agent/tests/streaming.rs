@@ -87,9 +87,125 @@ async fn exec_and_port_forward_through_the_api_server() -> Result<()> {
         .await
         .with_context(|| node.log())?;
         check_exec(&cluster, pod_name).with_context(|| node.log())?;
+        for protocol in ["channel.k8s.io", "base64.channel.k8s.io", "v4.channel.k8s.io"] {
+            let out = raw_websocket_exec(&client, pod_name, protocol).await.with_context(|| node.log())?;
+            ensure!(out == "remote execution test\n", "{pod_name} {protocol}: {out:?}");
+        }
         check_port_forward(&cluster, pod_name).await.with_context(|| node.log())?;
     }
+    check_attach(&cluster, &pods, &image).await.with_context(|| ws_node.log())?;
+
+    // /run straight on the kubelet API (as the API server's identity): the command's output, or a 500.
+    let node = nodes.get(NODE_WS).await?;
+    let port = node.status.and_then(|s| s.daemon_endpoints?.kubelet_endpoint).map(|e| e.port).context("port")?;
+    let master = cluster.pki().client("kubelet-test-master", "tester", &["system:masters"])?;
+    let run = |cmd: &str| -> Result<String> {
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "10", "-X", "POST", "-w", "\n%{http_code}", "--cert"])
+            .arg(&master.cert)
+            .arg("--key")
+            .arg(&master.key)
+            .arg(format!("https://127.0.0.1:{port}/run/default/shell-ws/main?cmd={cmd}"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let ok = run("echo+run+works")?;
+    ensure!(ok == "run works\n\n200", "/run: {ok:?}");
+    let failed = run("false")?;
+    ensure!(failed.starts_with("command 'false' exited with 1") && failed.ends_with("500"), "/run: {failed:?}");
     Ok(())
+}
+
+/// `kubectl attach` to a container that keeps its stdin (stdinOnce: it reads EOF when the client detaches), and
+/// `kubectl run -it` (a terminal, stdin, and the pod's output through attach).
+async fn check_attach(cluster: &Cluster, pods: &Api<Pod>, image: &str) -> Result<()> {
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: reader}}\nspec:\n  nodeName: {NODE_WS}\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {image}\n    stdin: true\n    stdinOnce: true\n    command: [sh, -c, 'while read l; do echo got:$l; done; echo stdin-closed']\n"
+    ))).await?;
+    wait_pod(pods, "reader", "Running", Duration::from_secs(60), |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await?;
+    let (code, out, err) = kubectl(cluster, &[], &["attach", "-i", "reader"], b"one\ntwo\n")?;
+    ensure!(code == 0, "attach: {code} {out:?} {err:?}");
+    ensure!(out.contains("got:one\ngot:two\n"), "attach: {out:?} {err:?}");
+    wait_pod(pods, "reader", "Succeeded (stdin closed after the first attach)", Duration::from_secs(30), |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
+    })
+    .await?;
+    let (_, log, _) = kubectl(cluster, &[], &["logs", "reader"], b"")?;
+    ensure!(log == "got:one\ngot:two\nstdin-closed\n", "log: {log:?}");
+
+    // kubectl run -it: a TTY container, attached at once; what is typed reaches it and its output comes back.
+    let kc = cluster.kubectl();
+    let line: Vec<String> =
+        std::iter::once(kc.get_program()).chain(kc.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
+    let inner = format!(
+        "stty cols 77 rows 22; {} run tty-pod -it --restart=Never --image={image} \
+         --overrides='{{\"spec\":{{\"nodeName\":\"{NODE_WS}\"}}}}' -- sh -c 'read x; echo \"[$x]\"; stty size'",
+        line.join(" ")
+    );
+    // script(1) gives kubectl a terminal and passes what it reads on its stdin into it: the line is typed once
+    // kubectl is attached.
+    let mut script = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut typing = script.stdin.take().context("stdin")?;
+    let typist = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(6));
+        let _ = typing.write_all(b"typed-line\r");
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let out = script.wait_with_output()?;
+    let _ = typist.join();
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("[typed-line]"), "kubectl run -it: {text:?}");
+    ensure!(text.contains("22 77"), "kubectl run -it: terminal size {text:?}");
+    Ok(())
+}
+
+/// An exec over a WebSocket with an older channel protocol, as upstream's conformance test does it (the API
+/// server passes these through to the node whatever it declares): stdout as it arrived on channel 1.
+async fn raw_websocket_exec(client: &kube::Client, pod: &str, protocol: &str) -> Result<String> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Message, protocol::Role};
+    let uri = format!(
+        "/api/v1/namespaces/default/pods/{pod}/exec?stdout=1&stderr=1&container=main&command=echo&command=remote+execution+test"
+    );
+    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+    let request = hyper::Request::get(uri)
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", key)
+        .header("Sec-WebSocket-Protocol", protocol)
+        .body(kube::client::Body::from(Vec::new()))?;
+    let response = client.send(request).await?;
+    ensure!(response.status() == 101, "{protocol}: {}", response.status());
+    let upgraded = hyper::upgrade::on(response).await?;
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(hyper_util::rt::TokioIo::new(upgraded), Role::Client, None)
+            .await;
+    let base64 = protocol.starts_with("base64.");
+    let mut stdout = Vec::new();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(20), ws.next()).await? {
+        let (channel, data) = match message? {
+            Message::Binary(b) if !base64 && !b.is_empty() => (b[0], b[1..].to_vec()),
+            Message::Text(t) if base64 && !t.is_empty() => {
+                use base64::Engine;
+                let s = t.as_str();
+                (s.as_bytes()[0] - b'0', base64::engine::general_purpose::STANDARD.decode(&s[1..])?)
+            }
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if channel == 1 {
+            stdout.extend_from_slice(&data);
+        }
+    }
+    Ok(String::from_utf8(stdout)?)
 }
 
 /// Output, exit codes, stdin and a terminal, through both of kubectl's transports.

@@ -43,20 +43,38 @@ pub struct Rotation {
     pub max_files: u32,
 }
 
-/// Copies a container's stdout and stderr into its CRI log file until both streams end. Returns when done.
-pub async fn copy_streams(stdout: std::fs::File, stderr: std::fs::File, path: PathBuf, rotation: Rotation) {
+/// A container's output as it is logged, for `kubectl attach`: (stream, bytes), lines as written.
+pub type Tee = tokio::sync::broadcast::Sender<(&'static str, bytes::Bytes)>;
+
+/// A stream of container output to log.
+pub type Output = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// A container's stdout and stderr pipes as outputs to copy.
+pub fn pipes(stdout: std::fs::File, stderr: std::fs::File) -> Vec<(&'static str, Output)> {
+    let pipe = |f: std::fs::File| tokio::net::unix::pipe::Receiver::from_file(f).map(|r| Box::new(r) as Output);
+    let streams = [("stdout", pipe(stdout)), ("stderr", pipe(stderr))];
+    streams.into_iter().filter_map(|(n, r)| Some((n, r.ok()?))).collect()
+}
+
+/// Copies each named output (`stdout`, `stderr`; a terminal is logged as `stdout`) into the CRI log file at
+/// `path`, and to `tee` while anyone listens. Returns when every output ended.
+pub async fn copy_outputs(outputs: Vec<(&'static str, Output)>, path: PathBuf, rotation: Rotation, tee: Option<Tee>) {
     let (tx, rx) = mpsc::channel::<(&'static str, Vec<u8>, bool)>(256);
-    for (name, file) in [("stdout", stdout), ("stderr", stderr)] {
-        let tx = tx.clone();
+    for (name, output) in outputs {
+        let (tx, tee) = (tx.clone(), tee.clone());
         tokio::spawn(async move {
-            let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_file(file) else { return };
-            let mut reader = BufReader::with_capacity(MAX_LINE, pipe);
+            let mut reader = BufReader::with_capacity(MAX_LINE, output);
             loop {
                 let mut line = Vec::new();
                 let complete = match read_line(&mut reader, &mut line).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => line.last() == Some(&b'\n'),
                 };
+                if let Some(tee) = &tee
+                    && tee.receiver_count() > 0
+                {
+                    let _ = tee.send((name, bytes::Bytes::copy_from_slice(&line)));
+                }
                 if complete {
                     line.pop();
                 }
@@ -256,7 +274,8 @@ mod tests {
         let (out_r, out_w) = std::io::pipe().unwrap();
         let (err_r, err_w) = std::io::pipe().unwrap();
         let rotation = Rotation { max_bytes: 64 * 1024, max_files: 3 };
-        let writer = tokio::spawn(copy_streams(file(out_r.into()), file(err_r.into()), path.to_owned(), rotation));
+        let outputs = pipes(file(out_r.into()), file(err_r.into()));
+        let writer = tokio::spawn(copy_outputs(outputs, path.to_owned(), rotation, None));
         tokio::task::spawn_blocking(move || {
             use std::io::Write;
             let (mut out, mut err) = (file(out_w.into()), file(err_w.into()));

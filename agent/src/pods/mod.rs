@@ -2,6 +2,7 @@
 //! after admission (pod count and resources against allocatable, upstream's `OutOf<resource>` rejections).
 
 pub mod admission;
+pub mod attach;
 pub mod downward_api;
 pub mod plan;
 pub mod resources;
@@ -59,6 +60,8 @@ pub struct Ctx {
     /// The lowest `oom_score_adj` a container may get: the agent's own (where the agent could not lower its own,
     /// e.g. without CAP_SYS_RESOURCE, neither can its containers: containerd's rootless rule).
     pub min_oom_score_adj: i32,
+    /// Running containers' output and stdin, for `kubectl attach`.
+    pub attachments: attach::Attachments,
 }
 
 impl Ctx {

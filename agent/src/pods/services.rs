@@ -66,6 +66,8 @@ pub trait ContainerRuntime: Send + Sync {
     ) -> BoxFuture<'a, Result<ExecProcess, RuntimeError>>;
     /// Waits for a process [`ContainerRuntime::exec`] started: its exit code (128 + signal when killed).
     fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32>;
+    /// A duplicate of the master of container `id`'s terminal (`tty: true`).
+    fn terminal(&self, id: &str) -> Option<std::os::fd::OwnedFd>;
 }
 
 /// The image service: images present per pull policy, and containers' root filesystems on them.
@@ -274,6 +276,10 @@ impl ContainerRuntime for RealRuntime {
 
     fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32> {
         Box::pin(self.runtime.wait_exec(pid))
+    }
+
+    fn terminal(&self, id: &str) -> Option<std::os::fd::OwnedFd> {
+        self.container(id)?.pty()?.try_clone().ok()
     }
 }
 

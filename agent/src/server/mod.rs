@@ -113,15 +113,22 @@ impl KubeletApi {
             (&Method::GET, ["containerLogs", namespace, pod, container]) => {
                 self.container_logs(namespace, pod, container, req.uri().query())
             }
-            (_, ["exec", ns, pod, container]) if get_or_post => {
+            (_, [kind @ ("exec" | "attach"), ns, pod, rest @ ..]) if get_or_post && matches!(rest.len(), 1 | 2) => {
                 let pod = self.pods.get(ns, pod);
-                let container = container.to_string();
-                self.streaming.exec(req, pod, None, &container)
+                let kind = if *kind == "exec" { streaming::Command::Exec } else { streaming::Command::Attach };
+                let (uid, container) = match rest {
+                    [uid, container] => (Some(uid.to_string()), container.to_string()),
+                    _ => (None, rest.first().map(|c| c.to_string()).unwrap_or_default()),
+                };
+                self.streaming.remotecommand(kind, req, pod, uid.as_deref(), &container)
             }
-            (_, ["exec", ns, pod, uid, container]) if get_or_post => {
+            (&Method::POST, ["run", ns, pod, rest @ ..]) if matches!(rest.len(), 1 | 2) => {
                 let pod = self.pods.get(ns, pod);
-                let (uid, container) = (uid.to_string(), container.to_string());
-                self.streaming.exec(req, pod, Some(&uid), &container)
+                let (uid, container) = match rest {
+                    [uid, container] => (Some(uid.to_string()), container.to_string()),
+                    _ => (None, rest.first().map(|c| c.to_string()).unwrap_or_default()),
+                };
+                self.streaming.run(pod, uid.as_deref(), &container, req.uri().query()).await
             }
             (_, ["portForward", ns, pod]) if get_or_post => {
                 let pod = self.pods.get(ns, pod);

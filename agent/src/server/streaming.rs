@@ -9,9 +9,12 @@ use hyper::{Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{Body, text};
+use crate::pods::attach::Attachments;
+use crate::pods::services::BoxFuture;
 use crate::pods::services::ContainerRuntime;
 use crate::streaming::remotecommand::{self, Options, SPDY_PROTOCOLS};
-use crate::streaming::{exec, portforward, spdy, spdy_session, websocket};
+use crate::streaming::remotecommand::{Outcome, Session};
+use crate::streaming::{attach, exec, portforward, spdy, spdy_session, websocket};
 
 /// The header carrying the protocols a client speaks and the one chosen.
 pub const PROTOCOL_HEADER: &str = "X-Stream-Protocol-Version";
@@ -24,6 +27,8 @@ pub struct Streaming {
     /// `ExtendWebSocketsToKubelet`: v5 WebSocket requests are served here (the node declares it, so the API
     /// server passes them through instead of translating them to SPDY).
     pub websockets: bool,
+    /// Running containers' output and stdin, for attach.
+    pub attachments: Attachments,
 }
 
 /// Upgrades a WebSocket request to `protocol` and hands the socket to `serve`.
@@ -119,11 +124,19 @@ pub fn switching_protocols(protocol: &'static str) -> Response<Body> {
     response
 }
 
+/// Which remotecommand a request is.
+pub enum Command {
+    Exec,
+    Attach,
+}
+
 impl Streaming {
-    /// `/exec/{ns}/{pod}[/{uid}]/{container}?command=...`: after the checks, upgrades and runs the command.
-    pub fn exec(
+    /// `/exec/...?command=...` and `/attach/...`: after upstream's checks, upgrades (WebSocket or SPDY) and runs
+    /// the command in, or attaches to, the running container.
+    pub fn remotecommand(
         &self,
-        mut req: Request<hyper::body::Incoming>,
+        kind: Command,
+        req: Request<hyper::body::Incoming>,
         pod: Option<Pod>,
         uid: Option<&str>,
         container: &str,
@@ -138,7 +151,23 @@ impl Streaming {
             Ok(id) => id,
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
-        let command = remotecommand::command(query.as_deref());
+        let (runtime, tty) = (self.runtime.clone(), options.tty);
+        let run: Box<dyn FnOnce(Session) -> BoxFuture<'static, Outcome> + Send> = match kind {
+            Command::Exec => {
+                let command = remotecommand::command(query.as_deref());
+                tracing::debug!(container, ?command, "exec");
+                Box::new(move |session| {
+                    Box::pin(async move { exec::run(runtime.as_ref(), &id, command, tty, session).await })
+                })
+            }
+            Command::Attach => {
+                let Some(attachable) = self.attachments.get(&id) else {
+                    return text(StatusCode::INTERNAL_SERVER_ERROR, format!("container not found ({container:?})"));
+                };
+                tracing::debug!(container, "attach");
+                Box::new(move |session| Box::pin(attach::run(attachable, tty, session)))
+            }
+        };
         if websocket::is_websocket(&req) {
             let offered = websocket::client_protocols(&req);
             let speaks = |p: &&str| self.websockets || !p.starts_with("v5.");
@@ -153,47 +182,93 @@ impl Streaming {
                     ),
                 );
             }
-            let runtime = self.runtime.clone();
             return websocket_upgrade(req, protocol, move |ws| async move {
-                let tty = options.tty;
-                let protocol = protocol.unwrap_or("channel.k8s.io");
-                websocket::remotecommand(ws, protocol, options, |session| async move {
-                    exec::run(runtime.as_ref(), &id, command, tty, session).await
-                })
-                .await;
+                websocket::remotecommand(ws, protocol.unwrap_or("channel.k8s.io"), options, run).await;
             });
         }
         let protocol = match spdy_handshake(&req, &SPDY_PROTOCOLS) {
             Ok(p) => p,
             Err(refused) => return *refused,
         };
-        let upgrade = hyper::upgrade::on(&mut req);
-        let this = self.clone();
-        let name = container.to_string();
-        tokio::spawn(async move {
-            let upgraded = match upgrade.await {
-                Ok(u) => u,
-                Err(e) => return tracing::debug!(error = %e, "exec: the upgrade failed"),
-            };
-            let conn = spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded), this.spdy);
+        let config = self.spdy;
+        spdy_upgrade(req, protocol, config, move |conn| async move {
             let (session, finish) =
                 match spdy_session::accept(conn, protocol, options, spdy_session::STREAM_CREATION_TIMEOUT).await {
                     Ok(s) => s,
-                    Err(e) => return tracing::info!(container = %name, error = %e, "exec: no session"),
+                    Err(e) => return tracing::info!(error = %e, "remotecommand: no session"),
                 };
-            tracing::debug!(container = %name, ?command, protocol, "exec");
-            let outcome = exec::run(this.runtime.as_ref(), &id, command, options.tty, session).await;
+            let outcome = run(session).await;
             finish.finish(&outcome).await;
-        });
-        switching_protocols(protocol)
+        })
     }
+}
+
+/// How long a `/run` command may take (upstream has no limit; a request must not hang forever).
+const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl Streaming {
+    /// `POST /run/{ns}/{pod}[/{uid}]/{container}?cmd=...`: runs the command (split on spaces, as upstream) and
+    /// answers its output (stdout, then stderr); a non-zero exit is a 500 with upstream's message.
+    pub async fn run(
+        &self,
+        pod: Option<Pod>,
+        uid: Option<&str>,
+        container: &str,
+        query: Option<&str>,
+    ) -> Response<Body> {
+        let Some(pod) = pod else { return text(StatusCode::NOT_FOUND, "pod does not exist".into()) };
+        let id = match running_container(&pod, uid, container) {
+            Ok(id) => id,
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
+        let cmd = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "cmd")
+            .map(|(_, v)| v.split(' ').map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default();
+        match self.runtime.exec_sync(&id, &cmd, RUN_TIMEOUT).await {
+            Ok((Some(0), out)) => {
+                let mut response = Response::new(super::full(out));
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                response
+            }
+            Ok((Some(code), out)) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("command '{}' exited with {code}: {}", cmd.join(" "), String::from_utf8_lossy(&out)),
+            ),
+            Ok((None, _)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("command '{}' timed out", cmd.join(" "))),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+/// Answers an SPDY upgrade to `protocol` and hands the connection to `serve`.
+fn spdy_upgrade<F, Fut>(
+    mut req: Request<hyper::body::Incoming>,
+    protocol: &'static str,
+    config: spdy::Config,
+    serve: F,
+) -> Response<Body>
+where
+    F: FnOnce(spdy::Connection) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => serve(spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded), config)).await,
+            Err(e) => tracing::debug!(error = %e, "SPDY upgrade failed"),
+        }
+    });
+    switching_protocols(protocol)
 }
 
 impl Streaming {
     /// `/portForward/{ns}/{pod}[/{uid}]`: upgrades and forwards the client's connections into the pod.
     pub fn port_forward(
         &self,
-        mut req: Request<hyper::body::Incoming>,
+        req: Request<hyper::body::Incoming>,
         pod: Option<Pod>,
         uid: Option<&str>,
     ) -> Response<Body> {
@@ -224,18 +299,9 @@ impl Streaming {
             Ok(p) => p,
             Err(refused) => return *refused,
         };
-        let upgrade = hyper::upgrade::on(&mut req);
-        let config = self.spdy;
-        tokio::spawn(async move {
-            match upgrade.await {
-                Ok(upgraded) => {
-                    let conn = spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded), config);
-                    portforward::serve(conn, target, spdy_session::STREAM_CREATION_TIMEOUT).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "port-forward: the upgrade failed"),
-            }
-        });
-        switching_protocols(protocol)
+        spdy_upgrade(req, protocol, self.spdy, move |conn| async move {
+            portforward::serve(conn, target, spdy_session::STREAM_CREATION_TIMEOUT).await;
+        })
     }
 }
 

@@ -24,7 +24,7 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// How long a TTY exec waits for the client's first terminal size before starting the process.
 const FIRST_SIZE: Duration = Duration::from_secs(1);
 
-fn set_size(master: &OwnedFd, size: TerminalSize) {
+pub(crate) fn set_size(master: &OwnedFd, size: TerminalSize) {
     let ws = rustix::termios::Winsize { ws_row: size.height, ws_col: size.width, ws_xpixel: 0, ws_ypixel: 0 };
     if let Err(e) = rustix::termios::tcsetwinsize(master, ws) {
         tracing::debug!(error = %e, "resizing an exec terminal");

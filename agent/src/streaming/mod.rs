@@ -5,6 +5,7 @@
 //! [`remotecommand::Session`] of channels; `exec` drives a process with one and returns its outcome, which the
 //! transport reports as upstream does.
 
+pub mod attach;
 pub mod exec;
 pub mod fdio;
 pub mod portforward;

@@ -89,6 +89,7 @@ pub fn ctx(
         services: None,
         allocatable: (2000, 4 << 30),
         min_oom_score_adj: 0,
+        attachments: Default::default(),
     };
     (Arc::new(ctx), status)
 }
@@ -287,6 +288,10 @@ impl ContainerRuntime for FakeRuntime {
             Ok(ExecProcess { pid, pty: None })
         })();
         Box::pin(async move { started })
+    }
+
+    fn terminal(&self, _: &str) -> Option<std::os::fd::OwnedFd> {
+        None
     }
 
     fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32> {

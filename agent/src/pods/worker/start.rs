@@ -1,12 +1,13 @@
 //! Starting a container: image, configuration, root filesystem, create and start, and the exit watch.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Container as ApiContainer;
-use nodelet_runtime::{ContainerConfig, ContainerExit, ContainerIo, RuntimeError};
+use nodelet_runtime::{ContainerConfig, ContainerExit, ContainerIo, IoPipes, RuntimeError};
 
 use super::{Desired, Exit, RETRY, Running, Worker};
 use crate::images::{ImageFailure, PullPolicy, ReadyImage};
@@ -248,7 +249,13 @@ impl Worker {
         init: bool,
         restart: u32,
     ) -> Result<(), NotStarted> {
-        let (io, pipes) = ContainerIo::pipes(config.stdin).map_err(|e| NotStarted::Start(e.to_string()))?;
+        // A terminal replaces the pipes (the runtime hands its master back).
+        let (io, pipes) = if config.tty {
+            (ContainerIo::default(), None)
+        } else {
+            let (io, pipes) = ContainerIo::pipes(config.stdin).map_err(|e| NotStarted::Start(e.to_string()))?;
+            (io, Some(pipes))
+        };
         match self.ctx.runtime.create(config, io).await {
             Ok(()) => {}
             // The spec could not be made from the image and the pod (a user that does not exist, a hostile
@@ -265,7 +272,7 @@ impl Worker {
             tokio::task::spawn_blocking(move || logs::prune_container_logs(&dir, &name, restart - 1));
         }
         let path = logs::container_log_path(&self.log_dir, &c.name, restart);
-        tokio::spawn(logs::copy_streams(pipes.stdout, pipes.stderr, path, self.log_rotation()));
+        self.copy_output(config, c, pipes, path);
         if let Err(e) = self.ctx.runtime.start(&config.id).await {
             self.ctx.runtime.delete(&config.id).await;
             self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
@@ -273,6 +280,41 @@ impl Worker {
         }
         self.event(Some((&c.name, init)), false, "Started", &format!("Started container {}", c.name));
         Ok(())
+    }
+
+    /// Logs the container's output (its pipes, or its terminal) and makes it attachable: its output, its stdin
+    /// when the spec keeps one (`stdin`, closed after the first attach with `stdinOnce`), its terminal.
+    fn copy_output(&self, config: &ContainerConfig, c: &ApiContainer, pipes: Option<IoPipes>, path: PathBuf) {
+        let (outputs, stdin, terminal): (Vec<(&'static str, logs::Output)>, _, _) = match pipes {
+            Some(p) => (logs::pipes(p.stdout, p.stderr), p.stdin.map(OwnedFd::from), None),
+            None => {
+                let master = self.ctx.runtime.terminal(&config.id);
+                let dup = || master.as_ref().and_then(|m| m.try_clone().ok());
+                let stdin = if config.stdin { dup() } else { None };
+                let terminal = dup();
+                let reader = master.and_then(|m| nodelet_runtime::async_io::Reader::new(m).ok());
+                let outputs = reader.map(|r| ("stdout", Box::new(r) as logs::Output)).into_iter().collect();
+                (outputs, stdin, terminal)
+            }
+        };
+        let attachable = crate::pods::attach::Attachable::new(stdin, c.stdin_once.unwrap_or(false), terminal);
+        self.log_and_attach(&config.id, outputs, attachable, path);
+    }
+
+    /// Copies `outputs` to the log at `path` and makes container `id` attachable until they end.
+    pub(super) fn log_and_attach(
+        &self,
+        id: &str,
+        outputs: Vec<(&'static str, logs::Output)>,
+        (attachable, tee): (crate::pods::attach::Attachable, logs::Tee),
+        path: PathBuf,
+    ) {
+        self.ctx.attachments.insert(id, Arc::new(attachable));
+        let (attachments, id, rotation) = (self.ctx.attachments.clone(), id.to_string(), self.log_rotation());
+        tokio::spawn(async move {
+            logs::copy_outputs(outputs, path, rotation, Some(tee)).await;
+            attachments.remove(&id);
+        });
     }
 
     /// Records a new running instance: its exit is watched and its probes start.

@@ -92,7 +92,9 @@ impl Worker {
                 Some((stdout, stderr)) => {
                     let restart = id.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
                     let path = logs::container_log_path(&self.log_dir, &name, restart);
-                    tokio::spawn(logs::copy_streams(stdout, stderr, path, self.log_rotation()));
+                    // Its stdin and terminal stayed with the previous agent: attach gets the output.
+                    let attachable = crate::pods::attach::Attachable::new(None, false, None);
+                    self.log_and_attach(&id, logs::pipes(stdout, stderr), attachable, path);
                 }
                 None => tracing::warn!(container = %id, "cannot reopen the container's output: its log stops here"),
             }
