@@ -21,7 +21,7 @@ use nodelet_integration::cluster::Cluster;
 use nodelet_integration::process::{rss_kib, status_kib};
 use nodelet_integration::registry::Registry;
 use nodelet_integration::upstream::UpstreamNode;
-use support::{Nodelet, pod, wait_for};
+use support::{pod, wait_for};
 
 /// The largest resident mappings of `pid` (from `/proc/<pid>/smaps`, grouped by file or `[anon]`/`[heap]`/
 /// `[stack]`), as `name rss (anonymous)` in KiB: where the RSS is when it is over target.
@@ -92,27 +92,8 @@ async fn main() {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50);
     let cluster = Cluster::start().await.expect("control plane (run integration/scripts/setup.sh)");
     let registry = Registry::start().await.expect("registry");
-    let kubeconfig = cluster.node_kubeconfig("bench").expect("node kubeconfig");
-    let net_d = support::loopback_only_network().expect("CNI conf dir");
-    let port = nodelet_integration::ports::free_port().expect("a port").to_string();
-    let node = Nodelet::start(
-        "bench",
-        &format!("maxPods: {}\n", 2 * n + 10),
-        &[
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--insecure-registry".into(),
-            registry.host(),
-            // On the host's network: pods get loopback only (no bridge or iptables rules on the host).
-            "--cni-conf-dir".into(),
-            net_d.path().display().to_string(),
-            "--address".into(),
-            "127.0.0.1".into(),
-            "--port".into(),
-            port,
-        ],
-    )
-    .expect("nodelet");
+    let (node, _net_d) = support::start_bench_node(&cluster, &registry, "bench", &format!("maxPods: {}\n", 2 * n + 10))
+        .expect("nodelet");
     let client = cluster.admin().await.expect("client");
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     wait_for("the node", Duration::from_secs(60), || async { Ok(nodes.get_opt("bench").await?.map(|_| ())) })

@@ -339,6 +339,7 @@ impl PodWorkers {
             containers: Vec::new(),
             readiness_gates: Vec::new(),
             resize: None,
+            ephemeral: Vec::new(),
         };
         let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
     }

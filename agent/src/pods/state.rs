@@ -139,6 +139,8 @@ pub struct PodState {
     pub readiness_gates: Vec<(String, Option<String>)>,
     /// An in-place resize that waits or is being applied (`PodResizePending` / `PodResizeInProgress`).
     pub resize: Option<ResizeStatus>,
+    /// Ephemeral containers (`kubectl debug`): not run by nodelet yet, each reported waiting with the reason.
+    pub ephemeral: Vec<ContainerRecord>,
 }
 
 /// Where an in-place resize stands, as upstream's resize conditions say it.

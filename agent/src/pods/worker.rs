@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::plan::{self, Action};
 use super::restore::{Inherited, Saved};
-use super::state::{ContainerRecord, Phase, PodState};
+use super::state::{ContainerRecord, ContainerState, Phase, PodState};
 use super::{Ctx, resources};
 use crate::backoff::Backoff;
 use crate::events::PodRef;
@@ -161,6 +161,7 @@ impl Worker {
                 .collect(),
             readiness_gates: Vec::new(),
             resize: None,
+            ephemeral: Vec::new(),
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -195,6 +196,7 @@ impl Worker {
     }
 
     fn publish(&mut self) {
+        self.refuse_ephemeral_containers();
         self.state.observed_generation = self.pod.metadata.generation;
         self.state.readiness_gates = readiness_gates(&self.pod);
         if self.state.phase.is_terminal() {
@@ -211,6 +213,22 @@ impl Worker {
             .ctx
             .status
             .send(StatusMessage::Update { pod: self.pod_ref.clone(), state: Box::new(self.state.clone()) });
+    }
+
+    /// Ephemeral containers are not run yet: each new one is reported waiting (`CreateContainerConfigError`)
+    /// with a Warning event, instead of `kubectl debug` waiting on a container nothing says anything about.
+    fn refuse_ephemeral_containers(&mut self) {
+        let spec = self.pod.spec.as_ref().and_then(|s| s.ephemeral_containers.as_ref());
+        for e in spec.into_iter().flatten() {
+            if self.state.ephemeral.iter().any(|r| r.name == e.name) {
+                continue;
+            }
+            let message = "ephemeral containers are not supported by nodelet yet";
+            let mut record = ContainerRecord::new(&e.name, e.image.as_deref().unwrap_or_default(), "");
+            record.state = ContainerState::waiting("CreateContainerConfigError", Some(message.into()));
+            self.ctx.events.record(&self.pod_ref, None, true, "Failed", &format!("Error: {message}"));
+            self.state.ephemeral.push(record);
+        }
     }
 
     fn event(&self, container: Option<(&str, bool)>, warning: bool, reason: &str, message: &str) {

@@ -10,10 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::{Body, text};
 use crate::pods::attach::Attachments;
-use crate::pods::services::BoxFuture;
-use crate::pods::services::ContainerRuntime;
-use crate::streaming::remotecommand::{self, Options, SPDY_PROTOCOLS};
-use crate::streaming::remotecommand::{Outcome, Session};
+use crate::pods::services::{BoxFuture, ContainerRuntime};
+use crate::streaming::remotecommand::{self, Options, Outcome, SPDY_PROTOCOLS, Session};
 use crate::streaming::{attach, exec, portforward, spdy, spdy_session, websocket};
 
 /// The header carrying the protocols a client speaks and the one chosen.

@@ -182,6 +182,8 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
         init_container_statuses: (!state.init.is_empty())
             .then(|| state.init.iter().map(|c| container_status(c, true)).collect()),
         container_statuses: Some(state.containers.iter().map(|c| container_status(c, false)).collect()),
+        ephemeral_container_statuses: (!state.ephemeral.is_empty())
+            .then(|| state.ephemeral.iter().map(|c| container_status(c, false)).collect()),
         ..Default::default()
     }
 }
@@ -211,6 +213,7 @@ mod tests {
             containers: vec![c],
             readiness_gates: Vec::new(),
             resize: None,
+            ephemeral: Vec::new(),
         }
     }
 

@@ -296,3 +296,25 @@ spec:
     assert!(log.iter().position(|l| l == "exec main").is_some_and(|e| e < first_stop), "{log:?}");
     h.delete().await;
 }
+
+#[tokio::test]
+async fn an_ephemeral_container_is_reported_as_not_supported_instead_of_ignored() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers: [{name: main}]");
+    let mut h = Harness::start(p.clone(), |_, _| {});
+    h.until("running", |s| s.containers[0].state.is_running()).await;
+    // `kubectl debug` adds an ephemeral container to the running pod.
+    let mut debugged = p;
+    debugged.spec.as_mut().expect("spec").ephemeral_containers =
+        Some(vec![serde_yaml::from_str("{name: debugger, image: busybox}").expect("ephemeral container")]);
+    h.desired.send_replace(Desired::Pod(Arc::new(debugged)));
+    let s = h.until("the ephemeral container reported", |s| !s.ephemeral.is_empty()).await;
+    let e = &s.ephemeral[0];
+    assert_eq!(e.name, "debugger");
+    let ContainerState::Waiting { reason, message } = &e.state else { panic!("{e:?}") };
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert_eq!(message.as_deref(), Some("ephemeral containers are not supported by nodelet yet"));
+    assert!(s.containers[0].state.is_running(), "the pod keeps running");
+    assert!(!h.runtime.log().iter().any(|l| l.contains("debugger")), "nothing was started for it");
+}
