@@ -87,13 +87,29 @@ async fn exec_and_port_forward_through_the_api_server() -> Result<()> {
         .await
         .with_context(|| node.log())?;
         check_exec(&cluster, pod_name).with_context(|| node.log())?;
+        check_port_forward(&cluster, pod_name).await.with_context(|| node.log())?;
+    }
+    check_attach(&cluster, &pods, &image).await.with_context(|| ws_node.log())?;
+
+    // Upstream's conformance test "Pods should support remote command execution over websockets": a pod with the
+    // restricted security profile mixed in, exec'd into over WebSocket with an older channel protocol (which the
+    // API server passes through to any node).
+    for (pod_name, node_name, node) in
+        [("conformance-ws", NODE_WS, &ws_node), ("conformance-spdy", NODE_SPDY, &spdy_node)]
+    {
+        pods.create(&PostParams::default(), &pod(&format!(
+            "metadata: {{name: {pod_name}}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 0\n  securityContext: {{runAsNonRoot: true, runAsUser: 1000, seccompProfile: {{type: RuntimeDefault}}}}\n  containers:\n  - name: main\n    image: {image}\n    command: [/bin/sh, -c, 'echo container is alive; sleep 600']\n    securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n"
+        ))).await?;
+        wait_pod(&pods, pod_name, "Running", Duration::from_secs(60), |p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .await
+        .with_context(|| node.log())?;
         for protocol in ["channel.k8s.io", "base64.channel.k8s.io", "v4.channel.k8s.io"] {
             let out = raw_websocket_exec(&client, pod_name, protocol).await.with_context(|| node.log())?;
             ensure!(out == "remote execution test\n", "{pod_name} {protocol}: {out:?}");
         }
-        check_port_forward(&cluster, pod_name).await.with_context(|| node.log())?;
     }
-    check_attach(&cluster, &pods, &image).await.with_context(|| ws_node.log())?;
 
     // /run straight on the kubelet API (as the API server's identity): the command's output, or a 500.
     let node = nodes.get(NODE_WS).await?;
