@@ -92,8 +92,14 @@ async fn main() {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(50);
     let cluster = Cluster::start().await.expect("control plane (run integration/scripts/setup.sh)");
     let registry = Registry::start().await.expect("registry");
-    let (node, _net_d) = support::start_bench_node(&cluster, &registry, "bench", &format!("maxPods: {}\n", 2 * n + 10))
-        .expect("nodelet");
+    let (node, _net_d) = support::start_cluster_node(
+        &cluster,
+        &registry,
+        "bench",
+        &format!("maxPods: {}\naddress: 127.0.0.1\n", 2 * n + 10),
+        &[],
+    )
+    .expect("nodelet");
     let client = cluster.admin().await.expect("client");
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     wait_for("the node", Duration::from_secs(60), || async { Ok(nodes.get_opt("bench").await?.map(|_| ())) })

@@ -313,9 +313,14 @@ async fn main() {
     let n_pods = containers.div_ceil(PER_POD);
     let cluster = Cluster::start().await.expect("control plane (run integration/scripts/setup.sh)");
     let registry = Registry::start().await.expect("registry");
-    let (node, _net_d) =
-        support::start_bench_node(&cluster, &registry, "probes", &format!("maxPods: {}\n", n_pods + 10))
-            .expect("nodelet");
+    let (node, _net_d) = support::start_cluster_node(
+        &cluster,
+        &registry,
+        "probes",
+        &format!("maxPods: {}\naddress: 127.0.0.1\n", n_pods + 10),
+        &[],
+    )
+    .expect("nodelet");
     let client = cluster.admin().await.expect("client");
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let ready = |name: &'static str| {

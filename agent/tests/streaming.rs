@@ -297,11 +297,26 @@ async fn check_port_forward(cluster: &Cluster, pod: &str) -> Result<()> {
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
         ensure!(buf.is_empty(), "{pod} {name}: {buf:?}");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // kubectl prints the error stream's message when it reads it: wait for the line (not a fixed sleep).
+        let wanted = format!("error forwarding port 9 to pod {pod}");
+        let stderr = child.0.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut said: Vec<String> = Vec::new();
+        while !said.iter().any(|l| l.contains(&wanted)) {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => said.push(line),
+                Err(_) => break,
+            }
+        }
         let _ = child.0.kill();
-        let mut err = String::new();
-        child.0.stderr.take().context("stderr")?.read_to_string(&mut err)?;
-        ensure!(err.contains(&format!("error forwarding port 9 to pod {pod}")), "{pod} {name}: kubectl said {err:?}");
+        ensure!(said.iter().any(|l| l.contains(&wanted)), "{pod} {name}: kubectl said {said:?}");
     }
     Ok(())
 }

@@ -379,29 +379,3 @@ pub async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String,
 pub fn pod(yaml: &str) -> Pod {
     serde_yaml::from_str(yaml).expect("test pod YAML")
 }
-
-/// A benchmark's nodelet node of `cluster` named `name`: pods on a loopback-only network (no bridge or iptables
-/// rules on the host), the kubelet API on 127.0.0.1, images from `registry`. With the CNI directory to keep.
-pub fn start_bench_node(
-    cluster: &nodelet_integration::cluster::Cluster,
-    registry: &nodelet_integration::registry::Registry,
-    name: &str,
-    config_yaml: &str,
-) -> Result<(Nodelet, tempfile::TempDir)> {
-    let kubeconfig = cluster.node_kubeconfig(name)?;
-    let net_d = loopback_only_network()?;
-    let port = nodelet_integration::ports::free_port()?.to_string();
-    let args = [
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--insecure-registry".into(),
-        registry.host(),
-        "--cni-conf-dir".into(),
-        net_d.path().display().to_string(),
-        "--address".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port,
-    ];
-    Ok((Nodelet::start(name, config_yaml, &args)?, net_d))
-}
