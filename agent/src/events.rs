@@ -1,6 +1,7 @@
 //! Events about pods, as the kubelet records them (`source.component: kubelet`, `reportingComponent: kubelet`),
 //! created in the background: a failed Event never blocks or fails pod work.
 
+use crate::pods::state::Kind;
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::Api;
@@ -40,13 +41,12 @@ impl Recorder {
     }
 
     /// Records an Event; `container` sets `fieldPath` to `spec.containers{name}` (or `spec.initContainers`).
-    pub fn record(&self, pod: &PodRef, container: Option<(&str, bool)>, warning: bool, reason: &str, message: &str) {
+    pub fn record(&self, pod: &PodRef, container: Option<(&str, Kind)>, warning: bool, reason: &str, message: &str) {
         let kind = if warning { "Warning" } else { "Normal" };
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), reason, kind, "{message}");
         let Some(client) = self.client.clone() else { return };
         let now = Time(jiff::Timestamp::now());
-        let field_path = container
-            .map(|(name, init)| format!("spec.{}{{{name}}}", if init { "initContainers" } else { "containers" }));
+        let field_path = container.map(|(name, kind)| format!("spec.{}{{{name}}}", kind.field()));
         let event = Event {
             metadata: ObjectMeta {
                 generate_name: Some(format!("{}.", pod.name)),

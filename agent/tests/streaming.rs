@@ -2,7 +2,9 @@
 //! API server proxies to nodelet's kubelet API, which speaks SPDY/3.1 (the API server translates kubectl's
 //! WebSocket requests to it, or passes kubectl's SPDY through with `KUBECTL_*_WEBSOCKETS=false`). Checked: stdout,
 //! stderr and exit codes, stdin to EOF, a terminal (with its size), and forwarded connections to a pod's port,
-//! including one to a port nothing listens on.
+//! including one to a port nothing listens on; 64 MiB both ways through exec and through a forwarded port, 20
+//! connections at once; `kubectl cp` both ways; `kubectl attach` and `run -it`; `kubectl debug` (ephemeral
+//! containers, with and without `--target`); 401 and 403 straight on the kubelet API.
 #![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 
 mod support;
@@ -23,21 +25,110 @@ use support::{ChildGuard, pod, wait_pod};
 const NODE_WS: &str = "nodelet-streaming-ws";
 const NODE_SPDY: &str = "nodelet-streaming-spdy";
 
+/// The large transfers' size: 64 MiB.
+const BIG: usize = 64 << 20;
+
 /// Runs kubectl with `env` set, `stdin` fed: (exit code, stdout, stderr).
 fn kubectl(cluster: &Cluster, env: &[(&str, &str)], args: &[&str], stdin: &[u8]) -> Result<(i32, String, String)> {
+    let (code, out, err) = kubectl_bytes(cluster, env, args, stdin)?;
+    Ok((code, String::from_utf8_lossy(&out).into_owned(), err))
+}
+
+/// [`kubectl`] with stdout as bytes; stdin is written from a thread (kubectl's output is read meanwhile).
+fn kubectl_bytes(
+    cluster: &Cluster,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: &[u8],
+) -> Result<(i32, Vec<u8>, String)> {
     let mut cmd = cluster.kubectl();
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().context("kubectl")?;
-    child.stdin.take().context("stdin")?.write_all(stdin)?;
+    let mut input = child.stdin.take().context("stdin")?;
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || input.write_all(&data));
     let out = child.wait_with_output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let _ = writer.join();
+    Ok((out.status.code().unwrap_or(-1), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+fn random(len: usize) -> Result<Vec<u8>> {
+    let mut data = vec![0; len];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut data)?;
+    Ok(data)
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// `kubectl cp` (tar over exec) into the pod and back, byte for byte.
+fn check_cp(cluster: &Cluster, pod: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (local, back) = (dir.path().join("sent.bin"), dir.path().join("back.bin"));
+    let sent = random(3 << 20)?;
+    std::fs::write(&local, &sent)?;
+    let (local_arg, back_arg) = (local.to_string_lossy().into_owned(), back.to_string_lossy().into_owned());
+    let (code, _, err) = kubectl(cluster, &[], &["cp", &local_arg, &format!("default/{pod}:/tmp/copied.bin")], b"")?;
+    ensure!(code == 0, "{pod}: kubectl cp in: {code} {err:?}");
+    let (code, out, err) = kubectl(cluster, &[], &["exec", pod, "--", "sha256sum", "/tmp/copied.bin"], b"")?;
+    ensure!(code == 0 && out.starts_with(&sha256(&sent)), "{pod}: in the pod: {out:?} {err:?}");
+    let (code, _, err) = kubectl(cluster, &[], &["cp", &format!("default/{pod}:/tmp/copied.bin"), &back_arg], b"")?;
+    ensure!(code == 0, "{pod}: kubectl cp out: {code} {err:?}");
+    ensure!(std::fs::read(&back)? == sent, "{pod}: kubectl cp out: the file came back different");
+    Ok(())
+}
+
+/// `kubectl debug`: an ephemeral container in the running pod. With `--target` it sees the target's processes;
+/// without, it has its own PID namespace but the pod's hostname (and network); it runs once, is never restarted,
+/// and is reported under `ephemeralContainerStatuses`.
+async fn check_debug(cluster: &Cluster, pods: &Api<Pod>, image: &str) -> Result<()> {
+    let text = typed_in_terminal(
+        cluster,
+        &format!(
+            "debug -it shell-ws --image={image} --target=main -c debugger -- sh -c 'read x; echo \"[$x]\"; ps -o comm'"
+        ),
+        "",
+        "debugging",
+    )?;
+    ensure!(text.contains("[debugging]"), "kubectl debug -it: {text:?}");
+    ensure!(text.contains("httpd"), "kubectl debug --target: the target's processes are not visible: {text:?}");
+
+    let (code, _, err) = kubectl(
+        cluster,
+        &[],
+        &["debug", "shell-ws", &format!("--image={image}"), "-c", "plain", "--", "sh", "-c", "ps -o comm; hostname"],
+        b"",
+    )?;
+    ensure!(code == 0, "kubectl debug: {code} {err:?}");
+    let ephemeral = |p: &Pod, name: &str| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.ephemeral_container_statuses.as_ref())
+            .and_then(|l| l.iter().find(|c| c.name == name).cloned())
+    };
+    let exit = |p: &Pod, name: &str| ephemeral(p, name).and_then(|c| c.state?.terminated).map(|t| t.exit_code);
+    let done = wait_pod(pods, "shell-ws", "both ephemeral containers ended", Duration::from_secs(60), |p| {
+        exit(p, "debugger").is_some() && exit(p, "plain").is_some()
+    })
+    .await?;
+    ensure!(exit(&done, "debugger") == Some(0) && exit(&done, "plain") == Some(0), "{:?}", done.status);
+    for name in ["debugger", "plain"] {
+        let status = ephemeral(&done, name).context("status")?;
+        ensure!(status.restart_count == 0 && !status.ready, "{name}: {status:?}");
+        ensure!(status.container_id.as_deref().is_some_and(|id| id.starts_with("nodelet://")), "{status:?}");
+    }
+    let main = done.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|l| l.first().cloned());
+    ensure!(main.is_some_and(|m| m.restart_count == 0 && m.ready), "the debugged container was disturbed");
+    let (code, log, err) = kubectl(cluster, &[], &["logs", "shell-ws", "-c", "plain"], b"")?;
+    ensure!(code == 0, "kubectl logs -c plain: {err:?}");
+    ensure!(!log.contains("httpd"), "without --target the debug container has its own PID namespace: {log:?}");
+    ensure!(log.trim_end().ends_with("shell-ws"), "the pod's hostname: {log:?}");
+    Ok(())
 }
 
 /// The two ways a request reaches nodelet: WebSocket to the API server (translated to SPDY), or SPDY throughout.
@@ -77,7 +168,7 @@ async fn exec_and_port_forward_through_the_api_server() -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for (pod_name, node_name) in [("shell-ws", NODE_WS), ("shell-spdy", NODE_SPDY)] {
         pods.create(&PostParams::default(), &pod(&format!(
-            "metadata: {{name: {pod_name}}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'mkdir -p /www && echo served-by-httpd > /www/index.html && exec httpd -f -p 8080 -h /www']\n"
+            "metadata: {{name: {pod_name}}}\nspec:\n  nodeName: {node_name}\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'mkdir -p /www && echo served-by-httpd > /www/index.html && head -c {BIG} /dev/urandom > /www/big && exec httpd -f -p 8080 -h /www']\n"
         ))).await?;
     }
     for (pod_name, node) in [("shell-ws", &ws_node), ("shell-spdy", &spdy_node)] {
@@ -88,8 +179,10 @@ async fn exec_and_port_forward_through_the_api_server() -> Result<()> {
         .with_context(|| node.log())?;
         check_exec(&cluster, pod_name).with_context(|| node.log())?;
         check_port_forward(&cluster, pod_name).await.with_context(|| node.log())?;
+        check_cp(&cluster, pod_name).with_context(|| node.log())?;
     }
     check_attach(&cluster, &pods, &image).await.with_context(|| ws_node.log())?;
+    check_debug(&cluster, &pods, &image).await.with_context(|| ws_node.log())?;
 
     // Upstream's conformance test "Pods should support remote command execution over websockets": a pod with the
     // restricted security profile mixed in, exec'd into over WebSocket with an older channel protocol (which the
@@ -129,6 +222,40 @@ async fn exec_and_port_forward_through_the_api_server() -> Result<()> {
     ensure!(ok == "run works\n\n200", "/run: {ok:?}");
     let failed = run("false")?;
     ensure!(failed.starts_with("command 'false' exited with 1") && failed.ends_with("500"), "/run: {failed:?}");
+
+    // Straight on the kubelet API: anonymous is 401; a user who may read logs (get nodes/proxy) but not create
+    // nodes/proxy may not exec.
+    let reader_role: k8s_openapi::api::rbac::v1::ClusterRole = serde_yaml::from_str(
+        "metadata: {name: streaming-log-reader}\nrules: [{apiGroups: [''], resources: [nodes/proxy], verbs: [get]}]",
+    )?;
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_yaml::from_str(
+        "metadata: {name: streaming-log-reader}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: streaming-log-reader}\nsubjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: log-reader}]",
+    )?;
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &reader_role)
+        .await?;
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let reader = cluster.pki().client("kubelet-test-log-reader", "log-reader", &[])?;
+    let call = |method: &str, path: &str, cert: Option<&nodelet_integration::certs::CertFiles>| -> Result<String> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-X", method]);
+        if let Some(cert) = cert {
+            cmd.arg("--cert").arg(&cert.cert).arg("--key").arg(&cert.key);
+        }
+        let out = cmd.arg(format!("https://127.0.0.1:{port}{path}")).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let exec = "/exec/default/shell-ws/main?command=true&output=1";
+    ensure!(call("POST", exec, None)? == "401", "anonymous exec");
+    // The authorizer's cache may not have seen the new binding yet: wait for the logs to be readable.
+    support::wait_for("the log reader's binding", Duration::from_secs(30), || async {
+        Ok((call("GET", "/containerLogs/default/shell-ws/main", Some(&reader))? == "200").then_some(()))
+    })
+    .await?;
+    ensure!(call("POST", exec, Some(&reader))? == "403", "exec by a user who may only read");
+    ensure!(call("POST", "/portForward/default/shell-ws", Some(&reader))? == "403", "port-forward by a reader");
     Ok(())
 }
 
@@ -153,33 +280,42 @@ async fn check_attach(cluster: &Cluster, pods: &Api<Pod>, image: &str) -> Result
     ensure!(log == "got:one\ngot:two\nstdin-closed\n", "log: {log:?}");
 
     // kubectl run -it: a TTY container, attached at once; what is typed reaches it and its output comes back.
+    let text = typed_in_terminal(
+        cluster,
+        &format!(
+            "run tty-pod -it --restart=Never --image={image} --overrides='{{\"spec\":{{\"nodeName\":\"{NODE_WS}\"}}}}' -- sh -c 'read x; echo \"[$x]\"; stty size'"
+        ),
+        "stty cols 77 rows 22; ",
+        "typed-line",
+    )?;
+    ensure!(text.contains("[typed-line]"), "kubectl run -it: {text:?}");
+    ensure!(text.contains("22 77"), "kubectl run -it: terminal size {text:?}");
+    Ok(())
+}
+
+/// Runs `kubectl <args>` (shell words) in a terminal after `setup` (shell), types `line` into it 6 s later (once
+/// kubectl is attached); what the terminal showed. script(1) gives kubectl a terminal and passes what it reads on
+/// its stdin into it.
+fn typed_in_terminal(cluster: &Cluster, args: &str, setup: &str, line: &str) -> Result<String> {
     let kc = cluster.kubectl();
-    let line: Vec<String> =
+    let kubectl: Vec<String> =
         std::iter::once(kc.get_program()).chain(kc.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
-    let inner = format!(
-        "stty cols 77 rows 22; {} run tty-pod -it --restart=Never --image={image} \
-         --overrides='{{\"spec\":{{\"nodeName\":\"{NODE_WS}\"}}}}' -- sh -c 'read x; echo \"[$x]\"; stty size'",
-        line.join(" ")
-    );
-    // script(1) gives kubectl a terminal and passes what it reads on its stdin into it: the line is typed once
-    // kubectl is attached.
+    let inner = format!("{setup}{} {args}", kubectl.join(" "));
     let mut script = Command::new("script")
         .args(["-qec", &inner, "/dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
     let mut typing = script.stdin.take().context("stdin")?;
+    let typed = format!("{line}\r");
     let typist = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(6));
-        let _ = typing.write_all(b"typed-line\r");
+        let _ = typing.write_all(typed.as_bytes());
         std::thread::sleep(Duration::from_secs(10));
     });
     let out = script.wait_with_output()?;
     let _ = typist.join();
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(text.contains("[typed-line]"), "kubectl run -it: {text:?}");
-    ensure!(text.contains("22 77"), "kubectl run -it: terminal size {text:?}");
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// An exec over a WebSocket with an older channel protocol, as upstream's conformance test does it (the API
@@ -240,10 +376,11 @@ fn check_exec(cluster: &Cluster, pod: &str) -> Result<()> {
         let (code, out, err) =
             kubectl(cluster, env, &["exec", "-i", pod, "--", "sh", "-c", "cat; echo eof"], b"typed\n")?;
         ensure!(code == 0 && out == "typed\neof\n", "{pod} {name}: {code} {out:?} {err:?}");
-        // A large output arrives whole.
-        let big = ["exec", pod, "--", "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"];
-        let (code, out, _) = kubectl(cluster, env, &big, b"")?;
-        ensure!(code == 0 && out.len() == 3_000_000, "{pod} {name}: {} bytes", out.len());
+        // 64 MiB through `cat`, both ways at once, arrives whole.
+        let sent = random(BIG)?;
+        let (code, out, err) = kubectl_bytes(cluster, env, &["exec", "-i", pod, "--", "cat"], &sent)?;
+        ensure!(code == 0 && out.len() == BIG, "{pod} {name}: {code}, {} bytes back; {err:?}", out.len());
+        ensure!(sha256(&out) == sha256(&sent), "{pod} {name}: 64 MiB through cat came back different");
         // A command that does not exist.
         let (code, _, err) = kubectl(cluster, env, &["exec", pod, "--", "/no/such/binary"], b"")?;
         ensure!(code != 0 && !err.is_empty(), "{pod} {name}: {code} {err:?}");
@@ -283,14 +420,28 @@ async fn check_port_forward(cluster: &Cluster, pod: &str) -> Result<()> {
                 ports.push(rest.split_whitespace().next().unwrap_or_default().parse::<u16>()?);
             }
         }
-        for _ in 0..2 {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", ports[0]))?;
-            s.set_read_timeout(Some(Duration::from_secs(20)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut response = String::new();
-            s.read_to_string(&mut response)?;
-            ensure!(response.contains("served-by-httpd"), "{pod} {name}: {response:?}");
+        // 20 connections at once on one session.
+        let port = ports[0];
+        let get = move |path: &'static str| -> Result<Vec<u8>> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut response = Vec::new();
+            s.read_to_end(&mut response)?;
+            Ok(response)
+        };
+        let together: Vec<_> = (0..20).map(|_| std::thread::spawn(move || get("/"))).collect();
+        for t in together {
+            let response = t.join().map_err(|_| anyhow::anyhow!("a connection thread panicked"))??;
+            let text = String::from_utf8_lossy(&response);
+            ensure!(text.contains("served-by-httpd"), "{pod} {name}: {text:?}");
         }
+        // 64 MiB through the forwarded port, checked against the file's checksum in the pod.
+        let response = get("/big")?;
+        let at = response.windows(4).position(|w| w == b"\r\n\r\n").context("no HTTP header end")? + 4;
+        let body = &response[at..];
+        let (_, out, _) = kubectl(cluster, &[], &["exec", pod, "--", "sha256sum", "/www/big"], b"")?;
+        ensure!(body.len() == BIG && out.starts_with(&sha256(body)), "{pod} {name}: {} bytes; {out:?}", body.len());
         // Nothing listens on port 9 in the pod: the connection ends and kubectl reports nodelet's error.
         let mut s = std::net::TcpStream::connect(("127.0.0.1", ports[1]))?;
         s.set_read_timeout(Some(Duration::from_secs(20)))?;

@@ -19,6 +19,8 @@ pub struct Observed<'a> {
     pub init: &'a [ContainerRecord],
     /// App containers' records, in spec order.
     pub containers: &'a [ContainerRecord],
+    /// Ephemeral containers' records.
+    pub ephemeral: &'a [ContainerRecord],
     /// The earliest time each container may be (re)started (crash-loop back-off, retries); absent: now.
     pub not_before: &'a HashMap<String, Instant>,
     pub now: Instant,
@@ -36,6 +38,8 @@ pub enum Action {
     /// Stop the running container and start it again at once (its spec changed: `kubectl set image`; or a resize
     /// whose `resizePolicy` says `RestartContainer`).
     Restart { name: String, init: bool, message: String },
+    /// Start an ephemeral container (once: it is never restarted).
+    StartEphemeral { name: String },
     /// Change the running container's cgroup limits in place (in-place pod resize).
     Resize { name: String, init: bool },
     /// Every app container finished for good: stop the sidecars, in reverse order.
@@ -138,7 +142,18 @@ pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
         return vec![Action::Fail { reason, message: message.into() }];
     }
     let due = |name: &str| observed.not_before.get(name).is_none_or(|t| *t <= observed.now);
-    let mut actions = Vec::new();
+    // Ephemeral containers start even while the pod initializes (upstream), once each: one that never ran (its
+    // image or configuration failed) is retried; one that ran is done.
+    let mut actions: Vec<Action> = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .filter(|c| {
+            record(observed.ephemeral, &c.name)
+                .is_some_and(|r| r.container_id.is_none() && !r.state.is_running() && due(&c.name))
+        })
+        .map(|c| Action::StartEphemeral { name: c.name.clone() })
+        .collect();
     let changed = |c: &Container, r: &ContainerRecord| {
         r.state.is_running() && r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c))
     };
@@ -367,6 +382,7 @@ mod tests {
     struct World {
         init: Vec<ContainerRecord>,
         containers: Vec<ContainerRecord>,
+        ephemeral: Vec<ContainerRecord>,
         not_before: HashMap<String, Instant>,
         initialized: bool,
         active_for: Duration,
@@ -374,7 +390,8 @@ mod tests {
 
     impl World {
         fn new(init: Vec<ContainerRecord>, containers: Vec<ContainerRecord>) -> World {
-            World { init, containers, not_before: HashMap::new(), initialized: false, active_for: Duration::ZERO }
+            let (not_before, ephemeral) = (HashMap::new(), Vec::new());
+            World { init, containers, ephemeral, not_before, initialized: false, active_for: Duration::ZERO }
         }
 
         fn plan(&self, spec: &PodSpec) -> Vec<Action> {
@@ -383,6 +400,7 @@ mod tests {
                 &Observed {
                     init: &self.init,
                     containers: &self.containers,
+                    ephemeral: &self.ephemeral,
                     not_before: &self.not_before,
                     now: Instant::now(),
                     initialized: self.initialized,
@@ -398,6 +416,32 @@ mod tests {
 
     fn start(name: &str, init: bool) -> Action {
         Action::Start { name: name.into(), init }
+    }
+
+    #[test]
+    fn ephemeral_containers_start_once_even_during_initialization_and_are_never_restarted() {
+        let mut s = spec(vec![container("init")], vec![container("app")], "Always");
+        s.ephemeral_containers = Some(vec![k8s_openapi::api::core::v1::EphemeralContainer {
+            name: "debugger".into(),
+            target_container_name: Some("app".into()),
+            ..Default::default()
+        }]);
+        let mut w = World::new(vec![running(&container("init"))], vec![waiting("app")]);
+        w.ephemeral = vec![waiting("debugger")];
+        let debugger = Action::StartEphemeral { name: "debugger".into() };
+        assert_eq!(w.plan(&s), [debugger], "started while the init container runs");
+        w.not_before.insert("debugger".into(), Instant::now() + Duration::from_secs(5));
+        assert!(w.plan(&s).is_empty(), "a failed start is retried after its delay");
+        w.not_before.clear();
+        w.ephemeral = vec![running(&container("debugger"))];
+        w.ephemeral[0].container_id = Some("nodelet://u-debugger-0".into());
+        assert!(w.plan(&s).is_empty());
+        let mut done = exited("debugger", 1);
+        done.container_id = Some("nodelet://u-debugger-0".into());
+        w.ephemeral = vec![done];
+        assert!(w.plan(&s).is_empty(), "an ephemeral container that ran is not restarted, whatever the policy");
+        w.ephemeral.clear();
+        assert!(w.plan(&s).is_empty(), "no record yet: nothing to start");
     }
 
     #[test]

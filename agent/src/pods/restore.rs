@@ -20,6 +20,9 @@ pub struct Saved {
     pub qos: String,
     pub init: Vec<ContainerRecord>,
     pub containers: Vec<ContainerRecord>,
+    /// Ephemeral containers (absent in states saved before they were run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ephemeral: Vec<ContainerRecord>,
 }
 
 impl Saved {
@@ -29,6 +32,7 @@ impl Saved {
             qos: state.qos.as_str().to_string(),
             init: state.init.clone(),
             containers: state.containers.clone(),
+            ephemeral: state.ephemeral.clone(),
         }
     }
 }
@@ -142,6 +146,7 @@ mod tests {
             qos: "BestEffort".into(),
             init: Vec::new(),
             containers: vec![record],
+            ephemeral: Vec::new(),
         };
         states.save("u1", &saved).unwrap();
         assert_eq!(states.load("u1"), Some(saved));

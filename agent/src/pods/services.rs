@@ -68,6 +68,8 @@ pub trait ContainerRuntime: Send + Sync {
     fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32>;
     /// A duplicate of the master of container `id`'s terminal (`tty: true`).
     fn terminal(&self, id: &str) -> Option<std::os::fd::OwnedFd>;
+    /// The PID namespace of running container `id` (an ephemeral container that targets it joins it).
+    fn pid_namespace(&self, id: &str) -> Option<PathBuf>;
 }
 
 /// The image service: images present per pull policy, and containers' root filesystems on them.
@@ -280,6 +282,11 @@ impl ContainerRuntime for RealRuntime {
 
     fn terminal(&self, id: &str) -> Option<std::os::fd::OwnedFd> {
         self.container(id)?.pty()?.try_clone().ok()
+    }
+
+    fn pid_namespace(&self, id: &str) -> Option<PathBuf> {
+        let path = PathBuf::from(format!("/proc/{}/ns/pid", self.container(id)?.pid));
+        path.exists().then_some(path)
     }
 }
 

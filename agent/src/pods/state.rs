@@ -35,7 +35,36 @@ impl ContainerState {
     }
 }
 
-/// One container of the pod, init or app.
+/// Which of the pod's container lists a container is in (names are unique across the three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Init,
+    App,
+    /// Added to the running pod (`kubectl debug`): started once, never restarted, no probes or hooks.
+    Ephemeral,
+}
+
+impl Kind {
+    /// `Init` or `App`.
+    pub fn of(init: bool) -> Kind {
+        if init { Kind::Init } else { Kind::App }
+    }
+
+    pub fn is_init(self) -> bool {
+        self == Kind::Init
+    }
+
+    /// The list's field in the pod spec (an event's `fieldPath` is `spec.<field>{<name>}`).
+    pub fn field(self) -> &'static str {
+        match self {
+            Kind::Init => "initContainers",
+            Kind::App => "containers",
+            Kind::Ephemeral => "ephemeralContainers",
+        }
+    }
+}
+
+/// One container of the pod: init, app or ephemeral.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ContainerRecord {
     pub name: String,
@@ -139,7 +168,7 @@ pub struct PodState {
     pub readiness_gates: Vec<(String, Option<String>)>,
     /// An in-place resize that waits or is being applied (`PodResizePending` / `PodResizeInProgress`).
     pub resize: Option<ResizeStatus>,
-    /// Ephemeral containers (`kubectl debug`): not run by nodelet yet, each reported waiting with the reason.
+    /// Ephemeral containers (`kubectl debug`), in the order they were added.
     pub ephemeral: Vec<ContainerRecord>,
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::plan::{self, Action};
 use super::restore::{Inherited, Saved};
-use super::state::{ContainerRecord, ContainerState, Phase, PodState};
+use super::state::{ContainerRecord, Kind, Phase, PodState};
 use super::{Ctx, resources};
 use crate::backoff::Backoff;
 use crate::events::PodRef;
@@ -167,7 +167,7 @@ impl Worker {
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let volume_changes = ctx.volumes.changes(&pod_ref.uid);
         let log_dir = logs::pod_log_dir(&ctx.config.log_dir, &pod_ref.namespace, &pod_ref.name, &pod_ref.uid);
-        Worker {
+        let mut worker = Worker {
             ctx,
             pod,
             pod_ref,
@@ -192,11 +192,12 @@ impl Worker {
             volume_changes,
             pending: None,
             shared,
-        }
+        };
+        worker.add_ephemeral_containers();
+        worker
     }
 
     fn publish(&mut self) {
-        self.refuse_ephemeral_containers();
         self.state.observed_generation = self.pod.metadata.generation;
         self.state.readiness_gates = readiness_gates(&self.pod);
         if self.state.phase.is_terminal() {
@@ -215,23 +216,19 @@ impl Worker {
             .send(StatusMessage::Update { pod: self.pod_ref.clone(), state: Box::new(self.state.clone()) });
     }
 
-    /// Ephemeral containers are not run yet: each new one is reported waiting (`CreateContainerConfigError`)
-    /// with a Warning event, instead of `kubectl debug` waiting on a container nothing says anything about.
-    fn refuse_ephemeral_containers(&mut self) {
+    /// A record for each ephemeral container the spec gained (`kubectl debug` adds them to the running pod);
+    /// [`plan`] starts them.
+    fn add_ephemeral_containers(&mut self) {
         let spec = self.pod.spec.as_ref().and_then(|s| s.ephemeral_containers.as_ref());
         for e in spec.into_iter().flatten() {
-            if self.state.ephemeral.iter().any(|r| r.name == e.name) {
-                continue;
+            if !self.state.ephemeral.iter().any(|r| r.name == e.name) {
+                let image = e.image.as_deref().unwrap_or_default();
+                self.state.ephemeral.push(ContainerRecord::new(&e.name, image, "ContainerCreating"));
             }
-            let message = "ephemeral containers are not supported by nodelet yet";
-            let mut record = ContainerRecord::new(&e.name, e.image.as_deref().unwrap_or_default(), "");
-            record.state = ContainerState::waiting("CreateContainerConfigError", Some(message.into()));
-            self.ctx.events.record(&self.pod_ref, None, true, "Failed", &format!("Error: {message}"));
-            self.state.ephemeral.push(record);
         }
     }
 
-    fn event(&self, container: Option<(&str, bool)>, warning: bool, reason: &str, message: &str) {
+    fn event(&self, container: Option<(&str, Kind)>, warning: bool, reason: &str, message: &str) {
         self.ctx.events.record(&self.pod_ref, container, warning, reason, message);
     }
 
@@ -335,6 +332,7 @@ impl Worker {
                     self.volumes_resync = Instant::now();
                 }
                 self.pod = Arc::unwrap_or_clone(pod);
+                self.add_ephemeral_containers();
                 if deleting {
                     self.terminate(grace, true).await;
                     self.ctx.states.remove(&self.pod_ref.uid);
@@ -446,6 +444,7 @@ impl Worker {
                 &plan::Observed {
                     init: &self.state.init,
                     containers: &self.state.containers,
+                    ephemeral: &self.state.ephemeral,
                     not_before: &self.next_attempt,
                     now: Instant::now(),
                     initialized: self.state.initialized,
@@ -460,9 +459,10 @@ impl Worker {
                     return;
                 }
                 match action {
-                    Action::Start { name, init } => self.start(&name, init).await,
-                    Action::Restart { name, init, message } => self.restart(&name, init, &message).await,
-                    Action::Resize { name, init } => self.resize(&name, init).await,
+                    Action::Start { name, init } => self.start(&name, Kind::of(init)).await,
+                    Action::StartEphemeral { name } => self.start(&name, Kind::Ephemeral).await,
+                    Action::Restart { name, init, message } => self.restart(&name, Kind::of(init), &message).await,
+                    Action::Resize { name, init } => self.resize(&name, Kind::of(init)).await,
                     Action::StopSidecars => self.stop_sidecars().await,
                     Action::Fail { reason, message } => self.fail(reason, message).await,
                 }
@@ -489,23 +489,42 @@ impl Worker {
         self.state.phase = plan::phase(&spec, &self.state.init, &self.state.containers, self.state.initialized);
     }
 
-    /// The container's spec and its place among the records.
-    fn container_spec(&self, name: &str, init: bool) -> Option<(ApiContainer, usize)> {
+    /// The container's spec and its place among the records of its kind (an ephemeral container as a
+    /// `Container`: the same fields, less `targetContainerName`).
+    fn container_spec(&self, name: &str, kind: Kind) -> Option<(ApiContainer, usize)> {
         let spec = self.pod.spec.as_ref()?;
-        let list = if init { spec.init_containers.as_deref().unwrap_or_default() } else { &spec.containers };
-        let c = list.iter().find(|c| c.name == name)?.clone();
-        let records = if init { &self.state.init } else { &self.state.containers };
-        Some((c, records.iter().position(|r| r.name == name)?))
+        let c = match kind {
+            Kind::Init => spec.init_containers.iter().flatten().find(|c| c.name == name)?.clone(),
+            Kind::App => spec.containers.iter().find(|c| c.name == name)?.clone(),
+            Kind::Ephemeral => {
+                let e = spec.ephemeral_containers.iter().flatten().find(|c| c.name == name)?;
+                serde_json::to_value(e).and_then(serde_json::from_value).ok()?
+            }
+        };
+        Some((c, self.records(kind).iter().position(|r| r.name == name)?))
     }
 
-    fn record(&mut self, init: bool, index: usize) -> &mut ContainerRecord {
-        if init { &mut self.state.init[index] } else { &mut self.state.containers[index] }
-    }
-
-    fn locate(&self, name: &str) -> (bool, usize) {
-        if let Some(i) = self.state.init.iter().position(|c| c.name == name) {
-            return (true, i);
+    fn records(&self, kind: Kind) -> &[ContainerRecord] {
+        match kind {
+            Kind::Init => &self.state.init,
+            Kind::App => &self.state.containers,
+            Kind::Ephemeral => &self.state.ephemeral,
         }
-        (false, self.state.containers.iter().position(|c| c.name == name).unwrap_or(0))
+    }
+
+    fn record(&mut self, kind: Kind, index: usize) -> &mut ContainerRecord {
+        match kind {
+            Kind::Init => &mut self.state.init[index],
+            Kind::App => &mut self.state.containers[index],
+            Kind::Ephemeral => &mut self.state.ephemeral[index],
+        }
+    }
+
+    /// The kind and index of container `name`'s record.
+    fn locate(&self, name: &str) -> (Kind, usize) {
+        [Kind::Init, Kind::Ephemeral]
+            .into_iter()
+            .find_map(|kind| Some((kind, self.records(kind).iter().position(|c| c.name == name)?)))
+            .unwrap_or_else(|| (Kind::App, self.state.containers.iter().position(|c| c.name == name).unwrap_or(0)))
     }
 }

@@ -58,13 +58,25 @@ fn parse_bool(value: &str) -> Option<bool> {
 pub fn container_id(pod: &Pod, container: &str, previous: bool) -> Result<String, Refusal> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
-    let in_spec = spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == container);
+    let ephemeral = spec.ephemeral_containers.iter().flatten().map(|e| &e.name);
+    let in_spec = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .map(|c| &c.name)
+        .chain(ephemeral)
+        .any(|c| c == container);
     if !in_spec {
         return Err(refuse(404, format!("container {container:?} not found in pod {name:?}")));
     }
     let status = pod.status.clone().unwrap_or_default();
-    let statuses: Vec<ContainerStatus> =
-        status.container_statuses.into_iter().chain(status.init_container_statuses).flatten().collect();
+    let statuses: Vec<ContainerStatus> = status
+        .container_statuses
+        .into_iter()
+        .chain(status.init_container_statuses)
+        .chain(status.ephemeral_container_statuses)
+        .flatten()
+        .collect();
     let Some(status) = statuses.into_iter().find(|s| s.name == container) else {
         return Err(refuse(400, format!("container {container:?} in pod {name:?} is waiting to start")));
     };
@@ -113,6 +125,7 @@ pub fn is_running(pod: Option<Pod>, container: &str, id: &str) -> bool {
         .container_statuses
         .into_iter()
         .chain(status.init_container_statuses)
+        .chain(status.ephemeral_container_statuses)
         .flatten()
         .find(|s| s.name == container)
         .is_some_and(|s| s.container_id.as_deref() == Some(id) && s.state.is_some_and(|st| st.running.is_some()))
@@ -166,6 +179,15 @@ mod tests {
         let err = container_id(&pulling, "main", true).unwrap_err();
         assert_eq!(err.message, "previous terminated container \"main\" in pod \"web\" not found");
         assert_eq!(container_id(&pod(serde_json::json!({})), "init", false).unwrap_err().code, 400);
+
+        // `kubectl logs -c` of an ephemeral container (`kubectl debug`).
+        let mut debugged = pod(serde_json::json!({"ephemeralContainerStatuses": [{
+            "name": "debugger", "image": "", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "containerID": "nodelet://u1-debugger-0"}}
+        }]}));
+        debugged.spec.as_mut().unwrap().ephemeral_containers =
+            Some(vec![serde_json::from_value(serde_json::json!({"name": "debugger"})).unwrap()]);
+        assert_eq!(container_id(&debugged, "debugger", false).unwrap(), "nodelet://u1-debugger-0");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::pods::state::{ContainerRecord, ContainerState, Phase, PodState, ResizeStatus};
+use crate::pods::state::{ContainerRecord, ContainerState, Kind, Phase, PodState, ResizeStatus};
 
 fn api_state(state: &ContainerState) -> ApiState {
     match state {
@@ -36,7 +36,7 @@ fn api_state(state: &ContainerState) -> ApiState {
     }
 }
 
-fn container_status(c: &ContainerRecord, init: bool) -> ContainerStatus {
+fn container_status(c: &ContainerRecord, kind: Kind) -> ContainerStatus {
     ContainerStatus {
         name: c.name.clone(),
         image: c.image.clone(),
@@ -46,7 +46,12 @@ fn container_status(c: &ContainerRecord, init: bool) -> ContainerStatus {
         last_state: Some(c.last_state.as_ref().map(api_state).unwrap_or_default()),
         restart_count: i32::try_from(c.restart_count).unwrap_or(i32::MAX),
         ready: c.ready,
-        started: if init { Some(c.state.is_running()) } else { Some(c.started) },
+        // Upstream's prober leaves ephemeral containers' `started` unset.
+        started: match kind {
+            Kind::Init => Some(c.state.is_running()),
+            Kind::App => Some(c.started),
+            Kind::Ephemeral => None,
+        },
         // What the running instance's cgroup has (upstream: allocatedResources = the requests admitted).
         resources: c.applied.as_ref().filter(|_| c.state.is_running()).map(|a| ResourceRequirements {
             requests: (!a.requests.is_empty()).then(|| quantities(&a.requests)),
@@ -180,10 +185,10 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
         start_time: Some(Time(state.start_time)),
         qos_class: Some(state.qos.as_str().into()),
         init_container_statuses: (!state.init.is_empty())
-            .then(|| state.init.iter().map(|c| container_status(c, true)).collect()),
-        container_statuses: Some(state.containers.iter().map(|c| container_status(c, false)).collect()),
+            .then(|| state.init.iter().map(|c| container_status(c, Kind::Init)).collect()),
+        container_statuses: Some(state.containers.iter().map(|c| container_status(c, Kind::App)).collect()),
         ephemeral_container_statuses: (!state.ephemeral.is_empty())
-            .then(|| state.ephemeral.iter().map(|c| container_status(c, false)).collect()),
+            .then(|| state.ephemeral.iter().map(|c| container_status(c, Kind::Ephemeral)).collect()),
         ..Default::default()
     }
 }

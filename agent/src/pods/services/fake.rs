@@ -46,6 +46,8 @@ struct State {
     exec_codes: HashMap<String, i32>,
     /// The command line of the latest create, by container name.
     commands: HashMap<String, Vec<String>>,
+    /// The PID namespace of the latest create, by container name.
+    pid_namespaces: HashMap<String, nodelet_runtime::Namespace>,
     /// Host processes started by `exec`, by PID.
     children: HashMap<i32, std::process::Child>,
 }
@@ -125,6 +127,11 @@ impl FakeRuntime {
         self.lock().commands.get(name).cloned()
     }
 
+    /// The PID namespace the latest instance of `name` was created in.
+    pub fn pid_namespace_of(&self, name: &str) -> Option<nodelet_runtime::Namespace> {
+        self.lock().pid_namespaces.get(name).cloned()
+    }
+
     /// Makes execs (probes) in `name` exit with `code` from now on.
     pub fn set_exec(&self, name: &str, code: i32) {
         self.lock().exec_codes.insert(name.to_string(), code);
@@ -188,6 +195,7 @@ impl ContainerRuntime for FakeRuntime {
             }
             _ => {}
         }
+        state.pid_namespaces.insert(name.clone(), config.namespaces.pid.clone());
         state.commands.insert(name, config.command.iter().chain(&config.args).cloned().collect());
         state.exits.insert(config.id.clone(), watch::channel(None).0);
         Box::pin(async { Ok(()) })
@@ -292,6 +300,11 @@ impl ContainerRuntime for FakeRuntime {
 
     fn terminal(&self, _: &str) -> Option<std::os::fd::OwnedFd> {
         None
+    }
+
+    fn pid_namespace(&self, id: &str) -> Option<PathBuf> {
+        let live = self.lock().exits.get(id).is_some_and(|tx| tx.borrow().is_none());
+        live.then(|| PathBuf::from(format!("/nonexistent/containers/{id}/ns/pid")))
     }
 
     fn wait_exec(&self, pid: i32) -> BoxFuture<'_, i32> {

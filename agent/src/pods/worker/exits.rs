@@ -8,7 +8,7 @@ use nodelet_runtime::ContainerExit;
 
 use super::{BACKOFF_RESET, Exit, Worker};
 use crate::logs;
-use crate::pods::state::ContainerState;
+use crate::pods::state::{ContainerState, Kind};
 use crate::pods::{plan, termination_message};
 
 /// Upstream's reason for a container's end.
@@ -51,8 +51,8 @@ impl Worker {
 
     /// The message an instance left (or its log's end, per `terminationMessagePolicy`); its file goes.
     pub(super) fn termination_message(&self, name: &str, id: &str, code: i32) -> Option<String> {
-        let (init, _) = self.locate(name);
-        let (c, _) = self.container_spec(name, init)?;
+        let (kind, _) = self.locate(name);
+        let (c, _) = self.container_spec(name, kind)?;
         c.termination_message_path.as_deref().filter(|p| !p.is_empty())?;
         let spec = self.pod.spec.as_ref()?;
         let containers = spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len);
@@ -90,17 +90,19 @@ impl Worker {
         message: Option<String>,
         finished_at: Timestamp,
     ) {
-        let (init, index) = self.locate(name);
+        let (kind, index) = self.locate(name);
         // A container that could not start has no message of its own (upstream).
         let message = message.or_else(|| self.termination_message(name, id, exit.code));
         let start_error = message.is_some() && started_at.is_none();
         let state = terminated(id, &exit, started_at, message, finished_at, start_error);
         let spec = self.pod.spec.clone().unwrap_or_default();
-        let restarts = self.container_spec(name, init).is_some_and(|(c, _)| {
-            let sidecar = init && plan::is_sidecar(&c);
-            // A regular init container that succeeded is done.
-            (sidecar || !init || exit.code != 0) && plan::should_restart(&c, &spec, exit.code)
-        });
+        let init = kind.is_init();
+        let restarts = kind != Kind::Ephemeral
+            && self.container_spec(name, kind).is_some_and(|(c, _)| {
+                let sidecar = init && plan::is_sidecar(&c);
+                // A regular init container that succeeded is done.
+                (sidecar || !init || exit.code != 0) && plan::should_restart(&c, &spec, exit.code)
+            });
         let now = Instant::now();
         let delay = self.crash_backoff.delay(name);
         if restarts {
@@ -108,7 +110,7 @@ impl Worker {
             self.next_attempt.insert(name.to_string(), now + delay);
         }
         let pod = format!("{}_{}({})", self.pod_ref.name, self.pod_ref.namespace, self.pod_ref.uid);
-        let record = self.record(init, index);
+        let record = self.record(kind, index);
         // A completed init container reports ready (upstream); anything else that ended is not.
         let completed_init = init && exit.code == 0 && !restarts;
         record.ready = completed_init;
@@ -121,7 +123,7 @@ impl Worker {
                 Some(format!("back-off {} restarting failed container={name} pod={pod}", go_seconds(delay))),
             );
             self.event(
-                Some((name, init)),
+                Some((name, kind)),
                 true,
                 "BackOff",
                 &format!("Back-off restarting failed container {name} in pod {pod}"),

@@ -46,32 +46,32 @@ impl Worker {
         if self.running.get(&name).is_none_or(|r| r.id != id) {
             return;
         }
-        let (init, index) = self.locate(&name);
-        let Some((c, _)) = self.container_spec(&name, init) else { return };
+        let (list, index) = self.locate(&name);
+        let Some((c, _)) = self.container_spec(&name, list) else { return };
         match report {
             Report::Failed { kind, output } => {
                 let message = format!("{} probe failed: {}", kind.name(), output.trim_end());
-                self.event(Some((&name, init)), true, "Unhealthy", &message);
+                self.event(Some((&name, list)), true, "Unhealthy", &message);
             }
             Report::Warned { kind, output } => {
                 let message = format!("{} probe warning: {}", kind.name(), output.trim_end());
-                self.event(Some((&name, init)), true, "ProbeWarning", &message);
+                self.event(Some((&name, list)), true, "ProbeWarning", &message);
             }
             Report::Result { kind: Kind::Readiness, healthy } => {
-                let record = self.record(init, index);
+                let record = self.record(list, index);
                 record.ready = healthy && record.started;
             }
             Report::Result { kind: Kind::Startup, healthy: true } => {
-                let record = self.record(init, index);
+                let record = self.record(list, index);
                 record.started = true;
                 if c.readiness_probe.is_none() {
-                    record.ready = !init || plan::is_sidecar(&c);
+                    record.ready = !list.is_init() || plan::is_sidecar(&c);
                 }
             }
             Report::Result { kind, healthy: false } => {
                 let which = if kind == Kind::Liveness { "liveness" } else { "startup" };
                 let message = format!("Container {name} failed {which} probe, will be restarted");
-                self.event(Some((&name, init)), false, "Killing", &message);
+                self.event(Some((&name, list)), false, "Killing", &message);
                 // Stopped in the background: its exit comes through the exit watch and is restarted per policy.
                 let probe = if kind == Kind::Liveness { &c.liveness_probe } else { &c.startup_probe };
                 let seconds = probe

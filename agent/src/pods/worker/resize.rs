@@ -8,14 +8,14 @@ use nodelet_cgroups::qos;
 
 use super::Worker;
 use crate::pods::resources;
-use crate::pods::state::{Applied, ResizeStatus};
+use crate::pods::state::{Applied, Kind, ResizeStatus};
 
 /// How long before a resize that failed (e.g. a memory limit below the usage) is tried again.
 const RESIZE_RETRY: Duration = Duration::from_secs(10);
 
 impl Worker {
-    pub(super) async fn resize(&mut self, name: &str, init: bool) {
-        let Some((c, index)) = self.container_spec(name, init) else { return };
+    pub(super) async fn resize(&mut self, name: &str, kind: Kind) {
+        let Some((c, index)) = self.container_spec(name, kind) else { return };
         // More than the node has is infeasible (upstream's PodResizePending, reason Infeasible): nothing is
         // applied, and it is looked at again when the spec changes or after the retry delay.
         let (cpu, memory) = resources::pod_requests(&self.pod);
@@ -40,7 +40,7 @@ impl Worker {
             return;
         }
         self.state.resize = Some(ResizeStatus::InProgress { error: None });
-        let record = self.record(init, index);
+        let record = self.record(kind, index);
         let Some(id) = record.container_id.as_deref().and_then(|i| i.strip_prefix("nodelet://")).map(str::to_string)
         else {
             return;
@@ -81,15 +81,15 @@ impl Worker {
         .await;
         match applied {
             Ok(Ok(())) => {
-                self.record(init, index).applied = Some(wanted);
+                self.record(kind, index).applied = Some(wanted);
                 let spec = self.pod.spec.clone().unwrap_or_default();
                 if !crate::pods::plan::resize_wanted(&spec, &self.state.init, &self.state.containers) {
                     self.state.resize = None;
                 }
-                self.event(Some((name, init)), false, "ResizeCompleted", &format!("Pod resize completed: {name}"));
+                self.event(Some((name, kind)), false, "ResizeCompleted", &format!("Pod resize completed: {name}"));
             }
             Ok(Err(e)) => {
-                self.event(Some((name, init)), true, "ResizeFailed", &format!("Pod resize of {name} failed: {e}"));
+                self.event(Some((name, kind)), true, "ResizeFailed", &format!("Pod resize of {name} failed: {e}"));
                 self.state.resize = Some(ResizeStatus::InProgress { error: Some(e.to_string()) });
                 self.next_attempt.insert(name.to_string(), Instant::now() + RESIZE_RETRY);
             }

@@ -13,7 +13,7 @@ use super::{Desired, Exit, RETRY, Running, Worker};
 use crate::images::{ImageFailure, PullPolicy, ReadyImage};
 use crate::logs;
 use crate::pods::plan;
-use crate::pods::state::ContainerState;
+use crate::pods::state::{ContainerState, Kind};
 use crate::pods::{resources, spec, termination_message};
 
 /// Why a container did not start.
@@ -24,71 +24,82 @@ enum NotStarted {
     Start(String),
 }
 
+/// Whether a container that started (without a startup probe) is ready at once: app containers and sidecars
+/// without a readiness probe. Ephemeral containers never report ready (upstream).
+fn ready_at_start(kind: Kind, c: &ApiContainer) -> bool {
+    let counts = match kind {
+        Kind::App => true,
+        Kind::Init => plan::is_sidecar(c),
+        Kind::Ephemeral => false,
+    };
+    counts && c.readiness_probe.is_none()
+}
+
 impl Worker {
     /// Pulls the image, builds the container and starts it. Failures become the container's waiting reason.
-    pub(super) async fn start(&mut self, name: &str, init: bool) {
+    pub(super) async fn start(&mut self, name: &str, kind: Kind) {
         if self.pending.is_some() {
             // A deletion (or removal) came in while an earlier container was being prepared: nothing more starts.
             return;
         }
-        let Some((c, index)) = self.container_spec(name, init) else { return };
+        let Some((c, index)) = self.container_spec(name, kind) else { return };
         if let Some(message) = crate::pods::unsupported::unsupported(&self.pod, &c) {
-            return self.config_error(&c, init, index, message);
+            return self.config_error(&c, kind, index, message);
         }
         let image = c.image.clone().unwrap_or_default();
         let policy = match PullPolicy::for_container(&image, c.image_pull_policy.as_deref()) {
             Ok(p) => p,
-            Err(message) => return self.config_error(&c, init, index, message),
+            Err(message) => return self.config_error(&c, kind, index, message),
         };
-        let ready = match self.pull(&image, policy, Some((&c.name, init))).await {
+        let ready = match self.pull(&image, policy, Some((&c.name, kind))).await {
             None => return,
             Some(Ok(ready)) => ready,
-            Some(Err(failure)) => return self.pull_failed(&c.name, init, index, failure),
+            Some(Err(failure)) => return self.pull_failed(&c.name, kind, index, failure),
         };
         match self.image_volumes(&c).await {
             None => return,
             Some(Ok(())) => {}
             Some(Err(failure)) => {
                 let message = format!("Error: {}", failure.message);
-                self.event(Some((&c.name, init)), true, "Failed", &message);
-                return self.pull_failed(&c.name, init, index, failure);
+                self.event(Some((&c.name, kind)), true, "Failed", &message);
+                return self.pull_failed(&c.name, kind, index, failure);
             }
         }
         {
-            let record = self.record(init, index);
+            let record = self.record(kind, index);
             record.image = ready.image.clone();
             record.image_id = Some(ready.image_id.clone());
         }
         let restart = {
-            let r = self.record(init, index);
+            let r = self.record(kind, index);
             if r.container_id.is_some() { r.restart_count + 1 } else { 0 }
         };
         let id = format!("{}-{}-{restart}", self.pod_ref.uid, c.name);
-        let config = match self.container_config(&c, &ready, &id).await {
+        let config = match self.container_config(&c, kind, &ready, &id).await {
             Ok(config) => config,
-            Err(e) => return self.config_error(&c, init, index, format!("{e:#}")),
+            Err(e) => return self.config_error(&c, kind, index, format!("{e:#}")),
         };
         // An overlay mount and fsyncs: off the async threads.
         let (images, rootfs_id, image) = (self.ctx.images.clone(), id.clone(), ready.clone());
         let prepared = tokio::task::spawn_blocking(move || images.prepare_rootfs(&rootfs_id, &image)).await;
         let rootfs = match prepared {
             Ok(Ok(path)) => path,
-            Ok(Err(e)) => return self.config_error(&c, init, index, format!("preparing the root filesystem: {e}")),
-            Err(e) => return self.config_error(&c, init, index, format!("preparing the root filesystem: {e}")),
+            Ok(Err(e)) => return self.config_error(&c, kind, index, format!("preparing the root filesystem: {e}")),
+            Err(e) => return self.config_error(&c, kind, index, format!("preparing the root filesystem: {e}")),
         };
         let config = ContainerConfig { rootfs, ..config };
-        let started = self.create_and_start(&config, &c, init, restart).await;
+        let started = self.create_and_start(&config, &c, kind, restart).await;
         let message = match started {
             Ok(()) => {
                 let now = Timestamp::now();
-                self.record(init, index).new_instance(&id);
+                self.record(kind, index).new_instance(&id);
                 if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
                     // The container runs; it is not Running in the status until its postStart hook returned.
                     self.watch(&c, id.clone(), now);
-                    let ok = self.post_start(&c, init, &id, &hook).await;
+                    let ok = self.post_start(&c, kind, &id, &hook).await;
                     // Running also after a failed hook, until its exit (which is on its way) is recorded: never
                     // a second instance beside it.
-                    let record = self.record(init, index);
+                    let record = self.record(kind, index);
                     record.state = ContainerState::Running { started_at: now };
                     if !ok {
                         return;
@@ -96,24 +107,24 @@ impl Worker {
                     record.spec_hash = Some(plan::spec_hash(&c));
                     record.applied = Some(crate::pods::state::Applied::of(&c));
                     record.started = c.startup_probe.is_none();
-                    record.ready = (!init || plan::is_sidecar(&c)) && record.started && c.readiness_probe.is_none();
+                    record.ready = ready_at_start(kind, &c) && record.started;
                     return;
                 }
-                let record = self.record(init, index);
+                let record = self.record(kind, index);
                 record.state = ContainerState::Running { started_at: now };
                 record.spec_hash = Some(plan::spec_hash(&c));
                 record.applied = Some(crate::pods::state::Applied::of(&c));
                 // Started at once without a startup probe; ready (app containers and sidecars) at once without
                 // a readiness probe, else when the probes say so.
                 record.started = c.startup_probe.is_none();
-                record.ready = (!init || plan::is_sidecar(&c)) && record.started && c.readiness_probe.is_none();
+                record.ready = ready_at_start(kind, &c) && record.started;
                 self.watch(&c, id, now);
                 return;
             }
             Err(NotStarted::Create(message)) => {
                 self.ctx.images.remove_rootfs(&id);
-                self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {message}"));
-                let record = self.record(init, index);
+                self.event(Some((&c.name, kind)), true, "Failed", &format!("Error: {message}"));
+                let record = self.record(kind, index);
                 record.state = ContainerState::waiting("CreateContainerError", Some(message));
                 self.next_attempt.insert(c.name.clone(), Instant::now() + RETRY);
                 return;
@@ -121,7 +132,7 @@ impl Worker {
             Err(NotStarted::Start(message)) => message,
         };
         self.ctx.images.remove_rootfs(&id);
-        self.record(init, index).new_instance(&id);
+        self.record(kind, index).new_instance(&id);
         let exit = ContainerExit { code: 128, signal: None, oom_killed: false, status_known: true };
         self.finish(&c.name, &id, exit, None, Some(message), Timestamp::now());
     }
@@ -131,7 +142,7 @@ impl Worker {
     async fn post_start(
         &mut self,
         c: &ApiContainer,
-        init: bool,
+        kind: Kind,
         id: &str,
         hook: &k8s_openapi::api::core::v1::LifecycleHandler,
     ) -> bool {
@@ -154,7 +165,7 @@ impl Worker {
         };
         let Err(e) = result else { return true };
         tracing::info!(container = %id, error = %e, "postStart hook failed");
-        self.event(Some((&c.name, init)), true, "FailedPostStartHook", "PostStartHook failed");
+        self.event(Some((&c.name, kind)), true, "FailedPostStartHook", "PostStartHook failed");
         let grace = self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
         let (runtime, id) = (self.ctx.runtime.clone(), id.to_string());
         // Its exit comes through the exit watch: recorded and restarted per policy.
@@ -169,14 +180,14 @@ impl Worker {
         &mut self,
         image: &str,
         policy: PullPolicy,
-        container: Option<(&str, bool)>,
+        container: Option<(&str, Kind)>,
     ) -> Option<Result<ReadyImage, ImageFailure>> {
         let secrets = spec::pull_secrets(&self.pod, self.ctx.client.as_ref()).await;
         let key = format!("{}_{image}", self.pod_ref.uid);
         let (events, pod_ref) = (self.ctx.events.clone(), self.pod_ref.clone());
-        let container = container.map(|(name, init)| (name.to_string(), init));
+        let container = container.map(|(name, kind)| (name.to_string(), kind));
         let record_event = move |e: crate::images::ImageEvent| {
-            let on = container.as_ref().map(|(name, init)| (name.as_str(), *init));
+            let on = container.as_ref().map(|(name, kind)| (name.as_str(), *kind));
             events.record(&pod_ref, on, e.warning, e.reason, &e.message)
         };
         let (images, image_name) = (self.ctx.images.clone(), image.to_string());
@@ -201,8 +212,8 @@ impl Worker {
         }))
     }
 
-    fn pull_failed(&mut self, name: &str, init: bool, index: usize, failure: ImageFailure) {
-        let record = self.record(init, index);
+    fn pull_failed(&mut self, name: &str, kind: Kind, index: usize, failure: ImageFailure) {
+        let record = self.record(kind, index);
         record.state = ContainerState::waiting(failure.reason, Some(failure.message));
         self.next_attempt.insert(name.to_string(), Instant::now() + RETRY);
     }
@@ -246,7 +257,7 @@ impl Worker {
         &self,
         config: &ContainerConfig,
         c: &ApiContainer,
-        init: bool,
+        kind: Kind,
         restart: u32,
     ) -> Result<(), NotStarted> {
         // A terminal replaces the pipes (the runtime hands its master back).
@@ -262,11 +273,11 @@ impl Worker {
             // /etc/passwd...): nothing ran.
             Err(RuntimeError::Spec(e)) => return Err(NotStarted::Create(e.to_string())),
             Err(e) => {
-                self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
+                self.event(Some((&c.name, kind)), true, "Failed", &format!("Error: {e}"));
                 return Err(NotStarted::Start(e.to_string()));
             }
         };
-        self.event(Some((&c.name, init)), false, "Created", &format!("Created container: {}", c.name));
+        self.event(Some((&c.name, kind)), false, "Created", &format!("Created container: {}", c.name));
         if restart >= 2 {
             let (dir, name) = (self.log_dir.clone(), c.name.clone());
             tokio::task::spawn_blocking(move || logs::prune_container_logs(&dir, &name, restart - 1));
@@ -275,10 +286,10 @@ impl Worker {
         self.copy_output(config, c, pipes, path);
         if let Err(e) = self.ctx.runtime.start(&config.id).await {
             self.ctx.runtime.delete(&config.id).await;
-            self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {e}"));
+            self.event(Some((&c.name, kind)), true, "Failed", &format!("Error: {e}"));
             return Err(NotStarted::Start(e.to_string()));
         }
-        self.event(Some((&c.name, init)), false, "Started", &format!("Started container {}", c.name));
+        self.event(Some((&c.name, kind)), false, "Started", &format!("Started container {}", c.name));
         Ok(())
     }
 
@@ -347,15 +358,43 @@ impl Worker {
         });
     }
 
-    fn config_error(&mut self, c: &ApiContainer, init: bool, index: usize, message: String) {
-        self.event(Some((&c.name, init)), true, "Failed", &format!("Error: {message}"));
-        self.record(init, index).state = ContainerState::waiting("CreateContainerConfigError", Some(message));
+    /// The sandbox's namespaces; an ephemeral container with a `targetContainerName` joins its target's PID
+    /// namespace (`kubectl debug --target`) unless the pod shares one or uses the host's.
+    fn namespaces(
+        &self,
+        sandbox: &nodelet_runtime::Sandbox,
+        c: &ApiContainer,
+        kind: Kind,
+    ) -> anyhow::Result<nodelet_runtime::Namespaces> {
+        let spec = self.pod.spec.as_ref();
+        let host_pid = spec.and_then(|s| s.host_pid).unwrap_or(false);
+        let mut namespaces = sandbox.namespaces(host_pid);
+        let target = spec
+            .and_then(|s| s.ephemeral_containers.as_ref())
+            .and_then(|e| e.iter().find(|e| e.name == c.name))
+            .and_then(|e| e.target_container_name.clone())
+            .filter(|_| kind == Kind::Ephemeral);
+        if let Some(target) = target
+            && namespaces.pid == nodelet_runtime::Namespace::Private
+        {
+            // As upstream: the target must be there (running: a stopped one has no namespace to join).
+            let path = self.running.get(&target).and_then(|r| self.ctx.runtime.pid_namespace(&r.id));
+            let path = path.ok_or_else(|| anyhow::anyhow!("unable to find target container {target}"))?;
+            namespaces.pid = nodelet_runtime::Namespace::Join(path);
+        }
+        Ok(namespaces)
+    }
+
+    fn config_error(&mut self, c: &ApiContainer, kind: Kind, index: usize, message: String) {
+        self.event(Some((&c.name, kind)), true, "Failed", &format!("Error: {message}"));
+        self.record(kind, index).state = ContainerState::waiting("CreateContainerConfigError", Some(message));
         self.next_attempt.insert(c.name.clone(), Instant::now() + RETRY);
     }
 
     async fn container_config(
         &self,
         c: &ApiContainer,
+        kind: Kind,
         ready: &crate::images::ReadyImage,
         id: &str,
     ) -> anyhow::Result<ContainerConfig> {
@@ -401,7 +440,7 @@ impl Worker {
             working_dir: c.working_dir.clone(),
             security: spec::security(&self.pod, c),
             mounts,
-            namespaces: sandbox.namespaces(spec.host_pid.unwrap_or(false)),
+            namespaces: self.namespaces(sandbox, c, kind)?,
             hostname: None,
             cgroups_path,
             resources: resources::runtime_resources(

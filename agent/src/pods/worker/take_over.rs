@@ -8,7 +8,7 @@ use nodelet_runtime::ContainerExit;
 use super::{Running, Worker};
 use crate::logs;
 use crate::pods::restore::Inherited;
-use crate::pods::state::ContainerState;
+use crate::pods::state::{ContainerState, Kind};
 
 impl Worker {
     /// Takes over what the previous agent process left: the saved records, the sandbox and the containers still
@@ -32,9 +32,14 @@ impl Worker {
         };
         tracing::info!(pod = %self.pod_ref.name, live = containers.len(), "taking over the pod from the previous agent");
         self.state.start_time = saved.start_time;
-        for (records, init) in [(saved.init, true), (saved.containers, false)] {
+        for records in [saved.init, saved.containers, saved.ephemeral] {
             for record in records {
-                let mine = if init { &mut self.state.init } else { &mut self.state.containers };
+                let (kind, _) = self.locate(&record.name);
+                let mine = match kind {
+                    Kind::Init => &mut self.state.init,
+                    Kind::App => &mut self.state.containers,
+                    Kind::Ephemeral => &mut self.state.ephemeral,
+                };
                 if let Some(slot) = mine.iter_mut().find(|r| r.name == record.name) {
                     *slot = record;
                 }
@@ -64,7 +69,8 @@ impl Worker {
             .state
             .init
             .iter()
-            .chain(self.state.containers.iter())
+            .chain(&self.state.containers)
+            .chain(&self.state.ephemeral)
             .filter_map(|r| match r.state {
                 ContainerState::Running { started_at } => {
                     let id = r.container_id.as_deref()?.strip_prefix("nodelet://")?.to_string();
@@ -100,9 +106,9 @@ impl Worker {
             }
             let ran = Duration::try_from(now.duration_since(started_at)).unwrap_or_default();
             let started = Instant::now().checked_sub(ran).unwrap_or_else(Instant::now);
-            let (init, index) = self.locate(&name);
-            let ready = self.record(init, index).ready;
-            match self.container_spec(&name, init) {
+            let (kind, index) = self.locate(&name);
+            let ready = self.record(kind, index).ready;
+            match self.container_spec(&name, kind) {
                 Some((c, _)) => self.watch_since(&c, id, started_at, started, Some(ready)),
                 None => {
                     let probes = super::probes::Probes::default();

@@ -14,7 +14,7 @@ use crate::prober::hooks;
 
 /// What SIGTERM gets at least after a preStop hook took its share of the grace period (upstream's minimum).
 const MIN_GRACE: Duration = Duration::from_secs(2);
-use crate::pods::state::{ContainerState, Phase};
+use crate::pods::state::{ContainerState, Kind, Phase};
 use crate::status::StatusMessage;
 
 /// The pod's grace period: the deletion's, else `terminationGracePeriodSeconds`, else upstream's 30 s.
@@ -75,11 +75,11 @@ impl Worker {
         let mut stopping = Vec::new();
         for name in names {
             let Some(running) = self.running.remove(&name) else { continue };
-            let init = self.state.init.iter().any(|c| c.name == name);
-            self.event(Some((&name, init)), false, "Killing", &format!("Stopping container {name}"));
+            let (kind, _) = self.locate(&name);
+            self.event(Some((&name, kind)), false, "Killing", &format!("Stopping container {name}"));
             let (ctx, grace) = (self.ctx.clone(), deadline.saturating_duration_since(Instant::now()));
             stopping.push(running.id.clone());
-            let pre_stop = self.container_spec(&name, init).and_then(|(c, _)| {
+            let pre_stop = self.container_spec(&name, kind).and_then(|(c, _)| {
                 let hook = c.lifecycle.as_ref()?.pre_stop.clone()?;
                 Some((c, hook, self.probe_target(), self.pod_ref.clone()))
             });
@@ -90,7 +90,7 @@ impl Worker {
                     let began = Instant::now();
                     if let Err(e) = hooks::run(&hook, &c, &running.id, &target, &ctx.runtime, grace).await {
                         tracing::info!(container = %running.id, error = %e, "preStop hook failed");
-                        ctx.events.record(&pod, Some((&c.name, init)), true, "FailedPreStopHook", "PreStopHook failed");
+                        ctx.events.record(&pod, Some((&c.name, kind)), true, "FailedPreStopHook", "PreStopHook failed");
                     }
                     grace = grace.saturating_sub(began.elapsed()).max(MIN_GRACE);
                 }
@@ -106,9 +106,9 @@ impl Worker {
                 done = stops.join_next() => {
                     let Some(done) = done else { break };
                     let Ok((name, running, exit)) = done else { continue };
-                    let (init, index) = self.locate(&name);
+                    let (kind, index) = self.locate(&name);
                     let message = self.termination_message(&name, &running.id, exit.code);
-                    let record = self.record(init, index);
+                    let record = self.record(kind, index);
                     record.state = terminated(&running.id, &exit, Some(running.started_at), message, Timestamp::now(), false);
                     record.ready = false;
                     record.started = false;
@@ -140,12 +140,12 @@ impl Worker {
     }
 
     /// Stops a container whose spec changed; the next plan starts it again at once, with its new spec.
-    pub(super) async fn restart(&mut self, name: &str, init: bool, message: &str) {
-        self.event(Some((name, init)), false, "Killing", &format!("{message}, will be restarted"));
+    pub(super) async fn restart(&mut self, name: &str, kind: Kind, message: &str) {
+        self.event(Some((name, kind)), false, "Killing", &format!("{message}, will be restarted"));
         let deadline = Instant::now() + grace_period(&self.pod, None);
         self.stop(vec![name.to_string()], deadline, false).await;
-        let (init, index) = self.locate(name);
-        let record = self.record(init, index);
+        let (kind, index) = self.locate(name);
+        let record = self.record(kind, index);
         record.last_state = Some(record.state.clone());
         record.state = ContainerState::waiting("ContainerCreating", None);
         self.next_attempt.remove(name);

@@ -298,23 +298,33 @@ spec:
 }
 
 #[tokio::test]
-async fn an_ephemeral_container_is_reported_as_not_supported_instead_of_ignored() {
+async fn an_ephemeral_container_joins_its_targets_pid_namespace_runs_once_and_is_not_restarted() {
     let p = pod("metadata: {name: p}
 spec:
+  restartPolicy: Always
   containers: [{name: main}]");
     let mut h = Harness::start(p.clone(), |_, _| {});
     h.until("running", |s| s.containers[0].state.is_running()).await;
-    // `kubectl debug` adds an ephemeral container to the running pod.
+    // `kubectl debug --target=main` adds an ephemeral container to the running pod.
     let mut debugged = p;
-    debugged.spec.as_mut().expect("spec").ephemeral_containers =
-        Some(vec![serde_yaml::from_str("{name: debugger, image: busybox}").expect("ephemeral container")]);
+    debugged.spec.as_mut().expect("spec").ephemeral_containers = Some(vec![
+        serde_yaml::from_str("{name: debugger, image: busybox, targetContainerName: main}").expect("ephemeral"),
+        serde_yaml::from_str("{name: lost, image: busybox, targetContainerName: ghost}").expect("ephemeral"),
+    ]);
     h.desired.send_replace(Desired::Pod(Arc::new(debugged)));
-    let s = h.until("the ephemeral container reported", |s| !s.ephemeral.is_empty()).await;
-    let e = &s.ephemeral[0];
-    assert_eq!(e.name, "debugger");
-    let ContainerState::Waiting { reason, message } = &e.state else { panic!("{e:?}") };
-    assert_eq!(reason, "CreateContainerConfigError");
-    assert_eq!(message.as_deref(), Some("ephemeral containers are not supported by nodelet yet"));
+    let s = h.until("the debugger running", |s| s.ephemeral.first().is_some_and(|e| e.state.is_running())).await;
+    assert!(!s.ephemeral[0].ready, "ephemeral containers never report ready");
+    let joined = h.runtime.pid_namespace_of("debugger");
+    assert_eq!(joined, Some(nodelet_runtime::Namespace::Join("/nonexistent/containers/u1-main-0/ns/pid".into())));
+    assert_eq!(h.runtime.pid_namespace_of("main"), Some(nodelet_runtime::Namespace::Private));
+    let s = h.until("the lost one refused", |s| matches!(&s.ephemeral[1].state, ContainerState::Waiting { reason, .. } if reason == "CreateContainerConfigError")).await;
+    let ContainerState::Waiting { message, .. } = &s.ephemeral[1].state else { unreachable!() };
+    assert_eq!(message.as_deref(), Some("unable to find target container ghost"));
+    h.runtime.exit("debugger", 3);
+    let s = h.until("the debugger ended", |s| matches!(s.ephemeral[0].state, ContainerState::Terminated { .. })).await;
+    assert_eq!(s.ephemeral[0].restart_count, 0);
     assert!(s.containers[0].state.is_running(), "the pod keeps running");
-    assert!(!h.runtime.log().iter().any(|l| l.contains("debugger")), "nothing was started for it");
+    h.delete().await;
+    let log = h.runtime.log();
+    assert_eq!(log.iter().filter(|l| *l == "create debugger").count(), 1, "never restarted: {log:?}");
 }
