@@ -35,7 +35,8 @@ pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
     kube::Client::try_from(config).context("building the API client")
 }
 
-/// Starts the kubelet API server. Standalone, it runs only when configured to need no API server (AlwaysAllow).
+/// Starts the kubelet API: on the local socket always (root only: `nodelet exec`), on TCP with TLS when there is
+/// an API server or when configured to need none (AlwaysAllow).
 fn start_kubelet_api(
     config: &AgentConfig,
     client: Option<kube::Client>,
@@ -44,10 +45,28 @@ fn start_kubelet_api(
     attachments: crate::pods::attach::Attachments,
 ) -> Result<()> {
     let kubelet = &config.kubelet;
+    let streaming = crate::server::streaming::Streaming {
+        runtime,
+        spdy: crate::streaming::spdy::Config {
+            idle_timeout: kubelet.streaming_connection_idle_timeout,
+            ..Default::default()
+        },
+        websockets: kubelet.feature("ExtendWebSocketsToKubelet"),
+        attachments,
+    };
+    // The local socket speaks every protocol nodelet has, whatever the node declares.
+    let local = crate::server::streaming::Streaming { websockets: true, ..streaming.clone() };
+    let local = Arc::new(KubeletApi { pods: pods.clone(), pod_logs_dir: config.log_dir.clone(), streaming: local });
+    let listener = bind_local(&crate::server::local_socket(&config.root_dir))?;
+    tokio::spawn(async move {
+        if let Err(e) = crate::server::serve_local(listener, local).await {
+            tracing::error!(error = %format!("{e:#}"), "the local kubelet API stopped");
+        }
+    });
     let auth = match Auth::new(kubelet, client, &config.node_name) {
         Ok(auth) => auth,
         Err(e) if config.kubeconfig.is_none() => {
-            tracing::info!("kubelet API off: {e}");
+            tracing::info!("kubelet API off on TCP: {e}");
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -61,16 +80,7 @@ fn start_kubelet_api(
     let tls = tls::server_config(&files, kubelet.authentication.x509.client_ca_file.as_deref())
         .context("the kubelet API's TLS configuration")?;
     let ip: std::net::IpAddr = kubelet.address.parse().context("address")?;
-    let streaming = crate::server::streaming::Streaming {
-        runtime,
-        spdy: crate::streaming::spdy::Config {
-            idle_timeout: kubelet.streaming_connection_idle_timeout,
-            ..Default::default()
-        },
-        websockets: kubelet.feature("ExtendWebSocketsToKubelet"),
-        attachments,
-    };
-    let api = KubeletApi { auth, pods, pod_logs_dir: config.log_dir.clone(), streaming };
+    let api = Arc::new(KubeletApi { pods, pod_logs_dir: config.log_dir.clone(), streaming });
     let address = std::net::SocketAddr::new(ip, kubelet.port);
     // Bound here so that a taken port is a startup error, not a log line.
     let listener =
@@ -78,11 +88,27 @@ fn start_kubelet_api(
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tokio::spawn(async move {
-        if let Err(e) = crate::server::serve(listener, tls, api).await {
+        if let Err(e) = crate::server::serve(listener, tls, auth, api).await {
             tracing::error!(error = %format!("{e:#}"), "the kubelet API stopped");
         }
     });
     Ok(())
+}
+
+/// Binds the local socket at `path`, in a directory only root may enter (the socket of a previous process, which
+/// the root-dir lock says is gone, is replaced).
+fn bind_local(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path.parent().context("the local socket's directory")?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the old {}", path.display()));
+        }
+        _ => {}
+    }
+    tokio::net::UnixListener::bind(path).with_context(|| format!("binding the local kubelet API to {}", path.display()))
 }
 
 /// Runs the node until SIGTERM or SIGINT. Containers keep running when the agent stops (like the kubelet).

@@ -91,6 +91,25 @@ enum Command {
     Image(ImageCommand),
     /// List the pods of a standalone node (as its status manager last wrote them).
     Ps,
+    /// Run a command in a running container on this node (through the agent's local kubelet API socket).
+    Exec {
+        /// Pod name (standalone static pods carry the node name as a suffix; the name before it is enough).
+        pod: String,
+        /// Container (default: the pod's `kubectl.kubernetes.io/default-container`, else its first).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Pass stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Allocate a terminal (when stdin is one).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print a container's log on this node.
     Logs {
         /// Pod name (standalone static pods carry the node name as a suffix; a prefix is enough).
@@ -145,6 +164,15 @@ fn main() -> Result<()> {
             runtime.block_on(image_command(config, command))
         }
         Some(Command::Ps) => ps(&flags.root_dir),
+        Some(Command::Exec { pod, container, namespace, stdin, tty, command }) => {
+            let request = nodelet::cli::exec::ExecRequest { namespace, pod, container, command, stdin, tty };
+            let socket = nodelet::server::local_socket(&flags.root_dir);
+            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let code = runtime.block_on(nodelet::cli::exec::exec(&socket, &request));
+            // Without waiting for tokio's stdin thread, which may sit in a read.
+            runtime.shutdown_background();
+            std::process::exit(code?)
+        }
         Some(Command::Logs { ref pod, ref container, ref namespace, ref pod_logs_dir }) => {
             logs(pod_logs_dir, namespace, pod, container.as_deref())
         }

@@ -1,6 +1,6 @@
 //! Standalone mode, as the README runs it: no API server, the shipped example manifests as static pods, the
-//! image imported from an OCI layout; `nodelet ps` and `nodelet logs` show the pods; manifests added, changed,
-//! broken and removed while the node runs.
+//! image imported from an OCI layout; `nodelet ps`, `nodelet logs` and `nodelet exec` reach the pods; manifests
+//! added, changed, broken and removed while the node runs.
 
 mod support;
 
@@ -19,6 +19,49 @@ fn row(ps: &str, name: &str) -> Option<String> {
     ps.lines()
         .find(|l| l.split_whitespace().nth(1).is_some_and(|n| n.starts_with(&format!("{name}-"))))
         .map(str::to_owned)
+}
+
+/// Runs `nodelet exec` with `stdin` fed: (exit code, stdout, stderr).
+fn exec(args: &[&str], stdin: &[u8]) -> Result<(i32, String, String)> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nodelet"))
+        .arg("exec")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ok((out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr)))
+}
+
+/// `nodelet exec` on the running static pod `hello` (named by the part before its node-name suffix): output,
+/// exit code, stdin to EOF, a terminal with its size, and the errors for a pod or container that is not there.
+fn check_exec(root: &str) -> Result<()> {
+    let (code, out, err) =
+        exec(&["--root-dir", root, "hello", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 3"], b"")?;
+    ensure!((code, out.as_str(), err.as_str()) == (3, "to-out\n", "to-err\n"), "{code} {out:?} {err:?}");
+    let (code, out, err) =
+        exec(&["--root-dir", root, "-i", "hello", "-c", "hello", "--", "sh", "-c", "cat; echo eof"], b"typed\n")?;
+    ensure!(code == 0 && out == "typed\neof\n", "-i: {code} {out:?} {err:?}");
+    let (code, _, err) = exec(&["--root-dir", root, "nothing", "--", "true"], b"")?;
+    ensure!(code == 1 && err.contains("pod \"nothing\" not found"), "{code} {err:?}");
+    let (code, _, err) = exec(&["--root-dir", root, "hello", "-c", "ghost", "--", "true"], b"")?;
+    ensure!(code == 1 && err.contains("ghost"), "{code} {err:?}");
+    // A terminal, through script(1): its size reaches the command.
+    let inner = format!(
+        "stty cols 83 rows 29; {} exec --root-dir {root} -it hello -- sh -c 'tty; stty size'",
+        env!("CARGO_BIN_EXE_nodelet")
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("/dev/pts/") && text.contains("29 83"), "-it: {text:?}");
+    Ok(())
 }
 
 #[tokio::test]
@@ -70,6 +113,7 @@ async fn standalone_node_runs_the_example_manifests() -> Result<()> {
     ensure!(hello.starts_with("hello from nodelet #1\n"), "{hello}");
     ensure!(logs("countdown", "count")? == "3\n2\n1\nliftoff\n");
     ensure!(logs("countdown", "prepare")? == "preparing\n");
+    check_exec(&root).with_context(|| node.log())?;
 
     // A malformed manifest is logged with its file name and skipped; the other pods keep running.
     std::fs::write(manifests.join("broken.yaml"), "apiVersion: v1\nkind: Pod\nspec: [not, a, spec]\n")?;

@@ -1,5 +1,7 @@
-//! The kubelet API (`:10250`, TLS): `/healthz`, `/pods` and `/containerLogs/{ns}/{pod}/{container}`, behind
-//! upstream's authentication and authorization, so that `kubectl logs` works through the API server.
+//! The kubelet API (`:10250`, TLS): `/healthz`, `/pods`, `/containerLogs/{ns}/{pod}/{container}` and the
+//! streaming endpoints, behind upstream's authentication and authorization, so that `kubectl logs`, `exec`,
+//! `attach` and `port-forward` work through the API server. The same routes are served to root on a local Unix
+//! socket (see [`serve_local`]), for `nodelet exec` on a standalone node.
 
 pub mod auth;
 pub mod container_logs;
@@ -25,7 +27,6 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// What requests are served from.
 pub struct KubeletApi {
-    pub auth: Auth,
     pub pods: PodView,
     pub pod_logs_dir: PathBuf,
     pub streaming: streaming::Streaming,
@@ -39,10 +40,15 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves the API on `listener` until the process ends; a connection's failure affects only that connection.
-pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig, api: KubeletApi) -> Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: rustls::ServerConfig,
+    auth: Auth,
+    api: Arc<KubeletApi>,
+) -> Result<()> {
     tracing::info!(address = %listener.local_addr()?, "serving the kubelet API");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let api = Arc::new(api);
+    let auth = Arc::new(auth);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -56,7 +62,7 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig,
             tracing::warn!(%peer, "kubelet API connection refused: {MAX_CONNECTIONS} connections open");
             continue;
         };
-        let (acceptor, api) = (acceptor.clone(), api.clone());
+        let (acceptor, api, auth) = (acceptor.clone(), api.clone(), auth.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -66,15 +72,58 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: rustls::ServerConfig,
             };
             let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
             let service = hyper::service::service_fn(move |req| {
-                let (api, cert) = (api.clone(), cert.clone());
-                async move { Ok::<_, Infallible>(api.handle(req, cert.as_ref()).await) }
+                let (api, auth, cert) = (api.clone(), auth.clone(), cert.clone());
+                async move { Ok::<_, Infallible>(api.handle(req, &auth, cert.as_ref()).await) }
             });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            // A client that never finishes its request head does not hold a connection forever.
-            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-            let served = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = served.await {
+            if let Err(e) = serve_connection(stream, service).await {
                 tracing::debug!(%peer, error = %e, "kubelet API connection ended");
+            }
+        });
+    }
+}
+
+/// Serves one connection (HTTP/1 with upgrades, or HTTP/2).
+async fn serve_connection<S, H>(stream: S, service: H) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: hyper::service::Service<Request<hyper::body::Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    H::Future: Send + 'static,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // A client that never finishes its request head does not hold a connection forever.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The local socket's name under the root dir; its directory is root's alone (mode 0700).
+pub fn local_socket(root_dir: &std::path::Path) -> PathBuf {
+    root_dir.join("api").join("kubelet.sock")
+}
+
+/// Serves the kubelet API's routes on a Unix socket that only root can reach (the directory's mode): no TLS, no
+/// authentication beyond the socket's permissions. `nodelet exec` uses it, standalone or not.
+pub async fn serve_local(listener: tokio::net::UnixListener, api: Arc<KubeletApi>) -> Result<()> {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a local API connection failed");
+                continue;
+            }
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.route(req).await) }
+            });
+            if let Err(e) = serve_connection(stream, service).await {
+                tracing::debug!(error = %e, "local API connection ended");
             }
         });
     }
@@ -84,12 +133,13 @@ impl KubeletApi {
     async fn handle(
         &self,
         req: Request<hyper::body::Incoming>,
+        auth: &Auth,
         cert: Option<&CertificateDer<'static>>,
     ) -> Response<Body> {
         let path = req.uri().path().to_string();
         let bearer = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let allowed = match self.auth.authenticate(cert, bearer).await {
-            Ok(user) => self.auth.authorize(&user, &Attributes::of(req.method(), &path)).await.map(|_| user),
+        let allowed = match auth.authenticate(cert, bearer).await {
+            Ok(user) => auth.authorize(&user, &Attributes::of(req.method(), &path)).await.map(|_| user),
             Err(e) => Err(e),
         };
         let user = match allowed {
@@ -105,6 +155,12 @@ impl KubeletApi {
             }
         };
         tracing::debug!(%path, user = %user.name, "kubelet API request");
+        self.route(req).await
+    }
+
+    /// Serves an authorized request.
+    async fn route(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let get_or_post = matches!(*req.method(), Method::GET | Method::POST);
         match (req.method(), segments.as_slice()) {

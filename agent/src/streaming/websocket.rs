@@ -32,12 +32,17 @@ pub const CHANNEL_PROTOCOLS: [&str; 5] =
 /// Port-forward tunnelled as SPDY over WebSocket.
 pub const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const STDERR: u8 = 2;
-const ERROR: u8 = 3;
-const RESIZE: u8 = 4;
-const CLOSE: u8 = 255;
+/// The channels of the channel protocols (the first byte of each message).
+pub mod channel {
+    pub const STDIN: u8 = 0;
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    pub const ERROR: u8 = 3;
+    pub const RESIZE: u8 = 4;
+    /// `v5.channel.k8s.io`: `[CLOSE, channel]` half-closes the channel.
+    pub const CLOSE: u8 = 255;
+}
+use channel::{CLOSE, ERROR, RESIZE, STDERR, STDIN, STDOUT};
 
 /// A normal closure: client-go treats only this one as the end of every stream (no status is an error).
 fn normal_close() -> Message {
