@@ -21,7 +21,7 @@ use nodelet_integration::cluster::Cluster;
 use nodelet_integration::process::{rss_kib, status_kib};
 use nodelet_integration::registry::Registry;
 use nodelet_integration::upstream::UpstreamNode;
-use support::{pod, wait_for};
+use support::{pod, rank, wait_for};
 
 /// The largest resident mappings of `pid` (from `/proc/<pid>/smaps`, grouped by file or `[anon]`/`[heap]`/
 /// `[stack]`), as `name rss (anonymous)` in KiB: where the RSS is when it is over target.
@@ -261,12 +261,4 @@ async fn delete_all(pods: &Api<Pod>) {
     })
     .await
     .expect("cleanup");
-}
-
-/// The index of the `q` quantile (nearest rank) among `n` sorted samples.
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // q is clamped to [0, 1]: 0..=1000 fits
-fn rank(n: usize, q: f64) -> usize {
-    // Per mille, so the rank is integer arithmetic: ceil(n * q).
-    let per_mille = (q.clamp(0.0, 1.0) * 1000.0).round() as usize;
-    (n * per_mille).div_ceil(1000).clamp(1, n) - 1
 }

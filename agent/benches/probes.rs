@@ -35,7 +35,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::upstream::UpstreamNode;
-use support::{pod, wait_for};
+use support::{pod, rank, wait_for};
 
 const PER_POD: usize = 10;
 
@@ -322,21 +322,7 @@ async fn main() {
     )
     .expect("nodelet");
     let client = cluster.admin().await.expect("client");
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let ready = |name: &'static str| {
-        let nodes = nodes.clone();
-        async move {
-            wait_for(name, Duration::from_secs(120), || async {
-                let ready = nodes
-                    .get_opt(name)
-                    .await?
-                    .and_then(|n| n.status?.conditions)
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-                Ok(ready.then_some(()))
-            })
-            .await
-        }
-    };
+    let ready = |name: &'static str| support::wait_node_ready(&client, name);
     ready("probes").await.expect("nodelet Ready");
     let upstream = if std::env::args().any(|a| a == "--no-upstream") {
         None
@@ -423,11 +409,4 @@ fn nodelet_daemons(agent: u32) -> Vec<u32> {
         std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|comm| comm.trim() == "nodelet-zygote")
     }));
     out
-}
-
-/// The nearest-rank index of quantile `q` among `n` sorted samples (0 when there are none).
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // q is clamped to [0, 1]: 0..=1000 fits
-fn rank(n: usize, q: f64) -> usize {
-    let per_mille = (q.clamp(0.0, 1.0) * 1000.0).round() as usize;
-    (n * per_mille).div_ceil(1000).clamp(1, n.max(1)) - 1
 }

@@ -279,17 +279,22 @@ async fn check_attach(cluster: &Cluster, pods: &Api<Pod>, image: &str) -> Result
     let (_, log, _) = kubectl(cluster, &[], &["logs", "reader"], b"")?;
     ensure!(log == "got:one\ngot:two\nstdin-closed\n", "log: {log:?}");
 
-    // kubectl run -it: a TTY container, attached at once; what is typed reaches it and its output comes back.
+    // kubectl run -it --rm: a TTY container, attached at once; what is typed reaches it and its output comes back.
     let text = typed_in_terminal(
         cluster,
         &format!(
-            "run tty-pod -it --restart=Never --image={image} --overrides='{{\"spec\":{{\"nodeName\":\"{NODE_WS}\"}}}}' -- sh -c 'read x; echo \"[$x]\"; stty size'"
+            "run tty-pod -it --rm --restart=Never --image={image} --overrides='{{\"spec\":{{\"nodeName\":\"{NODE_WS}\"}}}}' -- sh -c 'read x; echo \"[$x]\"; stty size'"
         ),
         "stty cols 77 rows 22; ",
         "typed-line",
     )?;
     ensure!(text.contains("[typed-line]"), "kubectl run -it: {text:?}");
     ensure!(text.contains("22 77"), "kubectl run -it: terminal size {text:?}");
+    // --rm: kubectl deletes the pod once the session ended, and the node lets it go.
+    support::wait_for("tty-pod deleted (--rm)", Duration::from_secs(30), || async {
+        Ok(pods.get_opt("tty-pod").await?.is_none().then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

@@ -17,6 +17,11 @@
 #              CMD starts in it, so that its own unified cgroup is inside the mounted tree (nodelet's runtime
 #              writes its zygote's PID there to start the RCU grace period of a container's cgroup moves early)
 # On a pure cgroup v2 host (/sys/fs/cgroup is cgroup2) only the unified root is swapped.
+#
+# With CGROUP_SANDBOX_ONLY_ROOTS=1 (a new namespace only) the host's own hierarchy mounts are detached inside the
+# namespace, so /proc/self/mountinfo lists the sandbox's roots alone: runc (v1) takes the first mount of each
+# controller it finds there to bind into a container, and would otherwise pick the host's (whose root is /) and
+# look for the container's cgroup at a path that does not exist in the namespace. Nothing changes outside it.
 set -eu
 cmd=${1:-}; name=${2:-}
 [ -n "$cmd" ] && [ -n "$name" ] || { echo "usage: $0 run NAME -- CMD... | clean NAME" >&2; exit 2; }
@@ -64,14 +69,25 @@ run)
   mountpoint -q "$nsdir" || mount --bind "$nsdir" "$nsdir"
   mount --make-private "$nsdir"
   touch "$nsfile"
+  staging=$nsdir/$name.roots; mkdir -p "$staging"
   exec unshare --mount="$nsfile" --propagation private -- sh -c '
+    only=$2; staging=$3; i=0
+    [ "$only" = 1 ] && mount -t tmpfs -o size=1m cgroup-sandbox-roots "$staging"
     IFS=";"; for pair in $1; do [ -n "$pair" ] || continue; IFS=" " read -r mnt src <<EOF
 $pair
 EOF
-      mount --bind "$src" "$mnt"; IFS=";"; done; unset IFS; shift; exec "$@"' cgroup-sandbox "$map" "$@";;
+      if [ "$only" = 1 ]; then
+        # Bound aside first, the host mount detached (here only), then the sandbox root moved into its place.
+        i=$((i + 1)); mkdir "$staging/$i"; mount --bind "$src" "$staging/$i"
+        umount -l "$mnt"; mount --move "$staging/$i" "$mnt"
+      else
+        mount --bind "$src" "$mnt"
+      fi
+      IFS=";"; done; unset IFS; shift 3; exec "$@"' cgroup-sandbox "$map" "${CGROUP_SANDBOX_ONLY_ROOTS:-0}" "$staging" "$@";;
 clean)
   nsfile=/run/nodelet-sandbox/$name.mnt
   if [ -e "$nsfile" ]; then umount "$nsfile" 2>/dev/null || true; rm -f "$nsfile"; fi
+  rmdir "/run/nodelet-sandbox/$name.roots" 2>/dev/null || true
   roots | while read -r mnt src; do
     if [ -d "$src" ]; then find "$src" -depth -type d -exec rmdir {} \; 2>/dev/null || true; fi
     if [ -d "$src" ]; then echo "still present (populated?): $src" >&2; fi

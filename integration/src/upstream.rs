@@ -86,7 +86,8 @@ address: 127.0.0.1
 port: {port}
 readOnlyPort: 0
 healthzPort: 0
-authentication: {{anonymous: {{enabled: false}}, webhook: {{enabled: false}}}}
+# Anonymous, on loopback only: the API server's requests (exec, logs, port-forward) are let in.
+authentication: {{anonymous: {{enabled: true}}, webhook: {{enabled: false}}}}
 authorization: {{mode: AlwaysAllow}}
 cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix://{d}/containerd.sock
@@ -113,6 +114,8 @@ imageGCLowThresholdPercent: 99
         let sandbox = format!("nodelet-upstream-{}-{name}", std::process::id());
         let mut cmd = Command::new("sh");
         cmd.arg(scripts().join("cgroup-sandbox.sh")).args(["run", &sandbox, "--", "sh", "-c", &script]);
+        // runc must see the sandbox's cgroup roots only (see the script).
+        cmd.env("CGROUP_SANDBOX_ONLY_ROOTS", "1");
         let host_dirs = HOST_DIRS.iter().map(PathBuf::from).filter(|d| !d.exists()).collect();
         let daemons = Process::spawn("kubelet", cmd, dir.path())?;
         Ok(Self { dir, sandbox, daemons, host_dirs })
@@ -151,6 +154,22 @@ imageGCLowThresholdPercent: 99
     /// The last lines of the kubelet's log (for errors).
     pub fn log_tail(&self, lines: usize) -> String {
         self.daemons.log_tail(lines)
+    }
+
+    /// Gives the Node the address its kubelet listens on (127.0.0.1), which the kubelet itself refuses to report
+    /// ("nodeIP can't be loopback address"), so that the API server can reach its kubelet API (`exec`, `logs`,
+    /// `port-forward`). The kubelet's own status updates leave it, as its address setter fails before it writes.
+    pub async fn publish_address(&self, client: &kube::Client, name: &str) -> Result<()> {
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+        let patch = serde_json::json!({"status": {"addresses": [
+            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": name}
+        ]}});
+        nodes
+            .patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .context("patching the upstream node's addresses")?;
+        Ok(())
     }
 
     /// The fixture's directory (configs, logs, state).

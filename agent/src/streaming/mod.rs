@@ -8,6 +8,8 @@
 pub mod attach;
 pub mod exec;
 pub mod fdio;
+#[cfg(test)]
+mod fuzz;
 pub mod portforward;
 pub mod remotecommand;
 pub mod spdy;

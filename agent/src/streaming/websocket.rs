@@ -50,7 +50,7 @@ fn normal_close() -> Message {
 }
 
 /// The largest message accepted from a client.
-const MAX_MESSAGE: usize = 1 << 20;
+pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// Whether a request asks for a WebSocket upgrade.
 pub fn is_websocket<B>(req: &hyper::Request<B>) -> bool {
@@ -90,8 +90,12 @@ pub fn accept<B>(req: &hyper::Request<B>, protocol: Option<&'static str>) -> Res
 
 /// The server side of an upgraded connection.
 pub async fn server<T: AsyncRead + AsyncWrite + Unpin>(io: T) -> WebSocketStream<T> {
-    let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE));
-    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await
+}
+
+/// The server side's limits: no message or frame over [`MAX_MESSAGE`].
+pub fn config() -> WebSocketConfig {
+    WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE))
 }
 
 /// Runs an exec or attach over `ws` (negotiated as `protocol`): builds the session from the channels, lets `run`
@@ -197,7 +201,7 @@ fn encode(base64: bool, channel: u8, data: &[u8]) -> Message {
 }
 
 /// A client message as (channel, data); `None` for control messages and malformed ones.
-fn decode(base64: bool, message: Message) -> Option<(u8, Bytes)> {
+pub fn decode(base64: bool, message: Message) -> Option<(u8, Bytes)> {
     match message {
         Message::Binary(b) if !base64 => {
             let channel = *b.first()?;

@@ -379,3 +379,25 @@ pub async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String,
 pub fn pod(yaml: &str) -> Pod {
     serde_yaml::from_str(yaml).expect("test pod YAML")
 }
+
+/// The nearest-rank index of quantile `q` among `n` sorted samples (0 when there are none): benches' percentiles.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // q is clamped to [0, 1]: 0..=1000 fits
+pub fn rank(n: usize, q: f64) -> usize {
+    // Per mille, so the rank is integer arithmetic: ceil(n * q).
+    let per_mille = (q.clamp(0.0, 1.0) * 1000.0).round() as usize;
+    (n * per_mille).div_ceil(1000).clamp(1, n.max(1)) - 1
+}
+
+/// Waits (up to 2 min) until node `name` reports Ready.
+pub async fn wait_node_ready(client: &kube::Client, name: &str) -> Result<()> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    wait_for(&format!("node {name} Ready"), Duration::from_secs(120), || async {
+        let ready = nodes
+            .get_opt(name)
+            .await?
+            .and_then(|n| n.status?.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Ok(ready.then_some(()))
+    })
+    .await
+}
