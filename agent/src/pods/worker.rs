@@ -437,6 +437,8 @@ impl Worker {
             if self.state.phase.is_terminal() || self.pending.is_some() {
                 return;
             }
+            // A spec taken in while a container was prepared (`pull`, `post_start`) may have brought some.
+            self.add_ephemeral_containers();
             let spec = self.pod.spec.clone().unwrap_or_default();
             let active_for = Duration::try_from(Timestamp::now().duration_since(self.state.start_time));
             let actions = plan::plan(

@@ -333,6 +333,8 @@ impl ContainerRuntime for FakeRuntime {
 #[derive(Default)]
 pub struct FakeImages {
     pub missing: Mutex<Vec<String>>,
+    /// Images whose pull takes a second.
+    pub slow: Mutex<Vec<String>>,
 }
 
 impl ImageService for FakeImages {
@@ -345,7 +347,11 @@ impl ImageService for FakeImages {
         _: &'a (dyn Fn(ImageEvent) + Send + Sync),
     ) -> BoxFuture<'a, Result<ReadyImage, ImageFailure>> {
         let missing = self.missing.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|m| m == image);
+        let slow = self.slow.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|m| m == image);
         Box::pin(async move {
+            if slow {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
             if missing {
                 return Err(ImageFailure {
                     reason: "ErrImagePull",

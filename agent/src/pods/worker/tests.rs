@@ -328,3 +328,20 @@ spec:
     let log = h.runtime.log();
     assert_eq!(log.iter().filter(|l| *l == "create debugger").count(), 1, "never restarted: {log:?}");
 }
+
+#[tokio::test]
+async fn an_ephemeral_container_added_while_an_image_is_pulled_is_started_without_another_update() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers: [{name: main, image: slow-image}]");
+    let mut h = Harness::start(p.clone(), |_, images| images.slow.lock().unwrap().push("slow-image".into()));
+    h.until("created", |s| matches!(&s.containers[0].state, ContainerState::Waiting { .. })).await;
+    // The worker is in the pull (1 s) well before this: the update arrives there, and nothing comes after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut debugged = p;
+    debugged.spec.as_mut().expect("spec").ephemeral_containers =
+        Some(vec![serde_yaml::from_str("{name: debugger, image: busybox}").expect("ephemeral")]);
+    h.desired.send_replace(Desired::Pod(Arc::new(debugged)));
+    h.until("the debugger running", |s| s.ephemeral.first().is_some_and(|e| e.state.is_running())).await;
+    h.delete().await;
+}
