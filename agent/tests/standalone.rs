@@ -50,9 +50,10 @@ fn check_exec(root: &str) -> Result<()> {
     ensure!(code == 1 && err.contains("pod \"nothing\" not found"), "{code} {err:?}");
     let (code, _, err) = exec(&["--root-dir", root, "hello", "-c", "ghost", "--", "true"], b"")?;
     ensure!(code == 1 && err.contains("ghost"), "{code} {err:?}");
-    // A terminal, through script(1): its size reaches the command.
+    // A terminal, through script(1): its size reaches the command (set right after the process started, as for
+    // kubectl exec: the command reads it a moment later).
     let inner = format!(
-        "stty cols 83 rows 29; {} exec --root-dir {root} -it hello -- sh -c 'tty; stty size'",
+        "stty cols 83 rows 29; {} exec --root-dir {root} -it hello -- sh -c 'tty; sleep 0.5; stty size'",
         env!("CARGO_BIN_EXE_nodelet")
     );
     let out = std::process::Command::new("script")
