@@ -43,6 +43,8 @@ fn start_kubelet_api(
     pods: PodView,
     runtime: Arc<dyn ContainerRuntime>,
     attachments: crate::pods::attach::Attachments,
+    stats: crate::stats::StatsProvider,
+    node: crate::server::NodeDocuments,
 ) -> Result<()> {
     let kubelet = &config.kubelet;
     let streaming = crate::server::streaming::Streaming {
@@ -56,7 +58,13 @@ fn start_kubelet_api(
     };
     // The local socket speaks every protocol nodelet has, whatever the node declares.
     let local = crate::server::streaming::Streaming { websockets: true, ..streaming.clone() };
-    let local = Arc::new(KubeletApi { pods: pods.clone(), pod_logs_dir: config.log_dir.clone(), streaming: local });
+    let local = Arc::new(KubeletApi {
+        pods: pods.clone(),
+        pod_logs_dir: config.log_dir.clone(),
+        streaming: local,
+        stats: stats.clone(),
+        node: node.clone(),
+    });
     let listener = bind_local(&crate::server::local_socket(&config.root_dir))?;
     tokio::spawn(async move {
         if let Err(e) = crate::server::serve_local(listener, local).await {
@@ -80,7 +88,7 @@ fn start_kubelet_api(
     let tls = tls::server_config(&files, kubelet.authentication.x509.client_ca_file.as_deref())
         .context("the kubelet API's TLS configuration")?;
     let ip: std::net::IpAddr = kubelet.address.parse().context("address")?;
-    let api = Arc::new(KubeletApi { pods, pod_logs_dir: config.log_dir.clone(), streaming });
+    let api = Arc::new(KubeletApi { pods, pod_logs_dir: config.log_dir.clone(), streaming, stats, node });
     let address = std::net::SocketAddr::new(ip, kubelet.port);
     // Bound here so that a taken port is a startup error, not a log line.
     let listener =
@@ -158,7 +166,30 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     tokio::spawn(StatusManager::new(client.clone(), config.root_dir.clone(), view.clone()).run(status_rx));
     let container_runtime: Arc<dyn ContainerRuntime> = Arc::new(crate::pods::services::RealRuntime::new(runtime));
     let attachments = crate::pods::attach::Attachments::default();
-    start_kubelet_api(&config, client.clone(), view.clone(), container_runtime.clone(), attachments.clone())?;
+    let stats = crate::stats::StatsProvider::start(
+        crate::stats::collector::Layout {
+            node_name: config.node_name.clone(),
+            root_dir: config.root_dir.clone(),
+            log_dir: config.log_dir.clone(),
+            disk_usage_period: config.kubelet.volume_stats_agg_period,
+        },
+        Arc::new(crate::stats::readings::HostReadings::new(hierarchy.clone())),
+        view.clone(),
+        config.housekeeping_interval,
+    );
+    let documents = crate::server::NodeDocuments {
+        configz: Arc::new(serde_json::to_value(&config.kubelet).context("serializing the configuration")?),
+        spec: Arc::new(facts.machine_spec()),
+    };
+    start_kubelet_api(
+        &config,
+        client.clone(),
+        view.clone(),
+        container_runtime.clone(),
+        attachments.clone(),
+        stats,
+        documents,
+    )?;
     let network = Arc::new(Network::new(NetworkConfig {
         conf_dir: config.cni_conf_dir.clone(),
         bin_dirs: config.cni_bin_dirs.clone(),

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `--config`: the fields nodelet honours, named and defaulted as upstream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct KubeletConfiguration {
     pub kind: Option<String>,
@@ -57,6 +57,9 @@ pub struct KubeletConfiguration {
     /// Hard eviction thresholds (`memory.available`, `nodefs.available`...; quantities or percentages). Unset:
     /// upstream's defaults. Today they shape allocatable; the eviction manager will enforce them.
     pub eviction_hard: Option<std::collections::BTreeMap<String, String>>,
+    /// How long a volume's (and a writable layer's, a log's) disk usage, measured by walking it, is reused.
+    #[serde(with = "go_duration")]
+    pub volume_stats_agg_period: Duration,
     /// How long an exec, attach or port-forward connection may be idle before it is closed.
     #[serde(with = "go_duration")]
     pub streaming_connection_idle_timeout: Duration,
@@ -110,6 +113,7 @@ impl Default for KubeletConfiguration {
             kube_reserved: Default::default(),
             system_reserved: Default::default(),
             eviction_hard: None,
+            volume_stats_agg_period: Duration::from_secs(60),
             streaming_connection_idle_timeout: Duration::from_secs(4 * 3600),
             feature_gates: Default::default(),
         }
@@ -117,7 +121,7 @@ impl Default for KubeletConfiguration {
 }
 
 /// `authentication`: who may call the kubelet API (v1beta1 defaults: no anonymous, token webhook on).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Authentication {
     pub x509: X509Authentication,
@@ -125,7 +129,7 @@ pub struct Authentication {
     pub anonymous: AnonymousAuthentication,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct X509Authentication {
     /// Client certificates signed by this CA authenticate as their CN (user) and O (groups).
@@ -133,7 +137,7 @@ pub struct X509Authentication {
     pub client_ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct WebhookAuthentication {
     /// Bearer tokens are checked with TokenReviews.
@@ -148,14 +152,14 @@ impl Default for WebhookAuthentication {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct AnonymousAuthentication {
     pub enabled: bool,
 }
 
 /// `authorization`: `Webhook` (SubjectAccessReviews, the v1beta1 default) or `AlwaysAllow`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Authorization {
     pub mode: String,
@@ -168,7 +172,7 @@ impl Default for Authorization {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct WebhookAuthorization {
     #[serde(with = "go_duration", rename = "cacheAuthorizedTTL")]
@@ -256,7 +260,30 @@ pub fn parse_quantity(text: &str) -> Result<u64> {
 mod go_duration {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    /// As Go's `time.Duration.String()` for whole milliseconds: `4h0m0s`, `1m30s`, `500ms`, `0s`.
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms == 0 {
+            return "0s".into();
+        }
+        if ms < 1000 {
+            return format!("{ms}ms");
+        }
+        let (h, m, s, frac) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+        let seconds =
+            if frac == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0')) };
+        match (h, m) {
+            (0, 0) => seconds,
+            (0, m) => format!("{m}m{seconds}"),
+            (h, m) => format!("{h}h{m}m{seconds}"),
+        }
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
@@ -306,7 +333,18 @@ pub struct AgentConfig {
     pub cni_conf_dir: PathBuf,
     /// Where CNI plugins are looked for, in order.
     pub cni_bin_dirs: Vec<PathBuf>,
+    /// How often the stats provider reads usage (`--housekeeping-interval`).
+    pub housekeeping_interval: Duration,
     pub kubelet: KubeletConfiguration,
+}
+
+/// A Go duration (`10s`, `1m30s`) for flags; at least 100 ms.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = go_duration::parse(text)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{text:?} is shorter than 100ms"));
+    }
+    Ok(d)
 }
 
 /// `key=value,key2=value2` (`--node-labels`).
@@ -356,6 +394,16 @@ mod tests {
         assert_eq!(c.image_minimum_gc_age, Duration::from_secs(90));
         assert_eq!(c.node_status_report_frequency, Duration::from_secs(300));
         assert_eq!(c.container_log_max_bytes(), 10 << 20);
+        // Serialized back as upstream's /configz shows it (Go duration strings, camelCase names).
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["imageMinimumGCAge"], "1m30s");
+        assert_eq!(json["streamingConnectionIdleTimeout"], "4h0m0s");
+        assert_eq!(json["volumeStatsAggPeriod"], "1m0s");
+        assert_eq!(json["maxPods"], 20);
+        for (d, text) in [(0, "0s"), (500, "500ms"), (1500, "1.5s"), (61_000, "1m1s"), (3_600_000, "1h0m0s")] {
+            assert_eq!(go_duration::format(Duration::from_millis(d)), text);
+            assert_eq!(go_duration::parse(text).unwrap(), Duration::from_millis(d));
+        }
         let err = serde_yaml::from_str::<KubeletConfiguration>("maxPod: 3\n").unwrap_err();
         assert!(err.to_string().contains("unknown field `maxPod`"), "{err}");
         assert!(serde_yaml::from_str::<KubeletConfiguration>("nodeStatusUpdateFrequency: soon\n").is_err());

@@ -80,6 +80,9 @@ struct Flags {
     /// Docker `config.json` with the node's registry credentials.
     #[arg(long, global = true)]
     image_credentials: Option<PathBuf>,
+    /// How often resource usage is read for the summary API and the metrics endpoints (cAdvisor's flag).
+    #[arg(long, default_value = "10s", value_parser = nodelet::config::parse_duration)]
+    housekeeping_interval: std::time::Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -256,6 +259,7 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
         image_credentials: flags.image_credentials,
         cni_conf_dir: flags.cni_conf_dir,
         cni_bin_dirs: flags.cni_bin_dir.split(',').filter(|s| !s.is_empty()).map(PathBuf::from).collect(),
+        housekeeping_interval: flags.housekeeping_interval,
         kubelet,
     })
 }

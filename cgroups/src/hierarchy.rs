@@ -138,6 +138,12 @@ impl Hierarchy {
         self.v1.iter().find(|(c, _)| *c == controller).map(|(_, root)| root.join(rel))
     }
 
+    /// Where cgroup `rel` lists its processes (`cgroup.procs`): the cgroup2 tree on v2 hosts, the memory
+    /// hierarchy on hybrid ones (where the runtime places every container).
+    pub fn procs_dir(&self, rel: &str) -> PathBuf {
+        self.v1(V1::Memory, rel).unwrap_or_else(|| self.unified(rel))
+    }
+
     /// Every directory `rel` has, one per hierarchy.
     fn all(&self, rel: &str) -> Vec<PathBuf> {
         std::iter::once(self.unified(rel)).chain(self.v1.iter().map(|(_, root)| root.join(rel))).collect()

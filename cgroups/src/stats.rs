@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::hierarchy::{Hierarchy, V1};
+use crate::psi::{self, Pressure};
 
 /// One cgroup's usage at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -31,6 +32,39 @@ pub struct CgroupStats {
     pub io_read_bytes: u64,
     /// Bytes written to block devices.
     pub io_write_bytes: u64,
+    /// Swap in use (v2 `memory.swap.current`; v1 memory+swap minus memory), where the host accounts it.
+    pub swap_usage_bytes: Option<u64>,
+    /// Processes the kernel's OOM killer killed in the cgroup (`oom_kill` of v2 `memory.events`, v1
+    /// `memory.oom_control`).
+    pub oom_kills: u64,
+}
+
+/// Pressure stall information of one cgroup (or of the node): from the cgroup2 tree, where PSI lives on hybrid
+/// hosts too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PressureStats {
+    /// `cpu.pressure`.
+    pub cpu: Pressure,
+    /// `memory.pressure`.
+    pub memory: Pressure,
+    /// `io.pressure`.
+    pub io: Pressure,
+}
+
+/// Reads the PSI files of cgroup `rel`; `None` where PSI is off (kernel without `CONFIG_PSI` or booted `psi=0`)
+/// or the cgroup is gone.
+pub fn cgroup_pressure(hierarchy: &Hierarchy, rel: &str) -> Option<PressureStats> {
+    pressure_in(&hierarchy.unified(rel), ".pressure")
+}
+
+/// The node's PSI (`/proc/pressure/{cpu,memory,io}`).
+pub fn node_pressure() -> Option<PressureStats> {
+    pressure_in(Path::new("/proc/pressure"), "")
+}
+
+fn pressure_in(dir: &Path, suffix: &str) -> Option<PressureStats> {
+    let one = |name: &str| psi::read(&dir.join(format!("{name}{suffix}"))).ok();
+    Some(PressureStats { cpu: one("cpu")?, memory: one("memory")?, io: one("io")? })
 }
 
 fn read(path: &Path) -> io::Result<String> {
@@ -72,6 +106,8 @@ fn v2_stats(dir: &Path) -> io::Result<CgroupStats> {
         pids: number(&dir.join("pids.current")).unwrap_or(0),
         io_read_bytes,
         io_write_bytes,
+        swap_usage_bytes: number(&dir.join("memory.swap.current")).ok(),
+        oom_kills: std::fs::read_to_string(dir.join("memory.events")).map_or(0, |t| field(&t, "oom_kill")),
     })
 }
 
@@ -109,6 +145,8 @@ fn v1_stats(h: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
         pids: h.v1(V1::Pids, rel).map(|d| number(&d.join("pids.current")).unwrap_or(0)).unwrap_or(0),
         io_read_bytes,
         io_write_bytes,
+        swap_usage_bytes: number(&memory_dir.join("memory.memsw.usage_in_bytes")).ok().map(|t| t.saturating_sub(usage)),
+        oom_kills: std::fs::read_to_string(memory_dir.join("memory.oom_control")).map_or(0, |t| field(&t, "oom_kill")),
     })
 }
 
@@ -142,14 +180,25 @@ pub struct NodeStats {
     pub memory_working_set_bytes: u64,
     /// capacity - working set: the signal of `memory.available` eviction.
     pub memory_available_bytes: u64,
+    /// Anonymous memory (`AnonPages`), bytes.
+    pub memory_rss_bytes: u64,
+    /// Page faults since boot (`pgfault` of `/proc/vmstat`).
+    pub page_faults: u64,
+    /// Major page faults since boot (`pgmajfault`).
+    pub major_page_faults: u64,
+    /// Swap configured, bytes (0: none).
+    pub swap_total_bytes: u64,
+    /// Swap free, bytes.
+    pub swap_free_bytes: u64,
 }
 
 /// Reads node-level usage.
 pub fn node_stats() -> io::Result<NodeStats> {
-    node_stats_from(&read(Path::new("/proc/stat"))?, &read(Path::new("/proc/meminfo"))?)
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    node_stats_from(&read(Path::new("/proc/stat"))?, &read(Path::new("/proc/meminfo"))?, &vmstat)
 }
 
-fn node_stats_from(stat: &str, meminfo: &str) -> io::Result<NodeStats> {
+fn node_stats_from(stat: &str, meminfo: &str, vmstat: &str) -> io::Result<NodeStats> {
     let cpu =
         stat.lines().find(|l| l.starts_with("cpu ")).ok_or_else(|| io::Error::other("/proc/stat: no cpu line"))?;
     // user nice system irq softirq steal (idle and iowait are not usage), in USER_HZ ticks.
@@ -172,6 +221,11 @@ fn node_stats_from(stat: &str, meminfo: &str) -> io::Result<NodeStats> {
         memory_usage_bytes: usage,
         memory_working_set_bytes: working_set,
         memory_available_bytes: capacity.saturating_sub(working_set),
+        memory_rss_bytes: kib("AnonPages:"),
+        page_faults: field(vmstat, "pgfault"),
+        major_page_faults: field(vmstat, "pgmajfault"),
+        swap_total_bytes: kib("SwapTotal:"),
+        swap_free_bytes: kib("SwapFree:"),
     })
 }
 
@@ -211,8 +265,11 @@ mod tests {
         assert_eq!(io_v2("8:0 rbytes=100 wbytes=20 rios=1\n8:16 rbytes=5 wbytes=1 dbytes=0\n"), (105, 21));
         assert_eq!(io_v1("8:0 Read 10\n8:0 Write 4\n8:0 Sync 14\n8:16 Read 1\nTotal 15\n"), (11, 4));
         let stat = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
-        let meminfo = "MemTotal:       1000 kB\nMemFree:         200 kB\nInactive(file):  300 kB\n";
-        let n = node_stats_from(stat, meminfo).unwrap();
+        let meminfo = "MemTotal:       1000 kB\nMemFree:         200 kB\nInactive(file):  300 kB\nAnonPages: 100 kB\n\
+                       SwapTotal: 64 kB\nSwapFree: 16 kB\n";
+        let n = node_stats_from(stat, meminfo, "pgfault 12\npgmajfault 3\n").unwrap();
+        assert_eq!((n.memory_rss_bytes, n.page_faults, n.major_page_faults), (100 * 1024, 12, 3));
+        assert_eq!((n.swap_total_bytes, n.swap_free_bytes), (64 * 1024, 16 * 1024));
         assert_eq!(n.cpu_usage_ns, (100 + 5 + 50 + 1 + 2 + 3) * (1_000_000_000 / ticks_per_second()));
         assert_eq!(n.memory_capacity_bytes, 1_024_000);
         assert_eq!(n.memory_usage_bytes, 800 * 1024);
@@ -220,6 +277,23 @@ mod tests {
         assert_eq!(n.memory_available_bytes, 500 * 1024);
         assert_eq!(field("anon 5\ninactive_file 7\n", "inactive_file"), 7);
         assert_eq!(field("anon 5\n", "file"), 0);
+    }
+
+    #[test]
+    fn reads_pressure_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["cpu", "memory", "io"] {
+            let text = format!(
+                "some avg10=1.50 avg60=0.00 avg300=0.00 total={}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n",
+                name.len()
+            );
+            std::fs::write(dir.path().join(format!("{name}.pressure")), text).unwrap();
+        }
+        let p = pressure_in(dir.path(), ".pressure").unwrap();
+        assert_eq!((p.cpu.some.total_us, p.memory.some.total_us, p.io.some.total_us), (3, 6, 2));
+        assert_eq!((p.memory.some.avg10, p.io.full.total_us), (1.5, 7));
+        std::fs::remove_file(dir.path().join("io.pressure")).unwrap();
+        assert_eq!(pressure_in(dir.path(), ".pressure"), None, "PSI off");
     }
 
     #[test]

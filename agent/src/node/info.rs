@@ -85,6 +85,36 @@ impl NodeFacts {
         })
     }
 
+    /// `/spec`: the machine in cAdvisor's `MachineInfo` shape, the fields nodelet knows.
+    pub fn machine_spec(&self) -> serde_json::Value {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let mhz = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let sockets: std::collections::BTreeSet<&str> =
+            cpuinfo.lines().filter_map(|l| l.strip_prefix("physical id")?.split(':').nth(1)).map(str::trim).collect();
+        let swap_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("SwapTotal:")?.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        serde_json::json!({
+            "timestamp": jiff::Timestamp::now().to_string(),
+            "num_cores": self.cpus,
+            "num_sockets": sockets.len().max(1),
+            "cpu_frequency_khz": (mhz * 1000.0).round(),
+            "memory_capacity": self.memory_bytes,
+            "swap_capacity": swap_kib * 1024,
+            "machine_id": self.info.machine_id,
+            "system_uuid": self.info.system_uuid,
+            "boot_id": self.info.boot_id,
+            "cloud_provider": "Unknown",
+            "instance_type": "Unknown",
+            "instance_id": "None",
+        })
+    }
+
     /// Capacity and allocatable, nodeInfo, addresses and the kubelet endpoint.
     pub fn status(&self, config: &AgentConfig) -> NodeStatus {
         let quantities = |cpu: String, memory: u64, storage: u64| -> BTreeMap<String, Quantity> {

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod attach;
 pub mod downward_api;
+pub mod health;
 pub mod plan;
 pub mod resources;
 pub mod restore;
@@ -188,8 +189,10 @@ impl PodWorkers {
     }
 
     pub async fn run(mut self, mut sources: mpsc::Receiver<SourceEvent>) {
+        let mut heartbeat = tokio::time::interval(health::BEAT_EVERY);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => health::beat(),
                 event = sources.recv() => match event {
                     Some(SourceEvent::Upsert(pod)) => self.upsert(*pod),
                     Some(SourceEvent::Remove { uid }) => {

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod container_logs;
+mod stats;
 pub mod streaming;
 pub mod tls;
 
@@ -30,6 +31,17 @@ pub struct KubeletApi {
     pub pods: PodView,
     pub pod_logs_dir: PathBuf,
     pub streaming: streaming::Streaming,
+    pub stats: crate::stats::StatsProvider,
+    pub node: NodeDocuments,
+}
+
+/// Fixed documents about the node: `/configz` and `/spec`.
+#[derive(Clone, Default)]
+pub struct NodeDocuments {
+    /// The KubeletConfiguration in effect.
+    pub configz: Arc<serde_json::Value>,
+    /// The machine (cAdvisor's `MachineInfo` shape).
+    pub spec: Arc<serde_json::Value>,
 }
 
 /// Connections served at once; more are closed at accept (each costs a task and TLS buffers).
@@ -158,13 +170,32 @@ impl KubeletApi {
         self.route(req).await
     }
 
-    /// Serves an authorized request.
+    /// Serves an authorized request, counted in `kubelet_http_requests_total`.
     async fn route(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        // Upstream labels by the first path segment; streaming endpoints are long-running.
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("").to_string();
+        let long_running = matches!(first.as_str(), "exec" | "attach" | "portForward" | "containerLogs");
+        let response = self.dispatch(req).await;
+        crate::metrics::kubelet::METRICS.http_request(&method, &first, long_running, started.elapsed());
+        response
+    }
+
+    async fn dispatch(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let get_or_post = matches!(*req.method(), Method::GET | Method::POST);
         match (req.method(), segments.as_slice()) {
-            (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok".into()),
+            (&Method::GET, ["healthz"]) => self.healthz(None),
+            (&Method::GET, ["healthz", check]) => self.healthz(Some(check)),
+            (&Method::GET, ["stats", "summary"]) => self.summary(req.uri().query()),
+            (&Method::GET, ["metrics"]) => self.metrics(""),
+            (&Method::GET, ["metrics", which @ ("resource" | "cadvisor")]) => self.metrics(which),
+            (&Method::GET, ["spec"] | ["spec", ""]) => self.spec(),
+            (&Method::GET, ["configz"]) => self.configz(),
+            (&Method::GET, ["runningpods", ""] | ["runningpods"]) => self.running_pods(),
             (&Method::GET, ["pods"] | ["pods", ""]) => self.pods(),
             (&Method::GET, ["containerLogs", namespace, pod, container]) => {
                 self.container_logs(namespace, pod, container, req.uri().query())

@@ -73,6 +73,7 @@ pub fn ctx(
         image_credentials: None,
         cni_conf_dir: root.join("net.d"),
         cni_bin_dirs: Vec::new(),
+        housekeeping_interval: std::time::Duration::from_secs(10),
         kubelet: crate::config::KubeletConfiguration::default(),
     };
     let ctx = crate::pods::Ctx {
