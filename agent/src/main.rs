@@ -126,6 +126,20 @@ enum Command {
         #[arg(long, default_value = "/var/log/pods")]
         pod_logs_dir: PathBuf,
     },
+    /// CPU, memory and pressure (PSI) of the node and its pods, from the agent's last housekeeping round.
+    Top {
+        /// One row per container.
+        #[arg(long)]
+        containers: bool,
+        /// Only this namespace (default: all).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// GET a path of the agent's kubelet API (e.g. `/stats/summary`, `/metrics/cadvisor`) and print the answer.
+    Raw {
+        /// The path, with its query.
+        path: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +189,22 @@ fn main() -> Result<()> {
             // Without waiting for tokio's stdin thread, which may sit in a read.
             runtime.shutdown_background();
             std::process::exit(code?)
+        }
+        Some(Command::Top { containers, namespace }) => {
+            let socket = nodelet::server::local_socket(&flags.root_dir);
+            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let body = runtime.block_on(nodelet::cli::get(&socket, "/stats/summary"))?;
+            let summary = serde_json::from_slice(&body).context("the agent's /stats/summary")?;
+            let options = nodelet::cli::top::TopOptions { containers, namespace };
+            print!("{}", nodelet::cli::top::render(&summary, &options));
+            Ok(())
+        }
+        Some(Command::Raw { path }) => {
+            let socket = nodelet::server::local_socket(&flags.root_dir);
+            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let body = runtime.block_on(nodelet::cli::get(&socket, &path))?;
+            std::io::Write::write_all(&mut std::io::stdout(), &body)?;
+            Ok(())
         }
         Some(Command::Logs { ref pod, ref container, ref namespace, ref pod_logs_dir }) => {
             logs(pod_logs_dir, namespace, pod, container.as_deref())

@@ -27,6 +27,7 @@ for tool in go cargo kubectl; do
 done
 
 "$here/build-control-plane.sh" >/dev/null
+"$here/build-metrics-server.sh" >/dev/null
 "$here/build-images.sh" >/dev/null
 # The pure cgroup v2 test VM (kernel from Debian's archive, busybox initramfs), rebuilt when its script changes.
 export CGV2_CACHE=${CGV2_CACHE:-${NODELET_TEST_CACHE:-/var/cache/nodelet-test}/cgv2-vm}

@@ -44,6 +44,8 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 pub struct Cluster {
     procs: Vec<Process>,
     pki: Pki,
+    /// The aggregation layer's front proxy CA (the API server's identity to extension API servers).
+    front_proxy: Pki,
     server: String,
     admin_kubeconfig: PathBuf,
     etcd_url: String,
@@ -61,12 +63,14 @@ impl Cluster {
     pub async fn start_with(opts: ClusterOptions) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("nodelet-cluster-").tempdir()?;
         let pki = Pki::new(&dir.path().join("pki"))?;
+        let front_proxy = Pki::new(&dir.path().join("pki/front-proxy"))?;
         let api_port = free_port()?;
         let server = format!("https://127.0.0.1:{api_port}");
         let admin_kubeconfig = dir.path().join("admin.kubeconfig");
         let admin = pki.client("admin", "nodelet-test-admin", &["system:masters"])?;
         kubeconfig::write(&admin_kubeconfig, &server, &pki.ca_pem(), "admin", &admin)?;
-        let mut cluster = Cluster { procs: Vec::new(), pki, server, admin_kubeconfig, etcd_url: String::new(), dir };
+        let mut cluster =
+            Cluster { procs: Vec::new(), pki, front_proxy, server, admin_kubeconfig, etcd_url: String::new(), dir };
         let deadline = Instant::now() + opts.start_timeout;
 
         cluster.etcd_url = cluster.start_etcd()?;
@@ -189,6 +193,8 @@ impl Cluster {
             self.pki.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
         let sa = self.pki.key_pair("sa")?;
         let ca = self.pki.ca().cert.clone();
+        // The aggregation layer (metrics.k8s.io through metrics-server), as kubeadm configures it.
+        let proxy_client = self.front_proxy.client("front-proxy-client", "front-proxy-client", &[])?;
         let mut cmd = Command::new(control_plane_bin("kube-apiserver")?);
         cmd.arg(format!("--etcd-servers={etcd_url}"))
             .arg("--bind-address=127.0.0.1")
@@ -211,6 +217,15 @@ impl Cluster {
             .arg("--authorization-mode=Node,RBAC")
             .arg("--enable-admission-plugins=NodeRestriction")
             .arg("--allow-privileged=true")
+            .arg(format!("--requestheader-client-ca-file={}", self.front_proxy.ca().cert.display()))
+            .arg("--requestheader-allowed-names=front-proxy-client")
+            .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+            .arg("--requestheader-group-headers=X-Remote-Group")
+            .arg("--requestheader-username-headers=X-Remote-User")
+            .arg(format!("--proxy-client-cert-file={}", proxy_client.cert.display()))
+            .arg(format!("--proxy-client-key-file={}", proxy_client.key.display()))
+            // Extension API servers are reached at their endpoints' addresses: there is no kube-proxy.
+            .arg("--enable-aggregator-routing=true")
             .arg("--profiling=false")
             .arg("--v=1");
         self.spawn("kube-apiserver", cmd)
@@ -239,6 +254,64 @@ impl Cluster {
         let mut cmd = Command::new(control_plane_bin("kube-scheduler")?);
         component_args(&mut cmd, &kc, free_port()?, &self.dir.path().join("scheduler-certs"));
         self.spawn("kube-scheduler", cmd)
+    }
+
+    /// Starts metrics-server (`kubectl top`) serving on `address` (an address the API server reaches that is not
+    /// loopback: endpoint validation refuses loopback), registers it as `v1beta1.metrics.k8s.io` and waits until
+    /// the API server reports that APIService Available. It scrapes kubelets at their InternalIP and the port in
+    /// their status, every `resolution`.
+    pub async fn start_metrics_server(&mut self, address: &str, resolution: Duration) -> Result<()> {
+        let creds = self.pki.client("metrics-server", "system:metrics-server", &["system:masters"])?;
+        let kc = self.dir.path().join("metrics-server.kubeconfig");
+        kubeconfig::write(&kc, &self.server, &self.pki.ca_pem(), "metrics-server", &creds)?;
+        let port = free_port()?;
+        let mut cmd = Command::new(crate::testbed::monitoring_bin("metrics-server")?);
+        for flag in ["kubeconfig", "authentication-kubeconfig", "authorization-kubeconfig"] {
+            cmd.arg(format!("--{flag}={}", kc.display()));
+        }
+        cmd.arg(format!("--bind-address={address}"))
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", self.dir.path().join("metrics-server-certs").display()))
+            .arg("--kubelet-insecure-tls")
+            .arg("--kubelet-preferred-address-types=InternalIP")
+            .arg("--kubelet-use-node-status-port")
+            .arg("--kubelet-request-timeout=5s")
+            .arg(format!("--metric-resolution={}s", resolution.as_secs()))
+            .arg("--v=2");
+        self.spawn("metrics-server", cmd)?;
+        let manifest = self.dir.path().join("metrics-server.yaml");
+        std::fs::write(
+            &manifest,
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: metrics-server, namespace: kube-system}}\n\
+                 spec: {{ports: [{{name: https, port: 443, targetPort: {port}}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: metrics-server, namespace: kube-system, labels: {{kubernetes.io/service-name: metrics-server}}}}\n\
+                 addressType: IPv4\nendpoints: [{{addresses: ['{address}'], conditions: {{ready: true}}}}]\n\
+                 ports: [{{name: https, port: {port}, protocol: TCP}}]\n---\n\
+                 apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {{name: v1beta1.metrics.k8s.io}}\n\
+                 spec: {{service: {{name: metrics-server, namespace: kube-system, port: 443}}, group: metrics.k8s.io, \
+                 version: v1beta1, insecureSkipTLSVerify: true, groupPriorityMinimum: 100, versionPriority: 100}}\n"
+            ),
+        )?;
+        let out = self.kubectl().args(["apply", "-f"]).arg(&manifest).output()?;
+        anyhow::ensure!(out.status.success(), "registering metrics-server: {}", String::from_utf8_lossy(&out.stderr));
+        let kubectl = self.kubectl();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let program = kubectl.get_program().to_owned();
+        let args: Vec<_> = kubectl.get_args().map(|a| a.to_owned()).collect();
+        self.wait_until("the metrics.k8s.io APIService to be Available", deadline, || {
+            let (program, args) = (program.clone(), args.clone());
+            async move {
+                let out = Command::new(program)
+                    .args(args)
+                    .args(["get", "apiservice", "v1beta1.metrics.k8s.io", "-o"])
+                    .arg("jsonpath={.status.conditions[?(@.type==\"Available\")].status}")
+                    .output()?;
+                Ok(String::from_utf8_lossy(&out.stdout).trim() == "True")
+            }
+        })
+        .await
     }
 
     fn component_kubeconfig(&self, name: &str, user: &str) -> Result<PathBuf> {

@@ -16,6 +16,20 @@ pub fn k8s_version() -> &'static str {
         .expect("integration/versions.env defines K8S_VERSION")
 }
 
+/// A binary built by `build-metrics-server.sh` (`metrics-server`, `promcheck`).
+pub fn monitoring_bin(name: &str) -> Result<PathBuf> {
+    let version = VERSIONS
+        .lines()
+        .find_map(|l| l.strip_prefix("METRICS_SERVER_VERSION="))
+        .map(str::trim)
+        .context("integration/versions.env defines METRICS_SERVER_VERSION")?;
+    let path = cache_dir().join(format!("metrics-server-{version}")).join("bin").join(name);
+    if !is_executable(&path) {
+        bail!("{} is missing: run integration/scripts/setup.sh", path.display());
+    }
+    Ok(path)
+}
+
 /// Cache of everything expensive (control-plane binaries, Go caches, images), outside the checkout.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("NODELET_TEST_CACHE")
@@ -77,6 +91,8 @@ pub enum Need {
     ControlPlane,
     /// `docker-registry`, `htpasswd` and the images from `build-images.sh`.
     Registry,
+    /// metrics-server and promcheck from `build-metrics-server.sh`.
+    Monitoring,
 }
 
 impl Need {
@@ -91,6 +107,10 @@ impl Need {
                 for b in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
                     control_plane_bin(b)?;
                 }
+            }
+            Need::Monitoring => {
+                monitoring_bin("metrics-server")?;
+                monitoring_bin("promcheck")?;
             }
             Need::Registry => {
                 system_bin("docker-registry")?;

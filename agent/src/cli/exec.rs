@@ -9,10 +9,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -51,7 +49,7 @@ pub async fn exec(socket: &Path, request: &ExecRequest) -> Result<i32> {
     );
     let mut ws_request = uri.into_client_request()?;
     ws_request.headers_mut().insert("Sec-WebSocket-Protocol", hyper::header::HeaderValue::from_static(PROTOCOL));
-    let stream = connect(socket).await?;
+    let stream = super::connect(socket).await?;
     let (ws, _) = match tokio_tungstenite::client_async(ws_request, stream).await {
         Ok(ok) => ok,
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -241,25 +239,9 @@ impl Drop for RawMode {
     }
 }
 
-async fn connect(socket: &Path) -> Result<UnixStream> {
-    UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("connecting to {} (is nodelet running with this --root-dir?)", socket.display()))
-}
-
 /// A GET on the local API: the JSON it answers.
 async fn get(socket: &Path, path: &str) -> Result<serde_json::Value> {
-    let stream = connect(socket).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.context("the local API")?;
-    tokio::spawn(connection);
-    let request = hyper::Request::get(path).header(hyper::header::HOST, "localhost").body(Empty::<Bytes>::new())?;
-    let response = sender.send_request(request).await.context("the local API")?;
-    let status = response.status();
-    let body = response.into_body().collect().await.context("the local API")?.to_bytes();
-    if !status.is_success() {
-        bail!("{path}: {status}: {}", String::from_utf8_lossy(&body).trim_end());
-    }
+    let body = super::get(socket, path).await?;
     serde_json::from_slice(&body).with_context(|| format!("{path}: not JSON"))
 }
 

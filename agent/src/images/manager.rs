@@ -167,6 +167,7 @@ impl ImageManager {
         let started = Instant::now();
         match self.pull_with_credentials(&reference, pull_secrets, progress).await {
             Ok(record) => {
+                crate::metrics::kubelet::METRICS.image_pull("success", record.size, started.elapsed());
                 self.backoff.lock().unwrap_or_else(|p| p.into_inner()).reset(backoff_key);
                 self.forget_error(backoff_key);
                 event(ImageEvent {
@@ -182,6 +183,7 @@ impl ImageManager {
                 Ok(ready(&reference, record))
             }
             Err(e) => {
+                crate::metrics::kubelet::METRICS.image_pull("failure", 0, started.elapsed());
                 let message = format!("failed to pull and unpack image \"{}\": {e}", reference.whole());
                 self.backoff.lock().unwrap_or_else(|p| p.into_inner()).next(backoff_key, Instant::now());
                 self.remember_error(backoff_key, &message);

@@ -36,7 +36,6 @@ struct Instruments {
     http_duration: HistogramVec,
     image_pull_bytes: CounterVec,
     image_pull_duration: HistogramVec,
-    oom_event_latency: HistogramVec,
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> Result<HistogramVec> {
@@ -122,13 +121,6 @@ impl Instruments {
                 &["result"],
                 POD_START_BUCKETS.to_vec(),
             )?,
-            oom_event_latency: histogram(
-                registry,
-                "nodelet_oom_event_latency_seconds",
-                "Time from the kernel's OOM kill (its memory.events count) to the pod worker hearing of it",
-                &[],
-                prometheus::exponential_buckets(0.0001, 2.0, 16)?,
-            )?,
         })
     }
 }
@@ -186,13 +178,6 @@ impl KubeletMetrics {
         let Some(i) = &self.instruments else { return };
         i.image_pull_bytes.with_label_values(&[result]).inc_by(bytes as f64);
         i.image_pull_duration.with_label_values(&[result]).observe(took.as_secs_f64());
-    }
-
-    /// How long after the kernel's OOM kill nodelet heard of it.
-    pub fn oom_event(&self, latency: Duration) {
-        if let Some(i) = &self.instruments {
-            i.oom_event_latency.with_label_values(&[] as &[&str]).observe(latency.as_secs_f64());
-        }
     }
 
     /// Every family: the registered instruments and the gauges of what runs now.

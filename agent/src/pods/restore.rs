@@ -90,6 +90,13 @@ pub struct Inherited {
     pub sandbox: Option<Sandbox>,
 }
 
+impl Inherited {
+    /// Whether a previous agent left anything of the pod (else the pod is new to this node).
+    pub fn is_empty(&self) -> bool {
+        self.saved.is_none() && self.containers.is_empty() && self.sandbox.is_none()
+    }
+}
+
 /// The previous agent's live containers and sandboxes, until pod workers claim them.
 #[derive(Debug, Default)]
 pub struct Leftovers {

@@ -145,6 +145,14 @@ impl RealRuntime {
     }
 }
 
+/// Times a runtime operation into `kubelet_runtime_operations_*`, under upstream's CRI method names.
+async fn timed<T, E>(operation: &str, f: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    let started = std::time::Instant::now();
+    let result = f.await;
+    crate::metrics::kubelet::METRICS.runtime_operation(operation, started.elapsed(), result.is_ok());
+    result
+}
+
 /// The exit reported for a container the runtime does not know.
 fn unknown_exit() -> ContainerExit {
     ContainerExit { code: 137, signal: None, oom_killed: false, status_known: false }
@@ -152,11 +160,11 @@ fn unknown_exit() -> ContainerExit {
 
 impl ContainerRuntime for RealRuntime {
     fn create_sandbox<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, Result<Sandbox, RuntimeError>> {
-        Box::pin(self.runtime.create_sandbox(config))
+        Box::pin(timed("run_podsandbox", self.runtime.create_sandbox(config)))
     }
 
     fn remove_sandbox<'a>(&'a self, sandbox: &'a Sandbox) -> BoxFuture<'a, Result<(), RuntimeError>> {
-        Box::pin(self.runtime.remove_sandbox(sandbox))
+        Box::pin(timed("remove_podsandbox", self.runtime.remove_sandbox(sandbox)))
     }
 
     fn list_sandboxes(&self) -> Vec<Sandbox> {
@@ -165,7 +173,7 @@ impl ContainerRuntime for RealRuntime {
 
     fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
-            let c = self.runtime.create(config, io).await?;
+            let c = timed("create_container", self.runtime.create(config, io)).await?;
             let signal = config.stop_signal.as_deref().and_then(|s| {
                 let parsed = nodelet_runtime::parse_signal(s);
                 if parsed.is_none() {
@@ -186,7 +194,7 @@ impl ContainerRuntime for RealRuntime {
             let c = self
                 .container(id)
                 .ok_or_else(|| RuntimeError::Start { id: id.into(), message: "unknown container".into() })?;
-            self.runtime.start(&c).await
+            timed("start_container", self.runtime.start(&c)).await
         })
     }
 
@@ -204,7 +212,10 @@ impl ContainerRuntime for RealRuntime {
             match self.container(id) {
                 Some(c) => {
                     let signal = self.stop_signals.lock().unwrap_or_else(|e| e.into_inner()).get(id).copied();
-                    self.runtime.stop_with(&c, signal.unwrap_or(Signal::SIGTERM), grace).await
+                    let stop = async {
+                        Ok::<_, ()>(self.runtime.stop_with(&c, signal.unwrap_or(Signal::SIGTERM), grace).await)
+                    };
+                    timed("stop_container", stop).await.unwrap_or_else(|()| unknown_exit())
                 }
                 None => unknown_exit(),
             }
@@ -220,7 +231,7 @@ impl ContainerRuntime for RealRuntime {
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let Some(c) = self.container(id) else { return };
-            if let Err(e) = self.runtime.delete(&c).await {
+            if let Err(e) = timed("remove_container", self.runtime.delete(&c)).await {
                 tracing::warn!(container = %id, error = %e, "deleting a container");
             }
             self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
@@ -254,7 +265,7 @@ impl ContainerRuntime for RealRuntime {
                 .container(id)
                 .ok_or_else(|| RuntimeError::Exec { id: id.into(), message: "the container is not running".into() })?;
             let exec = nodelet_runtime::ExecConfig { args: args.to_vec(), env: Vec::new(), tty: false };
-            let (code, mut out, err) = self.runtime.exec_sync(&c, &exec, timeout).await?;
+            let (code, mut out, err) = timed("exec_sync", self.runtime.exec_sync(&c, &exec, timeout)).await?;
             out.extend(err);
             Ok((code, out))
         })
@@ -272,7 +283,7 @@ impl ContainerRuntime for RealRuntime {
                 .container(id)
                 .ok_or_else(|| RuntimeError::Exec { id: id.into(), message: "the container is not running".into() })?;
             let exec = nodelet_runtime::ExecConfig { args: args.to_vec(), env: Vec::new(), tty };
-            self.runtime.exec(&c, &exec, io).await
+            timed("exec", self.runtime.exec(&c, &exec, io)).await
         })
     }
 

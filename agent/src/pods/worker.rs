@@ -120,6 +120,11 @@ pub struct Worker {
     volume_changes: Arc<tokio::sync::Notify>,
     /// A deletion or removal that arrived while a container was being prepared, handled first.
     pending: Option<Desired>,
+    /// First pull's start and last pull's end: the pod start SLI leaves pulling out, as upstream's.
+    pulling: Option<(Instant, Instant)>,
+    /// Whether the pod's start was counted in `kubelet_pod_start_sli_duration_seconds` (or is not to be: a pod
+    /// taken over from a previous agent).
+    start_counted: bool,
     /// Shared with the dispatcher: the pod is terminal (it stops counting for admission); a deferred resize.
     shared: Arc<super::Shared>,
 }
@@ -191,6 +196,8 @@ impl Worker {
             volumes_resync: Instant::now(),
             volume_changes,
             pending: None,
+            pulling: None,
+            start_counted: false,
             shared,
         };
         worker.add_ephemeral_containers();
@@ -235,7 +242,13 @@ impl Worker {
     /// Runs the pod until it is deleted or removed.
     /// Runs the pod until it is deleted or removed.
     pub async fn run(mut self) {
+        let mut operation = "create";
         if let Some(inherited) = self.inherited.take() {
+            // A pod a previous agent ran: its start was counted then.
+            if !inherited.is_empty() {
+                self.start_counted = true;
+                operation = "sync";
+            }
             self.take_over(inherited).await;
             let spec = self.pod.spec.clone().unwrap_or_default();
             // Its app containers ran before: the pod had initialized.
@@ -245,6 +258,7 @@ impl Worker {
         }
         self.publish();
         loop {
+            let round = Instant::now();
             if !self.state.phase.is_terminal() {
                 self.mount_volumes().await;
             }
@@ -264,7 +278,11 @@ impl Worker {
                 self.tear_down().await;
             }
             self.publish();
+            self.count_start();
+            crate::metrics::kubelet::METRICS.pod_worker(operation, round.elapsed());
+            operation = "sync";
             if let Some(desired) = self.pending.take() {
+                operation = if matches!(desired, Desired::Pod(_)) { "update" } else { "sync" };
                 if self.handle(desired).await {
                     return;
                 }
@@ -279,6 +297,7 @@ impl Worker {
             tokio::select! {
                 changed = self.rx.changed() => {
                     let desired = self.latest(changed.is_ok());
+                    operation = if matches!(desired, Desired::Pod(_)) { "update" } else { "sync" };
                     if self.handle(desired).await {
                         return;
                     }
@@ -289,6 +308,22 @@ impl Worker {
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
+    }
+
+    /// Counts the pod's start once all its app containers run: from its creation to now, less the time from
+    /// the first pull's start to the last one's end (upstream's pod start SLI).
+    fn count_start(&mut self) {
+        if self.start_counted || self.state.containers.is_empty() {
+            return;
+        }
+        if !self.state.containers.iter().all(|c| c.state.is_running()) {
+            return;
+        }
+        self.start_counted = true;
+        let Some(created) = self.pod.metadata.creation_timestamp.as_ref() else { return };
+        let since = Timestamp::now().duration_since(created.0).as_secs_f64();
+        let pulling = self.pulling.map_or(0.0, |(first, last)| last.saturating_duration_since(first).as_secs_f64());
+        crate::metrics::kubelet::METRICS.pod_started(since - pulling);
     }
 
     /// The desired pod after the inbox changed (`open`: the dispatcher is still there).

@@ -70,6 +70,43 @@ pub fn loopback_only_network() -> Result<tempfile::TempDir> {
     Ok(dir)
 }
 
+/// An address of the host other than loopback, which the API server may proxy to (`nodes/proxy` refuses
+/// loopback) and an EndpointSlice may name: one end of a veth pair whose other end waits in a network namespace
+/// of its own (this kernel has no dummy interfaces). Deleting the namespace on drop deletes the pair.
+pub struct HostAddress {
+    pub ip: String,
+    netns: String,
+}
+
+impl HostAddress {
+    /// `192.168.<octet>.1`, its peer `.2`; a leftover of the same `tag` from a crashed run is replaced.
+    pub fn create(tag: &str, octet: u8) -> Result<HostAddress> {
+        let netns = format!("nodelet-addr-{tag}");
+        let (host_if, peer_if) = (format!("nla{octet}h"), format!("nla{octet}p"));
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip").args(args).output().context("running ip")?;
+            anyhow::ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        };
+        let _ = Command::new("ip").args(["netns", "delete", &netns]).output();
+        let _ = Command::new("ip").args(["link", "delete", &host_if]).output();
+        ip(&["netns", "add", &netns])?;
+        let address = HostAddress { ip: format!("192.168.{octet}.1"), netns: netns.clone() };
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer_if, "netns", &netns])?;
+        ip(&["addr", "add", &format!("{}/30", address.ip), "dev", &host_if])?;
+        ip(&["-n", &netns, "addr", "add", &format!("192.168.{octet}.2/30"), "dev", &peer_if])?;
+        ip(&["-n", &netns, "link", "set", &peer_if, "up"])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        Ok(address)
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).output();
+    }
+}
+
 /// Kills and reaps a helper process on drop.
 pub struct ChildGuard(pub std::process::Child);
 
@@ -131,7 +168,12 @@ fn script() -> PathBuf {
 impl Nodelet {
     /// Starts nodelet with `args` besides the ones every test needs (root dir, config, node name and IP).
     pub fn start(name: &str, config_yaml: &str, args: &[String]) -> Result<Nodelet> {
-        Nodelet::start_in(name, config_yaml, None, None, args)
+        Nodelet::start_in(name, config_yaml, None, None, None, args)
+    }
+
+    /// Like [`Nodelet::start`] in the host's network namespace with node IP `node_ip` (an address of the host).
+    pub fn start_with_ip(name: &str, config_yaml: &str, node_ip: &str, args: &[String]) -> Result<Nodelet> {
+        Nodelet::start_in(name, config_yaml, None, None, Some(node_ip), args)
     }
 
     /// Like [`Nodelet::start`] with a given `--root-dir` (prepared by the test, e.g. with imported images), in the
@@ -143,7 +185,7 @@ impl Nodelet {
         netns: &Netns,
         args: &[String],
     ) -> Result<Nodelet> {
-        Nodelet::start_in(name, config_yaml, Some(root), Some(netns), args)
+        Nodelet::start_in(name, config_yaml, Some(root), Some(netns), None, args)
     }
 
     fn start_in(
@@ -151,6 +193,7 @@ impl Nodelet {
         config_yaml: &str,
         root: Option<&Path>,
         netns: Option<&Netns>,
+        node_ip: Option<&str>,
         args: &[String],
     ) -> Result<Nodelet> {
         let dir = tempfile::Builder::new().prefix("nodelet-e2e-").tempdir()?;
@@ -171,7 +214,7 @@ impl Nodelet {
             "--hostname-override".into(),
             name.into(),
             "--node-ip".into(),
-            netns.map_or("127.0.0.1", |n| n.node_ip.as_str()).into(),
+            node_ip.or(netns.map(|n| n.node_ip.as_str())).unwrap_or("127.0.0.1").into(),
         ];
         all.extend(args.iter().cloned());
         let mut n = Nodelet {
@@ -349,6 +392,19 @@ pub fn start_cluster_node(
     config_yaml: &str,
     extra: &[String],
 ) -> Result<(Nodelet, tempfile::TempDir)> {
+    start_cluster_node_at(cluster, registry, name, "127.0.0.1", config_yaml, extra)
+}
+
+/// Like [`start_cluster_node`] with node IP `node_ip` (an address of the host other than loopback, which the API
+/// server may proxy to).
+pub fn start_cluster_node_at(
+    cluster: &nodelet_integration::cluster::Cluster,
+    registry: &nodelet_integration::registry::Registry,
+    name: &str,
+    node_ip: &str,
+    config_yaml: &str,
+    extra: &[String],
+) -> Result<(Nodelet, tempfile::TempDir)> {
     let kubeconfig = cluster.node_kubeconfig(name)?;
     let net_d = loopback_only_network()?;
     let mut args = vec![
@@ -364,7 +420,7 @@ pub fn start_cluster_node(
         registry.host(),
     ];
     args.extend(extra.iter().cloned());
-    Ok((Nodelet::start(name, config_yaml, &args)?, net_d))
+    Ok((Nodelet::start_with_ip(name, config_yaml, node_ip, &args)?, net_d))
 }
 
 /// The (reason, message) of the Events about pod `pod` in `default`.

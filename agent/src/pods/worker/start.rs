@@ -191,6 +191,7 @@ impl Worker {
             events.record(&pod_ref, on, e.warning, e.reason, &e.message)
         };
         let (images, image_name) = (self.ctx.images.clone(), image.to_string());
+        let started = Instant::now();
         let mut pull =
             tokio::spawn(async move { images.ensure(&image_name, policy, &secrets, &key, &record_event).await });
         let pulled = loop {
@@ -207,6 +208,7 @@ impl Worker {
                 },
             }
         };
+        self.pulling = Some(self.pulling.map_or((started, Instant::now()), |(first, _)| (first, Instant::now())));
         Some(pulled.unwrap_or_else(|e| {
             Err(ImageFailure { reason: "ErrImagePull", message: format!("pulling the image stopped: {e}") })
         }))
