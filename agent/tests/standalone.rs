@@ -65,6 +65,41 @@ fn check_exec(root: &str) -> Result<()> {
     Ok(())
 }
 
+/// `nodelet top` and `nodelet raw` on the local socket: the running pod measured, with its own network namespace's
+/// interface (the built-in network's `eth0`) and the pressure columns.
+async fn check_stats(root: &str) -> Result<()> {
+    let summary: serde_json::Value = wait_for("hello in the summary", Duration::from_secs(20), || async {
+        let summary: serde_json::Value =
+            serde_json::from_str(&nodelet(&["raw", "--root-dir", root, "/stats/summary"])?)?;
+        let found = summary["pods"].as_array().is_some_and(|pods| {
+            pods.iter().any(|p| {
+                p["podRef"]["name"].as_str().is_some_and(|n| n.starts_with("hello-"))
+                    && p["cpu"]["usageNanoCores"].is_u64()
+            })
+        });
+        Ok(found.then_some(summary))
+    })
+    .await?;
+    let hello = summary["pods"]
+        .as_array()
+        .and_then(|pods| pods.iter().find(|p| p["podRef"]["name"].as_str().is_some_and(|n| n.starts_with("hello-"))))
+        .context("hello")?;
+    ensure!(hello["network"]["name"] == "eth0" && hello["network"]["rxBytes"].is_u64(), "{hello}");
+    ensure!(
+        hello["containers"][0]["name"] == "hello" && hello["containers"][0]["logs"]["usedBytes"].is_u64(),
+        "{hello}"
+    );
+    let top = nodelet(&["top", "--root-dir", root, "--containers"])?;
+    let row = top.lines().find(|l| l.contains(" hello-")).with_context(|| format!("hello in {top}"))?;
+    ensure!(row.split_whitespace().nth(2) == Some("hello") && row.contains("Mi"), "{top}");
+    ensure!(top.starts_with("NODE") && top.contains("MEM-SOME%"), "{top}");
+    match nodelet(&["raw", "--root-dir", root, "/nothing"]) {
+        Err(e) => ensure!(format!("{e:#}").contains("404"), "{e:#}"),
+        Ok(out) => anyhow::bail!("nodelet raw /nothing answered {out:?}"),
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn standalone_node_runs_the_example_manifests() -> Result<()> {
     if !ready("standalone_node_runs_the_example_manifests", &[Need::Root, Need::Registry]) {
@@ -93,6 +128,8 @@ async fn standalone_node_runs_the_example_manifests() -> Result<()> {
             manifests.display().to_string(),
             "--cni-conf-dir".into(),
             work.path().join("net.d").display().to_string(),
+            "--housekeeping-interval".into(),
+            "1s".into(),
         ],
     )?;
 
@@ -115,6 +152,7 @@ async fn standalone_node_runs_the_example_manifests() -> Result<()> {
     ensure!(logs("countdown", "count")? == "3\n2\n1\nliftoff\n");
     ensure!(logs("countdown", "prepare")? == "preparing\n");
     check_exec(&root).with_context(|| node.log())?;
+    check_stats(&root).await.with_context(|| node.log())?;
 
     // A malformed manifest is logged with its file name and skipped; the other pods keep running.
     std::fs::write(manifests.join("broken.yaml"), "apiVersion: v1\nkind: Pod\nspec: [not, a, spec]\n")?;

@@ -201,11 +201,7 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
 
     // Authorization as upstream maps paths: no identity is 401; a user without rights is refused with the
     // subresource named; one allowed `nodes/metrics` only reads metrics, not stats.
-    let port = node.log().lines().filter(|l| l.contains("serving the kubelet API")).find_map(|l| {
-        let address = l.split("address=").nth(1)?.split_whitespace().next()?;
-        Some(address.rsplit(':').next()?.to_string())
-    });
-    let port = port.context("the kubelet API's port in the log")?;
+    let port = node.port().context("the kubelet API's port")?;
     let url = |path: &str| format!("https://{}:{port}{path}", address.ip);
     ensure!(status_of(&url("/stats/summary"), None)? == "401");
     let nobody = cluster.pki().client("nobody", "nobody", &[])?;

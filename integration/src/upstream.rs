@@ -21,6 +21,8 @@ use crate::testbed;
 /// A kubelet + containerd node.
 pub struct UpstreamNode {
     dir: tempfile::TempDir,
+    /// The kubelet API's port (on 127.0.0.1; anonymous requests allowed).
+    port: u16,
     sandbox: String,
     daemons: Process,
     /// Host directories containerd and libcni write to whatever their config says, and which did not exist
@@ -118,7 +120,7 @@ imageGCLowThresholdPercent: 99
         cmd.env("CGROUP_SANDBOX_ONLY_ROOTS", "1");
         let host_dirs = HOST_DIRS.iter().map(PathBuf::from).filter(|d| !d.exists()).collect();
         let daemons = Process::spawn("kubelet", cmd, dir.path())?;
-        Ok(Self { dir, sandbox, daemons, host_dirs })
+        Ok(Self { dir, port, sandbox, daemons, host_dirs })
     }
 
     /// The node's daemons with their RSS in KiB: the kubelet, containerd and one runc shim per pod (not the
@@ -170,6 +172,11 @@ imageGCLowThresholdPercent: 99
             .await
             .context("patching the upstream node's addresses")?;
         Ok(())
+    }
+
+    /// The kubelet API's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The fixture's directory (configs, logs, state).

@@ -267,6 +267,11 @@ impl Nodelet {
     }
 
     /// The agent's PID (the sandbox script execs into it).
+    /// The kubelet API's port (`--port`), when the test set one.
+    pub fn port(&self) -> Option<u16> {
+        self.args.iter().position(|a| a == "--port").and_then(|i| self.args.get(i + 1)).and_then(|p| p.parse().ok())
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(|p| p.pid())
     }
