@@ -35,7 +35,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::upstream::UpstreamNode;
-use support::{pod, rank, wait_for};
+use support::{pod, process_cpu, rank, wait_for};
 
 const PER_POD: usize = 10;
 
@@ -50,23 +50,6 @@ struct Cpu {
     pods: f64,
 }
 
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// utime + stime of `pid` (its exited threads included), in seconds.
-fn process_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name (which may hold spaces) in parentheses: field 3 onwards.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15: indexes 11 and 12 after the name.
-    (get(11) + get(12)) as f64 / ticks_per_second()
-}
-
 /// Busy seconds of the machine (every CPU) from `/proc/stat`.
 fn machine_busy() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -74,7 +57,7 @@ fn machine_busy() -> f64 {
     let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal
     let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
-    busy as f64 / ticks_per_second()
+    busy as f64 / support::ticks_per_second()
 }
 
 /// CPU seconds of a cgroup sandbox's pods (v1 cpuacct or v2 cpu.stat).

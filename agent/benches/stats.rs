@@ -23,22 +23,7 @@ use nodelet_integration::certs::CertFiles;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::upstream::UpstreamNode;
-use support::{pod, rank, wait_for};
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// utime + stime of `pid`, in seconds.
-fn process_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (get(11) + get(12)) as f64 / ticks_per_second()
-}
+use support::{pod, process_cpu, rank, wait_for};
 
 /// One node under test.
 struct Peer<'a> {
@@ -199,6 +184,21 @@ async fn main() {
     if rows.len() == 2 {
         println!("\nnodelet / upstream summary p50: {:.2}x", rows[0].p50_ms / rows[1].p50_ms);
     }
+    // nodelet's own account of its housekeeping rounds (wall time, in its blocking thread).
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--cert"])
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        .arg(format!("https://127.0.0.1:{}/metrics", peers[0].port))
+        .output()
+        .expect("curl /metrics");
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let value =
+        |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let (sum, count) =
+        (value("nodelet_housekeeping_duration_seconds_sum"), value("nodelet_housekeeping_duration_seconds_count"));
+    println!("nodelet housekeeping: {count} rounds, {:.2} ms per round ({n_pods} pods)", sum / count * 1000.0);
     let top = cluster.kubectl().args(["top", "node"]).output().expect("kubectl top");
     println!("\nkubectl top node (through metrics-server):\n{}", String::from_utf8_lossy(&top.stdout));
     drop(peers);

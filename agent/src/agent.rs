@@ -32,7 +32,9 @@ pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
         .await
         .with_context(|| format!("{}: invalid kubeconfig", path.display()))?;
-    kube::Client::try_from(config).context("building the API client")
+    let host = config.cluster_url.authority().map(ToString::to_string).unwrap_or_default();
+    let builder = kube::client::ClientBuilder::try_from(config).context("building the API client")?;
+    Ok(builder.with_layer(&crate::metrics::rest_client::CountRequests { host }).build())
 }
 
 /// Starts the kubelet API: on the local socket always (root only: `nodelet exec`), on TCP with TLS when there is

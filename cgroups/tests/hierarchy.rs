@@ -137,6 +137,13 @@ fn run(h: &Hierarchy) {
     assert!(pod.cpu_usage_ns >= stats.cpu_usage_ns, "pod {pod:?} vs container {stats:?}");
     assert!(pod.memory_usage_bytes >= stats.memory_usage_bytes, "pod {pod:?} vs container {stats:?}");
     assert!(pod.pids >= stats.pids);
+    assert_eq!(stats.oom_kills, 0, "{stats:?}");
+    // PSI from the cgroup2 directory (on hybrid hosts too), and where its processes are listed.
+    let pressure = nodelet_cgroups::stats::cgroup_pressure(h, &ctr).expect("PSI files of the container's cgroup");
+    assert!(pressure.cpu.some.avg10 >= 0.0 && pressure.memory.full.total_us <= pressure.memory.some.total_us);
+    assert!(nodelet_cgroups::stats::node_pressure().is_some(), "/proc/pressure");
+    let procs = read(h.procs_dir(&ctr).join("cgroup.procs"));
+    assert!(procs.lines().any(|p| p == hog.id().to_string()), "{procs}");
     if h.is_v2() {
         h.set_oom_group(&ctr, true).unwrap();
         assert_eq!(read(h.unified(&ctr).join("memory.oom.group")), "1");

@@ -36,6 +36,8 @@ struct Instruments {
     http_duration: HistogramVec,
     image_pull_bytes: CounterVec,
     image_pull_duration: HistogramVec,
+    rest_client_requests: CounterVec,
+    housekeeping_duration: HistogramVec,
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> Result<HistogramVec> {
@@ -121,6 +123,19 @@ impl Instruments {
                 &["result"],
                 POD_START_BUCKETS.to_vec(),
             )?,
+            housekeeping_duration: histogram(
+                registry,
+                "nodelet_housekeeping_duration_seconds",
+                "Duration in seconds of one stats housekeeping round (reading every pod's and container's usage)",
+                &[],
+                prometheus::exponential_buckets(0.001, 2.0, 14)?,
+            )?,
+            rest_client_requests: counter(
+                registry,
+                "rest_client_requests_total",
+                "Number of HTTP requests, partitioned by status code, method, and host.",
+                &["code", "host", "method"],
+            )?,
         })
     }
 }
@@ -178,6 +193,20 @@ impl KubeletMetrics {
         let Some(i) = &self.instruments else { return };
         i.image_pull_bytes.with_label_values(&[result]).inc_by(bytes as f64);
         i.image_pull_duration.with_label_values(&[result]).observe(took.as_secs_f64());
+    }
+
+    /// One stats housekeeping round.
+    pub fn housekeeping(&self, took: Duration) {
+        if let Some(i) = &self.instruments {
+            i.housekeeping_duration.with_label_values(&[] as &[&str]).observe(took.as_secs_f64());
+        }
+    }
+
+    /// One API request's outcome (`code`: the HTTP status, or `<error>`).
+    pub fn rest_client_request(&self, code: &str, host: &str, method: &str) {
+        if let Some(i) = &self.instruments {
+            i.rest_client_requests.with_label_values(&[code, host, method]).inc();
+        }
     }
 
     /// Every family: the registered instruments and the gauges of what runs now.

@@ -1,10 +1,11 @@
 //! Prometheus endpoints: `/metrics` (the agent's own series under kubelet's names, [`kubelet`]), `/metrics/resource`
-//! (what the metrics-server reads, [`resource`]) and `/metrics/cadvisor` (per-container series under cAdvisor's
+//! (what the metrics-server reads, [`resource`]; the API client's requests counted by [`rest_client`]) and `/metrics/cadvisor` (per-container series under cAdvisor's
 //! names, [`cadvisor`]). Series are built with the `prometheus` crate's model and text encoder.
 
 pub mod cadvisor;
 pub mod kubelet;
 pub mod resource;
+pub mod rest_client;
 
 use jiff::Timestamp;
 use prometheus::Encoder;

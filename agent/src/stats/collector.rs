@@ -254,6 +254,8 @@ impl Collector {
 
     /// One round: reads everything and returns the summary. `now`/`wall` are the same moment.
     pub fn collect(&mut self, readings: &dyn Readings, pods: &[PodInput], now: Instant, wall: Timestamp) -> Snapshot {
+        let round = OneRound { readings, filesystems: Default::default() };
+        let readings: &dyn Readings = &round;
         let time = Time(wall);
         let node = self.node(readings, &time, now);
         let mut out = Vec::with_capacity(pods.len());
@@ -408,6 +410,47 @@ impl Collector {
             process_stats: Some(ProcessStats { process_count: Some(stats.pids) }),
             swap,
         })
+    }
+}
+
+/// The readings of one round, with each filesystem's statvfs taken once (every pod asks for the root dir's,
+/// the writable layers' and the logs' filesystem).
+struct OneRound<'a> {
+    readings: &'a dyn Readings,
+    filesystems: std::sync::Mutex<HashMap<PathBuf, Option<Filesystem>>>,
+}
+
+impl Readings for OneRound<'_> {
+    fn host(&self) -> Option<HostStats> {
+        self.readings.host()
+    }
+    fn host_pressure(&self) -> Option<PressureStats> {
+        self.readings.host_pressure()
+    }
+    fn cgroup(&self, rel: &str) -> Option<CgroupStats> {
+        self.readings.cgroup(rel)
+    }
+    fn pressure(&self, rel: &str) -> Option<PressureStats> {
+        self.readings.pressure(rel)
+    }
+    fn agent(&self) -> Option<(CgroupStats, Option<PressureStats>)> {
+        self.readings.agent()
+    }
+    fn filesystem(&self, path: &Path) -> Option<Filesystem> {
+        let mut known = self.filesystems.lock().unwrap_or_else(|e| e.into_inner());
+        *known.entry(path.to_path_buf()).or_insert_with(|| self.readings.filesystem(path))
+    }
+    fn disk_usage(&self, path: &Path) -> Option<DiskUsage> {
+        self.readings.disk_usage(path)
+    }
+    fn interfaces(&self, rel: Option<&str>) -> Vec<InterfaceStats> {
+        self.readings.interfaces(rel)
+    }
+    fn volumes(&self, pod_dir: &Path) -> Vec<(String, PathBuf)> {
+        self.readings.volumes(pod_dir)
+    }
+    fn processes(&self) -> (Option<i64>, Option<i64>) {
+        self.readings.processes()
     }
 }
 

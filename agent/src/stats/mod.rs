@@ -35,7 +35,9 @@ impl StatsProvider {
                 let readings = readings.clone();
                 // File reads and directory walks: off the async threads.
                 let round = tokio::task::spawn_blocking(move || {
-                    let summary = collector.collect(readings.as_ref(), &inputs, Instant::now(), jiff::Timestamp::now());
+                    let started = Instant::now();
+                    let summary = collector.collect(readings.as_ref(), &inputs, started, jiff::Timestamp::now());
+                    crate::metrics::kubelet::METRICS.housekeeping(started.elapsed());
                     (collector, summary)
                 })
                 .await;

@@ -462,3 +462,21 @@ pub async fn wait_node_ready(client: &kube::Client, name: &str) -> Result<()> {
     })
     .await
 }
+
+/// Clock ticks per second (`/proc` CPU times): benches' CPU figures.
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// utime + stime of `pid` (its exited threads included), in seconds.
+pub fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (which may hold spaces) in parentheses: field 3 onwards.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15: indexes 11 and 12 after the name.
+    (get(11) + get(12)) as f64 / ticks_per_second()
+}
