@@ -83,18 +83,38 @@ fn field(text: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads the usage of cgroup `rel` (relative to the node's cgroup root).
-pub fn cgroup_stats(hierarchy: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
-    if hierarchy.is_v2() { v2_stats(&hierarchy.unified(rel)) } else { v1_stats(hierarchy, rel) }
+/// Which of the costlier counters to read besides CPU, memory, pids and OOM kills (a housekeeping round reads
+/// every pod's and container's cgroup: each file is a few microseconds of kernel time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extras {
+    /// Block I/O bytes.
+    pub io: bool,
+    /// Swap usage (pointless on a node without swap).
+    pub swap: bool,
 }
 
-fn v2_stats(dir: &Path) -> io::Result<CgroupStats> {
+impl Extras {
+    /// Everything.
+    pub const ALL: Extras = Extras { io: true, swap: true };
+}
+
+/// Reads the usage of cgroup `rel` (relative to the node's cgroup root), every counter.
+pub fn cgroup_stats(hierarchy: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
+    cgroup_stats_with(hierarchy, rel, Extras::ALL)
+}
+
+/// Reads the usage of cgroup `rel`, the costlier counters only as `extras` asks (the others are 0 / `None`).
+pub fn cgroup_stats_with(hierarchy: &Hierarchy, rel: &str, extras: Extras) -> io::Result<CgroupStats> {
+    if hierarchy.is_v2() { v2_stats(&hierarchy.unified(rel), extras) } else { v1_stats(hierarchy, rel, extras) }
+}
+
+fn v2_stats(dir: &Path, extras: Extras) -> io::Result<CgroupStats> {
     let cpu = read(&dir.join("cpu.stat"))?;
     let memory = read(&dir.join("memory.stat"))?;
     let usage = number(&dir.join("memory.current"))?;
     let (io_read_bytes, io_write_bytes) = match std::fs::read_to_string(dir.join("io.stat")) {
-        Ok(text) => io_v2(&text),
-        Err(_) => (0, 0),
+        Ok(text) if extras.io => io_v2(&text),
+        _ => (0, 0),
     };
     Ok(CgroupStats {
         cpu_usage_ns: field(&cpu, "usage_usec") * 1000,
@@ -106,7 +126,7 @@ fn v2_stats(dir: &Path) -> io::Result<CgroupStats> {
         pids: number(&dir.join("pids.current")).unwrap_or(0),
         io_read_bytes,
         io_write_bytes,
-        swap_usage_bytes: number(&dir.join("memory.swap.current")).ok(),
+        swap_usage_bytes: if extras.swap { number(&dir.join("memory.swap.current")).ok() } else { None },
         oom_kills: std::fs::read_to_string(dir.join("memory.events")).map_or(0, |t| field(&t, "oom_kill")),
     })
 }
@@ -124,7 +144,7 @@ fn io_v2(text: &str) -> (u64, u64) {
     totals
 }
 
-fn v1_stats(h: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
+fn v1_stats(h: &Hierarchy, rel: &str, extras: Extras) -> io::Result<CgroupStats> {
     let missing = |c: V1| io::Error::other(format!("no v1 {} hierarchy", c.name()));
     let memory_dir = h.v1(V1::Memory, rel).ok_or_else(|| missing(V1::Memory))?;
     let memory = read(&memory_dir.join("memory.stat"))?;
@@ -132,6 +152,7 @@ fn v1_stats(h: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
     let cpu_dir = h.v1(V1::Cpuacct, rel).ok_or_else(|| missing(V1::Cpuacct))?;
     let (io_read_bytes, io_write_bytes) = h
         .v1(V1::Blkio, rel)
+        .filter(|_| extras.io)
         .and_then(|d| std::fs::read_to_string(d.join("blkio.throttle.io_service_bytes_recursive")).ok())
         .map(|t| io_v1(&t))
         .unwrap_or((0, 0));
@@ -145,7 +166,11 @@ fn v1_stats(h: &Hierarchy, rel: &str) -> io::Result<CgroupStats> {
         pids: h.v1(V1::Pids, rel).map(|d| number(&d.join("pids.current")).unwrap_or(0)).unwrap_or(0),
         io_read_bytes,
         io_write_bytes,
-        swap_usage_bytes: number(&memory_dir.join("memory.memsw.usage_in_bytes")).ok().map(|t| t.saturating_sub(usage)),
+        swap_usage_bytes: if extras.swap {
+            number(&memory_dir.join("memory.memsw.usage_in_bytes")).ok().map(|t| t.saturating_sub(usage))
+        } else {
+            None
+        },
         oom_kills: std::fs::read_to_string(memory_dir.join("memory.oom_control")).map_or(0, |t| field(&t, "oom_kill")),
     })
 }

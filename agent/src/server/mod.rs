@@ -112,6 +112,30 @@ where
         .map_err(|e| anyhow::anyhow!(e))
 }
 
+/// The `method` and `path` labels of a request, as upstream buckets them: known first path segments, else
+/// `other` (a client's made-up paths or methods must not grow the series without bound).
+fn metric_labels(method: &Method, path: &str) -> (&'static str, &'static str) {
+    const BUCKETS: &[&str] = &[
+        "attach",
+        "configz",
+        "containerLogs",
+        "exec",
+        "healthz",
+        "logs",
+        "metrics",
+        "pods",
+        "portForward",
+        "run",
+        "runningpods",
+        "spec",
+        "stats",
+    ];
+    const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let bucket = BUCKETS.iter().find(|b| **b == first).copied().unwrap_or("other");
+    (METHODS.iter().find(|m| **m == method.as_str()).copied().unwrap_or("other"), bucket)
+}
+
 /// The local socket's name under the root dir; its directory is root's alone (mode 0700).
 pub fn local_socket(root_dir: &std::path::Path) -> PathBuf {
     root_dir.join("api").join("kubelet.sock")
@@ -173,13 +197,10 @@ impl KubeletApi {
     /// Serves an authorized request, counted in `kubelet_http_requests_total`.
     async fn route(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
-        let method = req.method().to_string();
-        let path = req.uri().path().to_string();
-        // Upstream labels by the first path segment; streaming endpoints are long-running.
-        let first = path.trim_start_matches('/').split('/').next().unwrap_or("").to_string();
-        let long_running = matches!(first.as_str(), "exec" | "attach" | "portForward" | "containerLogs");
+        let (method, bucket) = metric_labels(req.method(), req.uri().path());
+        let long_running = matches!(bucket, "exec" | "attach" | "portForward" | "containerLogs");
         let response = self.dispatch(req).await;
-        crate::metrics::kubelet::METRICS.http_request(&method, &first, long_running, started.elapsed());
+        crate::metrics::kubelet::METRICS.http_request(method, bucket, long_running, started.elapsed());
         response
     }
 
@@ -294,4 +315,18 @@ fn text(code: StatusCode, message: String) -> Response<Body> {
 
 fn refused(e: container_logs::Refusal) -> Response<Body> {
     text(StatusCode::from_u16(e.code).unwrap_or(StatusCode::BAD_REQUEST), e.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_metrics_have_bounded_labels() {
+        assert_eq!(metric_labels(&Method::GET, "/stats/summary"), ("GET", "stats"));
+        assert_eq!(metric_labels(&Method::POST, "/exec/ns/pod/c"), ("POST", "exec"));
+        assert_eq!(metric_labels(&Method::GET, "/made-up-1234"), ("GET", "other"));
+        let odd = Method::from_bytes(b"BREW").unwrap_or(Method::GET);
+        assert_eq!(metric_labels(&odd, "/"), ("other", "other"));
+    }
 }

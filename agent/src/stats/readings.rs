@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nodelet_cgroups::hierarchy::Hierarchy;
-use nodelet_cgroups::stats::{self, CgroupStats, NodeStats, PressureStats};
+use nodelet_cgroups::stats::{self, CgroupStats, Extras, NodeStats, PressureStats};
 
 use super::collector::{DiskUsage, Filesystem, Readings};
 use super::summary::InterfaceStats;
@@ -20,11 +20,15 @@ pub struct HostReadings {
     pub hierarchy: Hierarchy,
     /// The host's whole tree, for the agent's own cgroup.
     pub host: Option<Hierarchy>,
+    /// What to read besides CPU and memory: no block I/O (the summary has no field for it), swap only where the
+    /// node has swap (as it had when the agent started).
+    extras: Extras,
 }
 
 impl HostReadings {
     pub fn new(hierarchy: Hierarchy) -> HostReadings {
-        HostReadings { hierarchy, host: Hierarchy::detect("/").ok() }
+        let swap = stats::node_stats().is_ok_and(|n| n.swap_total_bytes > 0);
+        HostReadings { hierarchy, host: Hierarchy::detect("/").ok(), extras: Extras { io: false, swap } }
     }
 
     /// A process in cgroup `rel` or one of its children (a pod's processes are in its containers' cgroups).
@@ -34,7 +38,9 @@ impl HostReadings {
             std::fs::read_to_string(d.join("cgroup.procs")).ok()?.lines().find_map(|l| l.trim().parse::<u32>().ok())
         };
         first(&dir).or_else(|| {
-            std::fs::read_dir(&dir).ok()?.flatten().filter(|e| e.path().is_dir()).find_map(|e| first(&e.path()))
+            // The directory entry's type, not a stat per entry: a v1 cgroup directory holds dozens of files.
+            let children = std::fs::read_dir(&dir).ok()?.flatten();
+            children.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).find_map(|e| first(&e.path()))
         })
     }
 }
@@ -49,7 +55,7 @@ impl Readings for HostReadings {
     }
 
     fn cgroup(&self, rel: &str) -> Option<CgroupStats> {
-        stats::cgroup_stats(&self.hierarchy, rel).ok()
+        stats::cgroup_stats_with(&self.hierarchy, rel, self.extras).ok()
     }
 
     fn pressure(&self, rel: &str) -> Option<PressureStats> {
@@ -60,7 +66,7 @@ impl Readings for HostReadings {
         let host = self.host.as_ref()?;
         let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let (usage, unified) = own_cgroups(&text, host.is_v2());
-        let stats = stats::cgroup_stats(host, usage?.trim_start_matches('/')).ok()?;
+        let stats = stats::cgroup_stats_with(host, usage?.trim_start_matches('/'), self.extras).ok()?;
         Some((stats, unified.and_then(|u| stats::cgroup_pressure(host, u.trim_start_matches('/')))))
     }
 
