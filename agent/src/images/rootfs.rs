@@ -3,7 +3,7 @@
 //! it uses is recorded there, so image GC never removes layers a container still runs on.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::mount::{MntFlags, MsFlags};
 
@@ -39,7 +39,7 @@ impl Rootfs {
     pub fn prepare(&self, store: &Store, id: &str, image: &ImageRecord) -> Result<PathBuf> {
         let dir = self.container_dir(id)?;
         let merged = dir.join("merged");
-        if is_mountpoint(&merged) {
+        if crate::volumes::mounts::is_mountpoint(&merged) {
             return Ok(merged);
         }
         let mut lower = Vec::new();
@@ -79,7 +79,7 @@ impl Rootfs {
     pub fn remove(&self, id: &str) -> Result<()> {
         let dir = self.container_dir(id)?;
         let merged = dir.join("merged");
-        if is_mountpoint(&merged) {
+        if crate::volumes::mounts::is_mountpoint(&merged) {
             nix::mount::umount2(&merged, MntFlags::MNT_DETACH)
                 .map_err(|e| ImageError::Mount { container: id.to_owned(), message: format!("unmount: {e}") })?;
         }
@@ -112,13 +112,6 @@ impl Rootfs {
         }
         Ok(out)
     }
-}
-
-/// True when `path` is a mount point in this mount namespace (listed in mountinfo).
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let target = path.display().to_string();
-    mounts.lines().any(|l| l.split(' ').nth(4) == Some(target.as_str()))
 }
 
 #[cfg(test)]
