@@ -111,22 +111,29 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
     }
 
     // The summary, through the API server's node proxy (the node's address is not loopback).
+    let last = std::sync::Mutex::new(String::new());
     let summary: Value = wait_for("the summary to show the workloads", Duration::from_secs(60), || async {
         let summary: Value = serde_json::from_str(&raw(&cluster, "/stats/summary")?)?;
-        let burning = pod_stats(&summary, "burner").is_some_and(|p| u64_at(p, "/cpu/usageNanoCores") > 0);
+        // A rate needs two samples: the container's cgroup may be sampled a round after the pod's.
+        let burning = pod_stats(&summary, "burner").is_some_and(|p| u64_at(p, "/containers/0/cpu/usageNanoCores") > 0);
         let holding = pod_stats(&summary, "holder")
             .is_some_and(|p| u64_at(p, "/containers/0/memory/workingSetBytes") >= 64 * MIB);
         let stalled = pod_stats(&summary, "stalled").is_some_and(|p| u64_at(p, "/memory/psi/some/total") > 0);
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = format!(
+            "burning {burning}, holding {holding}, stalled {stalled}; stalled pod: {}",
+            pod_stats(&summary, "stalled").map(Value::to_string).unwrap_or_default()
+        );
         Ok((burning && holding && stalled).then_some(summary))
     })
     .await
-    .with_context(|| raw(&cluster, "/stats/summary").unwrap_or_default())?;
+    .with_context(|| last.lock().unwrap_or_else(|e| e.into_inner()).clone())?;
     let text = serde_json::to_string_pretty(&summary)?;
     let burner = pod_stats(&summary, "burner").context("burner")?;
     let cores = u64_at(burner, "/cpu/usageNanoCores");
     // One busy loop on a 2-core machine that other tests share: about one core, allowing for contention.
     ensure!((400_000_000..=1_150_000_000).contains(&cores), "burner at {cores} nanocores\n{text}");
-    ensure!(u64_at(burner, "/containers/0/cpu/usageNanoCores") > 300_000_000, "{text}");
+    let container_cores = u64_at(burner, "/containers/0/cpu/usageNanoCores");
+    ensure!(container_cores > 300_000_000, "burner's container at {container_cores} nanocores\n{text}");
     let holder = pod_stats(&summary, "holder").context("holder")?;
     let held = u64_at(holder, "/containers/0/memory/workingSetBytes");
     ensure!((64 * MIB..=96 * MIB).contains(&held), "holder's working set {held}\n{text}");
