@@ -34,6 +34,8 @@ pub struct CgroupStats {
     pub io_write_bytes: u64,
     /// Swap in use (v2 `memory.swap.current`; v1 memory+swap minus memory), where the host accounts it.
     pub swap_usage_bytes: Option<u64>,
+    /// The memory limit, bytes (`None`: unlimited).
+    pub memory_limit_bytes: Option<u64>,
     /// Processes the kernel's OOM killer killed in the cgroup (`oom_kill` of v2 `memory.events`, v1
     /// `memory.oom_control`).
     pub oom_kills: u64,
@@ -127,6 +129,8 @@ fn v2_stats(dir: &Path, extras: Extras) -> io::Result<CgroupStats> {
         io_read_bytes,
         io_write_bytes,
         swap_usage_bytes: if extras.swap { number(&dir.join("memory.swap.current")).ok() } else { None },
+        // "max" does not parse: no limit.
+        memory_limit_bytes: number(&dir.join("memory.max")).ok(),
         oom_kills: std::fs::read_to_string(dir.join("memory.events")).map_or(0, |t| field(&t, "oom_kill")),
     })
 }
@@ -172,6 +176,8 @@ fn v1_stats(h: &Hierarchy, rel: &str, extras: Extras) -> io::Result<CgroupStats>
             None
         },
         oom_kills: std::fs::read_to_string(memory_dir.join("memory.oom_control")).map_or(0, |t| field(&t, "oom_kill")),
+        // v1 reads back "no limit" as a page-rounded i64::MAX.
+        memory_limit_bytes: number(&memory_dir.join("memory.limit_in_bytes")).ok().filter(|l| *l < 1 << 62),
     })
 }
 

@@ -138,6 +138,8 @@ fn run(h: &Hierarchy) {
     assert!(pod.memory_usage_bytes >= stats.memory_usage_bytes, "pod {pod:?} vs container {stats:?}");
     assert!(pod.pids >= stats.pids);
     assert_eq!(stats.oom_kills, 0, "{stats:?}");
+    assert_eq!(pod.memory_limit_bytes, None, "the burstable pod has no memory limit");
+    assert_eq!(cgroup_stats(h, &guaranteed).unwrap().memory_limit_bytes, Some(64 << 20));
     // PSI from the cgroup2 directory (on hybrid hosts too), and where its processes are listed.
     let pressure = nodelet_cgroups::stats::cgroup_pressure(h, &ctr).expect("PSI files of the container's cgroup");
     assert!(pressure.cpu.some.avg10 >= 0.0 && pressure.memory.full.total_us <= pressure.memory.some.total_us);

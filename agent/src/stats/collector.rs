@@ -181,9 +181,13 @@ fn fs_stats(time: &Time, fs: Option<Filesystem>, used: Option<DiskUsage>) -> Opt
     })
 }
 
-/// The default interface (`eth0`, else the first) at the top level, all of them in `interfaces`.
+/// `eth0` at the top level (upstream's default interface; without one the top level is empty, as upstream's),
+/// every interface in `interfaces`.
 fn network(time: &Time, interfaces: Vec<InterfaceStats>) -> Option<NetworkStats> {
-    let default = interfaces.iter().find(|i| i.name == "eth0").or(interfaces.first())?.clone();
+    if interfaces.is_empty() {
+        return None;
+    }
+    let default = interfaces.iter().find(|i| i.name == "eth0").cloned().unwrap_or_default();
     Some(NetworkStats { time: time.clone(), default, interfaces })
 }
 
@@ -235,7 +239,7 @@ impl Collector {
         let cpu = self.cpu(key, time, now, stats.cpu_usage_ns, pressure);
         let memory = MemoryStats {
             time: time.clone(),
-            available_bytes: None,
+            available_bytes: stats.memory_limit_bytes.map(|l| l.saturating_sub(stats.memory_working_set_bytes)),
             usage_bytes: Some(stats.memory_usage_bytes),
             working_set_bytes: Some(stats.memory_working_set_bytes),
             rss_bytes: Some(stats.memory_rss_bytes),
@@ -282,15 +286,26 @@ impl Collector {
         let pressure = readings.host_pressure();
         let mut system_containers = Vec::new();
         if let Some((stats, pressure)) = readings.agent() {
-            let (cpu, memory, _, _) = self.cgroup_blocks("kubelet", time, now, &stats, pressure.as_ref());
-            system_containers.push(system_container("kubelet", &self.started, cpu, memory));
+            // The runtime is in the agent's process: `runtime` is the same cgroup as `kubelet` (as upstream's
+            // two are when containerd shares the kubelet's cgroup).
+            let (cpu, memory, io, _) = self.cgroup_blocks("kubelet", time, now, &stats, pressure.as_ref());
+            for name in ["kubelet", "runtime"] {
+                let mut c = system_container(name, &self.started, cpu.clone(), memory.clone());
+                c.io.clone_from(&io);
+                system_containers.push(c);
+            }
         }
         if let Some(stats) = readings.cgroup("kubepods") {
             let pressure = readings.pressure("kubepods");
-            let (cpu, mut memory, _, _) = self.cgroup_blocks("pods", time, now, &stats, pressure.as_ref());
-            memory.available_bytes =
-                host.map(|h| h.memory_capacity_bytes.saturating_sub(stats.memory_working_set_bytes));
-            system_containers.push(system_container("pods", &self.started, cpu, memory));
+            let (cpu, mut memory, io, _) = self.cgroup_blocks("pods", time, now, &stats, pressure.as_ref());
+            // kubepods is limited to the node's capacity: available against that where it has no limit.
+            if memory.available_bytes.is_none() {
+                memory.available_bytes =
+                    host.map(|h| h.memory_capacity_bytes.saturating_sub(stats.memory_working_set_bytes));
+            }
+            let mut pods = system_container("pods", &self.started, cpu, memory);
+            pods.io = io;
+            system_containers.push(pods);
         }
         let root = readings.filesystem(&self.layout.root_dir);
         let used = |fs: Filesystem| DiskUsage {
@@ -578,6 +593,7 @@ mod tests {
             cpu_usage_ns: cpu_s * 1_000_000_000,
             memory_usage_bytes: mem + 100,
             memory_working_set_bytes: mem,
+            memory_limit_bytes: Some(4096),
             pids: 3,
             ..Default::default()
         }
@@ -650,6 +666,7 @@ mod tests {
         assert_eq!(p.cpu.as_ref().unwrap().usage_nano_cores, Some(1_000_000_000), "2 s of CPU in 2 s");
         assert_eq!(p.containers[0].cpu.as_ref().unwrap().usage_nano_cores, Some(500_000_000));
         assert_eq!(p.containers[0].memory.as_ref().unwrap().working_set_bytes, Some(900));
+        assert_eq!(p.containers[0].memory.as_ref().unwrap().available_bytes, Some(4096 - 900), "limit - working set");
         let psi = p.memory.as_ref().unwrap().psi.unwrap();
         assert_eq!((psi.some.avg10, psi.some.total), (12.5, 900));
         assert!(p.containers[0].memory.as_ref().unwrap().psi.is_none(), "no PSI files: no psi block");
@@ -666,10 +683,11 @@ mod tests {
         assert_eq!((net.default.name.as_str(), net.interfaces.len()), ("eth0", 2));
         let node = &s.node;
         assert_eq!(node.fs.as_ref().unwrap().used_bytes, Some(600));
-        assert_eq!(node.network.as_ref().unwrap().default.name, "cni0", "no eth0: the first interface");
+        let node_network = node.network.as_ref().unwrap();
+        assert_eq!((node_network.default.name.as_str(), node_network.interfaces.len()), ("", 2), "no eth0");
         assert_eq!(node.memory.as_ref().unwrap().available_bytes, Some(6 << 30));
         assert!(node.swap.is_none(), "no swap configured");
-        assert_eq!(node.system_containers[0].memory.as_ref().unwrap().available_bytes, Some((8 << 30) - 2000));
+        assert_eq!(node.system_containers[0].memory.as_ref().unwrap().available_bytes, Some(4096 - 2000));
         // Walks are reused within the period: one walk per directory over both rounds.
         let walks = fake.walks.lock().unwrap().clone();
         assert_eq!(walks.iter().filter(|p| p.ends_with("c1/upper")).count(), 1);

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use nodelet_cgroups::hierarchy::Hierarchy;
+use nodelet_cgroups::hierarchy::{Hierarchy, V1};
 use nodelet_cgroups::stats::{self, CgroupStats, Extras, NodeStats, PressureStats};
 
 use super::collector::{DiskUsage, Filesystem, Readings};
@@ -18,8 +18,8 @@ const MAX_WALK_ENTRIES: u64 = 1_000_000;
 pub struct HostReadings {
     /// The node's cgroup root.
     pub hierarchy: Hierarchy,
-    /// The host's whole tree, for the agent's own cgroup.
-    pub host: Option<Hierarchy>,
+    /// The agent's own cgroups (the `kubelet` and `runtime` system containers), as found at start.
+    own: Option<Hierarchy>,
     /// What to read besides CPU and memory: no block I/O (the summary has no field for it), swap only where the
     /// node has swap (as it had when the agent started).
     extras: Extras,
@@ -28,7 +28,12 @@ pub struct HostReadings {
 impl HostReadings {
     pub fn new(hierarchy: Hierarchy) -> HostReadings {
         let swap = stats::node_stats().is_ok_and(|n| n.swap_total_bytes > 0);
-        HostReadings { hierarchy, host: Hierarchy::detect("/").ok(), extras: Extras { io: false, swap } }
+        let own = match (std::fs::read_to_string("/proc/self/cgroup"), std::fs::read_to_string("/proc/self/mountinfo"))
+        {
+            (Ok(cgroups), Ok(mounts)) => own_hierarchy(&cgroups, &mounts),
+            _ => None,
+        };
+        HostReadings { hierarchy, own, extras: Extras { io: false, swap } }
     }
 
     /// A process in cgroup `rel` or one of its children (a pod's processes are in its containers' cgroups).
@@ -63,11 +68,9 @@ impl Readings for HostReadings {
     }
 
     fn agent(&self) -> Option<(CgroupStats, Option<PressureStats>)> {
-        let host = self.host.as_ref()?;
-        let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        let (usage, unified) = own_cgroups(&text, host.is_v2());
-        let stats = stats::cgroup_stats_with(host, usage?.trim_start_matches('/'), self.extras).ok()?;
-        Some((stats, unified.and_then(|u| stats::cgroup_pressure(host, u.trim_start_matches('/')))))
+        let own = self.own.as_ref()?;
+        let stats = stats::cgroup_stats_with(own, "", self.extras).ok()?;
+        Some((stats, stats::cgroup_pressure(own, "")))
     }
 
     fn filesystem(&self, path: &Path) -> Option<Filesystem> {
@@ -120,21 +123,46 @@ impl Readings for HostReadings {
     }
 }
 
-/// The agent's cgroup paths from `/proc/self/cgroup`: the one its usage is read from (v2: the unified path;
-/// hybrid: the memory controller's) and the unified one (PSI).
-fn own_cgroups(text: &str, v2: bool) -> (Option<&str>, Option<&str>) {
-    let mut unified = None;
-    let mut memory = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
-        match (controllers, path) {
-            (Some(""), Some(p)) => unified = Some(p),
-            (Some(c), Some(p)) if c.split(',').any(|c| c == "memory") => memory = Some(p),
-            _ => {}
+/// The agent's own cgroup directories, from `/proc/self/cgroup` (its path in each hierarchy) and
+/// `/proc/self/mountinfo` (where each hierarchy is mounted, and which of its cgroups the mount shows as its root:
+/// a mount of a child cgroup, as in a container or the test bed's sandbox, shows the path below it). A hierarchy
+/// whose visible mount does not hold the agent's cgroup is left out; without the cgroup2 one there is nothing.
+fn own_hierarchy(cgroups: &str, mountinfo: &str) -> Option<Hierarchy> {
+    // (fstype, super options, root, mount point) of each cgroup mount.
+    let mounts: Vec<(&str, &str, &str, &str)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let mut right = right.split(' ');
+            let (fstype, _source, options) = (right.next()?, right.next()?, right.next().unwrap_or(""));
+            fstype.starts_with("cgroup").then_some((fstype, options, *left.get(3)?, *left.get(4)?))
+        })
+        .collect();
+    // `path` as a directory of the mount whose root holds it.
+    let locate = |path: &str, mount: Option<&(&str, &str, &str, &str)>| -> Option<std::path::PathBuf> {
+        let (_, _, root, point) = mount?;
+        let below = path.strip_prefix(root.trim_end_matches('/'))?;
+        Some(std::path::Path::new(point).join(below.trim_start_matches('/')))
+    };
+    let path_of = |controller: &str| {
+        cgroups.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+            names.split(',').any(|n| n == controller).then_some(path)
+        })
+    };
+    // The last mount at a mount point is the one visible there (it shadows those before it).
+    let unified_path = path_of("")?;
+    let unified = locate(unified_path, mounts.iter().rfind(|m| m.0 == "cgroup2"))?;
+    let mut v1 = Vec::new();
+    for controller in V1::ALL {
+        let mount = mounts.iter().rfind(|m| m.0 == "cgroup" && m.1.split(',').any(|o| o == controller.name()));
+        if let Some(dir) = path_of(controller.name()).and_then(|p| locate(p, mount)) {
+            v1.push((controller, dir));
         }
     }
-    (if v2 { unified } else { memory }, unified)
+    Some(Hierarchy::with_roots(unified, v1))
 }
 
 /// Interfaces of a `/proc/net/dev` file. The host's leaves out loopback and pods' veth ends (and docker's), as
@@ -211,13 +239,21 @@ mod tests {
     }
 
     #[test]
-    fn finds_own_cgroups() {
-        let hybrid = "12:memory:/system.slice/nodelet.service\n4:cpu,cpuacct:/system.slice/nodelet.service\n0::/system.slice/nodelet.service\n";
-        assert_eq!(
-            own_cgroups(hybrid, false),
-            (Some("/system.slice/nodelet.service"), Some("/system.slice/nodelet.service"))
-        );
-        assert_eq!(own_cgroups("0::/user.slice\n", true), (Some("/user.slice"), Some("/user.slice")));
+    fn finds_own_cgroups_through_mount_roots() {
+        let cgroups = "12:memory:/user.slice/sandbox\n4:cpu,cpuacct:/sandbox/agent\n0::/sandbox/agent\n";
+        let mountinfo = "\
+            30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n\
+            31 25 0:27 /user.slice/sandbox /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+            32 25 0:28 /sandbox /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+            33 25 8:1 / / rw - ext4 /dev/vda1 rw\n";
+        let h = own_hierarchy(cgroups, mountinfo).unwrap();
+        assert_eq!(h.unified(""), std::path::Path::new("/sys/fs/cgroup/unified/sandbox/agent"));
+        assert_eq!(h.v1(V1::Memory, "").unwrap(), std::path::Path::new("/sys/fs/cgroup/memory/"));
+        assert_eq!(h.v1(V1::Cpuacct, "").unwrap(), std::path::Path::new("/sys/fs/cgroup/cpu,cpuacct/agent"));
+        assert!(h.v1(V1::Pids, "").is_none() && !h.is_v2());
+        let v2 =
+            own_hierarchy("0::/system.slice/nodelet.service\n", "1 0 0:25 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(v2.unwrap().unified(""), std::path::Path::new("/sys/fs/cgroup/system.slice/nodelet.service"));
     }
 
     #[test]
