@@ -35,7 +35,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::upstream::UpstreamNode;
-use support::{pod, process_cpu, rank, wait_for};
+use support::{arg_after, pod, process_cpu, rank, wait_for};
 
 const PER_POD: usize = 10;
 
@@ -277,11 +277,6 @@ async fn measure(
         ready_after,
         ready_pods,
     }
-}
-
-fn arg_after(flag: &str) -> Option<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
 }
 
 #[tokio::main]

@@ -23,7 +23,7 @@ use nodelet_integration::certs::CertFiles;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::upstream::UpstreamNode;
-use support::{pod, process_cpu, rank, wait_for};
+use support::{arg_after, pod, process_cpu, rank, wait_for};
 
 /// One node under test.
 struct Peer<'a> {
@@ -81,11 +81,6 @@ async fn measure_summary(peer: &Peer<'_>, scrapes: usize, cert: &CertFiles) -> M
     times.sort_by(f64::total_cmp);
     let q = |q: f64| times.get(rank(times.len(), q)).copied().unwrap_or(f64::NAN);
     Measured { p50_ms: q(0.5), p99_ms: q(0.99), bytes, cpu_ms_per_scrape: busy.max(0.0) * 1000.0 / scrapes as f64 }
-}
-
-fn arg_after(flag: &str) -> Option<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
 }
 
 #[tokio::main]

@@ -480,3 +480,9 @@ pub fn process_cpu(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15: indexes 11 and 12 after the name.
     (get(11) + get(12)) as f64 / ticks_per_second()
 }
+
+/// The number after `flag` on the command line (benches' options).
+pub fn arg_after(flag: &str) -> Option<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
