@@ -102,6 +102,10 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
     pods.create(&PostParams::default(), &spec("stalled", &format!(
         "  containers:\n  - name: thrash\n    image: {image}\n    command: [sh, -c, 'dd if=/dev/zero of=/data/big bs=1M count=96; while :; do cat /data/big > /dev/null; done']\n    resources: {{limits: {{memory: 40Mi}}}}\n    volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes:\n  - {{name: data, emptyDir: {{}}}}\n"
     ))).await?;
+    // Killed by the kernel's OOM killer at once: nodelet times how long it took to hear of it.
+    pods.create(&PostParams::default(), &spec("oom", &format!(
+        "  restartPolicy: Never\n  containers:\n  - name: grow\n    image: {image}\n    command: [tail, /dev/zero]\n    resources: {{limits: {{memory: 24Mi}}}}\n"
+    ))).await?;
     for name in ["burner", "holder", "stalled"] {
         wait_pod(&pods, name, "Running", Duration::from_secs(60), |p| {
             p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
@@ -191,12 +195,27 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
     ] {
         ensure!(cadvisor.contains(series), "{series} in /metrics/cadvisor");
     }
-    let metrics = raw(&cluster, "/metrics")?;
+    wait_pod(&pods, "oom", "OOMKilled", Duration::from_secs(60), |p| {
+        let statuses = p.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+        let terminated = statuses.and_then(|s| s.first()?.state.as_ref()?.terminated.as_ref());
+        terminated.is_some_and(|t| t.reason.as_deref() == Some("OOMKilled"))
+    })
+    .await?;
+    let metrics = wait_for("the OOM kill's latency in /metrics", Duration::from_secs(30), || async {
+        let text = raw(&cluster, "/metrics")?;
+        Ok(text.contains("nodelet_oom_event_latency_seconds_count 1").then_some(text))
+    })
+    .await?;
     eprintln!("/metrics: {}", promcheck(&metrics).context("/metrics")?);
+    let oom_latency = metrics.lines().find_map(|l| l.strip_prefix("nodelet_oom_event_latency_seconds_sum "));
+    eprintln!("OOM kill to the pod worker: {}s", oom_latency.unwrap_or("?"));
+    let sli = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubelet_pod_start_sli_duration_seconds_count ")?.parse::<u64>().ok());
+    ensure!(sli.is_some_and(|n| n >= 3), "pod start SLI count {sli:?}");
     for series in [
         "kubelet_running_pods 3",
         "kubelet_running_containers{container_state=\"running\"} 3",
-        "kubelet_pod_start_sli_duration_seconds_count 3",
         "kubelet_runtime_operations_total{operation_type=\"start_container\"}",
         "kubelet_http_requests_total{long_running=\"false\",method=\"GET\",path=\"stats\"",
         "process_resident_memory_bytes",

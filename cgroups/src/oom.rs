@@ -201,3 +201,74 @@ impl OomRecord {
         }
     }
 }
+
+/// The kernel log's time of its last OOM kill in a cgroup whose path ends in `/<cgroup_suffix>` (a container's
+/// ID), in microseconds since boot, from the `oom-kill:` records of `/dev/kmsg` (their `task_memcg=`). The log's
+/// clock is the scheduler clock, which tracks CLOCK_MONOTONIC on most hosts (not all: callers check the
+/// difference is sane). `None` when no record names the cgroup (or the log cannot be read: root only).
+pub fn kernel_kill_time(cgroup_suffix: &str) -> Option<u64> {
+    last_kill_in(&read_kmsg().ok()?, cgroup_suffix)
+}
+
+/// Now on CLOCK_MONOTONIC, in microseconds (to compare with [`kernel_kill_time`]).
+pub fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1000)
+        .unwrap_or(0)
+}
+
+/// Every record the kernel's log holds now (at most its ring buffer), one per line.
+fn read_kmsg() -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg")?;
+    let mut out = String::new();
+    let mut record = vec![0u8; 8192];
+    loop {
+        match file.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.push_str(&String::from_utf8_lossy(&record[..n]));
+                if !out.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            // A record overwritten while reading: the next one follows.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// The timestamp (µs) of the last `oom-kill:` record whose `task_memcg` ends in `/<suffix>`.
+fn last_kill_in(records: &str, suffix: &str) -> Option<u64> {
+    let wanted = format!("/{suffix}");
+    records
+        .lines()
+        .filter_map(|line| {
+            let (head, message) = line.split_once(';')?;
+            let memcg = message.strip_prefix("oom-kill:")?.split(',').find_map(|f| f.strip_prefix("task_memcg="))?;
+            memcg.ends_with(&wanted).then_some(())?;
+            head.split(',').nth(2)?.parse::<u64>().ok()
+        })
+        .next_back()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_last_kill_of_a_cgroup_in_the_kernel_log() {
+        let log = "6,100,5000000,-;Memory cgroup out of memory: Killed process 42 (tail)\n\
+                   6,99,4000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),oom_memcg=/kubepods/podu,task_memcg=/x/kubepods/podu/c1,task=tail,pid=41,uid=0\n\
+                   6,101,6000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/kubepods/podu,task_memcg=/x/kubepods/podu/c1,task=tail,pid=42,uid=0\n\
+                   6,102,7000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,task_memcg=/x/kubepods/podu/c10,task=sh,pid=43,uid=0\n";
+        assert_eq!(last_kill_in(log, "c1"), Some(6_000_000), "the last record of c1, not c10's");
+        assert_eq!(last_kill_in(log, "c10"), Some(7_000_000));
+        assert_eq!(last_kill_in(log, "c2"), None);
+        assert!(monotonic_us() > 0);
+    }
+}

@@ -38,6 +38,7 @@ struct Instruments {
     image_pull_duration: HistogramVec,
     rest_client_requests: CounterVec,
     housekeeping_duration: HistogramVec,
+    oom_event_latency: HistogramVec,
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> Result<HistogramVec> {
@@ -130,6 +131,13 @@ impl Instruments {
                 &[],
                 prometheus::exponential_buckets(0.001, 2.0, 14)?,
             )?,
+            oom_event_latency: histogram(
+                registry,
+                "nodelet_oom_event_latency_seconds",
+                "Time from the kernel's OOM kill in a container (its log's record) to the pod worker hearing of it",
+                &[],
+                prometheus::exponential_buckets(0.0005, 2.0, 16)?,
+            )?,
             rest_client_requests: counter(
                 registry,
                 "rest_client_requests_total",
@@ -202,6 +210,13 @@ impl KubeletMetrics {
         }
     }
 
+    /// How long after the kernel's OOM kill the pod worker heard of it.
+    pub fn oom_event(&self, latency: Duration) {
+        if let Some(i) = &self.instruments {
+            i.oom_event_latency.with_label_values(&[] as &[&str]).observe(latency.as_secs_f64());
+        }
+    }
+
     /// One API request's outcome (`code`: the HTTP status, or `<error>`).
     pub fn rest_client_request(&self, code: &str, host: &str, method: &str) {
         if let Some(i) = &self.instruments {
@@ -269,6 +284,7 @@ mod tests {
         m.pod_worker("create", Duration::from_millis(200));
         m.eviction("memory.available");
         m.image_pull("success", 1000, Duration::from_secs(1));
+        m.oom_event(Duration::from_millis(3));
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "uid": "u"},
             "status": {"containerStatuses": [
@@ -300,6 +316,7 @@ mod tests {
         assert_eq!(value("kubelet_http_requests_total", Some(("path", "stats"))), 1.0);
         assert_eq!(value("kubelet_evictions", Some(("eviction_signal", "memory.available"))), 1.0);
         assert_eq!(value("nodelet_image_pull_bytes_total", Some(("result", "success"))), 1000.0);
+        assert_eq!(value("nodelet_oom_event_latency_seconds_count", None), 1.0);
         assert!(value("process_resident_memory_bytes", None) > 0.0);
     }
 }

@@ -23,6 +23,19 @@ pub(super) fn exit_reason(exit: &ContainerExit, start_error: bool) -> &'static s
     }
 }
 
+/// `nodelet_oom_event_latency_seconds`: from the kernel's OOM kill in container `id` (the time of its log's
+/// record) to now, when its worker hears of the exit. Off the worker: the log is read whole.
+fn observe_oom_latency(id: String) {
+    let heard = nodelet_cgroups::oom::monotonic_us();
+    tokio::task::spawn_blocking(move || {
+        let Some(killed) = nodelet_cgroups::oom::kernel_kill_time(&id) else { return };
+        // A log clock that strays from CLOCK_MONOTONIC (seen in some VMs) would give nonsense: left out.
+        if let Some(us) = heard.checked_sub(killed).filter(|us| *us < 60_000_000) {
+            crate::metrics::kubelet::METRICS.oom_event(Duration::from_micros(us));
+        }
+    });
+}
+
 /// The terminated state of an instance.
 pub(super) fn terminated(
     id: &str,
@@ -73,6 +86,9 @@ impl Worker {
             return;
         }
         let Some(running) = self.running.remove(&exit.name) else { return };
+        if exit.exit.oom_killed {
+            observe_oom_latency(running.id.clone());
+        }
         self.ctx.remove_container(&running.id).await;
         if running.started.elapsed() >= BACKOFF_RESET {
             self.crash_backoff.reset(&exit.name);
