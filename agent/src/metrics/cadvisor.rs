@@ -6,7 +6,7 @@
 use prometheus::proto::MetricFamily;
 
 use super::Family;
-use crate::stats::collector::{CgroupInfo, Snapshot};
+use crate::stats::collector::Snapshot;
 use crate::stats::summary::{ContainerStats, CpuStats, MemoryStats, NetworkStats, PsiStats};
 
 /// The families of one round.
@@ -37,7 +37,7 @@ pub fn families(snapshot: &Snapshot) -> Vec<MetricFamily> {
             }
             Some(name) => {
                 let Some(c) = pod.containers.iter().find(|c| &c.name == name) else { continue };
-                f.container(&labels, c, info);
+                f.container(&labels, c);
             }
         }
         f.oom.add(&labels, info.oom_kills as f64, None);
@@ -174,7 +174,7 @@ impl Families {
         }
     }
 
-    fn container(&mut self, labels: &[(&str, &str)], c: &ContainerStats, _info: &CgroupInfo) {
+    fn container(&mut self, labels: &[(&str, &str)], c: &ContainerStats) {
         self.cpu(labels, c.cpu.as_ref());
         self.memory(labels, c.memory.as_ref());
         if let Some(io) = &c.io {
@@ -233,6 +233,7 @@ impl Families {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::collector::CgroupInfo;
     use crate::stats::summary::PodReference;
 
     #[test]

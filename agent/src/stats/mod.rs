@@ -25,7 +25,8 @@ impl StatsProvider {
     pub fn start(layout: Layout, readings: Arc<dyn Readings>, pods: PodView, interval: Duration) -> StatsProvider {
         let provider = StatsProvider { latest: Arc::default() };
         let latest = provider.latest.clone();
-        let mut collector = Collector::new(layout, jiff::Timestamp::now());
+        let started = jiff::Timestamp::now();
+        let mut collector = Collector::new(layout.clone(), started);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -46,9 +47,10 @@ impl StatsProvider {
                         collector = back;
                         *latest.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(summary));
                     }
+                    // A round that panicked lost its samples: the next starts afresh (rates after two rounds).
                     Err(e) => {
-                        tracing::error!(error = %e, "stats housekeeping stopped");
-                        return;
+                        tracing::error!(error = %e, "a stats housekeeping round failed");
+                        collector = Collector::new(layout.clone(), started);
                     }
                 }
             }
