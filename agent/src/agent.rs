@@ -39,15 +39,22 @@ pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
 
 /// Starts the kubelet API: on the local socket always (root only: `nodelet exec`), on TCP with TLS when there is
 /// an API server or when configured to need none (AlwaysAllow).
+/// What the kubelet API's read-only endpoints serve from.
+struct ApiViews {
+    pods: PodView,
+    stats: crate::stats::StatsProvider,
+    node: crate::server::NodeDocuments,
+    oom: crate::oom::OomLog,
+}
+
 fn start_kubelet_api(
     config: &AgentConfig,
     client: Option<kube::Client>,
-    pods: PodView,
+    views: ApiViews,
     runtime: Arc<dyn ContainerRuntime>,
     attachments: crate::pods::attach::Attachments,
-    stats: crate::stats::StatsProvider,
-    node: crate::server::NodeDocuments,
 ) -> Result<()> {
+    let ApiViews { pods, stats, node, oom } = views;
     let kubelet = &config.kubelet;
     let streaming = crate::server::streaming::Streaming {
         runtime,
@@ -66,6 +73,7 @@ fn start_kubelet_api(
         streaming: local,
         stats: stats.clone(),
         node: node.clone(),
+        oom: oom.clone(),
     });
     let listener = bind_local(&crate::server::local_socket(&config.root_dir))?;
     tokio::spawn(async move {
@@ -90,7 +98,7 @@ fn start_kubelet_api(
     let tls = tls::server_config(&files, kubelet.authentication.x509.client_ca_file.as_deref())
         .context("the kubelet API's TLS configuration")?;
     let ip: std::net::IpAddr = kubelet.address.parse().context("address")?;
-    let api = Arc::new(KubeletApi { pods, pod_logs_dir: config.log_dir.clone(), streaming, stats, node });
+    let api = Arc::new(KubeletApi { pods, pod_logs_dir: config.log_dir.clone(), streaming, stats, node, oom });
     let address = std::net::SocketAddr::new(ip, kubelet.port);
     // Bound here so that a taken port is a startup error, not a log line.
     let listener =
@@ -183,15 +191,9 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         configz: Arc::new(serde_json::to_value(&config.kubelet).context("serializing the configuration")?),
         spec: Arc::new(facts.machine_spec()),
     };
-    start_kubelet_api(
-        &config,
-        client.clone(),
-        view.clone(),
-        container_runtime.clone(),
-        attachments.clone(),
-        stats,
-        documents,
-    )?;
+    let oom = crate::oom::OomLog::open(&config.root_dir);
+    let views = ApiViews { pods: view.clone(), stats, node: documents, oom: oom.clone() };
+    start_kubelet_api(&config, client.clone(), views, container_runtime.clone(), attachments.clone())?;
     let network = Arc::new(Network::new(NetworkConfig {
         conf_dir: config.cni_conf_dir.clone(),
         bin_dirs: config.cni_bin_dirs.clone(),
@@ -232,6 +234,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0),
         attachments,
+        oom,
     });
     let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());
     let sources = usize::from(manifests.is_some()) + usize::from(client.is_some());

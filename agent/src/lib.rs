@@ -11,6 +11,7 @@ pub mod logs;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod oom;
 pub mod pods;
 pub mod prober;
 pub mod root_lock;

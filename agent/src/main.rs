@@ -135,6 +135,12 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// The OOM kills the agent recorded: process, limit, memory and pressure at the kill, how fast it heard.
+    Oom {
+        /// Only this pod's (`NAME` or `NAMESPACE/NAME`).
+        #[arg(long)]
+        pod: Option<String>,
+    },
     /// GET a path of the agent's kubelet API (e.g. `/stats/summary`, `/metrics/cadvisor`) and print the answer.
     Raw {
         /// The path, with its query.
@@ -197,6 +203,16 @@ fn main() -> Result<()> {
             let summary = serde_json::from_slice(&body).context("the agent's /stats/summary")?;
             let options = nodelet::cli::top::TopOptions { containers, namespace };
             print!("{}", nodelet::cli::top::render(&summary, &options));
+            Ok(())
+        }
+        Some(Command::Oom { pod }) => {
+            let socket = nodelet::server::local_socket(&flags.root_dir);
+            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let query: String =
+                form_urlencoded::Serializer::new(String::new()).extend_pairs(&pod.map(|p| ("pod", p))).finish();
+            let body = runtime.block_on(nodelet::cli::get(&socket, &format!("/debug/oom?{query}")))?;
+            let kills: Vec<nodelet::oom::OomKill> = serde_json::from_slice(&body).context("the agent's /debug/oom")?;
+            print!("{}", nodelet::cli::oom::render(&kills));
             Ok(())
         }
         Some(Command::Raw { path }) => {

@@ -4,7 +4,8 @@
 //! under a small memory limit so that it stalls); `/metrics`, `/metrics/resource` and `/metrics/cadvisor`
 //! parsed and linted by Prometheus' own parser; the authorization of each path (401, 403 with upstream's
 //! subresource, a user allowed `nodes/metrics` only); `/healthz/syncloop`, `/configz`, `/spec`, `/runningpods`;
-//! and `kubectl top node` / `kubectl top pod` showing nodelet's figures.
+//! an OOM-killed pod's record (`/debug/oom`, the JSONL file, `nodelet oom`, the `OOMKilling` event) and how long
+//! nodelet took to hear of the kill; and `kubectl top node` / `kubectl top pod` showing nodelet's figures.
 
 mod support;
 
@@ -201,6 +202,32 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
         terminated.is_some_and(|t| t.reason.as_deref() == Some("OOMKilled"))
     })
     .await?;
+    // The OOM research view: the record at /debug/oom, in the JSONL file and in `nodelet oom`, and the event.
+    let records: Value = wait_for("the OOM record", Duration::from_secs(30), || async {
+        let records: Value = serde_json::from_str(&raw(&cluster, "/debug/oom?pod=default/oom")?)?;
+        Ok(records.as_array().is_some_and(|r| r.len() == 1).then_some(records))
+    })
+    .await?;
+    let record = &records[0];
+    ensure!(record["container"] == "grow" && record["qosClass"] == "Burstable", "{record}");
+    ensure!(record["process"]["name"] == "tail" && record["latencyMs"].is_f64(), "{record}");
+    ensure!(u64_at(record, "/cgroup/memory_limit_bytes") == 24 * MIB, "{record}");
+    ensure!(record["cgroup"]["memory_stat"].as_object().is_some_and(|m| !m.is_empty()), "{record}");
+    ensure!(record["cgroup"]["pressure"]["some"]["total_us"].is_u64(), "{record}");
+    let jsonl = std::fs::read_to_string(node.root_dir().join("oom/kills.jsonl"))?;
+    ensure!(jsonl.lines().count() == 1 && jsonl.contains("\"pod\":\"oom\""), "{jsonl}");
+    let listed = support::nodelet_cli(&["oom", "--root-dir", &node.root_dir().display().to_string(), "--pod", "oom"])?;
+    ensure!(
+        listed.lines().nth(1).is_some_and(|l| l.contains(" oom ") && l.contains("(tail)") && l.contains("24Mi")),
+        "{listed}"
+    );
+    let events = support::events_for(&client, "oom").await?;
+    let killing = events.iter().find(|(reason, _)| reason == "OOMKilling");
+    ensure!(
+        killing
+            .is_some_and(|(_, m)| m.contains("Killed process") && m.contains("(tail) in container grow, limit 24.0Mi")),
+        "{events:?}"
+    );
     let metrics = wait_for("the OOM kill's latency in /metrics", Duration::from_secs(30), || async {
         let text = raw(&cluster, "/metrics")?;
         Ok(text.contains("nodelet_oom_event_latency_seconds_count 1").then_some(text))

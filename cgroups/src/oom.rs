@@ -202,15 +202,26 @@ impl OomRecord {
     }
 }
 
-/// The kernel log's time of its last OOM kill in a cgroup whose path ends in `/<cgroup_suffix>` (a container's
-/// ID), in microseconds since boot, from the `oom-kill:` records of `/dev/kmsg` (their `task_memcg=`). The log's
-/// clock is the scheduler clock, which tracks CLOCK_MONOTONIC on most hosts (not all: callers check the
-/// difference is sane). `None` when no record names the cgroup (or the log cannot be read: root only).
-pub fn kernel_kill_time(cgroup_suffix: &str) -> Option<u64> {
+/// An OOM kill as the kernel's log tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelKill {
+    /// The record's time, microseconds since boot on the log's clock.
+    pub at_us: u64,
+    /// The killed process.
+    pub pid: u32,
+    /// Its command name.
+    pub task: String,
+}
+
+/// The kernel log's last OOM kill in a cgroup whose path ends in `/<cgroup_suffix>` (a container's ID), from
+/// the `oom-kill:` records of `/dev/kmsg` (their `task_memcg=`). The log's clock is the scheduler clock, which
+/// tracks CLOCK_MONOTONIC on most hosts (not all: callers check the difference is sane). `None` when no record
+/// names the cgroup (or the log cannot be read: root only).
+pub fn kernel_kill(cgroup_suffix: &str) -> Option<KernelKill> {
     last_kill_in(&read_kmsg().ok()?, cgroup_suffix)
 }
 
-/// Now on CLOCK_MONOTONIC, in microseconds (to compare with [`kernel_kill_time`]).
+/// Now on CLOCK_MONOTONIC, in microseconds (to compare with [`KernelKill::at_us`]).
 pub fn monotonic_us() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1000)
@@ -242,16 +253,21 @@ fn read_kmsg() -> std::io::Result<String> {
     Ok(out)
 }
 
-/// The timestamp (µs) of the last `oom-kill:` record whose `task_memcg` ends in `/<suffix>`.
-fn last_kill_in(records: &str, suffix: &str) -> Option<u64> {
+/// The last `oom-kill:` record whose `task_memcg` ends in `/<suffix>`.
+fn last_kill_in(records: &str, suffix: &str) -> Option<KernelKill> {
     let wanted = format!("/{suffix}");
     records
         .lines()
         .filter_map(|line| {
             let (head, message) = line.split_once(';')?;
-            let memcg = message.strip_prefix("oom-kill:")?.split(',').find_map(|f| f.strip_prefix("task_memcg="))?;
-            memcg.ends_with(&wanted).then_some(())?;
-            head.split(',').nth(2)?.parse::<u64>().ok()
+            let fields: Vec<&str> = message.strip_prefix("oom-kill:")?.split(',').collect();
+            let field = |key: &str| fields.iter().find_map(|f| f.strip_prefix(key));
+            field("task_memcg=")?.ends_with(&wanted).then_some(())?;
+            Some(KernelKill {
+                at_us: head.split(',').nth(2)?.parse().ok()?,
+                pid: field("pid=")?.parse().ok()?,
+                task: field("task=").unwrap_or_default().to_string(),
+            })
         })
         .next_back()
 }
@@ -266,8 +282,9 @@ mod tests {
                    6,99,4000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),oom_memcg=/kubepods/podu,task_memcg=/x/kubepods/podu/c1,task=tail,pid=41,uid=0\n\
                    6,101,6000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/kubepods/podu,task_memcg=/x/kubepods/podu/c1,task=tail,pid=42,uid=0\n\
                    6,102,7000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,task_memcg=/x/kubepods/podu/c10,task=sh,pid=43,uid=0\n";
-        assert_eq!(last_kill_in(log, "c1"), Some(6_000_000), "the last record of c1, not c10's");
-        assert_eq!(last_kill_in(log, "c10"), Some(7_000_000));
+        let c1 = last_kill_in(log, "c1").unwrap();
+        assert_eq!((c1.at_us, c1.pid, c1.task.as_str()), (6_000_000, 42, "tail"), "the last record of c1, not c10's");
+        assert_eq!(last_kill_in(log, "c10").map(|k| k.pid), Some(43));
         assert_eq!(last_kill_in(log, "c2"), None);
         assert!(monotonic_us() > 0);
     }

@@ -2,6 +2,7 @@
 //! ([`crate::server::serve_local`], root only).
 
 pub mod exec;
+pub mod oom;
 pub mod top;
 
 use std::path::Path;

@@ -63,6 +63,8 @@ pub struct Ctx {
     pub min_oom_score_adj: i32,
     /// Running containers' output and stdin, for `kubectl attach`.
     pub attachments: attach::Attachments,
+    /// Records of OOM kills (`/debug/oom`).
+    pub oom: crate::oom::OomLog,
 }
 
 impl Ctx {

@@ -118,6 +118,10 @@ pub trait PodCgroups: Send + Sync {
     /// A container's cpu and memory, by its cgroup path relative to the hierarchy.
     fn update_cpu_memory(&self, rel: &str, shares: u64, quota: Option<u64>, memory: Option<u64>) -> io::Result<()>;
     fn update_burstable(&self, cpu_request_millis: u64) -> io::Result<()>;
+    /// What a container's cgroup (`rel`) looks like right after an OOM kill, before it is removed.
+    fn oom_record(&self, _rel: &str) -> Option<nodelet_cgroups::oom::OomRecord> {
+        None
+    }
 }
 
 /// The embedded runtime, with the handles of the containers it runs for the pod workers.
@@ -396,5 +400,15 @@ impl PodCgroups for Hierarchy {
 
     fn update_burstable(&self, cpu_request_millis: u64) -> io::Result<()> {
         Hierarchy::update_burstable(self, cpu_request_millis)
+    }
+
+    fn oom_record(&self, rel: &str) -> Option<nodelet_cgroups::oom::OomRecord> {
+        use nodelet_cgroups::oom::{MemoryController, OomRecord};
+        let (dir, controller) = match self.v1(nodelet_cgroups::hierarchy::V1::Memory, rel) {
+            Some(dir) => (dir, MemoryController::V1),
+            None => (self.unified(rel), MemoryController::V2),
+        };
+        let kills = nodelet_cgroups::stats::cgroup_stats(self, rel).map_or(0, |s| s.oom_kills);
+        dir.exists().then(|| OomRecord::capture(&dir, controller, Some(&self.unified(rel)), kills))
     }
 }

@@ -33,6 +33,8 @@ pub struct KubeletApi {
     pub streaming: streaming::Streaming,
     pub stats: crate::stats::StatsProvider,
     pub node: NodeDocuments,
+    /// OOM kill records (`/debug/oom`).
+    pub oom: crate::oom::OomLog,
 }
 
 /// Fixed documents about the node: `/configz` and `/spec`.
@@ -119,6 +121,7 @@ fn metric_labels(method: &Method, path: &str) -> (&'static str, &'static str) {
         "attach",
         "configz",
         "containerLogs",
+        "debug",
         "exec",
         "healthz",
         "logs",
@@ -217,6 +220,7 @@ impl KubeletApi {
             (&Method::GET, ["spec"] | ["spec", ""]) => self.spec(),
             (&Method::GET, ["configz"]) => self.configz(),
             (&Method::GET, ["runningpods", ""] | ["runningpods"]) => self.running_pods(),
+            (&Method::GET, ["debug", "oom"]) => self.oom_kills(req.uri().query()),
             (&Method::GET, ["pods"] | ["pods", ""]) => self.pods(),
             (&Method::GET, ["containerLogs", namespace, pod, container]) => {
                 self.container_logs(namespace, pod, container, req.uri().query())

@@ -1,6 +1,6 @@
 //! The kubelet API's read-only node endpoints: `/stats/summary`, `/metrics`, `/metrics/resource`,
 //! `/metrics/cadvisor`, `/spec`, `/configz`, `/runningpods/` and `/healthz[/ping|/log|/syncloop]`, with
-//! upstream's paths, shapes and status codes.
+//! upstream's paths, shapes and status codes; and nodelet's `/debug/oom`.
 
 use hyper::{Response, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
@@ -43,6 +43,13 @@ impl KubeletApi {
             _ => crate::metrics::kubelet::METRICS.gather(&self.pods.list()),
         };
         with_type(StatusCode::OK, crate::metrics::encode(&families).into_bytes(), crate::metrics::CONTENT_TYPE)
+    }
+
+    /// `/debug/oom[?pod=NAME|NS/NAME]`: the last OOM kill records, oldest first (nodelet's own; authorized as
+    /// `nodes/proxy`).
+    pub(super) fn oom_kills(&self, query: Option<&str>) -> Response<Body> {
+        let pod = form_urlencoded::parse(query.unwrap_or("").as_bytes()).find(|(k, _)| k == "pod").map(|(_, v)| v);
+        json(&self.oom.recent(pod.as_deref()))
     }
 
     /// `/configz`: the configuration in effect, as upstream wraps it.

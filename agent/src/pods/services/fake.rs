@@ -93,6 +93,7 @@ pub fn ctx(
         allocatable: (2000, 4 << 30),
         min_oom_score_adj: 0,
         attachments: Default::default(),
+        oom: crate::oom::OomLog::open(root),
     };
     (Arc::new(ctx), status)
 }

@@ -23,19 +23,6 @@ pub(super) fn exit_reason(exit: &ContainerExit, start_error: bool) -> &'static s
     }
 }
 
-/// `nodelet_oom_event_latency_seconds`: from the kernel's OOM kill in container `id` (the time of its log's
-/// record) to now, when its worker hears of the exit. Off the worker: the log is read whole.
-fn observe_oom_latency(id: String) {
-    let heard = nodelet_cgroups::oom::monotonic_us();
-    tokio::task::spawn_blocking(move || {
-        let Some(killed) = nodelet_cgroups::oom::kernel_kill_time(&id) else { return };
-        // A log clock that strays from CLOCK_MONOTONIC (seen in some VMs) would give nonsense: left out.
-        if let Some(us) = heard.checked_sub(killed).filter(|us| *us < 60_000_000) {
-            crate::metrics::kubelet::METRICS.oom_event(Duration::from_micros(us));
-        }
-    });
-}
-
 /// The terminated state of an instance.
 pub(super) fn terminated(
     id: &str,
@@ -57,6 +44,41 @@ pub(super) fn terminated(
 }
 
 impl Worker {
+    /// The OOM research view of a container the kernel OOM-killed: its cgroup as the kill left it (read now,
+    /// before the cgroup goes), then, off the worker, the kernel log's record of the kill (read whole), the
+    /// `nodelet_oom_event_latency_seconds` sample, the `OOMKilling` event and the record.
+    fn record_oom_kill(&self, name: &str, id: &str) {
+        let heard = nodelet_cgroups::oom::monotonic_us();
+        let rel = format!("{}/{id}", nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid));
+        let cgroup = self.ctx.hierarchy.oom_record(&rel);
+        let (ctx, pod_ref) = (self.ctx.clone(), self.pod_ref.clone());
+        let (kind, _) = self.locate(name);
+        let mut kill = crate::oom::OomKill {
+            namespace: pod_ref.namespace.clone(),
+            pod: pod_ref.name.clone(),
+            pod_uid: pod_ref.uid.clone(),
+            container: name.to_string(),
+            container_id: id.to_string(),
+            qos_class: self.state.qos.as_str().to_string(),
+            heard_at: Timestamp::now().to_string(),
+            process: None,
+            latency_ms: None,
+            cgroup,
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Some(k) = nodelet_cgroups::oom::kernel_kill(&kill.container_id) {
+                kill.process = Some(crate::oom::KilledProcess { pid: k.pid, name: k.task });
+                // A log clock that strays from CLOCK_MONOTONIC (seen in some VMs) would give nonsense: left out.
+                if let Some(us) = heard.checked_sub(k.at_us).filter(|us| *us < 60_000_000) {
+                    crate::metrics::kubelet::METRICS.oom_event(Duration::from_micros(us));
+                    kill.latency_ms = Some(us as f64 / 1000.0);
+                }
+            }
+            ctx.events.record(&pod_ref, Some((&kill.container, kind)), true, "OOMKilling", &kill.message());
+            ctx.oom.record(kill);
+        });
+    }
+
     /// Where an instance's termination message is written.
     pub(super) fn termination_message_file(&self, name: &str, id: &str) -> std::path::PathBuf {
         termination_message::path(&self.ctx.config.root_dir, &self.pod_ref.uid, name, id)
@@ -87,7 +109,7 @@ impl Worker {
         }
         let Some(running) = self.running.remove(&exit.name) else { return };
         if exit.exit.oom_killed {
-            observe_oom_latency(running.id.clone());
+            self.record_oom_kill(&exit.name, &running.id);
         }
         self.ctx.remove_container(&running.id).await;
         if running.started.elapsed() >= BACKOFF_RESET {
