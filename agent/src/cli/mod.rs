@@ -5,12 +5,26 @@ pub mod exec;
 pub mod oom;
 pub mod top;
 
+use std::fmt::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use tokio::net::UnixStream;
+
+/// Column-aligned rows.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("   ").trim_end());
+    }
+    out
+}
 
 async fn connect(socket: &Path) -> Result<UnixStream> {
     UnixStream::connect(socket)

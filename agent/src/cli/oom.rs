@@ -2,8 +2,6 @@
 //! process, the limit and anonymous memory at the kill, the memory PSI `some` avg10 of the container, and how long
 //! nodelet took to hear of it.
 
-use std::fmt::Write;
-
 use crate::oom::OomKill;
 
 /// A table of `kills`, oldest first.
@@ -32,13 +30,7 @@ pub fn render(kills: &[OomKill]) -> String {
             k.latency_ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        let _ = writeln!(out, "{}", cells.join("   ").trim_end());
-    }
-    out
+    super::table(&rows)
 }
 
 #[cfg(test)]

@@ -2,8 +2,6 @@
 //! the pressure stall figures next to them: the `some` share over the last 10 s for CPU, memory and I/O, and for
 //! memory the `full` share too. From the agent's `/stats/summary` (its last housekeeping round).
 
-use std::fmt::Write;
-
 use crate::stats::summary::{CpuStats, IoStats, MemoryStats, PsiStats, Summary};
 
 /// What to show.
@@ -39,19 +37,6 @@ fn pressure(cpu: Option<&CpuStats>, memory: Option<&MemoryStats>, io: Option<&Io
     ]
 }
 
-/// Column-aligned rows.
-fn table(rows: &[Vec<String>]) -> String {
-    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
-        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
-        let _ = writeln!(out, "{}", line.join("   ").trim_end());
-    }
-    out
-}
-
 /// The node's line, then one line per pod (or container).
 pub fn render(summary: &Summary, options: &TopOptions) -> String {
     const PSI: [&str; 4] = ["CPU-SOME%", "MEM-SOME%", "MEM-FULL%", "IO-SOME%"];
@@ -60,7 +45,7 @@ pub fn render(summary: &Summary, options: &TopOptions) -> String {
     head.extend(PSI.map(String::from));
     let mut node_row = vec![node.node_name.clone(), cores(node.cpu.as_ref()), mebibytes(node.memory.as_ref())];
     node_row.extend(pressure(node.cpu.as_ref(), node.memory.as_ref(), node.io.as_ref()));
-    let mut out = table(&[head, node_row]);
+    let mut out = super::table(&[head, node_row]);
     out.push('\n');
 
     let mut head = vec!["NAMESPACE".to_string(), "POD".into()];
@@ -95,7 +80,7 @@ pub fn render(summary: &Summary, options: &TopOptions) -> String {
     if rows.len() == 1 {
         out.push_str("No pods are measured yet.\n");
     } else {
-        out.push_str(&table(&rows));
+        out.push_str(&super::table(&rows));
     }
     out
 }

@@ -241,9 +241,8 @@ fn running(pods: &[Pod]) -> Vec<MetricFamily> {
         std::collections::BTreeMap::from([("created", 0u64), ("exited", 0), ("running", 0), ("unknown", 0)]);
     for pod in pods {
         let Some(status) = &pod.status else { continue };
-        let all = [&status.init_container_statuses, &status.container_statuses, &status.ephemeral_container_statuses];
         let mut any_running = false;
-        for c in all.into_iter().flatten().flatten() {
+        for c in crate::status::all_container_statuses(status) {
             let state = c.state.as_ref();
             let name = if state.is_some_and(|s| s.running.is_some()) {
                 any_running = true;

@@ -94,18 +94,14 @@ impl NodeFacts {
             .unwrap_or(0.0);
         let sockets: std::collections::BTreeSet<&str> =
             cpuinfo.lines().filter_map(|l| l.strip_prefix("physical id")?.split(':').nth(1)).map(str::trim).collect();
-        let swap_kib: u64 = std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("SwapTotal:")?.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
+        let swap = nodelet_cgroups::stats::node_stats().map_or(0, |n| n.swap_total_bytes);
         serde_json::json!({
             "timestamp": jiff::Timestamp::now().to_string(),
             "num_cores": self.cpus,
             "num_sockets": sockets.len().max(1),
             "cpu_frequency_khz": (mhz * 1000.0).round(),
             "memory_capacity": self.memory_bytes,
-            "swap_capacity": swap_kib * 1024,
+            "swap_capacity": swap,
             "machine_id": self.info.machine_id,
             "system_uuid": self.info.system_uuid,
             "boot_id": self.info.boot_id,

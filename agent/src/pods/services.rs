@@ -408,7 +408,9 @@ impl PodCgroups for Hierarchy {
             Some(dir) => (dir, MemoryController::V1),
             None => (self.unified(rel), MemoryController::V2),
         };
-        let kills = nodelet_cgroups::stats::cgroup_stats(self, rel).map_or(0, |s| s.oom_kills);
-        dir.exists().then(|| OomRecord::capture(&dir, controller, Some(&self.unified(rel)), kills))
+        let mut record = dir.exists().then(|| OomRecord::capture(&dir, controller, Some(&self.unified(rel)), 0))?;
+        // Both counter files name the kills `oom_kill`.
+        record.kills = record.oom_counters.get("oom_kill").copied().unwrap_or(0);
+        Some(record)
     }
 }

@@ -261,11 +261,7 @@ impl KubeletApi {
             "metadata": {},
             "items": self.pods.list(),
         });
-        let mut response = Response::new(full(serde_json::to_vec(&list).unwrap_or_default()));
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
-        response
+        json(&list)
     }
 
     fn container_logs(&self, namespace: &str, name: &str, container: &str, query: Option<&str>) -> Response<Body> {
@@ -308,13 +304,20 @@ fn full(data: Vec<u8>) -> Body {
     Full::new(Bytes::from(data)).boxed()
 }
 
-fn text(code: StatusCode, message: String) -> Response<Body> {
-    let mut response = Response::new(full(format!("{message}\n").into_bytes()));
+/// A 200 with `value` as JSON.
+fn json(value: &impl serde::Serialize) -> Response<Body> {
+    with_type(StatusCode::OK, serde_json::to_vec(value).unwrap_or_default(), "application/json")
+}
+
+fn with_type(code: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(body));
     *response.status_mut() = code;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
     response
-        .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
+}
+
+fn text(code: StatusCode, message: String) -> Response<Body> {
+    with_type(code, format!("{message}\n").into_bytes(), "text/plain; charset=utf-8")
 }
 
 fn refused(e: container_logs::Refusal) -> Response<Body> {

@@ -5,18 +5,7 @@
 use hyper::{Response, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Body, KubeletApi, full, text};
-
-fn json(value: &impl serde::Serialize) -> Response<Body> {
-    with_type(StatusCode::OK, serde_json::to_vec(value).unwrap_or_default(), "application/json")
-}
-
-fn with_type(code: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(full(body));
-    *response.status_mut() = code;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
-    response
-}
+use super::{Body, KubeletApi, json, text, with_type};
 
 /// Whether a query has `key=true`.
 fn flag(query: Option<&str>, key: &str) -> bool {

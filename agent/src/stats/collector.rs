@@ -100,12 +100,7 @@ pub fn inputs(pods: &[Pod]) -> Vec<PodInput> {
             let status = pod.status.as_ref()?;
             let qos = QosClass::parse(status.qos_class.as_deref()?)?;
             let uid = pod.metadata.uid.clone()?;
-            let statuses =
-                [&status.init_container_statuses, &status.container_statuses, &status.ephemeral_container_statuses];
-            let containers = statuses
-                .into_iter()
-                .flatten()
-                .flatten()
+            let containers = crate::status::all_container_statuses(status)
                 .filter_map(|c| {
                     let running = c.state.as_ref()?.running.as_ref()?;
                     let id = c.container_id.as_deref()?.strip_prefix("nodelet://")?.to_string();

@@ -6,6 +6,16 @@
 pub mod pod_status;
 pub mod view;
 
+/// Every container status of a pod: init, app, then ephemeral containers.
+pub fn all_container_statuses(
+    status: &PodStatus,
+) -> impl Iterator<Item = &k8s_openapi::api::core::v1::ContainerStatus> {
+    [&status.init_container_statuses, &status.container_statuses, &status.ephemeral_container_statuses]
+        .into_iter()
+        .flatten()
+        .flatten()
+}
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
