@@ -235,6 +235,9 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             .unwrap_or(0),
         attachments,
         oom,
+        admission: crate::pods::admission::Policy::of_host(&config.kubelet.allowed_unsafe_sysctls)
+            .map_err(anyhow::Error::msg)
+            .context("allowedUnsafeSysctls")?,
     });
     let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());
     let sources = usize::from(manifests.is_some()) + usize::from(client.is_some());

@@ -66,6 +66,11 @@ pub struct KubeletConfiguration {
     /// Feature gates by name. Only those nodelet acts on matter ([`KubeletConfiguration::feature`]); others are
     /// accepted (a kubeadm config may set them).
     pub feature_gates: std::collections::BTreeMap<String, bool>,
+    /// Sysctls (names or `prefix*`) pods may set beyond the safe set; pods asking for others are refused with
+    /// `SysctlForbidden`.
+    pub allowed_unsafe_sysctls: Vec<String>,
+    /// Run containers without a `seccompProfile` under `RuntimeDefault` rather than `Unconfined`.
+    pub seccomp_default: bool,
 }
 
 impl KubeletConfiguration {
@@ -116,6 +121,8 @@ impl Default for KubeletConfiguration {
             volume_stats_agg_period: Duration::from_secs(60),
             streaming_connection_idle_timeout: Duration::from_secs(4 * 3600),
             feature_gates: Default::default(),
+            allowed_unsafe_sysctls: Vec::new(),
+            seccomp_default: false,
         }
     }
 }
@@ -227,6 +234,9 @@ impl KubeletConfiguration {
             ip.parse::<std::net::IpAddr>().with_context(|| format!("podCIDR {cidr:?}"))?;
             bits.parse::<u8>().ok().filter(|b| *b <= 128).with_context(|| format!("podCIDR {cidr:?}"))?;
         }
+        crate::pods::sysctls::Allowlist::new(&self.allowed_unsafe_sysctls)
+            .map_err(anyhow::Error::msg)
+            .context("allowedUnsafeSysctls")?;
         for ip in &self.cluster_dns {
             ip.parse::<std::net::IpAddr>().with_context(|| format!("clusterDNS {ip:?} is not an IP address"))?;
         }

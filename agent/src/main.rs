@@ -68,6 +68,13 @@ struct Flags {
     /// Overrides `clusterDomain`.
     #[arg(long)]
     cluster_domain: Option<String>,
+    /// Overrides `allowedUnsafeSysctls`: sysctls (names or `prefix*`) pods may set beyond the safe set,
+    /// comma-separated.
+    #[arg(long)]
+    allowed_unsafe_sysctls: Option<String>,
+    /// Overrides `seccompDefault`: containers without a seccomp profile run under `RuntimeDefault`.
+    #[arg(long)]
+    seccomp_default: Option<bool>,
     /// Labels to register the node with: `key=value,...`.
     #[arg(long, default_value = "")]
     node_labels: String,
@@ -226,6 +233,15 @@ fn main() -> Result<()> {
             logs(pod_logs_dir, namespace, pod, container.as_deref())
         }
         None => {
+            // Before anything else: the agent, and so the zygote and every process that enters a container,
+            // runs from a read-only mount of its binary (CVE-2019-5736; see nodelet_runtime::exe).
+            if let Err(e) = nodelet_runtime::exe::reexec_read_only() {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    anyhow::bail!("protecting the nodelet binary from containers (CVE-2019-5736): {e}");
+                }
+                tracing::warn!(error = %e, "not root: the nodelet binary is not protected from containers");
+            }
             // The kernel's OOM killer must pick a container, never the node (the zygote inherits this; containers
             // get theirs per QoS class).
             if let Err(e) =
@@ -275,6 +291,10 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
     if flags.cluster_domain.is_some() {
         kubelet.cluster_domain = flags.cluster_domain.clone();
     }
+    if let Some(list) = &flags.allowed_unsafe_sysctls {
+        kubelet.allowed_unsafe_sysctls = list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    }
+    kubelet.seccomp_default = flags.seccomp_default.unwrap_or(kubelet.seccomp_default);
     kubelet.validate().context("invalid flags")?;
     let node_name = match flags.hostname_override {
         Some(name) => name,

@@ -81,8 +81,10 @@ pub struct Security {
     pub run_as_user: Option<u32>,
     /// `runAsGroup`.
     pub run_as_group: Option<u32>,
-    /// `supplementalGroups` plus `fsGroup`.
+    /// `fsGroup`, then `supplementalGroups` (the kubelet's order).
     pub supplemental_groups: Vec<u32>,
+    /// `supplementalGroupsPolicy: Strict`: the user's groups in the image's `/etc/group` are not added.
+    pub strict_supplemental_groups: bool,
     /// `privileged`.
     pub privileged: bool,
     /// `allowPrivilegeEscalation` (`None` means true, as upstream; false sets no_new_privs).
@@ -98,13 +100,16 @@ pub struct Security {
 }
 
 /// The seccomp profile of a container.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Seccomp {
     /// No filter (`Unconfined`, the kubelet's default when nothing is set).
     #[default]
     Unconfined,
     /// The runtime's default profile (`RuntimeDefault`).
     RuntimeDefault,
+    /// A profile file on the node (`Localhost`: `<root-dir>/seccomp/<localhostProfile>`), in the OCI or Docker
+    /// JSON format containerd reads; read when the container is created.
+    Localhost(PathBuf),
 }
 
 /// Mount propagation of a bind mount (Kubernetes' `mountPropagation`).

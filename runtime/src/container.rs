@@ -18,6 +18,7 @@ use crate::config::{ContainerConfig, ExecConfig};
 use crate::error::RuntimeError;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::{self, Record};
+use crate::user::ProcessUser;
 use crate::zygote::{Exited, Reply, Request, Zygote, ZygoteRequests, wire};
 use crate::{bundle, cgroupfs};
 
@@ -119,6 +120,8 @@ pub struct Container {
     adopted: bool,
     /// Inodes of the stdout and stderr pipes given at create, to find them again after a restart.
     output: Option<(u64, u64)>,
+    /// The user its process runs as (unknown for an adopted container: its creator recorded it).
+    pub user: Option<ProcessUser>,
 }
 
 impl Container {
@@ -253,25 +256,25 @@ impl Runtime {
                 message: format!("creating its cgroups: {e}"),
             })?;
             inner.start_grace_period();
-            let (bundle, cgroupfs) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
+            let (bundle, cgroupfs, user) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
             let root = inner.root.join("libcontainer");
             let req = Request::Create { id: owned.id.clone(), root, bundle, stdio, tty: owned.tty };
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
             let reply = inner.zygote.call(&req, &borrowed);
             drop(cgroupfs);
-            reply
+            reply.map(|(reply, fds)| (reply, fds, user))
         })
         .await
         .map_err(|e| RuntimeError::Zygote(e.to_string()))
         .and_then(|r| r);
         let fail = |message: String| RuntimeError::Create { id: cfg.id.clone(), message };
-        let (pid, pty) = match created {
-            Ok((Reply::Pid(pid), mut fds)) => (pid, fds.pop()),
-            Ok((Reply::Failed(message), _)) => {
+        let (pid, pty, user) = match created {
+            Ok((Reply::Pid(pid), mut fds, user)) => (pid, fds.pop(), user),
+            Ok((Reply::Failed(message), _, _)) => {
                 self.cleanup(&cfg.id, &cfg.cgroups_path).await;
                 return Err(fail(message));
             }
-            Ok((other, _)) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+            Ok((other, _, _)) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
             Err(e) => {
                 self.cleanup(&cfg.id, &cfg.cgroups_path).await;
                 return Err(e);
@@ -297,6 +300,7 @@ impl Runtime {
                 pty: pty.map(Arc::new),
                 adopted: false,
                 output,
+                user: Some(user),
             }),
             Err(e) => {
                 self.cleanup(&cfg.id, &cfg.cgroups_path).await;
@@ -530,6 +534,7 @@ impl Runtime {
                     pty: None,
                     adopted: true,
                     output: r.output,
+                    user: None,
                 }),
                 None => {
                     tracing::info!(id = %r.id, "container exited while the agent was down; cleaning up");

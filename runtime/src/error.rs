@@ -22,6 +22,22 @@ pub enum SpecError {
         /// Why it was refused.
         reason: String,
     },
+    /// A `Localhost` seccomp profile that cannot be read or used (containerd's words).
+    #[error("failed to generate seccomp spec opts: cannot load seccomp profile {path:?}: {reason}")]
+    SeccompProfile {
+        /// The profile's path on the node.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A volume mounted where no container may have one (see [`crate::destinations`]).
+    #[error("mount destination {destination} is not allowed: {reason}")]
+    ForbiddenMount {
+        /// The destination as given.
+        destination: String,
+        /// Why.
+        reason: String,
+    },
     /// A capability name the kernel does not know.
     #[error("unknown capability {0:?}")]
     UnknownCapability(String),

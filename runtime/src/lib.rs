@@ -11,7 +11,10 @@ pub mod cgroup;
 mod cgroupfs;
 pub mod config;
 mod container;
+pub mod destinations;
+pub mod devices;
 pub mod error;
+pub mod exe;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
@@ -26,4 +29,5 @@ pub use config::{
 pub use container::{Container, ContainerExit, ContainerIo, ExecProcess, IoPipes, Runtime};
 pub use error::{RuntimeError, SpecError};
 pub use sandbox::{Sandbox, SandboxConfig};
+pub use user::ProcessUser;
 pub use zygote::Zygote;

@@ -191,6 +191,8 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
     mounts.push(json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
                        "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}));
     for m in &cfg.mounts {
+        let (Mount::Bind { destination, .. } | Mount::Tmpfs { destination, .. }) = m;
+        crate::destinations::check(&cfg.rootfs, destination, privileged)?;
         mounts.push(match m {
             Mount::Bind { source, destination, read_only, recursive, propagation } => {
                 let mut options = vec!["rbind", propagation_option(*propagation), if *read_only { "ro" } else { "rw" }];
@@ -240,6 +242,9 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
         "resources": resources,
         "sysctl": cfg.sysctls,
     });
+    if privileged {
+        linux["devices"] = json!(crate::devices::host_devices(std::path::Path::new("/dev")));
+    }
     if shared {
         // A Bidirectional mount's events must reach the host: the container's root is shared, not a slave.
         linux["rootfsPropagation"] = json!("shared");
@@ -247,8 +252,10 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
     if !privileged {
         linux["maskedPaths"] = json!(MASKED_PATHS);
         linux["readonlyPaths"] = json!(READONLY_PATHS);
-        if cfg.security.seccomp == Seccomp::RuntimeDefault {
-            linux["seccomp"] = seccomp::runtime_default();
+        match &cfg.security.seccomp {
+            Seccomp::Unconfined => {}
+            Seccomp::RuntimeDefault => linux["seccomp"] = seccomp::runtime_default(),
+            Seccomp::Localhost(path) => linux["seccomp"] = seccomp::localhost(path)?,
         }
     }
 

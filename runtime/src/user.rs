@@ -21,14 +21,17 @@ use crate::error::SpecError;
 pub const MAX_DATABASE_BYTES: u64 = 4 << 20;
 
 /// The user the process runs as: `runAsUser`/`runAsGroup` win over the image's `User`; names are resolved in the
-/// container's `/etc/passwd` and `/etc/group`, and the user's groups there are added like containerd does.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// container's `/etc/passwd` and `/etc/group`, and the user's groups there are added like containerd does
+/// (unless `supplementalGroupsPolicy` is `Strict`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProcessUser {
     /// uid.
     pub uid: u32,
     /// gid.
     pub gid: u32,
-    /// Additional gids.
+    /// All the process's groups, as containerd lists them and the kubelet reports them
+    /// (`status.containerStatuses[].user.linux.supplementalGroups`): the primary gid, the user's groups in the
+    /// image's `/etc/group`, then `fsGroup` and `supplementalGroups`; each once.
     pub additional_gids: Vec<u32>,
 }
 
@@ -79,8 +82,8 @@ pub fn resolve_user(cfg: &ContainerConfig) -> Result<ProcessUser, SpecError> {
     if let Some(g) = cfg.security.run_as_group {
         gid = g;
     }
-    let mut additional_gids: Vec<u32> = Vec::new();
-    if let Some(name) = &name {
+    let mut additional_gids: Vec<u32> = vec![gid];
+    if let Some(name) = name.as_ref().filter(|_| !cfg.security.strict_supplemental_groups) {
         for e in &group {
             if e.get(3).is_some_and(|members| members.split(',').any(|m| m == name))
                 && let Some(g) = e.get(2).and_then(|s| s.parse().ok())
@@ -90,9 +93,8 @@ pub fn resolve_user(cfg: &ContainerConfig) -> Result<ProcessUser, SpecError> {
         }
     }
     additional_gids.extend(&cfg.security.supplemental_groups);
-    additional_gids.sort_unstable();
-    additional_gids.dedup();
-    additional_gids.retain(|g| *g != gid);
+    let mut seen = std::collections::HashSet::new();
+    additional_gids.retain(|g| seen.insert(*g));
     Ok(ProcessUser { uid, gid, additional_gids })
 }
 
@@ -157,17 +159,25 @@ mod tests {
         let mut c = cfg();
         c.rootfs = dir.path().to_path_buf();
         let user = |c: &ContainerConfig| resolve_user(c).unwrap();
-        assert_eq!(user(&c), ProcessUser { uid: 0, gid: 0, additional_gids: vec![] });
+        assert_eq!(user(&c), ProcessUser { uid: 0, gid: 0, additional_gids: vec![0] });
         c.image.user = Some("web".into());
-        assert_eq!(user(&c), ProcessUser { uid: 33, gid: 44, additional_gids: vec![50] });
+        assert_eq!(user(&c), ProcessUser { uid: 33, gid: 44, additional_gids: vec![44, 50] });
         c.image.user = Some("web:root".into());
         assert_eq!(user(&c).gid, 0);
         c.image.user = Some("1234:5678".into());
-        assert_eq!(user(&c), ProcessUser { uid: 1234, gid: 5678, additional_gids: vec![] });
+        assert_eq!(user(&c), ProcessUser { uid: 1234, gid: 5678, additional_gids: vec![5678] });
         c.image.user = Some("web".into());
         c.security.run_as_user = Some(7);
         c.security.supplemental_groups = vec![9, 9];
-        assert_eq!(user(&c), ProcessUser { uid: 7, gid: 0, additional_gids: vec![9] });
+        assert_eq!(user(&c), ProcessUser { uid: 7, gid: 0, additional_gids: vec![0, 9] });
+        // Merge (the default) adds the image's groups of the user before the pod's; Strict only the pod's.
+        c.security.run_as_user = Some(33);
+        c.security.supplemental_groups = vec![60, 50];
+        assert_eq!(user(&c), ProcessUser { uid: 33, gid: 44, additional_gids: vec![44, 50, 60] });
+        c.security.strict_supplemental_groups = true;
+        assert_eq!(user(&c), ProcessUser { uid: 33, gid: 44, additional_gids: vec![44, 60, 50] });
+        c.security.strict_supplemental_groups = false;
+        c.security.supplemental_groups.clear();
         c.security.run_as_user = None;
         c.image.user = Some("ghost".into());
         assert!(matches!(resolve_user(&c), Err(SpecError::UnknownUser(u)) if u == "ghost"));
@@ -232,7 +242,7 @@ mod tests {
         assert!(matches!(resolve_user(&c), Err(SpecError::UnknownUser(u)) if u == "evil"));
         // The same file inside the rootfs is followed, as the container itself would.
         std::fs::write(c.rootfs.join("host-passwd"), "evil:x:5:6::/:/bin/sh\n").unwrap();
-        assert_eq!(resolve_user(&c).unwrap(), ProcessUser { uid: 5, gid: 6, additional_gids: vec![] });
+        assert_eq!(resolve_user(&c).unwrap(), ProcessUser { uid: 5, gid: 6, additional_gids: vec![6] });
     }
 
     #[test]

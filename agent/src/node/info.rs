@@ -142,6 +142,8 @@ impl NodeFacts {
                 kubelet_endpoint: Some(DaemonEndpoint { port: i32::from(config.kubelet.port) }),
             }),
             declared_features: Some(config.kubelet.declared_features()).filter(|f| !f.is_empty()),
+            // The runtime resolves `supplementalGroupsPolicy` and reports each container's user.
+            features: Some(k8s_openapi::api::core::v1::NodeFeatures { supplemental_groups_policy: Some(true) }),
             ..Default::default()
         }
     }

@@ -1,5 +1,5 @@
-//! Pod admission, as the kubelet's admit handlers decide it: the OS, then the pod count, then cpu and memory
-//! requests against allocatable. Only pods that are not terminal count: a finished Job pod holds no slot and no
+//! Pod admission, as the kubelet's admit handlers decide it, in their order: sysctls, the OS, the pod count, cpu
+//! and memory requests against allocatable, then AppArmor. Only pods that are not terminal count: a finished Job pod holds no slot and no
 //! requests. Pure: the dispatcher passes what is in use.
 
 use k8s_openapi::api::core::v1::Pod;
@@ -20,6 +20,25 @@ pub struct Capacity {
     pub memory_bytes: u64,
 }
 
+/// What the node lets pods ask for, beyond resources.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The sysctls pods may set.
+    pub sysctls: super::sysctls::Allowlist,
+    /// Whether the kernel enforces AppArmor (`/sys/module/apparmor/parameters/enabled`).
+    pub apparmor: bool,
+}
+
+impl Policy {
+    /// The policy of this host with `allowed_unsafe_sysctls` (a bad pattern is a configuration error).
+    pub fn of_host(allowed_unsafe_sysctls: &[String]) -> Result<Policy, String> {
+        let apparmor = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+            .is_ok_and(|s| s.starts_with('Y'))
+            && std::path::Path::new("/sys/kernel/security/apparmor").exists();
+        Ok(Policy { sysctls: super::sysctls::Allowlist::new(allowed_unsafe_sysctls)?, apparmor })
+    }
+}
+
 /// Upstream's reason and message for a pod that is not admitted (`status.reason`, `status.message`, the event).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
@@ -32,8 +51,17 @@ fn reject(reason: &'static str, message: String) -> Result<(), Rejection> {
 }
 
 /// Whether `pod`, requesting `(cpu millis, memory bytes)`, may run next to what is in use.
-pub fn admit(pod: &Pod, (cpu, memory): (u64, u64), used: Usage, capacity: Capacity) -> Result<(), Rejection> {
+pub fn admit(
+    pod: &Pod,
+    (cpu, memory): (u64, u64),
+    used: Usage,
+    capacity: Capacity,
+    policy: &Policy,
+) -> Result<(), Rejection> {
     let spec = pod.spec.as_ref();
+    if let Err(message) = policy.sysctls.admit(pod) {
+        return reject(super::sysctls::FORBIDDEN_REASON, message);
+    }
     let selected_os = spec.and_then(|s| s.node_selector.as_ref()).and_then(|m| m.get("kubernetes.io/os"));
     if selected_os.is_some_and(|os| os != "linux") {
         return reject(
@@ -67,7 +95,31 @@ pub fn admit(pod: &Pod, (cpu, memory): (u64, u64), used: Usage, capacity: Capaci
             ),
         );
     }
+    let pending = pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending");
+    if pending && !policy.apparmor && requires_apparmor(pod) {
+        return reject("AppArmor", "Cannot enforce AppArmor: AppArmor is not enabled on the host".into());
+    }
     Ok(())
+}
+
+/// Whether the pod asks for an AppArmor profile other than `Unconfined` (fields or the deprecated annotations),
+/// as upstream's validator reads it.
+fn requires_apparmor(pod: &Pod) -> bool {
+    let Some(spec) = pod.spec.as_ref() else { return false };
+    let confined = |p: Option<&k8s_openapi::api::core::v1::AppArmorProfile>| p.is_some_and(|p| p.type_ != "Unconfined");
+    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    confined(spec.security_context.as_ref().and_then(|s| s.app_armor_profile.as_ref()))
+        || containers
+            .into_iter()
+            .any(|c| confined(c.security_context.as_ref().and_then(|s| s.app_armor_profile.as_ref())))
+        || spec
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .any(|c| confined(c.security_context.as_ref().and_then(|s| s.app_armor_profile.as_ref())))
+        || pod.metadata.annotations.iter().flatten().any(|(key, value)| {
+            key.starts_with("container.apparmor.security.beta.kubernetes.io/") && value != "unconfined"
+        })
 }
 
 #[cfg(test)]
@@ -75,6 +127,11 @@ mod tests {
     use super::*;
 
     const CAPACITY: Capacity = Capacity { max_pods: 3, cpu_millis: 2000, memory_bytes: 1 << 30 };
+
+    fn admit(pod: &Pod, requests: (u64, u64), used: Usage, capacity: Capacity) -> Result<(), Rejection> {
+        let policy = Policy { sysctls: super::super::sysctls::Allowlist::new(&[]).unwrap(), apparmor: false };
+        super::admit(pod, requests, used, capacity, &policy)
+    }
 
     fn pod(spec: serde_json::Value) -> Pod {
         serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
@@ -109,5 +166,30 @@ mod tests {
         assert_eq!(reason(admit(&selector, (0, 0), Usage::default(), CAPACITY)), "PodOSSelectorNodeLabelDoesNotMatch");
         let linux = pod(serde_json::json!({"containers": [], "os": {"name": "linux"}}));
         assert_eq!(reason(admit(&linux, (0, 0), Usage::default(), CAPACITY)), "admitted");
+    }
+
+    #[test]
+    fn sysctls_first_and_apparmor_last_as_upstream() {
+        let both = pod(serde_json::json!({"containers": [{"name": "c",
+            "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"}}}],
+            "securityContext": {"sysctls": [{"name": "kernel.msgmax", "value": "1"}]}}));
+        let rejected = admit(&both, (0, 0), Usage::default(), CAPACITY).unwrap_err();
+        assert_eq!(rejected.reason, "SysctlForbidden");
+        assert_eq!(rejected.message, "forbidden sysctl: \"kernel.msgmax\" not allowlisted");
+        let apparmor = pod(serde_json::json!({"containers": [{"name": "c",
+            "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"}}}]}));
+        let rejected = admit(&apparmor, (0, 0), Usage::default(), CAPACITY).unwrap_err();
+        assert_eq!(
+            (rejected.reason, rejected.message.as_str()),
+            ("AppArmor", "Cannot enforce AppArmor: AppArmor is not enabled on the host")
+        );
+        let annotated: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "annotations":
+            {"container.apparmor.security.beta.kubernetes.io/c": "runtime/default"}},
+            "spec": {"containers": [{"name": "c"}]}}))
+        .unwrap();
+        assert_eq!(reason(admit(&annotated, (0, 0), Usage::default(), CAPACITY)), "AppArmor");
+        let unconfined = pod(serde_json::json!({"containers": [{"name": "c"}],
+            "securityContext": {"appArmorProfile": {"type": "Unconfined"}}}));
+        assert_eq!(reason(admit(&unconfined, (0, 0), Usage::default(), CAPACITY)), "admitted");
     }
 }

@@ -12,6 +12,7 @@ pub mod service_env;
 pub mod services;
 pub mod spec;
 pub mod state;
+pub mod sysctls;
 pub mod termination_message;
 pub mod unsupported;
 pub mod validation;
@@ -65,6 +66,8 @@ pub struct Ctx {
     pub attachments: attach::Attachments,
     /// Records of OOM kills (`/debug/oom`).
     pub oom: crate::oom::OomLog,
+    /// What pods may ask for beyond resources (sysctls, AppArmor).
+    pub admission: admission::Policy,
 }
 
 impl Ctx {
@@ -300,7 +303,7 @@ impl PodWorkers {
         }
         let requests = resources::pod_requests(&pod);
         if let Err(admission::Rejection { reason, message }) =
-            admission::admit(&pod, requests, self.usage(), self.capacity())
+            admission::admit(&pod, requests, self.usage(), self.capacity(), &self.ctx.admission)
         {
             return self.reject(&pod, reason, message);
         }

@@ -19,8 +19,8 @@ use nix::sys::signal::Signal;
 use nodelet_cgroups::hierarchy::Hierarchy;
 use nodelet_cgroups::qos::{PodLimits, QosClass};
 use nodelet_runtime::{
-    Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, Runtime, RuntimeError, Sandbox,
-    SandboxConfig,
+    Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, ProcessUser, Runtime, RuntimeError,
+    Sandbox, SandboxConfig,
 };
 
 use crate::images::pull::Progress;
@@ -37,8 +37,12 @@ pub trait ContainerRuntime: Send + Sync {
     fn create_sandbox<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, Result<Sandbox, RuntimeError>>;
     fn remove_sandbox<'a>(&'a self, sandbox: &'a Sandbox) -> BoxFuture<'a, Result<(), RuntimeError>>;
     fn list_sandboxes(&self) -> Vec<Sandbox>;
-    /// Creates a container (not started yet) whose output goes to `io`.
-    fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    /// Creates a container (not started yet) whose output goes to `io`; the user its process runs as.
+    fn create<'a>(
+        &'a self,
+        config: &'a ContainerConfig,
+        io: ContainerIo,
+    ) -> BoxFuture<'a, Result<Option<ProcessUser>, RuntimeError>>;
     fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
     /// The container's exit, once it comes.
     fn wait<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ContainerExit>;
@@ -175,9 +179,14 @@ impl ContainerRuntime for RealRuntime {
         self.runtime.list_sandboxes()
     }
 
-    fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn create<'a>(
+        &'a self,
+        config: &'a ContainerConfig,
+        io: ContainerIo,
+    ) -> BoxFuture<'a, Result<Option<ProcessUser>, RuntimeError>> {
         Box::pin(async move {
             let c = timed("create_container", self.runtime.create(config, io)).await?;
+            let user = c.user.clone();
             let signal = config.stop_signal.as_deref().and_then(|s| {
                 let parsed = nodelet_runtime::parse_signal(s);
                 if parsed.is_none() {
@@ -189,7 +198,7 @@ impl ContainerRuntime for RealRuntime {
                 self.stop_signals.lock().unwrap_or_else(|e| e.into_inner()).insert(config.id.clone(), signal);
             }
             self.keep(c);
-            Ok(())
+            Ok(user)
         })
     }
 

@@ -3,6 +3,7 @@
 //! resolved is a `CreateContainerConfigError`, as upstream.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
@@ -183,36 +184,71 @@ pub fn verify_run_as_non_root(pod: &Pod, c: &Container, image_user: Option<&str>
     }
 }
 
+/// Where `Localhost` seccomp profiles live (`<root-dir>/seccomp`, the kubelet's `seccompProfileRoot`), and
+/// whether containers without a profile get `RuntimeDefault` (`seccompDefault`).
+#[derive(Debug, Clone)]
+pub struct SeccompSettings {
+    pub root: PathBuf,
+    pub default: bool,
+}
+
+/// The container's seccomp profile: the container's, else the pod's, else the node's default. A `Localhost`
+/// path is relative below the profile root (the API server checks it; checked again here, since a static pod's
+/// is not): a path that leaves it is an error, never read.
+fn seccomp(pod: &Pod, c: &Container, settings: &SeccompSettings) -> Result<nodelet_runtime::Seccomp> {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let profile = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .or(pod_sc.and_then(|s| s.seccomp_profile.as_ref()));
+    Ok(match profile.map(|p| (p.type_.as_str(), p.localhost_profile.as_deref())) {
+        None if settings.default => nodelet_runtime::Seccomp::RuntimeDefault,
+        None | Some(("Unconfined", _)) => nodelet_runtime::Seccomp::Unconfined,
+        Some(("RuntimeDefault", _)) => nodelet_runtime::Seccomp::RuntimeDefault,
+        Some(("Localhost", Some(path))) => {
+            let relative = Path::new(path);
+            let descends = relative.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if path.is_empty() || !descends {
+                return Err(anyhow!("localhostProfile {path:?} must be a relative path below the profile root"));
+            }
+            nodelet_runtime::Seccomp::Localhost(settings.root.join(relative))
+        }
+        Some(("Localhost", None)) => {
+            return Err(anyhow!("localhostProfile must be set if seccompProfile type is Localhost."));
+        }
+        Some((other, _)) => return Err(anyhow!("unknown seccomp profile type {other:?}")),
+    })
+}
+
 /// The container's security settings, pod-level defaults first.
-pub fn security(pod: &Pod, c: &Container) -> Security {
+pub fn security(pod: &Pod, c: &Container, seccomp_settings: &SeccompSettings) -> Result<Security> {
     let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let sc = c.security_context.as_ref();
     let caps = sc.and_then(|s| s.capabilities.as_ref());
-    let seccomp = sc
-        .and_then(|s| s.seccomp_profile.as_ref())
-        .or(pod_sc.and_then(|s| s.seccomp_profile.as_ref()))
-        .map(|p| p.type_.as_str());
     // IDs are validated to 0..=2^31-1 before a pod runs (validation.rs): the conversions cannot fail.
     let id = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
-    let mut supplemental: Vec<u32> =
-        pod_sc.and_then(|s| s.supplemental_groups.clone()).unwrap_or_default().into_iter().map(id).collect();
-    if let Some(fs_group) = pod_sc.and_then(|s| s.fs_group) {
-        supplemental.push(id(fs_group));
+    // The kubelet's order: fsGroup, then supplementalGroups.
+    let mut supplemental: Vec<u32> = pod_sc.and_then(|s| s.fs_group).map(id).into_iter().collect();
+    supplemental.extend(pod_sc.and_then(|s| s.supplemental_groups.as_ref()).into_iter().flatten().map(|g| id(*g)));
+    let strict = pod_sc.and_then(|s| s.supplemental_groups_policy.as_deref()) == Some("Strict");
+    if sc.and_then(|s| s.se_linux_options.as_ref()).or(pod_sc.and_then(|s| s.se_linux_options.as_ref())).is_some()
+        && !super::unsupported::selinux_enabled()
+    {
+        tracing::info!(container = %c.name, "seLinuxOptions ignored: SELinux is not enabled on this host");
     }
-    Security {
+    Ok(Security {
         run_as_user: sc.and_then(|s| s.run_as_user).or(pod_sc.and_then(|s| s.run_as_user)).map(id),
         run_as_group: sc.and_then(|s| s.run_as_group).or(pod_sc.and_then(|s| s.run_as_group)).map(id),
         supplemental_groups: supplemental,
+        strict_supplemental_groups: strict,
         privileged: sc.and_then(|s| s.privileged).unwrap_or(false),
         allow_privilege_escalation: sc.and_then(|s| s.allow_privilege_escalation),
         read_only_root_filesystem: sc.and_then(|s| s.read_only_root_filesystem).unwrap_or(false),
         capabilities_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
         capabilities_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
-        seccomp: match seccomp {
-            Some("RuntimeDefault") => nodelet_runtime::Seccomp::RuntimeDefault,
-            _ => nodelet_runtime::Seccomp::Unconfined,
-        },
-    }
+        seccomp: seccomp(pod, c, seccomp_settings)?,
+    })
 }
 
 /// Decodes `.dockerconfigjson` of the pod's image pull secrets (missing ones are skipped, like upstream).
@@ -258,6 +294,38 @@ mod tests {
         let root = pod(serde_json::json!({"runAsNonRoot": true, "runAsUser": 0}));
         assert!(check(&root, Some("1000")).unwrap_err().starts_with("container's runAsUser breaks non-root policy"));
         assert!(check(&pod(serde_json::json!({})), None).is_ok());
+    }
+
+    #[test]
+    fn security_merges_pod_and_container_like_the_kubelet() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": {
+            "securityContext": {"fsGroup": 5, "supplementalGroups": [7, 6], "supplementalGroupsPolicy": "Strict",
+                "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/audit.json"}},
+            "containers": [{"name": "a"}, {"name": "b", "securityContext": {"seccompProfile": {"type": "Unconfined"}}},
+                {"name": "c", "securityContext": {"seccompProfile": {"type": "Localhost", "localhostProfile": "../x"}}}]}}))
+        .unwrap();
+        let settings = SeccompSettings { root: PathBuf::from("/var/lib/nodelet/seccomp"), default: true };
+        let containers = &pod.spec.as_ref().unwrap().containers;
+        let a = security(&pod, &containers[0], &settings).unwrap();
+        assert_eq!(a.supplemental_groups, [5, 7, 6], "fsGroup first");
+        assert!(a.strict_supplemental_groups);
+        assert_eq!(
+            a.seccomp,
+            nodelet_runtime::Seccomp::Localhost(PathBuf::from("/var/lib/nodelet/seccomp/profiles/audit.json"))
+        );
+        assert_eq!(security(&pod, &containers[1], &settings).unwrap().seccomp, nodelet_runtime::Seccomp::Unconfined);
+        let escape = security(&pod, &containers[2], &settings).unwrap_err().to_string();
+        assert!(escape.contains("must be a relative path below the profile root"), "{escape}");
+        // Nothing set: the node's default.
+        let bare: Pod = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}}),
+        )
+        .unwrap();
+        let c = &bare.spec.as_ref().unwrap().containers[0];
+        assert_eq!(security(&bare, c, &settings).unwrap().seccomp, nodelet_runtime::Seccomp::RuntimeDefault);
+        let off = SeccompSettings { default: false, ..settings };
+        assert_eq!(security(&bare, c, &off).unwrap().seccomp, nodelet_runtime::Seccomp::Unconfined);
+        assert!(!security(&bare, c, &off).unwrap().strict_supplemental_groups);
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct ContainerRecord {
     /// The requests and limits the current instance's cgroup has (at start, or after an in-place resize).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<Applied>,
+    /// The user the current (or last) instance's process runs as (`status.containerStatuses[].user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<nodelet_runtime::ProcessUser>,
 }
 
 /// A container's requests and limits as quantity strings by resource name.
@@ -126,6 +129,7 @@ impl ContainerRecord {
             started: false,
             spec_hash: None,
             applied: None,
+            user: None,
         }
     }
 

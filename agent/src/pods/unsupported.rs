@@ -11,13 +11,20 @@ pub fn unsupported(pod: &Pod, c: &Container) -> Option<String> {
     let pod_sc = spec.security_context.as_ref();
     let sc = c.security_context.as_ref();
     let not_yet = |what: &str| Some(format!("{what} is not supported by nodelet yet"));
-    let seccomp = sc.and_then(|s| s.seccomp_profile.as_ref()).or(pod_sc.and_then(|s| s.seccomp_profile.as_ref()));
-    if let Some(profile) = seccomp.filter(|p| p.type_ != "RuntimeDefault" && p.type_ != "Unconfined") {
-        return not_yet(&format!("seccomp profile type {}", profile.type_));
-    }
+    // Without AppArmor on the host, admission refuses such pods as upstream does; with it, nodelet cannot load or
+    // apply a profile yet.
     let apparmor = sc.and_then(|s| s.app_armor_profile.as_ref()).or(pod_sc.and_then(|s| s.app_armor_profile.as_ref()));
-    if let Some(profile) = apparmor.filter(|p| p.type_ == "Localhost") {
+    if let Some(profile) = apparmor.filter(|p| p.type_ != "Unconfined") {
         return not_yet(&format!("AppArmor profile type {}", profile.type_));
+    }
+    // With SELinux off (the kernel has no selinuxfs), options are ignored as upstream ignores them (logged when
+    // the container is made); with it on, nodelet cannot label containers yet.
+    let selinux = sc.and_then(|s| s.se_linux_options.as_ref()).or(pod_sc.and_then(|s| s.se_linux_options.as_ref()));
+    if selinux.is_some() && selinux_enabled() {
+        return not_yet("seLinuxOptions with SELinux enabled");
+    }
+    if sc.and_then(|s| s.proc_mount.as_deref()).is_some_and(|m| m != "Default") {
+        return not_yet("procMount: Unmasked");
     }
     if spec.host_users == Some(false) {
         return not_yet("hostUsers: false (user namespaces)");
@@ -30,6 +37,11 @@ pub fn unsupported(pod: &Pod, c: &Container) -> Option<String> {
         return not_yet("resource claims (dynamic resource allocation)");
     }
     None
+}
+
+/// Whether the kernel enforces SELinux here.
+pub fn selinux_enabled() -> bool {
+    std::path::Path::new("/sys/fs/selinux/enforce").exists()
 }
 
 #[cfg(test)]
@@ -54,7 +66,9 @@ mod tests {
         assert_eq!(check(runtime_default), None);
         let localhost = serde_json::json!({"securityContext": {"seccompProfile": {"type": "Localhost",
             "localhostProfile": "p.json"}}, "containers": [{"name": "c"}]});
-        assert_eq!(check(localhost).unwrap(), "seccomp profile type Localhost is not supported by nodelet yet");
+        assert_eq!(check(localhost), None);
+        let unmasked = serde_json::json!({"containers": [{"name": "c", "securityContext": {"procMount": "Unmasked"}}]});
+        assert_eq!(check(unmasked).unwrap(), "procMount: Unmasked is not supported by nodelet yet");
         let apparmor = serde_json::json!({"containers": [{"name": "c",
             "securityContext": {"appArmorProfile": {"type": "Localhost", "localhostProfile": "x"}}}]});
         assert!(check(apparmor).unwrap().starts_with("AppArmor profile type Localhost"));

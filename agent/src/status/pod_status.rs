@@ -2,7 +2,7 @@
 
 use k8s_openapi::api::core::v1::{
     ContainerState as ApiState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, HostIP, PodCondition, PodIP, PodStatus, ResourceRequirements,
+    ContainerStatus, ContainerUser, HostIP, LinuxContainerUser, PodCondition, PodIP, PodStatus, ResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -63,6 +63,14 @@ fn container_status(c: &ContainerRecord, kind: Kind) -> ContainerStatus {
             .as_ref()
             .filter(|a| c.state.is_running() && !a.requests.is_empty())
             .map(|a| quantities(&a.requests)),
+        // As upstream with SupplementalGroupsPolicy (on by default): the identity the process runs with.
+        user: c.user.as_ref().map(|u| ContainerUser {
+            linux: Some(LinuxContainerUser {
+                uid: i64::from(u.uid),
+                gid: i64::from(u.gid),
+                supplemental_groups: Some(u.additional_gids.iter().map(|g| i64::from(*g)).collect()),
+            }),
+        }),
         ..Default::default()
     }
 }

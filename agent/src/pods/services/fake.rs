@@ -13,8 +13,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use nodelet_cgroups::qos::{PodLimits, QosClass};
 use nodelet_runtime::{
-    Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, RuntimeError, Sandbox, SandboxConfig,
-    SpecError,
+    Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, ProcessUser, RuntimeError, Sandbox,
+    SandboxConfig, SpecError,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -94,6 +94,10 @@ pub fn ctx(
         min_oom_score_adj: 0,
         attachments: Default::default(),
         oom: crate::oom::OomLog::open(root),
+        admission: crate::pods::admission::Policy {
+            sysctls: crate::pods::sysctls::Allowlist::new(&[]).expect("the safe sysctls are valid"),
+            apparmor: false,
+        },
     };
     (Arc::new(ctx), status)
 }
@@ -183,7 +187,11 @@ impl ContainerRuntime for FakeRuntime {
         self.lock().sandboxes.values().cloned().collect()
     }
 
-    fn create<'a>(&'a self, config: &'a ContainerConfig, io: ContainerIo) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn create<'a>(
+        &'a self,
+        config: &'a ContainerConfig,
+        io: ContainerIo,
+    ) -> BoxFuture<'a, Result<Option<ProcessUser>, RuntimeError>> {
         drop(io); // nothing writes: the agent's log copier sees the end at once
         let name = name_of(&config.id).to_string();
         let mut state = self.lock();
@@ -200,7 +208,13 @@ impl ContainerRuntime for FakeRuntime {
         state.pid_namespaces.insert(name.clone(), config.namespaces.pid.clone());
         state.commands.insert(name, config.command.iter().chain(&config.args).cloned().collect());
         state.exits.insert(config.id.clone(), watch::channel(None).0);
-        Box::pin(async { Ok(()) })
+        // The user as the runtime resolves it for an image without one.
+        let security = &config.security;
+        let gid = security.run_as_group.unwrap_or(0);
+        let mut additional_gids = vec![gid];
+        additional_gids.extend(security.supplemental_groups.iter().filter(|g| **g != gid));
+        let user = ProcessUser { uid: security.run_as_user.unwrap_or(0), gid, additional_gids };
+        Box::pin(async { Ok(Some(user)) })
     }
 
     fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {

@@ -90,9 +90,10 @@ impl Worker {
         let config = ContainerConfig { rootfs, ..config };
         let started = self.create_and_start(&config, &c, kind, restart).await;
         let message = match started {
-            Ok(()) => {
+            Ok(user) => {
                 let now = Timestamp::now();
                 self.record(kind, index).new_instance(&id);
+                self.record(kind, index).user = user;
                 if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
                     // The container runs; it is not Running in the status until its postStart hook returned.
                     self.watch(&c, id.clone(), now);
@@ -261,7 +262,7 @@ impl Worker {
         c: &ApiContainer,
         kind: Kind,
         restart: u32,
-    ) -> Result<(), NotStarted> {
+    ) -> Result<Option<nodelet_runtime::ProcessUser>, NotStarted> {
         // A terminal replaces the pipes (the runtime hands its master back).
         let (io, pipes) = if config.tty {
             (ContainerIo::default(), None)
@@ -269,8 +270,8 @@ impl Worker {
             let (io, pipes) = ContainerIo::pipes(config.stdin).map_err(|e| NotStarted::Start(e.to_string()))?;
             (io, Some(pipes))
         };
-        match self.ctx.runtime.create(config, io).await {
-            Ok(()) => {}
+        let user = match self.ctx.runtime.create(config, io).await {
+            Ok(user) => user,
             // The spec could not be made from the image and the pod (a user that does not exist, a hostile
             // /etc/passwd...): nothing ran.
             Err(RuntimeError::Spec(e)) => return Err(NotStarted::Create(e.to_string())),
@@ -292,7 +293,7 @@ impl Worker {
             return Err(NotStarted::Start(e.to_string()));
         }
         self.event(Some((&c.name, kind)), false, "Started", &format!("Started container {}", c.name));
-        Ok(())
+        Ok(user)
     }
 
     /// Logs the container's output (its pipes, or its terminal) and makes it attachable: its output, its stdin
@@ -440,7 +441,14 @@ impl Worker {
             args: c.args.clone().unwrap_or_default(),
             env,
             working_dir: c.working_dir.clone(),
-            security: spec::security(&self.pod, c),
+            security: spec::security(
+                &self.pod,
+                c,
+                &spec::SeccompSettings {
+                    root: self.ctx.config.root_dir.join("seccomp"),
+                    default: self.ctx.config.kubelet.seccomp_default,
+                },
+            )?,
             mounts,
             namespaces: self.namespaces(sandbox, c, kind)?,
             hostname: None,
@@ -456,7 +464,7 @@ impl Worker {
                 .and_then(|s| s.sysctls.clone())
                 .unwrap_or_default()
                 .into_iter()
-                .map(|s| (s.name, s.value))
+                .map(|s| (crate::pods::sysctls::normalize(&s.name), s.value))
                 .collect(),
             tty: c.tty.unwrap_or(false),
             stdin: c.stdin.unwrap_or(false),
