@@ -46,7 +46,13 @@ config busybox --architecture amd64 --config.env PATH=/usr/local/sbin:/usr/local
   --config.cmd sh
 
 umoci config --image "$oci:busybox" --tag agnhost --config.entrypoint /agnhost --config.cmd ''
-agnhost_layer() { cp "$AGNHOST" "$1/agnhost"; }
+# Upstream's agnhost image has user-defined-in-image (1000) in group-defined-in-image (50000): the
+# SupplementalGroupsPolicy tests rely on them.
+agnhost_layer() {
+  cp "$AGNHOST" "$1/agnhost"
+  echo 'user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh' >> "$1/etc/passwd"
+  printf 'user-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n' >> "$1/etc/group"
+}
 add_layer agnhost agnhost_layer
 
 amd64_marker() { busybox_rootfs "$1"; echo linux/amd64 > "$1/platform"; }

@@ -116,10 +116,16 @@ pub fn expand(input: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
-/// The capability set: containerd's defaults (all known capabilities when privileged), then drop, then add,
-/// in upstream's order (add wins over drop; `ALL` in either).
+/// The capability set: containerd's defaults (all the runtime's own capabilities when privileged), then drop,
+/// then add, in upstream's order (add wins over drop; `ALL` in either). "All" is what this process may hand on
+/// (its bounding set), as containerd takes its own: a capability the node withholds from the runtime cannot be
+/// given, and asking the kernel for it would fail the container.
 pub fn capabilities(cfg: &ContainerConfig) -> Result<Vec<String>, SpecError> {
-    let all: Vec<String> = caps::all().iter().map(|c| c.to_string()).collect();
+    let known: Vec<String> = caps::all().iter().map(|c| c.to_string()).collect();
+    let all: Vec<String> = match caps::read(None, caps::CapSet::Bounding) {
+        Ok(set) => set.iter().map(|c| c.to_string()).collect(),
+        Err(_) => known.clone(),
+    };
     if cfg.security.privileged {
         let mut all = all;
         all.sort();
@@ -131,7 +137,7 @@ pub fn capabilities(cfg: &ContainerConfig) -> Result<Vec<String>, SpecError> {
             return Ok(upper);
         }
         let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
-        if all.contains(&full) { Ok(full) } else { Err(SpecError::UnknownCapability(name.to_string())) }
+        if known.contains(&full) { Ok(full) } else { Err(SpecError::UnknownCapability(name.to_string())) }
     };
     let add: Vec<String> = cfg.security.capabilities_add.iter().map(|c| normalize(c)).collect::<Result<_, _>>()?;
     let drop: Vec<String> = cfg.security.capabilities_drop.iter().map(|c| normalize(c)).collect::<Result<_, _>>()?;
@@ -266,7 +272,10 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
         "env": env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "cwd": cwd.unwrap_or_else(|| "/".into()),
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "noNewPrivileges": cfg.security.allow_privilege_escalation == Some(false) && !privileged,
+        // Set only when true: libcontainer 0.7 loads the seccomp filter after dropping capabilities whenever the
+        // field is present, which without no_new_privs (and CAP_SYS_ADMIN) the kernel refuses; absent, it loads
+        // the filter while it still may.
+        "noNewPrivileges": (cfg.security.allow_privilege_escalation == Some(false) && !privileged).then_some(true),
         "oomScoreAdj": cfg.oom_score_adj,
     });
 

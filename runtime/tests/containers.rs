@@ -12,6 +12,8 @@ use nodelet_runtime::{
     ContainerConfig, ContainerIo, ExecConfig, Mount, Namespace, Resources, Runtime, SandboxConfig, Security, Zygote,
 };
 
+#[path = "containers/security.rs"]
+mod security;
 mod support;
 
 use support::{SANDBOX_ENV, busybox_rootfs, rerun_in_sandbox};
@@ -19,6 +21,9 @@ use support::{SANDBOX_ENV, busybox_rootfs, rerun_in_sandbox};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // Helper modes for the re-adoption test: a fresh, single-threaded process acting as a restarted agent.
+    if args.iter().any(|a| a == "--reexec-probe") {
+        std::process::exit(security::reexec_probe());
+    }
     if let Some(pos) = args.iter().position(|a| a == "--agent") {
         let code = agent_mode(&args[pos + 1], &args[pos + 2], Path::new(&args[pos + 3]));
         std::process::exit(code);
@@ -50,7 +55,7 @@ fn main() {
 type TestFn = fn(Runtime, Env) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 macro_rules! tests {
-    ($($name:ident),* $(,)?) => { vec![$((stringify!($name), (|rt, env| Box::pin($name(rt, env))) as TestFn)),*] };
+    ($($name:path),* $(,)?) => { vec![$((stringify!($name), (|rt, env| Box::pin($name(rt, env))) as TestFn)),*] };
 }
 
 /// Shared fixture: a busybox root filesystem and the runtime's state dir.
@@ -78,6 +83,14 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         terminals_for_containers_and_exec,
         shared_process_namespace,
         containers_see_their_own_cgroups,
+        security::privileged_containers_get_the_host,
+        security::unprivileged_containers_cannot_reach_the_host,
+        security::leaked_descriptors_do_not_reach_the_host,
+        security::hostile_images_cannot_redirect_the_setup,
+        security::mounts_into_proc_and_sys_are_refused,
+        security::localhost_seccomp_profiles_are_enforced,
+        security::supplemental_groups_policy_and_the_reported_user,
+        security::the_runtime_binary_cannot_be_overwritten,
         many_cycles_leak_nothing,
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -604,18 +617,22 @@ fn read_pty(mut pty: std::fs::File) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn terminals_for_containers_and_exec(rt: Runtime, env: Env) -> Result<()> {
-    use std::io::Write;
-    // A container with `tty: true` gets a terminal whose master the runtime hands back.
-    let mut cfg = config(&env, "tty", &["sh", "-c", "tty; exit 4"]);
-    cfg.tty = true;
+/// Like [`run`] with a terminal (`tty: true`): (exit, what the terminal showed).
+async fn run_tty(rt: &Runtime, cfg: &ContainerConfig) -> Result<(nodelet_runtime::ContainerExit, String)> {
+    let cfg = ContainerConfig { tty: true, ..cfg.clone() };
     let c = rt.create(&cfg, ContainerIo::default()).await?;
     let pty = std::fs::File::from(c.pty().context("a tty container has a terminal")?.try_clone()?);
     rt.start(&c).await?;
     let out = tokio::task::spawn_blocking(move || read_pty(pty));
     let exit = rt.wait(&c).await;
     rt.delete(&c).await?;
-    let out = out.await?;
+    Ok((exit, out.await?))
+}
+
+async fn terminals_for_containers_and_exec(rt: Runtime, env: Env) -> Result<()> {
+    use std::io::Write;
+    // A container with `tty: true` gets a terminal whose master the runtime hands back.
+    let (exit, out) = run_tty(&rt, &config(&env, "tty", &["sh", "-c", "tty; exit 4"])).await?;
     ensure!(exit.code == 4, "{exit:?}");
     ensure!(out.contains("/dev/pts/"), "tty printed {out:?}");
 

@@ -43,7 +43,7 @@ pub fn busybox_rootfs(root: &Path) -> Result<()> {
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
     for applet in [
         "sh", "true", "false", "echo", "cat", "sleep", "dd", "touch", "id", "grep", "head", "ls", "kill", "nc", "seq",
-        "readlink", "hostname",
+        "readlink", "hostname", "awk", "stat", "mknod", "mount", "mkdir", "tty", "wc", "tr",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
