@@ -192,6 +192,18 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         spec: Arc::new(facts.machine_spec()),
     };
     let oom = crate::oom::OomLog::open(&config.root_dir);
+    let (evict_tx, evict_rx) = mpsc::unbounded_channel();
+    let pressure = crate::eviction::EvictionManager::start(
+        crate::eviction::Settings {
+            root_dir: config.root_dir.clone(),
+            thresholds: crate::node::allocatable::eviction_hard(config.kubelet.eviction_hard.as_ref()),
+            interval: config.housekeeping_interval,
+            transition_period: config.kubelet.eviction_pressure_transition_period,
+        },
+        view.clone(),
+        stats.clone(),
+        evict_tx,
+    );
     let views = ApiViews { pods: view.clone(), stats, node: documents, oom: oom.clone() };
     start_kubelet_api(&config, client.clone(), views, container_runtime.clone(), attachments.clone())?;
     let network = Arc::new(Network::new(NetworkConfig {
@@ -238,17 +250,21 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         admission: crate::pods::admission::Policy::of_host(&config.kubelet.allowed_unsafe_sysctls)
             .map_err(anyhow::Error::msg)
             .context("allowedUnsafeSysctls")?,
+        pressure: pressure.clone(),
     });
     let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());
     let sources = usize::from(manifests.is_some()) + usize::from(client.is_some());
     let (source_tx, source_rx) = mpsc::channel(64);
-    tokio::spawn(PodWorkers::new(ctx, sources).run(source_rx));
+    let mut workers = PodWorkers::new(ctx, sources);
+    workers.take_evictions(evict_rx);
+    tokio::spawn(workers.run(source_rx));
     let (statics_tx, statics_rx) = tokio::sync::watch::channel(Default::default());
     if let Some(dir) = manifests {
         tokio::spawn(crate::sources::file::watch(dir, config.node_name.clone(), source_tx.clone(), statics_tx));
     }
     if let Some(client) = client.clone() {
-        let node = Arc::new(NodeManager::new(client.clone(), config.clone(), images.clone(), network.clone())?);
+        let node =
+            Arc::new(NodeManager::new(client.clone(), config.clone(), images.clone(), network.clone(), pressure)?);
         node.register().await?;
         let lease = node.clone();
         tokio::spawn(async move { lease.run_lease().await });

@@ -55,8 +55,11 @@ pub struct KubeletConfiguration {
     pub kube_reserved: std::collections::BTreeMap<String, String>,
     pub system_reserved: std::collections::BTreeMap<String, String>,
     /// Hard eviction thresholds (`memory.available`, `nodefs.available`...; quantities or percentages). Unset:
-    /// upstream's defaults. Today they shape allocatable; the eviction manager will enforce them.
+    /// upstream's defaults. They shape allocatable, and the eviction manager enforces them.
     pub eviction_hard: Option<std::collections::BTreeMap<String, String>>,
+    /// How long a pressure condition stays after its threshold was last met.
+    #[serde(with = "go_duration")]
+    pub eviction_pressure_transition_period: Duration,
     /// How long a volume's (and a writable layer's, a log's) disk usage, measured by walking it, is reused.
     #[serde(with = "go_duration")]
     pub volume_stats_agg_period: Duration,
@@ -118,6 +121,7 @@ impl Default for KubeletConfiguration {
             kube_reserved: Default::default(),
             system_reserved: Default::default(),
             eviction_hard: None,
+            eviction_pressure_transition_period: Duration::from_secs(300),
             volume_stats_agg_period: Duration::from_secs(60),
             streaming_connection_idle_timeout: Duration::from_secs(4 * 3600),
             feature_gates: Default::default(),

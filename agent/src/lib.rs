@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod eviction;
 pub mod images;
 pub mod logs;
 pub mod metrics;

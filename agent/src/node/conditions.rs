@@ -1,10 +1,7 @@
-//! The node's pressure conditions from real signals, against the hard eviction thresholds (upstream's eviction
-//! manager sets them the same way): `MemoryPressure` when memory.available (`MemAvailable`) is below
-//! `memory.available`, `DiskPressure` when the root dir's filesystem has less than `nodefs.available` free or fewer
-//! than `nodefs.inodesFree` inodes, `PIDPressure` when fewer than `pid.available` PIDs are left. Reading the
-//! signals is an effect ([`Signals::read`]); deciding is pure ([`pressure`]).
+//! The node's signals for eviction and its pressure conditions: memory.available (`MemAvailable`), the root dir's
+//! filesystem (bytes and inodes free) and the PIDs left. Reading them is an effect ([`Signals::read`]); the
+//! eviction manager decides (`crate::eviction::thresholds`).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// What the node has left.
@@ -59,59 +56,9 @@ impl Signals {
     }
 }
 
-/// A threshold of `signal`; `None` when not configured (or invalid: validated at startup with allocatable).
-fn threshold(thresholds: &BTreeMap<String, String>, signal: &str, capacity: u64) -> Option<u64> {
-    thresholds.contains_key(signal).then(|| super::allocatable::threshold(thresholds, signal, capacity).ok()).flatten()
-}
-
-/// The pressures `signals` show against `thresholds` (evictionHard).
-pub fn pressure(signals: &Signals, thresholds: &BTreeMap<String, String>) -> Pressure {
-    let below = |signal: &str, available: u64, capacity: u64| {
-        capacity > 0 && threshold(thresholds, signal, capacity).is_some_and(|t| available < t)
-    };
-    Pressure {
-        memory: below("memory.available", signals.memory_available, signals.memory_capacity),
-        disk: below("nodefs.available", signals.fs_available, signals.fs_capacity)
-            || below("nodefs.inodesFree", signals.inodes_free, signals.inodes_capacity),
-        pid: below("pid.available", signals.pid_max.saturating_sub(signals.pids_used), signals.pid_max),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const GIB: u64 = 1 << 30;
-
-    fn calm() -> Signals {
-        Signals {
-            memory_capacity: 8 * GIB,
-            memory_available: 4 * GIB,
-            fs_capacity: 100 * GIB,
-            fs_available: 50 * GIB,
-            inodes_capacity: 1_000_000,
-            inodes_free: 500_000,
-            pid_max: 4_194_304,
-            pids_used: 300,
-        }
-    }
-
-    #[test]
-    fn pressure_is_a_signal_below_its_threshold() {
-        let defaults = crate::node::allocatable::eviction_hard(None);
-        assert_eq!(pressure(&calm(), &defaults), Pressure::default());
-        let low_memory = Signals { memory_available: 99 << 20, ..calm() };
-        assert_eq!(pressure(&low_memory, &defaults), Pressure { memory: true, ..Default::default() });
-        let full_disk = Signals { fs_available: 9 * GIB, ..calm() };
-        assert_eq!(pressure(&full_disk, &defaults), Pressure { disk: true, ..Default::default() });
-        let no_inodes = Signals { inodes_free: 40_000, ..calm() };
-        assert!(pressure(&no_inodes, &defaults).disk);
-        // No default PID threshold on Linux; a configured one counts.
-        let busy = Signals { pid_max: 1000, pids_used: 990, ..calm() };
-        assert!(!pressure(&busy, &defaults).pid);
-        let pid_threshold: BTreeMap<String, String> = [("pid.available".to_string(), "5%".to_string())].into();
-        assert!(pressure(&busy, &pid_threshold).pid);
-    }
 
     #[test]
     fn this_machine_can_be_read() {

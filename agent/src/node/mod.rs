@@ -29,6 +29,8 @@ pub struct NodeManager {
     facts: NodeFacts,
     images: std::sync::Arc<crate::images::ImageManager>,
     network: std::sync::Arc<crate::network::Network>,
+    /// The eviction manager's pressure conditions.
+    pressure: tokio::sync::watch::Receiver<conditions::Pressure>,
 }
 
 impl NodeManager {
@@ -37,9 +39,10 @@ impl NodeManager {
         config: AgentConfig,
         images: std::sync::Arc<crate::images::ImageManager>,
         network: std::sync::Arc<crate::network::Network>,
+        pressure: tokio::sync::watch::Receiver<conditions::Pressure>,
     ) -> Result<NodeManager> {
         let facts = NodeFacts::gather(&config)?;
-        Ok(NodeManager { client, config, facts, images, network })
+        Ok(NodeManager { client, config, facts, images, network, pressure })
     }
 
     /// Creates the Node object (or finds it already there, as after a restart), retrying until the API server
@@ -132,8 +135,7 @@ impl NodeManager {
         };
         let mut status = self.facts.status(&self.config);
         status.images = Some(node_images(self.images.store().images().unwrap_or_default()));
-        let thresholds = allocatable::eviction_hard(self.config.kubelet.eviction_hard.as_ref());
-        let under = conditions::pressure(&conditions::Signals::read(&self.config.root_dir), &thresholds);
+        let under = *self.pressure.borrow();
         let pressure = |kind: &str, on: bool, yes: (&str, &str), no: (&str, &str)| {
             let (reason, message) = if on { yes } else { no };
             condition(kind, if on { "True" } else { "False" }, reason, message)

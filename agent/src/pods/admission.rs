@@ -1,8 +1,10 @@
-//! Pod admission, as the kubelet's admit handlers decide it, in their order: sysctls, the OS, the pod count, cpu
-//! and memory requests against allocatable, then AppArmor. Only pods that are not terminal count: a finished Job pod holds no slot and no
+//! Pod admission, as the kubelet's admit handlers decide it, in their order: the node's pressure conditions,
+//! sysctls, the OS, the pod count, cpu and memory requests against allocatable, then AppArmor. Only pods that are not terminal count: a finished Job pod holds no slot and no
 //! requests. Pure: the dispatcher passes what is in use.
 
 use k8s_openapi::api::core::v1::Pod;
+
+use crate::node::conditions::Pressure;
 
 /// What the admitted, non-terminal pods use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,8 +58,9 @@ pub fn admit(
     (cpu, memory): (u64, u64),
     used: Usage,
     capacity: Capacity,
-    policy: &Policy,
+    (policy, pressure): (&Policy, Pressure),
 ) -> Result<(), Rejection> {
+    under_pressure(pod, pressure)?;
     let spec = pod.spec.as_ref();
     if let Err(message) = policy.sysctls.admit(pod) {
         return reject(super::sysctls::FORBIDDEN_REASON, message);
@@ -102,6 +105,33 @@ pub fn admit(
     Ok(())
 }
 
+/// The eviction manager's admission: under memory pressure alone, only BestEffort pods that do not tolerate the
+/// memory-pressure taint are refused; under disk or PID pressure every pod; critical pods never.
+fn under_pressure(pod: &Pod, pressure: Pressure) -> Result<(), Rejection> {
+    let conditions: Vec<&str> =
+        [(pressure.memory, "MemoryPressure"), (pressure.disk, "DiskPressure"), (pressure.pid, "PIDPressure")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+    if conditions.is_empty() || crate::eviction::ranking::is_critical(pod) {
+        return Ok(());
+    }
+    if conditions == ["MemoryPressure"] {
+        let best_effort = super::resources::pod_qos(pod) == nodelet_cgroups::qos::QosClass::BestEffort;
+        let tolerates = pod.spec.as_ref().and_then(|s| s.tolerations.as_ref()).into_iter().flatten().any(|t| {
+            let key = t.key.as_deref().unwrap_or_default();
+            let exists = t.operator.as_deref() == Some("Exists");
+            let key_matches = key == "node.kubernetes.io/memory-pressure" || (key.is_empty() && exists);
+            let effect_matches = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == "NoSchedule");
+            key_matches && effect_matches && (exists || t.value.as_deref().unwrap_or_default().is_empty())
+        });
+        if !best_effort || tolerates {
+            return Ok(());
+        }
+    }
+    reject("Evicted", format!("The node had condition: [{}]. ", conditions.join(" ")))
+}
+
 /// Whether the pod asks for an AppArmor profile other than `Unconfined` (fields or the deprecated annotations),
 /// as upstream's validator reads it.
 fn requires_apparmor(pod: &Pod) -> bool {
@@ -130,7 +160,7 @@ mod tests {
 
     fn admit(pod: &Pod, requests: (u64, u64), used: Usage, capacity: Capacity) -> Result<(), Rejection> {
         let policy = Policy { sysctls: super::super::sysctls::Allowlist::new(&[]).unwrap(), apparmor: false };
-        super::admit(pod, requests, used, capacity, &policy)
+        super::admit(pod, requests, used, capacity, (&policy, Pressure::default()))
     }
 
     fn pod(spec: serde_json::Value) -> Pod {
@@ -191,5 +221,30 @@ mod tests {
         let unconfined = pod(serde_json::json!({"containers": [{"name": "c"}],
             "securityContext": {"appArmorProfile": {"type": "Unconfined"}}}));
         assert_eq!(reason(admit(&unconfined, (0, 0), Usage::default(), CAPACITY)), "admitted");
+    }
+
+    #[test]
+    fn pressure_refuses_as_upstreams_eviction_admission() {
+        let policy = Policy { sysctls: super::super::sysctls::Allowlist::new(&[]).unwrap(), apparmor: false };
+        let memory = Pressure { memory: true, ..Default::default() };
+        let admit_under = |p: &Pod, pressure| super::admit(p, (0, 0), Usage::default(), CAPACITY, (&policy, pressure));
+        let best_effort = pod(serde_json::json!({"containers": [{"name": "c"}]}));
+        let rejected = admit_under(&best_effort, memory).unwrap_err();
+        assert_eq!(
+            (rejected.reason, rejected.message.as_str()),
+            ("Evicted", "The node had condition: [MemoryPressure]. ")
+        );
+        let burstable =
+            pod(serde_json::json!({"containers": [{"name": "c", "resources": {"requests": {"memory": "1Mi"}}}]}));
+        assert!(admit_under(&burstable, memory).is_ok());
+        let tolerant = pod(serde_json::json!({"containers": [{"name": "c"}], "tolerations":
+            [{"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"}]}));
+        assert!(admit_under(&tolerant, memory).is_ok());
+        let disk = Pressure { memory: true, disk: true, ..Default::default() };
+        let rejected = admit_under(&burstable, disk).unwrap_err();
+        assert_eq!(rejected.message, "The node had condition: [MemoryPressure DiskPressure]. ");
+        let mut critical = burstable.clone();
+        critical.spec.as_mut().unwrap().priority = Some(2_000_001_000);
+        assert!(admit_under(&critical, disk).is_ok());
     }
 }

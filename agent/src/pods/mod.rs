@@ -68,6 +68,8 @@ pub struct Ctx {
     pub oom: crate::oom::OomLog,
     /// What pods may ask for beyond resources (sysctls, AppArmor).
     pub admission: admission::Policy,
+    /// The node's pressure conditions (the eviction manager's): admission refuses pods under them.
+    pub pressure: tokio::sync::watch::Receiver<crate::node::conditions::Pressure>,
 }
 
 impl Ctx {
@@ -123,6 +125,8 @@ pub struct Shared {
     pub terminal: AtomicBool,
     /// Set by the dispatcher while a resize does not fit beside the other pods (upstream's `Deferred`): why.
     pub resize_deferred: std::sync::Mutex<Option<String>>,
+    /// Set by the dispatcher when the eviction manager picked the pod: the eviction message.
+    pub eviction: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -132,6 +136,10 @@ impl Shared {
 
     fn set_deferred(&self, why: Option<String>) {
         *self.resize_deferred.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    pub fn eviction(&self) -> Option<String> {
+        self.eviction.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -173,6 +181,8 @@ pub struct PodWorkers {
     burstable_millis: Option<u64>,
     /// When this agent process started: root filesystems older than that and without a container are leftovers.
     started: std::time::SystemTime,
+    /// Pods the eviction manager picked (see [`PodWorkers::take_evictions`]).
+    evictions: Option<mpsc::UnboundedReceiver<crate::eviction::Eviction>>,
 }
 
 impl PodWorkers {
@@ -190,14 +200,31 @@ impl PodWorkers {
             unsynced: sources,
             burstable_millis: None,
             started: std::time::SystemTime::now(),
+            evictions: None,
         }
+    }
+
+    /// Takes the pods the eviction manager picks.
+    pub fn take_evictions(&mut self, evictions: mpsc::UnboundedReceiver<crate::eviction::Eviction>) {
+        self.evictions = Some(evictions);
+    }
+
+    /// Hands the eviction to the pod's worker, which fails the pod (see `Worker::evict`).
+    fn evict(&mut self, eviction: crate::eviction::Eviction) {
+        let Some(w) = self.workers.get(&eviction.uid) else { return };
+        *w.shared.eviction.lock().unwrap_or_else(|e| e.into_inner()) = Some(eviction.message);
+        w.tx.send_modify(|_| {});
     }
 
     pub async fn run(mut self, mut sources: mpsc::Receiver<SourceEvent>) {
         let mut heartbeat = tokio::time::interval(health::BEAT_EVERY);
+        // Without an eviction manager (tests), a channel nobody sends on.
+        let (_none, unused) = mpsc::unbounded_channel();
+        let mut evictions = self.evictions.take().unwrap_or(unused);
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => health::beat(),
+                Some(eviction) = evictions.recv() => self.evict(eviction),
                 event = sources.recv() => match event {
                     Some(SourceEvent::Upsert(pod)) => self.upsert(*pod),
                     Some(SourceEvent::Remove { uid }) => {
@@ -302,8 +329,9 @@ impl PodWorkers {
             );
         }
         let requests = resources::pod_requests(&pod);
+        let pressure = *self.ctx.pressure.borrow();
         if let Err(admission::Rejection { reason, message }) =
-            admission::admit(&pod, requests, self.usage(), self.capacity(), &self.ctx.admission)
+            admission::admit(&pod, requests, self.usage(), self.capacity(), (&self.ctx.admission, pressure))
         {
             return self.reject(&pod, reason, message);
         }
@@ -348,6 +376,7 @@ impl PodWorkers {
             readiness_gates: Vec::new(),
             resize: None,
             ephemeral: Vec::new(),
+            disruption: None,
         };
         let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
     }

@@ -174,6 +174,8 @@ pub struct PodState {
     pub resize: Option<ResizeStatus>,
     /// Ephemeral containers (`kubectl debug`), in the order they were added.
     pub ephemeral: Vec<ContainerRecord>,
+    /// Why the kubelet ended the pod (an eviction): the `DisruptionTarget` condition's message.
+    pub disruption: Option<String>,
 }
 
 /// Where an in-place resize stands, as upstream's resize conditions say it.

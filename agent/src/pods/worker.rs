@@ -167,6 +167,7 @@ impl Worker {
             readiness_gates: Vec::new(),
             resize: None,
             ephemeral: Vec::new(),
+            disruption: None,
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -259,6 +260,11 @@ impl Worker {
         self.publish();
         loop {
             let round = Instant::now();
+            if !self.state.phase.is_terminal()
+                && let Some(message) = self.shared.eviction()
+            {
+                self.evict(message).await;
+            }
             if !self.state.phase.is_terminal() {
                 self.mount_volumes().await;
             }

@@ -171,6 +171,13 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
         observed_generation: state.observed_generation,
         ..Default::default()
     };
+    if let Some(message) = &state.disruption {
+        conditions.push(PodCondition {
+            reason: Some("TerminationByKubelet".into()),
+            message: Some(message.clone()),
+            ..resize("DisruptionTarget", None, None)
+        });
+    }
     match &state.resize {
         Some(ResizeStatus::Pending { reason, message }) => {
             conditions.push(resize(RESIZE_PENDING, Some((*reason).into()), Some(message.clone())));
@@ -227,6 +234,7 @@ mod tests {
             readiness_gates: Vec::new(),
             resize: None,
             ephemeral: Vec::new(),
+            disruption: None,
         }
     }
 

@@ -176,6 +176,17 @@ impl Nodelet {
         Nodelet::start_in(name, config_yaml, None, None, Some(node_ip), args)
     }
 
+    /// Like [`Nodelet::start_with_ip`] with a given `--root-dir` (e.g. a small filesystem of the test's).
+    pub fn start_with_root(
+        name: &str,
+        config_yaml: &str,
+        root: &Path,
+        node_ip: &str,
+        args: &[String],
+    ) -> Result<Nodelet> {
+        Nodelet::start_in(name, config_yaml, Some(root), None, Some(node_ip), args)
+    }
+
     /// Like [`Nodelet::start`] with a given `--root-dir` (prepared by the test, e.g. with imported images), in the
     /// network namespace `netns` (its node IP is the node's).
     pub fn start_in_netns(
@@ -410,6 +421,18 @@ pub fn start_cluster_node_at(
     config_yaml: &str,
     extra: &[String],
 ) -> Result<(Nodelet, tempfile::TempDir)> {
+    start_cluster_node_in(cluster, registry, name, (node_ip, None), config_yaml, extra)
+}
+
+/// Like [`start_cluster_node_at`] with node IP and, when given, root dir `at`.
+pub fn start_cluster_node_in(
+    cluster: &nodelet_integration::cluster::Cluster,
+    registry: &nodelet_integration::registry::Registry,
+    name: &str,
+    (node_ip, root): (&str, Option<&Path>),
+    config_yaml: &str,
+    extra: &[String],
+) -> Result<(Nodelet, tempfile::TempDir)> {
     let kubeconfig = cluster.node_kubeconfig(name)?;
     let net_d = loopback_only_network()?;
     let mut args = vec![
@@ -425,7 +448,11 @@ pub fn start_cluster_node_at(
         registry.host(),
     ];
     args.extend(extra.iter().cloned());
-    Ok((Nodelet::start_with_ip(name, config_yaml, node_ip, &args)?, net_d))
+    let node = match root {
+        Some(root) => Nodelet::start_with_root(name, config_yaml, root, node_ip, &args)?,
+        None => Nodelet::start_with_ip(name, config_yaml, node_ip, &args)?,
+    };
+    Ok((node, net_d))
 }
 
 /// The (reason, message) of the Events about pod `pod` in `default`.

@@ -98,6 +98,7 @@ pub fn ctx(
             sysctls: crate::pods::sysctls::Allowlist::new(&[]).expect("the safe sysctls are valid"),
             apparmor: false,
         },
+        pressure: tokio::sync::watch::channel(Default::default()).1,
     };
     (Arc::new(ctx), status)
 }

@@ -168,6 +168,22 @@ impl Worker {
         self.state.message = Some(message);
     }
 
+    /// Evicted by the eviction manager: every container stopped within the hard eviction grace period (or the
+    /// pod's, if shorter), then `Failed` with reason `Evicted`, upstream's message and event, and the
+    /// `DisruptionTarget` condition.
+    pub(super) async fn evict(&mut self, message: String) {
+        self.event(None, true, "Evicted", &message);
+        let grace = grace_period(&self.pod, None).min(crate::eviction::HARD_EVICTION_GRACE);
+        self.state.disruption = Some(message.clone());
+        self.stop_everything(Instant::now() + grace, false).await;
+        for record in self.state.containers.iter_mut().chain(self.state.init.iter_mut()) {
+            record.ready = false;
+        }
+        self.state.phase = Phase::Failed;
+        self.state.reason = Some("Evicted".into());
+        self.state.message = Some(message);
+    }
+
     /// Removes the sandbox and the pod cgroup (containers are gone already).
     pub(super) async fn tear_down(&mut self) {
         self.torn_down = true;

@@ -19,6 +19,8 @@ struct Harness {
     desired: watch::Sender<Desired>,
     pod: Pod,
     worker: Option<tokio::task::JoinHandle<()>>,
+    /// What the dispatcher shares with the worker (an eviction).
+    shared: Arc<crate::pods::Shared>,
     _dir: tempfile::TempDir,
 }
 
@@ -43,9 +45,10 @@ impl Harness {
         let (ctx, status) = fake::ctx(&root, runtime.clone(), images.clone());
         let (desired, rx) = watch::channel(Desired::Pod(Arc::new(pod.clone())));
         let inherited = Inherited { saved: None, containers: Default::default(), sandbox: None };
-        let worker = Worker::new(ctx, pod.clone(), rx, inherited, Arc::default());
+        let shared = Arc::new(crate::pods::Shared::default());
+        let worker = Worker::new(ctx, pod.clone(), rx, inherited, shared.clone());
         let worker = Some(tokio::spawn(worker.run()));
-        Harness { runtime, status, desired, pod, worker, _dir: dir }
+        Harness { runtime, status, desired, pod, worker, shared, _dir: dir }
     }
 
     /// The first reported state that satisfies `f` (within 10 s).
@@ -344,4 +347,27 @@ spec:
     h.desired.send_replace(Desired::Pod(Arc::new(debugged)));
     h.until("the debugger running", |s| s.ephemeral.first().is_some_and(|e| e.state.is_running())).await;
     h.delete().await;
+}
+
+#[tokio::test]
+async fn an_evicted_pod_fails_as_upstream_reports_it() {
+    let p = pod("metadata: {name: p}
+spec:
+  terminationGracePeriodSeconds: 30
+  containers: [{name: a}, {name: b}]");
+    let mut h = Harness::start(p, |_, _| {});
+    h.until("running", |s| s.containers.iter().all(|c| c.state.is_running())).await;
+    let message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 80Mi. ";
+    *h.shared.eviction.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.into());
+    h.desired.send_modify(|_| {});
+    let started = std::time::Instant::now();
+    let s = h.until("evicted", |s| s.phase == Phase::Failed).await;
+    assert_eq!((s.reason.as_deref(), s.message.as_deref()), (Some("Evicted"), Some(message)));
+    assert_eq!(s.disruption.as_deref(), Some(message), "the DisruptionTarget condition's message");
+    assert!(s.containers.iter().all(|c| !c.state.is_running() && !c.ready), "{:?}", s.containers);
+    // The hard eviction's grace period, not the pod's 30 s.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let status = crate::status::pod_status::pod_status(&s, None);
+    let condition = status.conditions.iter().flatten().find(|c| c.type_ == "DisruptionTarget").expect("condition");
+    assert_eq!((condition.status.as_str(), condition.reason.as_deref()), ("True", Some("TerminationByKubelet")));
 }
