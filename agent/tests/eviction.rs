@@ -1,5 +1,6 @@
-//! Node-pressure eviction end to end, on nodelet as the only node of a real control plane, with its root dir on
-//! a small tmpfs: a pod filling its emptyDir takes the filesystem below `nodefs.available`; the node reports
+//! Eviction end to end, on nodelet as the only node of a real control plane, with its root dir on a small tmpfs:
+//! pods past their emptyDir `sizeLimit` or their container's `ephemeral-storage` limit are evicted with
+//! upstream's messages; then a pod filling its emptyDir takes the filesystem below `nodefs.available`; the node reports
 //! `DiskPressure`, the eviction manager evicts the writer (upstream's ranking: the largest local storage user)
 //! with upstream's status, condition and event while the quiet pod keeps running, a pod bound to the node under
 //! pressure is refused at admission, and the condition clears after the transition period.
@@ -70,18 +71,65 @@ async fn disk_pressure_evicts_the_largest_user_as_upstream() -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     ensure!(disk_pressure(&nodes).await? == Some(false), "no pressure before the writer");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    for (name, script) in
-        [("quiet", "sleep 3600"), ("writer", "sleep 2; dd if=/dev/zero of=/data/fill bs=1M count=90; sleep 3600")]
-    {
-        pods.create(&PostParams::default(), &pod(&format!(
+    let plain = |name: &str, script: &str| {
+        pod(&format!(
             "metadata: {{name: {name}}}\nspec:\n  nodeName: {NODE}\n  terminationGracePeriodSeconds: 30\n  volumes: [{{name: data, emptyDir: {{}}}}]\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, '{script}']\n    volumeMounts: [{{name: data, mountPath: /data}}]\n"
-        ))).await?;
-    }
+        ))
+    };
+    pods.create(&PostParams::default(), &plain("quiet", "sleep 3600")).await?;
     wait_pod(&pods, "quiet", "Running", Duration::from_secs(60), |p| phase(p) == "Running")
         .await
         .with_context(|| node.log())?;
 
-    // The writer is evicted with upstream's status, condition and event; the quiet pod stays.
+    // Local storage limits, whatever the node's pressure (upstream's order: emptyDir, pod, container).
+    let idle = format!(
+        "  - name: idle\n    image: {image}\n    command: [sleep, '3600']\n    resources: {{limits: {{ephemeral-storage: 64Mi}}}}\n"
+    );
+    let limited = [
+        (
+            "sized",
+            "  volumes: [{name: data, emptyDir: {sizeLimit: 8Mi}}]\n",
+            "    volumeMounts: [{name: data, mountPath: /data}]\n".to_string(),
+            "/data/fill",
+            "Usage of EmptyDir volume \"data\" exceeds the limit \"8Mi\". ",
+        ),
+        (
+            "whole",
+            "",
+            "    resources: {limits: {ephemeral-storage: 4Mi}}\n".to_string(),
+            "/tmp/fill",
+            "Pod ephemeral local storage usage exceeds the total limit of containers 4Mi. ",
+        ),
+        (
+            "limited",
+            "",
+            format!("    resources: {{limits: {{ephemeral-storage: 4Mi}}}}\n{idle}"),
+            "/tmp/fill",
+            "Container main exceeded its local ephemeral storage limit \"4Mi\". ",
+        ),
+    ];
+    for (name, volumes, container, file, _) in &limited {
+        pods.create(&PostParams::default(), &pod(&format!(
+            "metadata: {{name: {name}}}\nspec:\n  nodeName: {NODE}\n{volumes}  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'dd if=/dev/zero of={file} bs=1M count=16; sleep 3600']\n{container}"
+        ))).await?;
+    }
+    for (name, _, _, _, message) in &limited {
+        let p = wait_pod(&pods, name, "evicted", Duration::from_secs(60), |p| phase(p) == "Failed")
+            .await
+            .with_context(|| node.log())?;
+        let status = p.status.unwrap_or_default();
+        ensure!(
+            status.reason.as_deref() == Some("Evicted") && status.message.as_deref() == Some(*message),
+            "{name}: {status:?}"
+        );
+        ensure!(!status.conditions.iter().flatten().any(|c| c.type_ == "DisruptionTarget"), "{name}: no node pressure");
+    }
+    ensure!(disk_pressure(&nodes).await? == Some(false), "the limits were hit without node pressure");
+
+    // A writer takes the node below nodefs.available: it is evicted with upstream's status, condition and event;
+    // the quiet pod stays.
+    let writer = plain("writer", "dd if=/dev/zero of=/data/fill bs=1M count=90; sleep 3600");
+    pods.create(&PostParams::default(), &writer).await?;
     let evicted = wait_pod(&pods, "writer", "evicted", Duration::from_secs(60), |p| phase(p) == "Failed")
         .await
         .with_context(|| node.log())?;

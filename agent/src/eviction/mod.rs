@@ -9,6 +9,7 @@
 //! Not built yet (issue 20): soft thresholds, minimum reclaim, reclaiming disk by image GC before evicting,
 //! `imagefs`/`containerfs` signals, local storage limits, PSI-driven eviction and event-driven wake-ups.
 
+pub mod local_storage;
 pub mod ranking;
 pub mod thresholds;
 
@@ -35,6 +36,9 @@ pub struct Eviction {
     pub uid: String,
     /// Upstream's message (the status's and the event's).
     pub message: String,
+    /// Whether the pod gets the `DisruptionTarget` condition (node pressure: yes; its own storage limits: no,
+    /// as upstream).
+    pub disruption: bool,
 }
 
 /// How long the manager waits for an evicted pod to be cleaned up (its containers gone, its volumes torn down:
@@ -67,6 +71,8 @@ pub struct EvictionManager {
     pressure: watch::Sender<Pressure>,
     /// The pod evicted last, until it is cleaned up (or [`CLEANUP_TIMEOUT`]).
     cleaning: Option<(String, Instant)>,
+    /// Pods evicted for their local storage lately (not evicted again while they terminate).
+    storage_evicted: std::collections::HashMap<String, Instant>,
     /// The stats round in hand when a threshold was first met or the last pod was picked: pods are ranked on a
     /// later one, so that their usage includes what took the node past the threshold (a pod that just filled its
     /// emptyDir is not ranked on the round before it did).
@@ -83,8 +89,17 @@ impl EvictionManager {
     ) -> watch::Receiver<Pressure> {
         let (pressure, conditions_rx) = watch::channel(Pressure::default());
         let conditions = thresholds::Conditions::new(settings.transition_period);
-        let manager =
-            EvictionManager { settings, conditions, view, stats, evict, pressure, cleaning: None, seen: None };
+        let manager = EvictionManager {
+            settings,
+            conditions,
+            view,
+            stats,
+            evict,
+            pressure,
+            cleaning: None,
+            storage_evicted: Default::default(),
+            seen: None,
+        };
         tokio::spawn(manager.run());
         conditions_rx
     }
@@ -100,11 +115,14 @@ impl EvictionManager {
         }
     }
 
-    /// One round: conditions, then at most one eviction.
+    /// One round: conditions; pods past their local storage limits; else at most one eviction for pressure.
     fn round(&mut self, signals: &Signals, now: Instant) {
         let met = thresholds::met(signals, &self.settings.thresholds);
         let conditions = self.conditions.observe(now, thresholds::pressure_of(&met));
         self.pressure.send_if_modified(|p| std::mem::replace(p, conditions) != conditions);
+        if self.local_storage_evictions(now) {
+            return;
+        }
         if let Some((uid, since)) = &self.cleaning {
             let gone =
                 !self.view.list().iter().any(|p| p.metadata.uid.as_deref() == Some(uid.as_str()) && !terminal(p));
@@ -135,6 +153,28 @@ impl EvictionManager {
         }
     }
 
+    /// Evicts every pod past its local storage limits (upstream does this before looking at the thresholds, and
+    /// then evicts nothing else that round); whether any was.
+    fn local_storage_evictions(&mut self, now: Instant) -> bool {
+        self.storage_evicted.retain(|_, at| now.saturating_duration_since(*at) < CLEANUP_TIMEOUT);
+        let Some(snapshot) = self.stats.latest() else { return false };
+        let mut evicted = false;
+        for pod in self.view.list().iter().filter(|p| !terminal(p) && !ranking::is_critical(p)) {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if self.storage_evicted.contains_key(&uid) {
+                continue;
+            }
+            let Some(stats) = snapshot.summary.pods.iter().find(|p| p.pod_ref.uid == uid) else { continue };
+            let Some((signal, message)) = local_storage::violation(pod, stats) else { continue };
+            tracing::warn!(%signal, %uid, %message, "evicting a pod for its local storage");
+            crate::metrics::kubelet::METRICS.eviction(signal);
+            self.storage_evicted.insert(uid.clone(), now);
+            let _ = self.evict.send(Eviction { uid, message, disruption: false });
+            evicted = true;
+        }
+        evicted
+    }
+
     /// The first pod in upstream's order for what `met` starves, with its message.
     fn pick(&self, met: &Met, snapshot: &Snapshot) -> Option<Eviction> {
         let stats_of = |uid: &str| snapshot.summary.pods.iter().find(|p| p.pod_ref.uid == uid).cloned();
@@ -150,6 +190,6 @@ impl EvictionManager {
             }
             Starved::Inodes | Starved::Pids => Vec::new(),
         };
-        Some(Eviction { message: thresholds::message(met, &usage), uid: victim.uid })
+        Some(Eviction { message: thresholds::message(met, &usage), uid: victim.uid, disruption: true })
     }
 }

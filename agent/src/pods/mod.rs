@@ -125,8 +125,8 @@ pub struct Shared {
     pub terminal: AtomicBool,
     /// Set by the dispatcher while a resize does not fit beside the other pods (upstream's `Deferred`): why.
     pub resize_deferred: std::sync::Mutex<Option<String>>,
-    /// Set by the dispatcher when the eviction manager picked the pod: the eviction message.
-    pub eviction: std::sync::Mutex<Option<String>>,
+    /// Set by the dispatcher when the eviction manager picked the pod.
+    pub eviction: std::sync::Mutex<Option<crate::eviction::Eviction>>,
 }
 
 impl Shared {
@@ -138,7 +138,7 @@ impl Shared {
         *self.resize_deferred.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
-    pub fn eviction(&self) -> Option<String> {
+    pub fn eviction(&self) -> Option<crate::eviction::Eviction> {
         self.eviction.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -212,7 +212,7 @@ impl PodWorkers {
     /// Hands the eviction to the pod's worker, which fails the pod (see `Worker::evict`).
     fn evict(&mut self, eviction: crate::eviction::Eviction) {
         let Some(w) = self.workers.get(&eviction.uid) else { return };
-        *w.shared.eviction.lock().unwrap_or_else(|e| e.into_inner()) = Some(eviction.message);
+        *w.shared.eviction.lock().unwrap_or_else(|e| e.into_inner()) = Some(eviction);
         w.tx.send_modify(|_| {});
     }
 

@@ -261,9 +261,9 @@ impl Worker {
         loop {
             let round = Instant::now();
             if !self.state.phase.is_terminal()
-                && let Some(message) = self.shared.eviction()
+                && let Some(eviction) = self.shared.eviction()
             {
-                self.evict(message).await;
+                self.evict(eviction).await;
             }
             if !self.state.phase.is_terminal() {
                 self.mount_volumes().await;

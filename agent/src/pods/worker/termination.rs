@@ -169,12 +169,13 @@ impl Worker {
     }
 
     /// Evicted by the eviction manager: every container stopped within the hard eviction grace period (or the
-    /// pod's, if shorter), then `Failed` with reason `Evicted`, upstream's message and event, and the
-    /// `DisruptionTarget` condition.
-    pub(super) async fn evict(&mut self, message: String) {
+    /// pod's, if shorter), then `Failed` with reason `Evicted`, upstream's message and event, and (for node
+    /// pressure) the `DisruptionTarget` condition.
+    pub(super) async fn evict(&mut self, eviction: crate::eviction::Eviction) {
+        let message = eviction.message;
         self.event(None, true, "Evicted", &message);
         let grace = grace_period(&self.pod, None).min(crate::eviction::HARD_EVICTION_GRACE);
-        self.state.disruption = Some(message.clone());
+        self.state.disruption = eviction.disruption.then(|| message.clone());
         self.stop_everything(Instant::now() + grace, false).await;
         for record in self.state.containers.iter_mut().chain(self.state.init.iter_mut()) {
             record.ready = false;
