@@ -196,9 +196,22 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     let pressure = crate::eviction::EvictionManager::start(
         crate::eviction::Settings {
             root_dir: config.root_dir.clone(),
-            thresholds: crate::node::allocatable::eviction_hard(config.kubelet.eviction_hard.as_ref()),
+            thresholds: config.kubelet.eviction_thresholds().map_err(anyhow::Error::msg)?,
+            max_pod_grace: std::time::Duration::from_secs(
+                config.kubelet.eviction_max_pod_grace_period.max(0).unsigned_abs(),
+            ),
             interval: config.housekeeping_interval,
             transition_period: config.kubelet.eviction_pressure_transition_period,
+            reclaim_disk: Some({
+                let images = images.clone();
+                Arc::new(move || match images.delete_unused_images() {
+                    Ok(report) => report.bytes_freed,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "removing unused images under disk pressure");
+                        0
+                    }
+                })
+            }),
         },
         view.clone(),
         stats.clone(),

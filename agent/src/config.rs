@@ -57,6 +57,13 @@ pub struct KubeletConfiguration {
     /// Hard eviction thresholds (`memory.available`, `nodefs.available`...; quantities or percentages). Unset:
     /// upstream's defaults. They shape allocatable, and the eviction manager enforces them.
     pub eviction_hard: Option<std::collections::BTreeMap<String, String>>,
+    /// Soft eviction thresholds: met for their `evictionSoftGracePeriod`, they evict with a grace period of at most
+    /// `evictionMaxPodGracePeriod`.
+    pub eviction_soft: std::collections::BTreeMap<String, String>,
+    pub eviction_soft_grace_period: std::collections::BTreeMap<String, String>,
+    /// How much beyond its threshold a signal must recover before evictions for it stop.
+    pub eviction_minimum_reclaim: std::collections::BTreeMap<String, String>,
+    pub eviction_max_pod_grace_period: i64,
     /// How long a pressure condition stays after its threshold was last met.
     #[serde(with = "go_duration")]
     pub eviction_pressure_transition_period: Duration,
@@ -122,6 +129,10 @@ impl Default for KubeletConfiguration {
             system_reserved: Default::default(),
             eviction_hard: None,
             eviction_pressure_transition_period: Duration::from_secs(300),
+            eviction_soft: Default::default(),
+            eviction_soft_grace_period: Default::default(),
+            eviction_minimum_reclaim: Default::default(),
+            eviction_max_pod_grace_period: 0,
             volume_stats_agg_period: Duration::from_secs(60),
             streaming_connection_idle_timeout: Duration::from_secs(4 * 3600),
             feature_gates: Default::default(),
@@ -238,6 +249,7 @@ impl KubeletConfiguration {
             ip.parse::<std::net::IpAddr>().with_context(|| format!("podCIDR {cidr:?}"))?;
             bits.parse::<u8>().ok().filter(|b| *b <= 128).with_context(|| format!("podCIDR {cidr:?}"))?;
         }
+        self.eviction_thresholds().map_err(anyhow::Error::msg).context("eviction thresholds")?;
         crate::pods::sysctls::Allowlist::new(&self.allowed_unsafe_sysctls)
             .map_err(anyhow::Error::msg)
             .context("allowedUnsafeSysctls")?;
@@ -245,6 +257,16 @@ impl KubeletConfiguration {
             ip.parse::<std::net::IpAddr>().with_context(|| format!("clusterDNS {ip:?} is not an IP address"))?;
         }
         Ok(())
+    }
+
+    /// The eviction thresholds in force (hard ones defaulted as upstream).
+    pub fn eviction_thresholds(&self) -> Result<Vec<crate::eviction::thresholds::Threshold>, String> {
+        crate::eviction::thresholds::configured(
+            &crate::node::allocatable::eviction_hard(self.eviction_hard.as_ref()),
+            &self.eviction_soft,
+            &self.eviction_soft_grace_period,
+            &self.eviction_minimum_reclaim,
+        )
     }
 
     pub fn container_log_max_bytes(&self) -> u64 {
@@ -353,6 +375,11 @@ pub struct AgentConfig {
 }
 
 /// A Go duration (`10s`, `1m30s`) for flags; at least 100 ms.
+/// A Go duration (`1m30s`) as the configuration file writes them.
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    go_duration::parse(text)
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = go_duration::parse(text)?;
     if d < Duration::from_millis(100) {

@@ -1,19 +1,20 @@
 //! The eviction manager, as upstream's: every housekeeping interval it reads the node's signals, compares them
-//! with the hard thresholds (`evictionHard`, upstream's defaults), keeps the pressure conditions (with
+//! with the thresholds (`evictionHard` with upstream's defaults, `evictionSoft` with grace periods,
+//! `evictionMinimumReclaim`), keeps the pressure conditions (with
 //! `evictionPressureTransitionPeriod`), and while a threshold is met evicts one pod per round, ranked as
 //! upstream ranks them. The pod workers carry the eviction out (`Failed`, `Evicted`, upstream's message, the
 //! `DisruptionTarget` condition, an `Evicted` event); the node status and admission read the conditions.
 //!
 //! Decisions are pure (`thresholds`, `ranking`); this module only reads and sends.
 //!
-//! Not built yet (issue 20): soft thresholds, minimum reclaim, reclaiming disk by image GC before evicting,
-//! `imagefs`/`containerfs` signals, local storage limits, PSI-driven eviction and event-driven wake-ups.
+//! Under disk pressure, unused images are removed first; pods are evicted only if that was not enough.
+//!
+//! Not built yet (issue 20): `imagefs`/`containerfs` signals, PSI-driven eviction and event-driven wake-ups.
 
 pub mod local_storage;
 pub mod ranking;
 pub mod thresholds;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ pub struct Eviction {
     pub uid: String,
     /// Upstream's message (the status's and the event's).
     pub message: String,
+    /// How long its containers may take to stop (the pod's own grace period if shorter).
+    pub grace: Duration,
     /// Whether the pod gets the `DisruptionTarget` condition (node pressure: yes; its own storage limits: no,
     /// as upstream).
     pub disruption: bool,
@@ -45,14 +48,30 @@ pub struct Eviction {
 /// what it used is back) before it evicts another (upstream's `podCleanupTimeout`).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Frees disk at the node level; the bytes freed.
+pub type Reclaim = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// The eviction manager's configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub root_dir: PathBuf,
-    /// Hard thresholds in force (configured, else upstream's defaults).
-    pub thresholds: BTreeMap<String, String>,
+    /// The thresholds in force.
+    pub thresholds: Vec<thresholds::Threshold>,
+    /// `evictionMaxPodGracePeriod`: the most a soft eviction lets a pod's containers stop.
+    pub max_pod_grace: Duration,
     pub interval: Duration,
     pub transition_period: Duration,
+    /// Frees disk at the node level before pods are evicted for disk (image GC of every unused image): the bytes
+    /// freed.
+    pub reclaim_disk: Option<Reclaim>,
+}
+
+/// What a round asks of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Done,
+    /// Free disk at the node level, then look again.
+    ReclaimDisk,
 }
 
 /// Whether the pod is finished, as the kubelet last reported it (a worker reports the terminal phase once its
@@ -64,7 +83,7 @@ fn terminal(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
 /// The manager: started with [`EvictionManager::start`].
 pub struct EvictionManager {
     settings: Settings,
-    conditions: thresholds::Conditions,
+    tracker: thresholds::Tracker,
     view: PodView,
     stats: StatsProvider,
     evict: mpsc::UnboundedSender<Eviction>,
@@ -88,10 +107,10 @@ impl EvictionManager {
         evict: mpsc::UnboundedSender<Eviction>,
     ) -> watch::Receiver<Pressure> {
         let (pressure, conditions_rx) = watch::channel(Pressure::default());
-        let conditions = thresholds::Conditions::new(settings.transition_period);
+        let tracker = thresholds::Tracker::new(settings.thresholds.clone(), settings.transition_period);
         let manager = EvictionManager {
             settings,
-            conditions,
+            tracker,
             view,
             stats,
             evict,
@@ -111,17 +130,26 @@ impl EvictionManager {
             tick.tick().await;
             let root = self.settings.root_dir.clone();
             let Ok(signals) = tokio::task::spawn_blocking(move || Signals::read(&root)).await else { continue };
-            self.round(&signals, Instant::now());
+            if self.round(&signals, Instant::now(), true) == Step::ReclaimDisk
+                && let Some(reclaim) = self.settings.reclaim_disk.clone()
+            {
+                // Upstream's order: node-level resources first; pods only if that was not enough.
+                let freed = tokio::task::spawn_blocking(move || reclaim()).await.unwrap_or(0);
+                tracing::info!(freed, "disk pressure: removed unused images before evicting");
+                let root = self.settings.root_dir.clone();
+                let Ok(signals) = tokio::task::spawn_blocking(move || Signals::read(&root)).await else { continue };
+                self.round(&signals, Instant::now(), false);
+            }
         }
     }
 
-    /// One round: conditions; pods past their local storage limits; else at most one eviction for pressure.
-    fn round(&mut self, signals: &Signals, now: Instant) {
-        let met = thresholds::met(signals, &self.settings.thresholds);
-        let conditions = self.conditions.observe(now, thresholds::pressure_of(&met));
+    /// One round: conditions; pods past their local storage limits; else at most one eviction for pressure (for
+    /// disk, when `may_reclaim`, first [`Step::ReclaimDisk`]).
+    fn round(&mut self, signals: &Signals, now: Instant, may_reclaim: bool) -> Step {
+        let (conditions, met) = self.tracker.observe(signals, now);
         self.pressure.send_if_modified(|p| std::mem::replace(p, conditions) != conditions);
         if self.local_storage_evictions(now) {
-            return;
+            return Step::Done;
         }
         if let Some((uid, since)) = &self.cleaning {
             let gone =
@@ -129,17 +157,21 @@ impl EvictionManager {
             if gone || now.saturating_duration_since(*since) >= CLEANUP_TIMEOUT {
                 self.cleaning = None;
             } else {
-                return;
+                return Step::Done;
             }
         }
         let Some(first) = met.first() else {
             self.seen = None;
-            return;
+            return Step::Done;
         };
-        let Some(snapshot) = self.stats.latest() else { return };
+        let disk = matches!(first.starved, Starved::EphemeralStorage | Starved::Inodes);
+        if disk && may_reclaim && self.settings.reclaim_disk.is_some() {
+            return Step::ReclaimDisk;
+        }
+        let Some(snapshot) = self.stats.latest() else { return Step::Done };
         if self.seen.as_ref().is_none_or(|seen| Arc::ptr_eq(seen, &snapshot)) {
             self.seen = Some(snapshot);
-            return;
+            return Step::Done;
         }
         self.seen = Some(snapshot.clone());
         match self.pick(first, &snapshot) {
@@ -151,6 +183,7 @@ impl EvictionManager {
             }
             None => tracing::warn!(signal = first.signal, "under pressure, but no pod can be evicted"),
         }
+        Step::Done
     }
 
     /// Evicts every pod past its local storage limits (upstream does this before looking at the thresholds, and
@@ -169,7 +202,7 @@ impl EvictionManager {
             tracing::warn!(%signal, %uid, %message, "evicting a pod for its local storage");
             crate::metrics::kubelet::METRICS.eviction(signal);
             self.storage_evicted.insert(uid.clone(), now);
-            let _ = self.evict.send(Eviction { uid, message, disruption: false });
+            let _ = self.evict.send(Eviction { uid, message, grace: HARD_EVICTION_GRACE, disruption: false });
             evicted = true;
         }
         evicted
@@ -190,6 +223,8 @@ impl EvictionManager {
             }
             Starved::Inodes | Starved::Pids => Vec::new(),
         };
-        Some(Eviction { message: thresholds::message(met, &usage), uid: victim.uid, disruption: true })
+        // Hard: at once (upstream's one second); soft: the pod's grace period, at most evictionMaxPodGracePeriod.
+        let grace = if met.hard { HARD_EVICTION_GRACE } else { self.settings.max_pod_grace };
+        Some(Eviction { message: thresholds::message(met, &usage), uid: victim.uid, grace, disruption: true })
     }
 }

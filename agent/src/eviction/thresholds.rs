@@ -1,6 +1,6 @@
-//! Hard eviction thresholds against the node's signals, the pressure conditions they raise (held for
-//! `evictionPressureTransitionPeriod` after the last time a threshold was met, so that a node hovering at a
-//! threshold does not flap), and upstream's words for an eviction. Pure.
+//! Eviction thresholds (hard, soft with grace periods, minimum reclaim) against the node's signals, the pressure
+//! conditions they raise (held for `evictionPressureTransitionPeriod` after the last time a threshold was met, so
+//! that a node hovering at a threshold does not flap), and upstream's words for an eviction. Pure.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -27,32 +27,178 @@ impl Starved {
     }
 }
 
-/// A threshold the node is past: what it starves, the threshold as a quantity, and what is available.
+/// The signals nodelet observes, in upstream's order of reclaim (memory first, then disk, then PIDs). Others
+/// upstream knows are accepted in the configuration but not observed (see [`UNOBSERVED`]).
+const OBSERVED: &[(&str, Starved)] = &[
+    ("memory.available", Starved::Memory),
+    ("nodefs.available", Starved::EphemeralStorage),
+    ("nodefs.inodesFree", Starved::Inodes),
+    ("pid.available", Starved::Pids),
+];
+
+/// Signals upstream knows that nodelet does not observe yet: `imagefs` and `containerfs` (nodelet's images live on
+/// the root dir's filesystem, whose `nodefs` signals it observes) and `allocatableMemory.available`.
+pub const UNOBSERVED: &[&str] = &[
+    "imagefs.available",
+    "imagefs.inodesFree",
+    "containerfs.available",
+    "containerfs.inodesFree",
+    "allocatableMemory.available",
+];
+
+/// One configured threshold: hard (no grace period) or soft.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Threshold {
+    pub signal: &'static str,
+    pub starved: Starved,
+    /// A quantity or a percentage of capacity.
+    pub value: String,
+    /// `evictionMinimumReclaim`: once met, the signal must recover this much beyond the threshold.
+    pub min_reclaim: Option<String>,
+    /// `evictionSoftGracePeriod` of a soft threshold; `None` for a hard one.
+    pub grace: Option<Duration>,
+}
+
+/// The thresholds in force from `evictionHard`, `evictionSoft`, `evictionSoftGracePeriod` and
+/// `evictionMinimumReclaim`, with upstream's errors for what it refuses.
+pub fn configured(
+    hard: &BTreeMap<String, String>,
+    soft: &BTreeMap<String, String>,
+    soft_grace: &BTreeMap<String, String>,
+    min_reclaim: &BTreeMap<String, String>,
+) -> Result<Vec<Threshold>, String> {
+    let known = |signal: &str| OBSERVED.iter().any(|(s, _)| *s == signal) || UNOBSERVED.contains(&signal);
+    for signal in hard.keys().chain(soft.keys()).chain(soft_grace.keys()).chain(min_reclaim.keys()) {
+        if !known(signal) {
+            return Err(format!("unsupported eviction signal {signal}"));
+        }
+    }
+    for (signal, value) in hard.iter().chain(soft).chain(min_reclaim) {
+        crate::node::allocatable::threshold(&[(signal.clone(), value.clone())].into(), signal, 100)
+            .map_err(|e| format!("{signal}: {e:#}"))?;
+    }
+    let mut out = Vec::new();
+    for (signal, starved) in OBSERVED {
+        let min_reclaim = min_reclaim.get(*signal).cloned();
+        if let Some(value) = hard.get(*signal) {
+            out.push(Threshold {
+                signal,
+                starved: *starved,
+                value: value.clone(),
+                min_reclaim: min_reclaim.clone(),
+                grace: None,
+            });
+        }
+        if let Some(value) = soft.get(*signal) {
+            let grace = soft_grace
+                .get(*signal)
+                .ok_or_else(|| format!("grace period must be specified for the soft eviction threshold {signal}"))?;
+            let grace = crate::config::parse_go_duration(grace).map_err(|e| format!("{signal}: {e}"))?;
+            out.push(Threshold { signal, starved: *starved, value: value.clone(), min_reclaim, grace: Some(grace) });
+        }
+    }
+    Ok(out)
+}
+
+/// What `signals` says is available of `starved`, and its capacity.
+fn observe(signals: &Signals, starved: Starved) -> (u64, u64) {
+    match starved {
+        Starved::Memory => (signals.memory_available, signals.memory_capacity),
+        Starved::EphemeralStorage => (signals.fs_available, signals.fs_capacity),
+        Starved::Inodes => (signals.inodes_free, signals.inodes_capacity),
+        Starved::Pids => (signals.pid_max.saturating_sub(signals.pids_used), signals.pid_max),
+    }
+}
+
+/// A threshold the node is past: what it starves, the threshold as a quantity, what is available, and whether
+/// it is a hard one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Met {
     pub signal: &'static str,
     pub starved: Starved,
     pub threshold: u64,
     pub available: u64,
+    pub hard: bool,
 }
 
-/// The thresholds in `thresholds` (evictionHard) that `signals` are below, in upstream's order of reclaim
-/// (memory first, then disk, then PIDs).
-pub fn met(signals: &Signals, thresholds: &BTreeMap<String, String>) -> Vec<Met> {
-    let observed = [
-        ("memory.available", Starved::Memory, signals.memory_available, signals.memory_capacity),
-        ("nodefs.available", Starved::EphemeralStorage, signals.fs_available, signals.fs_capacity),
-        ("nodefs.inodesFree", Starved::Inodes, signals.inodes_free, signals.inodes_capacity),
-        ("pid.available", Starved::Pids, signals.pid_max.saturating_sub(signals.pids_used), signals.pid_max),
-    ];
-    observed
-        .into_iter()
-        .filter(|(signal, _, _, capacity)| *capacity > 0 && thresholds.contains_key(*signal))
-        .filter_map(|(signal, starved, available, capacity)| {
-            let threshold = crate::node::allocatable::threshold(thresholds, signal, capacity).ok()?;
-            (available < threshold).then_some(Met { signal, starved, threshold, available })
-        })
-        .collect()
+/// `threshold` against `signals`, the bar raised by its minimum reclaim when `reclaiming`.
+fn check(threshold: &Threshold, signals: &Signals, reclaiming: bool) -> Option<Met> {
+    let (available, capacity) = observe(signals, threshold.starved);
+    if capacity == 0 {
+        return None;
+    }
+    let quantity = |value: &str| {
+        crate::node::allocatable::threshold(
+            &[(threshold.signal.to_string(), value.to_string())].into(),
+            threshold.signal,
+            capacity,
+        )
+        .ok()
+    };
+    let value = quantity(&threshold.value)?;
+    let reclaim = if reclaiming { threshold.min_reclaim.as_deref().and_then(quantity).unwrap_or(0) } else { 0 };
+    (available < value + reclaim).then_some(Met {
+        signal: threshold.signal,
+        starved: threshold.starved,
+        threshold: value,
+        available,
+        hard: threshold.grace.is_none(),
+    })
+}
+
+/// The thresholds `signals` are below (hard or soft, grace periods ignored), in the order configured.
+pub fn met(signals: &Signals, thresholds: &[Threshold]) -> Vec<Met> {
+    thresholds.iter().filter_map(|t| check(t, signals, false)).collect()
+}
+
+/// Upstream's bookkeeping between rounds: when each threshold was first seen met, which ones drove evictions
+/// last (they stay met until their minimum reclaim is recovered), and the node conditions.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    thresholds: Vec<Threshold>,
+    first_observed: Vec<Option<Instant>>,
+    reclaiming: Vec<bool>,
+    conditions: Conditions,
+}
+
+impl Tracker {
+    pub fn new(thresholds: Vec<Threshold>, transition_period: Duration) -> Tracker {
+        let n = thresholds.len();
+        Tracker {
+            thresholds,
+            first_observed: vec![None; n],
+            reclaiming: vec![false; n],
+            conditions: Conditions::new(transition_period),
+        }
+    }
+
+    /// One round: the node conditions in force (from every threshold met, grace periods ignored, as upstream),
+    /// and the thresholds that drive eviction now (hard ones, and soft ones met for their grace period).
+    pub fn observe(&mut self, signals: &Signals, now: Instant) -> (Pressure, Vec<Met>) {
+        let mut all = Vec::new();
+        for (i, t) in self.thresholds.iter().enumerate() {
+            match check(t, signals, self.reclaiming[i]) {
+                Some(m) => {
+                    self.first_observed[i].get_or_insert(now);
+                    all.push((i, m));
+                }
+                None => self.first_observed[i] = None,
+            }
+        }
+        let conditions =
+            self.conditions.observe(now, pressure_of(&all.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>()));
+        let first_observed = &self.first_observed;
+        let thresholds = &self.thresholds;
+        let driving: Vec<(usize, Met)> = all
+            .into_iter()
+            .filter(|(i, _)| {
+                let grace = thresholds[*i].grace.unwrap_or_default();
+                first_observed[*i].is_some_and(|at| now.saturating_duration_since(at) >= grace)
+            })
+            .collect();
+        self.reclaiming = (0..self.thresholds.len()).map(|i| driving.iter().any(|(j, _)| *j == i)).collect();
+        (conditions, driving.into_iter().map(|(_, m)| m).collect())
+    }
 }
 
 /// The pressures `met` thresholds mean.
@@ -158,7 +304,8 @@ mod tests {
 
     #[test]
     fn thresholds_are_met_below_them() {
-        let defaults = crate::node::allocatable::eviction_hard(None);
+        let none: BTreeMap<String, String> = BTreeMap::new();
+        let defaults = configured(&crate::node::allocatable::eviction_hard(None), &none, &none, &none).unwrap();
         assert!(met(&signals(), &defaults).is_empty());
         let low = Signals { memory_available: 50 << 20, fs_available: 5 * GIB, ..signals() };
         let m = met(&low, &defaults);
@@ -185,13 +332,67 @@ mod tests {
         assert_eq!(binary_quantity(1536 << 10), "1536Ki");
         assert_eq!(binary_quantity(1500), "1500");
         assert_eq!(binary_quantity(0), "0");
-        let met =
-            Met { signal: "memory.available", starved: Starved::Memory, threshold: 100 << 20, available: 80 << 20 };
+        let met = Met {
+            signal: "memory.available",
+            starved: Starved::Memory,
+            threshold: 100 << 20,
+            available: 80 << 20,
+            hard: true,
+        };
         let containers = [("hog".to_string(), 300 << 20, 0), ("quiet".to_string(), 1 << 20, 64 << 20)];
         assert_eq!(
             message(&met, &containers),
             "The node was low on resource: memory. Threshold quantity: 100Mi, available: 80Mi. \
              Container hog was using 300Mi, request is 0, has larger consumption of memory. "
         );
+    }
+
+    fn threshold_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn configuration_is_checked_as_upstream() {
+        let none: BTreeMap<String, String> = BTreeMap::new();
+        let soft = threshold_map(&[("memory.available", "1Gi")]);
+        assert_eq!(
+            configured(&none, &soft, &none, &none).unwrap_err(),
+            "grace period must be specified for the soft eviction threshold memory.available"
+        );
+        assert_eq!(
+            configured(&threshold_map(&[("memory.free", "1Gi")]), &none, &none, &none).unwrap_err(),
+            "unsupported eviction signal memory.free"
+        );
+        assert!(configured(&threshold_map(&[("nodefs.available", "150%")]), &none, &none, &none).is_err());
+        let grace = threshold_map(&[("memory.available", "1m30s")]);
+        let t = configured(&crate::node::allocatable::eviction_hard(None), &soft, &grace, &none).unwrap();
+        let soft_one = t.iter().find(|t| t.grace.is_some()).unwrap();
+        assert_eq!((soft_one.signal, soft_one.grace), ("memory.available", Some(Duration::from_secs(90))));
+        assert!(t.iter().all(|t| t.signal != "imagefs.available"), "accepted, not observed");
+    }
+
+    #[test]
+    fn soft_thresholds_wait_for_their_grace_period_and_min_reclaim_holds() {
+        let hard = threshold_map(&[("memory.available", "100Mi")]);
+        let soft = threshold_map(&[("memory.available", "1Gi")]);
+        let grace = threshold_map(&[("memory.available", "30s")]);
+        let reclaim = threshold_map(&[("memory.available", "500Mi")]);
+        let mut tracker = Tracker::new(configured(&hard, &soft, &grace, &reclaim).unwrap(), Duration::from_secs(300));
+        let at = |available: u64| Signals { memory_available: available, ..signals() };
+        let start = Instant::now();
+        let (conditions, driving) = tracker.observe(&at(GIB - 1), start);
+        assert!(conditions.memory, "the condition does not wait for the grace period");
+        assert!(driving.is_empty(), "the soft threshold waits");
+        let (_, driving) = tracker.observe(&at(GIB - 1), start + Duration::from_secs(31));
+        assert_eq!(driving.len(), 1);
+        assert!(!driving[0].hard);
+        // Recovered past the threshold but not by the minimum reclaim: still driving.
+        let (_, driving) = tracker.observe(&at(GIB + 100 * (1 << 20)), start + Duration::from_secs(32));
+        assert_eq!(driving.len(), 1, "min reclaim not yet recovered");
+        let (_, driving) = tracker.observe(&at(2 * GIB), start + Duration::from_secs(33));
+        assert!(driving.is_empty());
+        // A hard threshold drives at once.
+        let (_, driving) = tracker.observe(&at(50 << 20), start + Duration::from_secs(34));
+        assert!(driving.iter().any(|m| m.hard && m.signal == "memory.available"), "{driving:?}");
     }
 }

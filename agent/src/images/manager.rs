@@ -247,6 +247,14 @@ impl ImageManager {
         gc::collect(&self.store, &self.gc_policy, &in_use)
     }
 
+    /// Removes every image no container uses (older than the GC policy's minimum age), whatever the disk usage:
+    /// the eviction manager's reclaim under disk pressure, before it evicts (upstream's `DeleteUnusedImages`).
+    pub fn delete_unused_images(&self) -> Result<GcReport> {
+        let in_use = self.rootfs.images_in_use()?.into_iter().collect();
+        let all = gc::GcPolicy { high_threshold_percent: 0, low_threshold_percent: 0, ..self.gc_policy };
+        gc::collect(&self.store, &all, &in_use)
+    }
+
     fn last_errors(&self, key: &str) -> Option<String> {
         self.last_errors.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }

@@ -174,7 +174,7 @@ impl Worker {
     pub(super) async fn evict(&mut self, eviction: crate::eviction::Eviction) {
         let message = eviction.message;
         self.event(None, true, "Evicted", &message);
-        let grace = grace_period(&self.pod, None).min(crate::eviction::HARD_EVICTION_GRACE);
+        let grace = grace_period(&self.pod, None).min(eviction.grace);
         self.state.disruption = eviction.disruption.then(|| message.clone());
         self.stop_everything(Instant::now() + grace, false).await;
         for record in self.state.containers.iter_mut().chain(self.state.init.iter_mut()) {

@@ -358,7 +358,8 @@ spec:
     let mut h = Harness::start(p, |_, _| {});
     h.until("running", |s| s.containers.iter().all(|c| c.state.is_running())).await;
     let message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 80Mi. ";
-    let eviction = crate::eviction::Eviction { uid: "u1".into(), message: message.into(), disruption: true };
+    let grace = crate::eviction::HARD_EVICTION_GRACE;
+    let eviction = crate::eviction::Eviction { uid: "u1".into(), message: message.into(), grace, disruption: true };
     *h.shared.eviction.lock().unwrap_or_else(|e| e.into_inner()) = Some(eviction);
     h.desired.send_modify(|_| {});
     let started = std::time::Instant::now();
