@@ -193,6 +193,10 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     };
     let oom = crate::oom::OomLog::open(&config.root_dir);
     let (evict_tx, evict_rx) = mpsc::unbounded_channel();
+    let (stall_tx, stall_rx) = mpsc::unbounded_channel();
+    crate::eviction::psi::arm(&config.stall_thresholds, &hierarchy.unified("kubepods"), stall_tx)
+        .map_err(anyhow::Error::msg)
+        .context("--eviction-pressure-stall")?;
     let pressure = crate::eviction::EvictionManager::start(
         crate::eviction::Settings {
             root_dir: config.root_dir.clone(),
@@ -202,6 +206,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             ),
             interval: config.housekeeping_interval,
             transition_period: config.kubelet.eviction_pressure_transition_period,
+            stall_thresholds: config.stall_thresholds.clone(),
             reclaim_disk: Some({
                 let images = images.clone();
                 Arc::new(move || match images.delete_unused_images() {
@@ -216,6 +221,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         view.clone(),
         stats.clone(),
         evict_tx,
+        stall_rx,
     );
     let views = ApiViews { pods: view.clone(), stats, node: documents, oom: oom.clone() };
     start_kubelet_api(&config, client.clone(), views, container_runtime.clone(), attachments.clone())?;

@@ -371,6 +371,8 @@ pub struct AgentConfig {
     pub cni_bin_dirs: Vec<PathBuf>,
     /// How often the stats provider reads usage (`--housekeeping-interval`).
     pub housekeeping_interval: Duration,
+    /// Pressure stall eviction thresholds (`--eviction-pressure-stall`, nodelet's own).
+    pub stall_thresholds: Vec<crate::eviction::psi::StallThreshold>,
     pub kubelet: KubeletConfiguration,
 }
 

@@ -90,6 +90,10 @@ struct Flags {
     /// How often resource usage is read for the summary API and the metrics endpoints (cAdvisor's flag).
     #[arg(long, default_value = "10s", value_parser = nodelet::config::parse_duration)]
     housekeeping_interval: std::time::Duration,
+    /// Evict when the pods' pressure stall passes `SIGNAL=STALL/WINDOW` (nodelet's own, beyond upstream; e.g.
+    /// `memory.pressure.full=100ms/1s`; also `memory.pressure.some`, `cpu.pressure.some`). Repeatable.
+    #[arg(long = "eviction-pressure-stall", value_parser = parse_stall)]
+    eviction_pressure_stall: Vec<nodelet::eviction::psi::StallThreshold>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -261,6 +265,10 @@ fn main() -> Result<()> {
     }
 }
 
+fn parse_stall(spec: &str) -> Result<nodelet::eviction::psi::StallThreshold, String> {
+    nodelet::eviction::psi::parse(spec)
+}
+
 fn agent_config(flags: Flags) -> Result<AgentConfig> {
     let mut kubelet = match &flags.config {
         Some(path) => KubeletConfiguration::load(path)?,
@@ -326,6 +334,7 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
         cni_conf_dir: flags.cni_conf_dir,
         cni_bin_dirs: flags.cni_bin_dir.split(',').filter(|s| !s.is_empty()).map(PathBuf::from).collect(),
         housekeeping_interval: flags.housekeeping_interval,
+        stall_thresholds: flags.eviction_pressure_stall,
         kubelet,
     })
 }

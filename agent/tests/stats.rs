@@ -121,8 +121,13 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
         let summary: Value = serde_json::from_str(&raw(&cluster, "/stats/summary")?)?;
         // A rate needs two samples: the container's cgroup may be sampled a round after the pod's.
         let burning = pod_stats(&summary, "burner").is_some_and(|p| u64_at(p, "/containers/0/cpu/usageNanoCores") > 0);
-        let holding = pod_stats(&summary, "holder")
-            .is_some_and(|p| u64_at(p, "/containers/0/memory/workingSetBytes") >= 64 * MIB);
+        // The volumes are walked at most every volumeStatsAggPeriod (1 s), apart from the cgroup reads: wait for a
+        // walk after the writes too.
+        let holding = pod_stats(&summary, "holder").is_some_and(|p| {
+            let shm = p["volume"].as_array().into_iter().flatten().find(|v| v["name"] == "shm");
+            u64_at(p, "/containers/0/memory/workingSetBytes") >= 64 * MIB
+                && shm.is_some_and(|v| u64_at(v, "/usedBytes") >= 64 * MIB)
+        });
         let stalled = pod_stats(&summary, "stalled").is_some_and(|p| u64_at(p, "/memory/psi/some/total") > 0);
         *last.lock().unwrap_or_else(|e| e.into_inner()) = format!(
             "burning {burning}, holding {holding}, stalled {stalled}; stalled pod: {}",

@@ -9,9 +9,12 @@
 //!
 //! Under disk pressure, unused images are removed first; pods are evicted only if that was not enough.
 //!
-//! Not built yet (issue 20): `imagefs`/`containerfs` signals, PSI-driven eviction and event-driven wake-ups.
+//! Beyond upstream, pressure stall thresholds (`psi`) wake it the moment the kernel's PSI trigger fires.
+//!
+//! Not built yet (issue 20): `imagefs`/`containerfs` signals and memcg threshold notifications.
 
 pub mod local_storage;
+pub mod psi;
 pub mod ranking;
 pub mod thresholds;
 
@@ -64,7 +67,12 @@ pub struct Settings {
     /// Frees disk at the node level before pods are evicted for disk (image GC of every unused image): the bytes
     /// freed.
     pub reclaim_disk: Option<Reclaim>,
+    /// Pressure stall thresholds (nodelet's own; see [`psi`]).
+    pub stall_thresholds: Vec<psi::StallThreshold>,
 }
+
+/// A container's name, usage and request of what is starved (for the message).
+type Usage = (String, u64, u64);
 
 /// What a round asks of the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,15 +104,19 @@ pub struct EvictionManager {
     /// later one, so that their usage includes what took the node past the threshold (a pod that just filled its
     /// emptyDir is not ranked on the round before it did).
     seen: Option<Arc<Snapshot>>,
+    /// When the last pod was evicted for a pressure stall.
+    last_stall: Option<Instant>,
 }
 
 impl EvictionManager {
-    /// Starts the manager; the pressure conditions it keeps.
+    /// Starts the manager; the pressure conditions it keeps. `stalls` carries the pressure stall triggers'
+    /// firings ([`psi::arm`]).
     pub fn start(
         settings: Settings,
         view: PodView,
         stats: StatsProvider,
         evict: mpsc::UnboundedSender<Eviction>,
+        stalls: mpsc::UnboundedReceiver<psi::Stalled>,
     ) -> watch::Receiver<Pressure> {
         let (pressure, conditions_rx) = watch::channel(Pressure::default());
         let tracker = thresholds::Tracker::new(settings.thresholds.clone(), settings.transition_period);
@@ -118,16 +130,25 @@ impl EvictionManager {
             cleaning: None,
             storage_evicted: Default::default(),
             seen: None,
+            last_stall: None,
         };
-        tokio::spawn(manager.run());
+        tokio::spawn(manager.run(stalls));
         conditions_rx
     }
 
-    async fn run(mut self) {
+    async fn run(mut self, mut stalls: mpsc::UnboundedReceiver<psi::Stalled>) {
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(stalled) = stalls.recv() => {
+                    // Ranked on usage read now, not on a round from before the stall began.
+                    let snapshot = self.stats.fresh().await;
+                    self.stalled(stalled, Instant::now(), snapshot);
+                    continue;
+                }
+            }
             let root = self.settings.root_dir.clone();
             let Ok(signals) = tokio::task::spawn_blocking(move || Signals::read(&root)).await else { continue };
             if self.round(&signals, Instant::now(), true) == Step::ReclaimDisk
@@ -151,14 +172,8 @@ impl EvictionManager {
         if self.local_storage_evictions(now) {
             return Step::Done;
         }
-        if let Some((uid, since)) = &self.cleaning {
-            let gone =
-                !self.view.list().iter().any(|p| p.metadata.uid.as_deref() == Some(uid.as_str()) && !terminal(p));
-            if gone || now.saturating_duration_since(*since) >= CLEANUP_TIMEOUT {
-                self.cleaning = None;
-            } else {
-                return Step::Done;
-            }
+        if self.cleaning_up(now) {
+            return Step::Done;
         }
         let Some(first) = met.first() else {
             self.seen = None;
@@ -210,21 +225,71 @@ impl EvictionManager {
 
     /// The first pod in upstream's order for what `met` starves, with its message.
     fn pick(&self, met: &Met, snapshot: &Snapshot) -> Option<Eviction> {
+        let (uid, usage) = self.first_ranked(met.starved, snapshot)?;
+        // Hard: at once (upstream's one second); soft: the pod's grace period, at most evictionMaxPodGracePeriod.
+        let grace = if met.hard { HARD_EVICTION_GRACE } else { self.settings.max_pod_grace };
+        Some(Eviction { message: thresholds::message(met, &usage), uid, grace, disruption: true })
+    }
+
+    /// The first pod in upstream's order for `starved`, and its containers' (usage, request) of it.
+    fn first_ranked(&self, starved: Starved, snapshot: &Snapshot) -> Option<(String, Vec<Usage>)> {
         let stats_of = |uid: &str| snapshot.summary.pods.iter().find(|p| p.pod_ref.uid == uid).cloned();
         let active = self.view.list().into_iter().filter(|p| !terminal(p));
         let candidates: Vec<Candidate> = active
             .map(|p| Candidate::of(&p, stats_of(p.metadata.uid.as_deref().unwrap_or_default()).as_ref()))
             .collect();
-        let victim = ranking::rank(candidates, met.starved).into_iter().next()?;
-        let usage: Vec<(String, u64, u64)> = match met.starved {
-            Starved::Memory => victim.containers.iter().map(|c| (c.name.clone(), c.memory.0, c.memory.1)).collect(),
-            Starved::EphemeralStorage => {
-                victim.containers.iter().map(|c| (c.name.clone(), c.disk.0, c.disk.1)).collect()
-            }
-            Starved::Inodes | Starved::Pids => Vec::new(),
+        let victim = ranking::rank(candidates, starved).into_iter().next()?;
+        let usage = victim.containers.iter().filter_map(|c| {
+            let (used, request) = match starved {
+                Starved::Memory => c.memory,
+                Starved::EphemeralStorage => c.disk,
+                Starved::Cpu => c.cpu,
+                Starved::Inodes | Starved::Pids => return None,
+            };
+            Some((c.name.clone(), used, request))
+        });
+        Some((victim.uid, usage.collect()))
+    }
+
+    /// A pressure stall threshold was exceeded (the kernel's trigger fired): memory counts as met for the node
+    /// condition, and a pod is evicted at once, ranked on a stats round taken when the trigger fired (not on the
+    /// last periodic one: the pod causing the stall may have started since).
+    fn stalled(&mut self, stalled: psi::Stalled, now: Instant, snapshot: Option<Arc<Snapshot>>) {
+        let Some(threshold) = self.settings.stall_thresholds.get(stalled.0).cloned() else { return };
+        let met = Pressure { memory: threshold.starved == Starved::Memory, ..Default::default() };
+        let conditions = self.tracker.mark(now, met);
+        self.pressure.send_if_modified(|p| std::mem::replace(p, conditions) != conditions);
+        // The trigger fires at most once per window while the stall lasts: a firing within two windows of the
+        // last stall eviction may still be about the pod that went.
+        let recent = self.last_stall.is_some_and(|at| now.saturating_duration_since(at) < 2 * threshold.window);
+        if recent || self.cleaning_up(now) {
+            return;
+        }
+        let Some(snapshot) = snapshot else { return };
+        let Some((uid, usage)) = self.first_ranked(threshold.starved, &snapshot) else {
+            tracing::warn!(signal = %threshold.signal, "pressure stall, but no pod can be evicted");
+            return;
         };
-        // Hard: at once (upstream's one second); soft: the pod's grace period, at most evictionMaxPodGracePeriod.
-        let grace = if met.hard { HARD_EVICTION_GRACE } else { self.settings.max_pod_grace };
-        Some(Eviction { message: thresholds::message(met, &usage), uid: victim.uid, grace, disruption: true })
+        let quantity = |n: u64| match threshold.starved {
+            Starved::Cpu => format!("{}m", n / 1_000_000),
+            _ => thresholds::binary_quantity(n),
+        };
+        let message = psi::message(&threshold, &usage, quantity);
+        tracing::warn!(signal = %threshold.signal, %uid, %message, "evicting a pod for a pressure stall");
+        crate::metrics::kubelet::METRICS.eviction(&threshold.signal);
+        self.cleaning = Some((uid.clone(), now));
+        self.last_stall = Some(now);
+        let _ = self.evict.send(Eviction { uid, message, grace: HARD_EVICTION_GRACE, disruption: true });
+    }
+
+    /// Whether the pod evicted last is still being cleaned up (then nothing else is evicted yet).
+    fn cleaning_up(&mut self, now: Instant) -> bool {
+        let Some((uid, since)) = &self.cleaning else { return false };
+        let gone = !self.view.list().iter().any(|p| p.metadata.uid.as_deref() == Some(uid.as_str()) && !terminal(p));
+        if gone || now.saturating_duration_since(*since) >= CLEANUP_TIMEOUT {
+            self.cleaning = None;
+            return false;
+        }
+        true
     }
 }

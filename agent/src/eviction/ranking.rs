@@ -27,6 +27,9 @@ pub struct Candidate {
     pub disk: Option<u64>,
     pub disk_request: u64,
     pub processes: Option<u64>,
+    /// CPU usage (nanocores) and request (nanocores).
+    pub cpu: Option<u64>,
+    pub cpu_request: u64,
     pub containers: Vec<ContainerUse>,
 }
 
@@ -38,6 +41,8 @@ pub struct ContainerUse {
     pub memory: (u64, u64),
     /// Writable layer plus logs, and the ephemeral-storage request.
     pub disk: (u64, u64),
+    /// CPU usage and request, in nanocores.
+    pub cpu: (u64, u64),
 }
 
 impl Candidate {
@@ -45,10 +50,12 @@ impl Candidate {
     pub fn of(pod: &Pod, stats: Option<&PodStats>) -> Candidate {
         let spec = pod.spec.as_ref();
         let priority = spec.and_then(|s| s.priority).unwrap_or(0);
+        // A request in bytes (memory, ephemeral-storage) or nanocores (cpu).
         let request = |c: &k8s_openapi::api::core::v1::Container, name: &str| {
             let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+            let scale = if name == "cpu" { 1e9 } else { 1.0 };
             let q = requests.and_then(|r| r.get(name));
-            q.and_then(crate::pods::resources::quantity).map_or(0, crate::units::ceil_u64)
+            q.and_then(crate::pods::resources::quantity).map_or(0, |v| crate::units::ceil_u64(v * scale))
         };
         let all = spec.map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()).collect::<Vec<_>>());
         let containers = all
@@ -60,7 +67,9 @@ impl Candidate {
                 let layer = used.and_then(|u| u.rootfs.as_ref()?.used_bytes).unwrap_or(0);
                 let logs = used.and_then(|u| u.logs.as_ref()?.used_bytes).unwrap_or(0);
                 let disk = (layer + logs, request(c, "ephemeral-storage"));
-                ContainerUse { name: c.name.clone(), memory: (memory, request(c, "memory")), disk }
+                let cpu_used = used.and_then(|u| u.cpu.as_ref()?.usage_nano_cores).unwrap_or(0);
+                let cpu = (cpu_used, request(c, "cpu"));
+                ContainerUse { name: c.name.clone(), memory: (memory, request(c, "memory")), disk, cpu }
             })
             .collect::<Vec<_>>();
         let app = spec.map_or(0, |s| s.containers.len());
@@ -73,6 +82,8 @@ impl Candidate {
             disk: stats.and_then(|s| s.ephemeral_storage.as_ref()?.used_bytes),
             disk_request: containers.iter().take(app).map(|c| c.disk.1).sum(),
             processes: stats.and_then(|s| s.process_stats.as_ref()?.process_count),
+            cpu: stats.and_then(|s| s.cpu.as_ref()?.usage_nano_cores),
+            cpu_request: crate::pods::resources::pod_requests(pod).0.saturating_mul(1_000_000),
             containers,
         }
     }
@@ -121,6 +132,12 @@ pub fn rank(mut candidates: Vec<Candidate>, starved: Starved) -> Vec<Candidate> 
                 .then_with(|| a.priority.cmp(&b.priority))
                 .then_with(|| by_usage(a.disk, a.disk_request, b.disk, b.disk_request))
         }
+        Starved::Cpu => {
+            let exceeds = |c: &Candidate| c.cpu.is_none_or(|u| u > c.cpu_request);
+            first_if(exceeds(a), exceeds(b))
+                .then_with(|| a.priority.cmp(&b.priority))
+                .then_with(|| by_usage(a.cpu, a.cpu_request, b.cpu, b.cpu_request))
+        }
         Starved::Pids => a
             .priority
             .cmp(&b.priority)
@@ -146,6 +163,8 @@ mod tests {
             disk: memory,
             disk_request: request,
             processes: memory.map(|m| m / MIB),
+            cpu: memory,
+            cpu_request: request,
             containers: Vec::new(),
         }
     }

@@ -14,12 +14,15 @@ pub enum Starved {
     EphemeralStorage,
     Inodes,
     Pids,
+    /// CPU: only a configured pressure stall threshold starves it (nodelet's own, see `psi`).
+    Cpu,
 }
 
 impl Starved {
     pub fn name(self) -> &'static str {
         match self {
             Starved::Memory => "memory",
+            Starved::Cpu => "cpu",
             Starved::EphemeralStorage => "ephemeral-storage",
             Starved::Inodes => "inodes",
             Starved::Pids => "pids",
@@ -107,6 +110,7 @@ fn observe(signals: &Signals, starved: Starved) -> (u64, u64) {
         Starved::EphemeralStorage => (signals.fs_available, signals.fs_capacity),
         Starved::Inodes => (signals.inodes_free, signals.inodes_capacity),
         Starved::Pids => (signals.pid_max.saturating_sub(signals.pids_used), signals.pid_max),
+        Starved::Cpu => (0, 0),
     }
 }
 
@@ -199,6 +203,11 @@ impl Tracker {
         self.reclaiming = (0..self.thresholds.len()).map(|i| driving.iter().any(|(j, _)| *j == i)).collect();
         (conditions, driving.into_iter().map(|(_, m)| m).collect())
     }
+
+    /// Records pressure seen outside the rounds (a stall trigger); the conditions in force.
+    pub fn mark(&mut self, now: Instant, met: Pressure) -> Pressure {
+        self.conditions.mark(now, met)
+    }
 }
 
 /// The pressures `met` thresholds mean.
@@ -226,6 +235,11 @@ impl Conditions {
 
     /// Records what is met `now`; the conditions in force.
     pub fn observe(&mut self, now: Instant, met: Pressure) -> Pressure {
+        self.mark(now, met)
+    }
+
+    /// Records pressure seen `now` outside the rounds (a stall trigger); the conditions in force.
+    pub fn mark(&mut self, now: Instant, met: Pressure) -> Pressure {
         for (last, is_met) in self.last_met.iter_mut().zip([met.memory, met.disk, met.pid]) {
             if is_met {
                 *last = Some(now);

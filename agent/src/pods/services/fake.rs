@@ -74,6 +74,7 @@ pub fn ctx(
         cni_conf_dir: root.join("net.d"),
         cni_bin_dirs: Vec::new(),
         housekeeping_interval: std::time::Duration::from_secs(10),
+        stall_thresholds: Vec::new(),
         kubelet: crate::config::KubeletConfiguration::default(),
     };
     let ctx = crate::pods::Ctx {
