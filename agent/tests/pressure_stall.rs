@@ -1,5 +1,5 @@
 //! Eviction on a pressure stall (PSI), nodelet's own beyond upstream, end to end on nodelet as the only node of a
-//! real control plane: with `--eviction-pressure-stall cpu.pressure.some=200ms/1s`, a pod running more busy loops
+//! real control plane: with `--eviction-pressure-stall cpu.pressure.some=500ms/1s`, a pod running more busy loops
 //! than the host has cores makes the pods' tasks wait for CPU; the kernel's trigger on the pods' cgroup fires and
 //! the eviction manager evicts that pod at once (not at its next housekeeping round), while a quiet pod keeps
 //! running. CPU is the stall a test can cause on any host; memory stalls use the same trigger and path.
@@ -34,25 +34,27 @@ async fn a_pressure_stall_evicts_the_pod_causing_it() -> Result<()> {
     // Stall signals are only acted on when the kernel's trigger fires (the housekeeping rounds never look at
     // them); housekeeping every second keeps the pods' CPU usage, which ranks them, fresh.
     let extra: Vec<String> =
-        ["--eviction-pressure-stall", "cpu.pressure.some=200ms/1s", "--housekeeping-interval", "1s"]
+        ["--eviction-pressure-stall", "cpu.pressure.some=500ms/1s", "--housekeeping-interval", "1s"]
             .map(String::from)
             .into();
     let (node, _net_d) = support::start_cluster_node(&cluster, &registry, NODE, "address: 127.0.0.1\n", &extra)?;
     let client = cluster.admin().await?;
     support::wait_node_ready(&client, NODE).await.with_context(|| node.log())?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let create = |name: &str, script: &str| {
+    let create = |name: &str, script: &str, resources: &str| {
         pod(&format!(
-            "metadata: {{name: {name}}}\nspec:\n  nodeName: {NODE}\n  terminationGracePeriodSeconds: 30\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, '{script}']\n"
+            "metadata: {{name: {name}}}\nspec:\n  nodeName: {NODE}\n  terminationGracePeriodSeconds: 30\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, '{script}']\n{resources}"
         ))
     };
-    pods.create(&PostParams::default(), &create("quiet", "sleep 3600")).await?;
+    // The quiet pod stays within what it requested: never taken for the cause of a stall.
+    let within = "    resources: {requests: {cpu: 100m}}\n";
+    pods.create(&PostParams::default(), &create("quiet", "sleep 3600", within)).await?;
     wait_pod(&pods, "quiet", "Running", Duration::from_secs(60), |p| phase(p) == "Running")
         .await
         .with_context(|| node.log())?;
     let loops = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
     let spin = format!("for i in $(seq {loops}); do (while :; do :; done) & done; wait");
-    pods.create(&PostParams::default(), &create("spinner", &spin)).await?;
+    pods.create(&PostParams::default(), &create("spinner", &spin, "")).await?;
     let running = wait_pod(&pods, "spinner", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
     let started = Instant::now();
     let evicted = wait_pod(&pods, "spinner", "evicted", Duration::from_secs(30), |p| phase(p) == "Failed")
@@ -64,7 +66,7 @@ async fn a_pressure_stall_evicts_the_pod_causing_it() -> Result<()> {
     let message = status.message.unwrap_or_default();
     ensure!(
         message
-            .starts_with("The node was low on resource: cpu. Pressure stall cpu.pressure.some exceeded 200ms in 1s. "),
+            .starts_with("The node was low on resource: cpu. Pressure stall cpu.pressure.some exceeded 500ms in 1s. "),
         "{message}"
     );
     ensure!(status.conditions.iter().flatten().any(|c| c.type_ == "DisruptionTarget"), "DisruptionTarget");

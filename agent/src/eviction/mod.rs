@@ -225,18 +225,20 @@ impl EvictionManager {
 
     /// The first pod in upstream's order for what `met` starves, with its message.
     fn pick(&self, met: &Met, snapshot: &Snapshot) -> Option<Eviction> {
-        let (uid, usage) = self.first_ranked(met.starved, snapshot)?;
+        let (uid, usage) = self.first_ranked(met.starved, snapshot, false)?;
         // Hard: at once (upstream's one second); soft: the pod's grace period, at most evictionMaxPodGracePeriod.
         let grace = if met.hard { HARD_EVICTION_GRACE } else { self.settings.max_pod_grace };
         Some(Eviction { message: thresholds::message(met, &usage), uid, grace, disruption: true })
     }
 
-    /// The first pod in upstream's order for `starved`, and its containers' (usage, request) of it.
-    fn first_ranked(&self, starved: Starved, snapshot: &Snapshot) -> Option<(String, Vec<Usage>)> {
+    /// The first pod in upstream's order for `starved` (with `over_requests`, among those whose stats show them
+    /// using more than they requested), and its containers' (usage, request) of it.
+    fn first_ranked(&self, starved: Starved, snapshot: &Snapshot, over_requests: bool) -> Option<(String, Vec<Usage>)> {
         let stats_of = |uid: &str| snapshot.summary.pods.iter().find(|p| p.pod_ref.uid == uid).cloned();
         let active = self.view.list().into_iter().filter(|p| !terminal(p));
         let candidates: Vec<Candidate> = active
             .map(|p| Candidate::of(&p, stats_of(p.metadata.uid.as_deref().unwrap_or_default()).as_ref()))
+            .filter(|c| !over_requests || ranking::known_excess(c, starved))
             .collect();
         let victim = ranking::rank(candidates, starved).into_iter().next()?;
         let usage = victim.containers.iter().filter_map(|c| {
@@ -252,8 +254,8 @@ impl EvictionManager {
     }
 
     /// A pressure stall threshold was exceeded (the kernel's trigger fired): memory counts as met for the node
-    /// condition, and a pod is evicted at once, ranked on a stats round taken when the trigger fired (not on the
-    /// last periodic one: the pod causing the stall may have started since).
+    /// condition, and a pod using more than it requested is evicted at once, ranked on a stats round taken when
+    /// the trigger fired (not on the last periodic one: the pod causing the stall may have started since).
     fn stalled(&mut self, stalled: psi::Stalled, now: Instant, snapshot: Option<Arc<Snapshot>>) {
         let Some(threshold) = self.settings.stall_thresholds.get(stalled.0).cloned() else { return };
         let met = Pressure { memory: threshold.starved == Starved::Memory, ..Default::default() };
@@ -266,8 +268,11 @@ impl EvictionManager {
             return;
         }
         let Some(snapshot) = snapshot else { return };
-        let Some((uid, usage)) = self.first_ranked(threshold.starved, &snapshot) else {
-            tracing::warn!(signal = %threshold.signal, "pressure stall, but no pod can be evicted");
+        // Only a pod whose stats show it using more than it requested is taken for the cause of a stall (unlike a
+        // threshold, which evicts within requests, and pods without stats, too). A pod too new for a CPU rate has
+        // one at the trigger's next firing: each firing takes a round.
+        let Some((uid, usage)) = self.first_ranked(threshold.starved, &snapshot, true) else {
+            tracing::info!(signal = %threshold.signal, "pressure stall, but no pod uses more than it requested");
             return;
         };
         let quantity = |n: u64| match threshold.starved {

@@ -116,28 +116,42 @@ fn by_usage(a: Option<u64>, a_request: u64, b: Option<u64>, b_request: u64) -> O
         .then_with(|| eb.cmp(&ea))
 }
 
+/// Whether the pod uses more of `starved` than it requested (a pod without stats counts as doing so, as
+/// upstream ranks it; PIDs have no requests).
+pub fn exceeds(c: &Candidate, starved: Starved) -> bool {
+    match starved {
+        Starved::Memory => c.memory.is_none_or(|m| m > c.memory_request),
+        Starved::EphemeralStorage | Starved::Inodes => c.disk.is_none_or(|d| d > c.disk_request),
+        Starved::Cpu => c.cpu.is_none_or(|u| u > c.cpu_request),
+        Starved::Pids => true,
+    }
+}
+
+/// Whether the pod is known to use more of `starved` than it requested (its stats say so).
+pub fn known_excess(c: &Candidate, starved: Starved) -> bool {
+    let over = |usage: Option<u64>, request: u64| usage.is_some_and(|u| u > request);
+    match starved {
+        Starved::Memory => over(c.memory, c.memory_request),
+        Starved::EphemeralStorage | Starved::Inodes => over(c.disk, c.disk_request),
+        Starved::Cpu => over(c.cpu, c.cpu_request),
+        Starved::Pids => c.processes.is_some(),
+    }
+}
+
 /// Sorts `candidates` into eviction order for `starved`; critical pods are dropped.
 pub fn rank(mut candidates: Vec<Candidate>, starved: Starved) -> Vec<Candidate> {
     candidates.retain(|c| !c.critical);
+    let exceeds = |c: &Candidate| exceeds(c, starved);
     candidates.sort_by(|a, b| match starved {
-        Starved::Memory => {
-            let exceeds = |c: &Candidate| c.memory.is_none_or(|m| m > c.memory_request);
-            first_if(exceeds(a), exceeds(b))
-                .then_with(|| a.priority.cmp(&b.priority))
-                .then_with(|| by_usage(a.memory, a.memory_request, b.memory, b.memory_request))
-        }
-        Starved::EphemeralStorage | Starved::Inodes => {
-            let exceeds = |c: &Candidate| c.disk.is_none_or(|d| d > c.disk_request);
-            first_if(exceeds(a), exceeds(b))
-                .then_with(|| a.priority.cmp(&b.priority))
-                .then_with(|| by_usage(a.disk, a.disk_request, b.disk, b.disk_request))
-        }
-        Starved::Cpu => {
-            let exceeds = |c: &Candidate| c.cpu.is_none_or(|u| u > c.cpu_request);
-            first_if(exceeds(a), exceeds(b))
-                .then_with(|| a.priority.cmp(&b.priority))
-                .then_with(|| by_usage(a.cpu, a.cpu_request, b.cpu, b.cpu_request))
-        }
+        Starved::Memory => first_if(exceeds(a), exceeds(b))
+            .then_with(|| a.priority.cmp(&b.priority))
+            .then_with(|| by_usage(a.memory, a.memory_request, b.memory, b.memory_request)),
+        Starved::EphemeralStorage | Starved::Inodes => first_if(exceeds(a), exceeds(b))
+            .then_with(|| a.priority.cmp(&b.priority))
+            .then_with(|| by_usage(a.disk, a.disk_request, b.disk, b.disk_request)),
+        Starved::Cpu => first_if(exceeds(a), exceeds(b))
+            .then_with(|| a.priority.cmp(&b.priority))
+            .then_with(|| by_usage(a.cpu, a.cpu_request, b.cpu, b.cpu_request)),
         Starved::Pids => a
             .priority
             .cmp(&b.priority)
@@ -213,5 +227,15 @@ mod tests {
             candidate("important-many", 10, Some(90 * MIB), 0),
         ];
         assert_eq!(order(pods, Starved::Pids), ["many", "few", "important-many"]);
+    }
+
+    #[test]
+    fn a_stall_is_blamed_only_on_known_excess() {
+        let within = candidate("within", 0, Some(50 * MIB), 100 * MIB);
+        let over = candidate("over", 0, Some(150 * MIB), 100 * MIB);
+        let unknown = candidate("unknown", 0, None, 0);
+        assert!(!known_excess(&within, Starved::Memory) && known_excess(&over, Starved::Memory));
+        assert!(!known_excess(&unknown, Starved::Cpu), "no stats: not known to exceed");
+        assert!(exceeds(&unknown, Starved::Cpu), "while thresholds rank it first");
     }
 }

@@ -168,8 +168,8 @@ impl Worker {
         self.state.message = Some(message);
     }
 
-    /// Evicted by the eviction manager: every container stopped within the hard eviction grace period (or the
-    /// pod's, if shorter), then `Failed` with reason `Evicted`, upstream's message and event, and (for node
+    /// Evicted by the eviction manager: every container stopped within the eviction's grace period (or the pod's,
+    /// if shorter), then `Failed` with reason `Evicted`, upstream's message and event, and (for node
     /// pressure) the `DisruptionTarget` condition.
     pub(super) async fn evict(&mut self, eviction: crate::eviction::Eviction) {
         let message = eviction.message;
