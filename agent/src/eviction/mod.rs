@@ -143,9 +143,11 @@ impl EvictionManager {
             tokio::select! {
                 _ = tick.tick() => {}
                 Some(stalled) = stalls.recv() => {
-                    // Ranked on usage read now, not on a round from before the stall began.
-                    let snapshot = self.stats.fresh().await;
-                    self.stalled(stalled, Instant::now(), snapshot);
+                    if let Some(threshold) = self.stalled(stalled, Instant::now()) {
+                        // Ranked on usage read now, not on a round from before the stall began.
+                        let snapshot = self.stats.fresh().await;
+                        self.evict_for_stall(&threshold, Instant::now(), snapshot);
+                    }
                     continue;
                 }
             }
@@ -256,17 +258,20 @@ impl EvictionManager {
     /// A pressure stall threshold was exceeded (the kernel's trigger fired): memory counts as met for the node
     /// condition, and a pod using more than it requested is evicted at once, ranked on a stats round taken when
     /// the trigger fired (not on the last periodic one: the pod causing the stall may have started since).
-    fn stalled(&mut self, stalled: psi::Stalled, now: Instant, snapshot: Option<Arc<Snapshot>>) {
-        let Some(threshold) = self.settings.stall_thresholds.get(stalled.0).cloned() else { return };
+    /// Returns the threshold when a pod may be evicted for it now.
+    fn stalled(&mut self, stalled: psi::Stalled, now: Instant) -> Option<psi::StallThreshold> {
+        let threshold = self.settings.stall_thresholds.get(stalled.0).cloned()?;
         let met = Pressure { memory: threshold.starved == Starved::Memory, ..Default::default() };
         let conditions = self.tracker.mark(now, met);
         self.pressure.send_if_modified(|p| std::mem::replace(p, conditions) != conditions);
         // The trigger fires at most once per window while the stall lasts: a firing within two windows of the
         // last stall eviction may still be about the pod that went.
         let recent = self.last_stall.is_some_and(|at| now.saturating_duration_since(at) < 2 * threshold.window);
-        if recent || self.cleaning_up(now) {
-            return;
-        }
+        (!recent && !self.cleaning_up(now)).then_some(threshold)
+    }
+
+    /// Evicts the pod taken for the cause of `threshold`'s stall, ranked on `snapshot`.
+    fn evict_for_stall(&mut self, threshold: &psi::StallThreshold, now: Instant, snapshot: Option<Arc<Snapshot>>) {
         let Some(snapshot) = snapshot else { return };
         // Only a pod whose stats show it using more than it requested is taken for the cause of a stall (unlike a
         // threshold, which evicts within requests, and pods without stats, too). A pod too new for a CPU rate has
@@ -279,7 +284,7 @@ impl EvictionManager {
             Starved::Cpu => format!("{}m", n / 1_000_000),
             _ => thresholds::binary_quantity(n),
         };
-        let message = psi::message(&threshold, &usage, quantity);
+        let message = psi::message(threshold, &usage, quantity);
         tracing::warn!(signal = %threshold.signal, %uid, %message, "evicting a pod for a pressure stall");
         crate::metrics::kubelet::METRICS.eviction(&threshold.signal);
         self.cleaning = Some((uid.clone(), now));

@@ -206,7 +206,7 @@ impl Tracker {
 
     /// Records pressure seen outside the rounds (a stall trigger); the conditions in force.
     pub fn mark(&mut self, now: Instant, met: Pressure) -> Pressure {
-        self.conditions.mark(now, met)
+        self.conditions.observe(now, met)
     }
 }
 
@@ -235,11 +235,6 @@ impl Conditions {
 
     /// Records what is met `now`; the conditions in force.
     pub fn observe(&mut self, now: Instant, met: Pressure) -> Pressure {
-        self.mark(now, met)
-    }
-
-    /// Records pressure seen `now` outside the rounds (a stall trigger); the conditions in force.
-    pub fn mark(&mut self, now: Instant, met: Pressure) -> Pressure {
         for (last, is_met) in self.last_met.iter_mut().zip([met.memory, met.disk, met.pid]) {
             if is_met {
                 *last = Some(now);
