@@ -81,19 +81,14 @@ pub fn arm(thresholds: &[StallThreshold], dir: &Path, tx: mpsc::UnboundedSender<
 
 /// The eviction message: nodelet's words in upstream's form.
 pub fn message(t: &StallThreshold, containers: &[(String, u64, u64)], quantity: impl Fn(u64) -> String) -> String {
-    let resource = t.starved.name();
-    let mut out = format!(
-        "The node was low on resource: {resource}. Pressure stall {} exceeded {:?} in {:?}. ",
-        t.signal, t.stall, t.window
+    let head = format!(
+        "The node was low on resource: {}. Pressure stall {} exceeded {:?} in {:?}. ",
+        t.starved.name(),
+        t.signal,
+        t.stall,
+        t.window
     );
-    for (name, usage, request) in containers.iter().filter(|(_, usage, request)| usage > request) {
-        out.push_str(&format!(
-            "Container {name} was using {}, request is {}, has larger consumption of {resource}. ",
-            quantity(*usage),
-            quantity(*request)
-        ));
-    }
-    out
+    head + &super::thresholds::offenders(t.starved, containers, quantity)
 }
 
 #[cfg(test)]

@@ -277,19 +277,28 @@ pub fn message(met: &Met, containers: &[(String, u64, u64)]) -> String {
         }
     };
     let resource = met.starved.name();
-    let mut out = format!(
+    let head = format!(
         "The node was low on resource: {resource}. Threshold quantity: {}, available: {}. ",
         quantity(met.threshold),
         quantity(met.available)
     );
-    for (name, usage, request) in containers.iter().filter(|(_, usage, request)| usage > request) {
-        out.push_str(&format!(
-            "Container {name} was using {}, request is {}, has larger consumption of {resource}. ",
-            quantity(*usage),
-            quantity(*request)
-        ));
-    }
-    out
+    head + &offenders(met.starved, containers, quantity)
+}
+
+/// Upstream's sentence for each container using more of `starved` than it requested (name, usage, request).
+pub fn offenders(starved: Starved, containers: &[(String, u64, u64)], quantity: impl Fn(u64) -> String) -> String {
+    let resource = starved.name();
+    containers
+        .iter()
+        .filter(|(_, usage, request)| usage > request)
+        .map(|(name, usage, request)| {
+            format!(
+                "Container {name} was using {}, request is {}, has larger consumption of {resource}. ",
+                quantity(*usage),
+                quantity(*request)
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
