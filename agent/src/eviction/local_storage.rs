@@ -6,6 +6,7 @@
 use k8s_openapi::api::core::v1::{Container, Pod};
 
 use super::thresholds::binary_quantity;
+use crate::pods::plan::is_sidecar;
 use crate::stats::summary::PodStats;
 
 /// The `ephemeral-storage` limit of a container, as written (for the message) and in bytes.
@@ -13,10 +14,6 @@ fn limit(c: &Container) -> Option<(String, u64)> {
     let q = c.resources.as_ref()?.limits.as_ref()?.get("ephemeral-storage")?;
     let bytes = crate::pods::resources::quantity(q).map(crate::units::ceil_u64)?;
     (bytes > 0).then(|| (q.0.clone(), bytes))
-}
-
-fn is_sidecar(c: &Container) -> bool {
-    c.restart_policy.as_deref() == Some("Always")
 }
 
 /// The pod's `ephemeral-storage` limit (upstream's `PodLimits`): app containers and sidecars summed, at least

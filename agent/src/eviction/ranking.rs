@@ -73,17 +73,18 @@ impl Candidate {
             })
             .collect::<Vec<_>>();
         let app = spec.map_or(0, |s| s.containers.len());
+        let requests = crate::pods::resources::pod_requests(pod);
         Candidate {
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             priority,
             critical: is_critical(pod),
             memory: stats.and_then(|s| s.memory.as_ref()?.working_set_bytes),
-            memory_request: crate::pods::resources::pod_requests(pod).1,
+            memory_request: requests.1,
             disk: stats.and_then(|s| s.ephemeral_storage.as_ref()?.used_bytes),
             disk_request: containers.iter().take(app).map(|c| c.disk.1).sum(),
             processes: stats.and_then(|s| s.process_stats.as_ref()?.process_count),
             cpu: stats.and_then(|s| s.cpu.as_ref()?.usage_nano_cores),
-            cpu_request: crate::pods::resources::pod_requests(pod).0.saturating_mul(1_000_000),
+            cpu_request: requests.0.saturating_mul(1_000_000),
             containers,
         }
     }
@@ -91,12 +92,10 @@ impl Candidate {
 
 /// Upstream's critical pods: static and mirror pods, and pods of at least system-critical priority.
 pub fn is_critical(pod: &Pod) -> bool {
-    let annotations = pod.metadata.annotations.as_ref();
-    let static_or_mirror = annotations.is_some_and(|a| {
-        a.contains_key(crate::sources::mirror::MIRROR_ANNOTATION)
-            || a.get("kubernetes.io/config.source").is_some_and(|s| s != "api")
-    });
-    static_or_mirror || pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) >= SYSTEM_CRITICAL_PRIORITY
+    use crate::sources::mirror::{is_mirror, is_static};
+    is_static(pod)
+        || is_mirror(pod)
+        || pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) >= SYSTEM_CRITICAL_PRIORITY
 }
 
 /// `a` before `b` when `a` is true and `b` is not.

@@ -77,8 +77,7 @@ pub fn configured(
         }
     }
     for (signal, value) in hard.iter().chain(soft).chain(min_reclaim) {
-        crate::node::allocatable::threshold(&[(signal.clone(), value.clone())].into(), signal, 100)
-            .map_err(|e| format!("{signal}: {e:#}"))?;
+        crate::node::allocatable::threshold_value(value, signal, 100).map_err(|e| format!("{signal}: {e:#}"))?;
     }
     let mut out = Vec::new();
     for (signal, starved) in OBSERVED {
@@ -131,14 +130,7 @@ fn check(threshold: &Threshold, signals: &Signals, reclaiming: bool) -> Option<M
     if capacity == 0 {
         return None;
     }
-    let quantity = |value: &str| {
-        crate::node::allocatable::threshold(
-            &[(threshold.signal.to_string(), value.to_string())].into(),
-            threshold.signal,
-            capacity,
-        )
-        .ok()
-    };
+    let quantity = |value: &str| crate::node::allocatable::threshold_value(value, threshold.signal, capacity).ok();
     let value = quantity(&threshold.value)?;
     let reclaim = if reclaiming { threshold.min_reclaim.as_deref().and_then(quantity).unwrap_or(0) } else { 0 };
     (available < value + reclaim).then_some(Met {

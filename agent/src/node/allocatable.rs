@@ -37,7 +37,11 @@ fn reserved(map: &BTreeMap<String, String>, name: &str, scale: f64) -> Result<u6
 
 /// An eviction threshold: a quantity, or a percentage of `capacity` (0 when not set).
 pub fn threshold(thresholds: &BTreeMap<String, String>, signal: &str, capacity: u64) -> Result<u64> {
-    let Some(value) = thresholds.get(signal) else { return Ok(0) };
+    thresholds.get(signal).map_or(Ok(0), |value| threshold_value(value, signal, capacity))
+}
+
+/// One eviction threshold value of `signal`: a quantity, or a percentage of `capacity`.
+pub fn threshold_value(value: &str, signal: &str, capacity: u64) -> Result<u64> {
     if let Some(percent) = value.strip_suffix('%') {
         let p: f64 = percent
             .parse()
@@ -46,7 +50,7 @@ pub fn threshold(thresholds: &BTreeMap<String, String>, signal: &str, capacity: 
             .with_context(|| format!("invalid eviction threshold {value:?} for {signal}"))?;
         return Ok(crate::units::ceil_u64(capacity as f64 * p / 100.0));
     }
-    let v = quantity(&Quantity(value.clone())).with_context(|| format!("invalid eviction threshold {value:?}"))?;
+    let v = quantity(&Quantity(value.to_string())).with_context(|| format!("invalid eviction threshold {value:?}"))?;
     Ok(crate::units::ceil_u64(v))
 }
 
