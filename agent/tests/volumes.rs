@@ -4,7 +4,8 @@
 //! an optional missing configMap (the pod runs) and a required one (FailedMount until it exists), an
 //! unsupported volume type (a clear FailedMount), a subPath symlink escape (refused), `kill -9` of the agent
 //! with volumes mounted (no remount, no restart), an image volume (and one whose image cannot be pulled),
-//! termination messages, and deletion (nothing left mounted or on disk).
+//! termination messages, clusterTrustBundle projections (by name, edited live; by signer and labels), and
+//! deletion (nothing left mounted or on disk).
 
 mod support;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -39,6 +41,14 @@ fn log_text(node: &Nodelet, p: &Pod, container: &str) -> String {
 /// The value of the last `KEY=` line of a log.
 fn value(log: &str, key: &str) -> Option<String> {
     log.lines().rev().find_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_owned)
+}
+
+/// A self-signed CA certificate, PEM.
+fn self_signed(name: &str) -> Result<String> {
+    let mut params = rcgen::CertificateParams::new(Vec::new())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    Ok(params.self_signed(&rcgen::KeyPair::generate()?)?.pem())
 }
 
 /// Mount points below `dir` in the agent's mount namespace.
@@ -388,9 +398,69 @@ spec:
     ensure!(out == "/r:read-only\n/p:writable\n", "recursiveReadOnly: {out:?}");
     node.in_mount_namespace(&format!("umount {}/sub", ro.display()))?;
 
+    // clusterTrustBundle projections: by name (an edit reaches the running pod), by signer and labels (each
+    // certificate once, the other label's bundle left out), optional and missing (an empty file), and a
+    // required missing one (FailedMount).
+    let (first, second, third) = (self_signed("first")?, self_signed("second")?, self_signed("third")?);
+    let bundles: Api<ClusterTrustBundle> = Api::all(client.clone());
+    let bundle = |name: &str, signer: Option<&str>, env: &str, pem: String| -> Result<ClusterTrustBundle> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"env": env}},
+            "spec": {"signerName": signer, "trustBundle": pem}
+        }))?)
+    };
+    bundles.create(&PostParams::default(), &bundle("plain", None, "test", first.clone())?).await?;
+    let signer = Some("example.com/trust");
+    let both = format!("{first}{second}");
+    bundles.create(&PostParams::default(), &bundle("example.com:trust:one", signer, "test", both)?).await?;
+    bundles.create(&PostParams::default(), &bundle("example.com:trust:two", signer, "test", second.clone())?).await?;
+    bundles.create(&PostParams::default(), &bundle("example.com:trust:prod", signer, "prod", third)?).await?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: trust}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'while true; do echo \"CTB=$(sed -n 2p /t/a.pem) $(grep -c BEGIN /t/signer.pem) $(wc -c < /t/none.pem)\"; sleep 0.2; done'], volumeMounts: [{{name: t, mountPath: /t}}]}}\n  volumes:\n  - name: t\n    projected:\n      sources:\n      - clusterTrustBundle: {{name: plain, path: a.pem}}\n      - clusterTrustBundle: {{signerName: example.com/trust, labelSelector: {{matchLabels: {{env: test}}}}, path: signer.pem}}\n      - clusterTrustBundle: {{name: absent, optional: true, path: none.pem}}\n"
+    ))).await?;
+    let trust = wait_pod(&pods, "trust", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let second_line = |pem: &str| pem.lines().nth(1).unwrap_or_default().to_string();
+    let want = format!("{} 2 0", second_line(&first));
+    wait_for("the trust anchors in the pod", Duration::from_secs(30), || async {
+        Ok(value(&log_text(&node, &trust, "main"), "CTB").filter(|v| *v == want))
+    })
+    .await
+    .with_context(|| log_text(&node, &trust, "main"))?;
+    let patch = serde_json::json!({"spec": {"trustBundle": second}});
+    bundles.patch("plain", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let want = format!("{} 2 0", second_line(&second));
+    wait_for("the edited bundle in the pod", Duration::from_secs(30), || async {
+        Ok(value(&log_text(&node, &trust, "main"), "CTB").filter(|v| *v == want))
+    })
+    .await
+    .with_context(|| log_text(&node, &trust, "main"))?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: trust-missing}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600'], volumeMounts: [{{name: t, mountPath: /t}}]}}\n  volumes:\n  - {{name: t, projected: {{sources: [{{clusterTrustBundle: {{name: absent, path: a.pem}}}}]}}}}\n"
+    ))).await?;
+    wait_for("FailedMount for the missing bundle", Duration::from_secs(60), || async {
+        let events = events_for(&client, "trust-missing").await?;
+        Ok(events.into_iter().find(|(r, m)| {
+            r == "FailedMount"
+                && m == "MountVolume.SetUp failed for volume \"t\" : while getting ClusterTrustBundle: clustertrustbundles.certificates.k8s.io \"absent\" not found"
+        }))
+    })
+    .await?;
+
     // Deleted: nothing of the pods' volumes is left mounted or on disk.
-    let names =
-        ["vols", "needs-cfg", "claim", "escape", "said", "imgvol", "imgmissing", "propagation", "unshared", "rro"];
+    let names = [
+        "vols",
+        "needs-cfg",
+        "claim",
+        "escape",
+        "said",
+        "imgvol",
+        "imgmissing",
+        "propagation",
+        "unshared",
+        "rro",
+        "trust",
+        "trust-missing",
+    ];
     let mut uids = Vec::new();
     for name in names {
         uids.push(pods.get(name).await?.metadata.uid.unwrap_or_default());

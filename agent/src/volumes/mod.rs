@@ -17,6 +17,7 @@ mod host_path;
 pub mod mounts;
 pub mod payload;
 mod tokens;
+mod trust_bundles;
 mod watches;
 
 use std::collections::BTreeMap;
@@ -159,7 +160,7 @@ impl VolumeManager {
         if let Some(client) = &self.client {
             let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let keys = volumes.iter().flat_map(|v| {
-                let (config_maps, secrets, _) = named(v);
+                let Named { config_maps, secrets, .. } = named(v);
                 let cms = config_maps.into_iter().map(|n| (false, namespace.clone(), n));
                 cms.chain(secrets.into_iter().map(|n| (true, namespace.clone(), n))).collect::<Vec<_>>()
             });
@@ -221,14 +222,15 @@ impl VolumeManager {
         self.pod_dir(uid).join("volumes").join(plugin).join(name)
     }
 
-    /// Fetches the ConfigMaps and Secrets the volumes name, and the service account tokens they project.
+    /// Fetches the ConfigMaps and Secrets the volumes name, and the service account tokens and trust anchors
+    /// they project.
     async fn fetch(&self, pod: &Pod, volumes: &[Volume]) -> Result<Objects, MountError> {
         let mut objects = Objects::default();
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         for v in volumes {
             let err = |message: String| MountError { volume: v.name.clone(), message };
-            let (config_maps, secrets, tokens) = named(v);
-            if config_maps.is_empty() && secrets.is_empty() && tokens.is_empty() {
+            let Named { config_maps, secrets, tokens, trust_bundles } = named(v);
+            if config_maps.is_empty() && secrets.is_empty() && tokens.is_empty() && trust_bundles.is_empty() {
                 continue;
             }
             let Some(client) = &self.client else {
@@ -241,6 +243,9 @@ impl VolumeManager {
                 }
                 if !tokens.is_empty() {
                     return Err(err("service account tokens need an API server (nodelet runs standalone)".into()));
+                }
+                if !trust_bundles.is_empty() {
+                    return Err(err("ClusterTrustBundle projection is not supported in static kubelet mode".into()));
                 }
                 continue;
             };
@@ -270,6 +275,15 @@ impl VolumeManager {
                 let token =
                     self.tokens.get(client, pod, &audience, expiration).await.map_err(|e| err(format!("{e:#}")))?;
                 objects.tokens.insert((audience, expiration), token);
+            }
+            if !trust_bundles.is_empty() {
+                let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+                let bundles = self.watches.trust_bundles(client, uid).await.map_err(err)?;
+                let bundles: Vec<&k8s_openapi::api::certificates::v1::ClusterTrustBundle> =
+                    bundles.iter().map(|b| b.as_ref()).collect();
+                for p in trust_bundles {
+                    objects.trust_anchors.insert(trust_bundles::key(&p), trust_bundles::anchors(&p, &bundles));
+                }
             }
         }
         Ok(objects)
@@ -304,23 +318,31 @@ impl VolumeManager {
     }
 }
 
-/// The ConfigMaps, Secrets and service account tokens (audience, lifetime) a volume shows.
-fn named(v: &Volume) -> (Vec<String>, Vec<String>, Vec<(String, i64)>) {
-    let mut config_maps = Vec::new();
-    let mut secrets = Vec::new();
-    let mut tokens = Vec::new();
+/// What a volume shows that comes from the API server.
+#[derive(Default)]
+struct Named {
+    config_maps: Vec<String>,
+    secrets: Vec<String>,
+    /// Service account tokens: (audience, lifetime).
+    tokens: Vec<(String, i64)>,
+    trust_bundles: Vec<k8s_openapi::api::core::v1::ClusterTrustBundleProjection>,
+}
+
+fn named(v: &Volume) -> Named {
+    let mut named = Named::default();
     if let Some(s) = &v.config_map {
-        config_maps.push(s.name.clone());
+        named.config_maps.push(s.name.clone());
     }
     if let Some(s) = &v.secret {
-        secrets.push(s.secret_name.clone().unwrap_or_default());
+        named.secrets.push(s.secret_name.clone().unwrap_or_default());
     }
     for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
-        config_maps.extend(source.config_map.as_ref().map(|c| c.name.clone()));
-        secrets.extend(source.secret.as_ref().map(|s| s.name.clone()));
-        tokens.extend(source.service_account_token.as_ref().map(payload::token_key));
+        named.config_maps.extend(source.config_map.as_ref().map(|c| c.name.clone()));
+        named.secrets.extend(source.secret.as_ref().map(|s| s.name.clone()));
+        named.tokens.extend(source.service_account_token.as_ref().map(payload::token_key));
+        named.trust_bundles.extend(source.cluster_trust_bundle.clone());
     }
-    (config_maps, secrets, tokens)
+    named
 }
 
 /// The pod's memory limit when every container sets one (upstream sizes a memory-backed emptyDir by it).

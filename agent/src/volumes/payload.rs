@@ -22,6 +22,8 @@ pub struct Objects {
     pub secrets: HashMap<String, Option<Secret>>,
     /// Service account tokens by the projection's (audience, expirationSeconds).
     pub tokens: HashMap<(String, i64), String>,
+    /// `clusterTrustBundle` projections' files (or upstream's error) by [`super::trust_bundles::key`].
+    pub trust_anchors: HashMap<String, Result<Vec<u8>, String>>,
 }
 
 /// The pod and node facts downwardAPI files may show.
@@ -158,6 +160,9 @@ pub fn downward(items: &[DownwardAPIVolumeFile], default_mode: i32, facts: &PodF
 /// A `projected` volume's files: every source's, later sources overwriting earlier ones' paths.
 pub fn projected(source: &ProjectedVolumeSource, objects: &Objects, facts: &PodFacts<'_>) -> Result<Payload, String> {
     let default_mode = source.default_mode.unwrap_or(DEFAULT_MODE);
+    // Tokens and trust anchors are 0600 under an fsGroup (which then adds group read), as upstream.
+    let fs_group = facts.pod.spec.as_ref().and_then(|s| s.security_context.as_ref()).and_then(|s| s.fs_group);
+    let credential_mode = if fs_group.is_some() { 0o600 } else { default_mode };
     let mut out = Payload::new();
     for s in source.sources.iter().flatten() {
         if let Some(ConfigMapProjection { name, items, optional }) = &s.config_map {
@@ -171,10 +176,14 @@ pub fn projected(source: &ProjectedVolumeSource, objects: &Objects, facts: &PodF
             let token = objects.tokens.get(&key).ok_or_else(|| "no service account token was issued".to_string())?;
             out.insert(
                 t.path.clone(),
-                FileProjection { data: token.clone().into_bytes(), mode: mode(None, default_mode) },
+                FileProjection { data: token.clone().into_bytes(), mode: mode(None, credential_mode) },
             );
-        } else if s.cluster_trust_bundle.is_some() {
-            return Err("clusterTrustBundle projections are not supported by nodelet yet".into());
+        } else if let Some(b) = &s.cluster_trust_bundle {
+            let anchors = objects
+                .trust_anchors
+                .get(&super::trust_bundles::key(b))
+                .ok_or_else(|| "no ClusterTrustBundles were read".to_string())?;
+            out.insert(b.path.clone(), FileProjection { data: anchors.clone()?, mode: mode(None, credential_mode) });
         } else if s.pod_certificate.is_some() {
             return Err("podCertificate projections are not supported by nodelet yet".into());
         }
@@ -203,6 +212,7 @@ mod tests {
             config_maps: [("cm".to_string(), Some(cm)), ("gone".to_string(), None)].into(),
             secrets: [("s".to_string(), Some(secret))].into(),
             tokens: [(("".to_string(), 3600), "jwt".to_string())].into(),
+            trust_anchors: Default::default(),
         }
     }
 
@@ -263,5 +273,34 @@ mod tests {
         ]}))
         .unwrap();
         assert_eq!(projected(&bad, &o, &facts).unwrap_err(), "unsupported fieldPath: spec.bogus");
+    }
+
+    #[test]
+    fn credentials_are_0600_under_an_fs_group() {
+        let mut o = objects();
+        let ctb: k8s_openapi::api::core::v1::ClusterTrustBundleProjection =
+            serde_json::from_value(serde_json::json!({"name": "b", "path": "ca.pem"})).unwrap();
+        o.trust_anchors.insert(super::super::trust_bundles::key(&ctb), Ok(b"anchors".to_vec()));
+        let source: ProjectedVolumeSource = serde_json::from_value(serde_json::json!({"sources": [
+            {"serviceAccountToken": {"path": "token"}},
+            {"clusterTrustBundle": {"name": "b", "path": "ca.pem"}},
+            {"configMap": {"name": "cm", "items": [{"key": "a", "path": "a"}]}}
+        ]}))
+        .unwrap();
+        let modes = |fs_group: Option<i64>| {
+            let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "c"}], "securityContext": {"fsGroup": fs_group}}}))
+            .unwrap();
+            let facts = PodFacts { pod: &pod, ips: Ips { host: "h", pod: None }, allocatable: Allocatable::default() };
+            let files = projected(&source, &o, &facts).unwrap();
+            assert_eq!(files["ca.pem"].data, b"anchors");
+            (files["token"].mode, files["ca.pem"].mode, files["a"].mode)
+        };
+        assert_eq!(modes(None), (0o644, 0o644, 0o644));
+        assert_eq!(modes(Some(2000)), (0o600, 0o600, 0o644));
+        o.trust_anchors.insert(super::super::trust_bundles::key(&ctb), Err("no such bundle".into()));
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}})).unwrap();
+        let facts = PodFacts { pod: &pod, ips: Ips { host: "h", pod: None }, allocatable: Allocatable::default() };
+        assert_eq!(projected(&source, &o, &facts).unwrap_err(), "no such bundle");
     }
 }

@@ -2,13 +2,19 @@
 //! on that object alone (`fieldSelector=metadata.name=<name>`, the only watch the Node authorizer allows a
 //! node), shared by the pods that use it. A change wakes those pods' workers, which bring their volumes up to
 //! date at once (upstream's kubelet takes up to its sync period plus a cache TTL, about a minute).
+//!
+//! ClusterTrustBundles are cluster-scoped and selected by signer and labels, so they get one list-watch of
+//! them all, started by the first pod that projects one and kept while the agent runs (as upstream's lazy
+//! informer); any change wakes every pod that projects one.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
+use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
 
@@ -25,6 +31,9 @@ struct State {
     watches: HashMap<Key, Watch>,
     /// Each pod's wake-up.
     pods: HashMap<String, Arc<Notify>>,
+    /// The pods that project ClusterTrustBundles, and the bundles once their watch started.
+    trust_bundle_users: BTreeSet<String>,
+    trust_bundles: Option<Store<ClusterTrustBundle>>,
 }
 
 /// The object watches of this node's pods.
@@ -68,10 +77,37 @@ impl ObjectWatches {
         }
     }
 
+    /// Every ClusterTrustBundle, for pod `uid`, which from now on is woken when one changes. The first call
+    /// starts the watch; a watch that has not listed them within 10 s is upstream's error (retried).
+    pub async fn trust_bundles(
+        &self,
+        client: &kube::Client,
+        uid: &str,
+    ) -> Result<Vec<Arc<ClusterTrustBundle>>, String> {
+        let store = {
+            let mut state = self.lock();
+            state.trust_bundle_users.insert(uid.to_string());
+            match &state.trust_bundles {
+                Some(store) => store.clone(),
+                None => {
+                    let (store, writer) = reflector::store();
+                    tokio::spawn(watch_trust_bundles(client.clone(), writer, self.state.clone()));
+                    state.trust_bundles = Some(store.clone());
+                    store
+                }
+            }
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), store.wait_until_ready()).await {
+            Ok(Ok(())) => Ok(store.state()),
+            _ => Err("ClusterTrustBundle informer has not yet synced".into()),
+        }
+    }
+
     /// The pod is gone: its watches stop unless another pod uses them.
     pub fn forget(&self, uid: &str) {
         let mut state = self.lock();
         state.pods.remove(uid);
+        state.trust_bundle_users.remove(uid);
         state.watches.retain(|_, w| {
             w.users.remove(uid);
             if w.users.is_empty() {
@@ -104,6 +140,30 @@ async fn watch(client: kube::Client, key: Key, state: Arc<Mutex<State>>) {
         for uid in &w.users {
             if let Some(notify) = state.pods.get(uid) {
                 notify.notify_one();
+            }
+        }
+    }
+}
+
+/// Keeps `writer` a copy of every ClusterTrustBundle, waking their users on every change after the first listing.
+async fn watch_trust_bundles(
+    client: kube::Client,
+    writer: reflector::store::Writer<ClusterTrustBundle>,
+    state: Arc<Mutex<State>>,
+) {
+    let stream = watcher(Api::<ClusterTrustBundle>::all(client), watcher::Config::default()).default_backoff();
+    let mut events = reflector::reflector(writer, stream).boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Err(e) => tracing::debug!(error = %e, "watching ClusterTrustBundles (retried)"),
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Ok(_) => {
+                let state = state.lock().unwrap_or_else(|e| e.into_inner());
+                for uid in &state.trust_bundle_users {
+                    if let Some(notify) = state.pods.get(uid) {
+                        notify.notify_one();
+                    }
+                }
             }
         }
     }
