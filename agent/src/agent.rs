@@ -25,13 +25,18 @@ use crate::status::view::PodView;
 /// The built-in pod network's range when neither `--pod-cidr` nor the Node's `spec.podCIDR` gives one.
 const DEFAULT_POD_CIDR: &str = "10.88.0.0/16";
 
-/// A kube client from a kubeconfig file.
-pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
+/// A kube client configuration from a kubeconfig file.
+pub async fn kube_config(path: &std::path::Path) -> Result<kube::Config> {
     let kubeconfig =
         kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
         .await
-        .with_context(|| format!("{}: invalid kubeconfig", path.display()))?;
+        .with_context(|| format!("{}: invalid kubeconfig", path.display()))
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from(path: &std::path::Path) -> Result<kube::Client> {
+    let config = kube_config(path).await?;
     let host = config.cluster_url.authority().map(ToString::to_string).unwrap_or_default();
     let builder = kube::client::ClientBuilder::try_from(config).context("building the API client")?;
     Ok(builder.with_layer(&crate::metrics::rest_client::CountRequests { host }).build())
@@ -155,7 +160,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         .ensure_node(Allocatable { cpu_millis: facts.cpus * 1000, memory_bytes: facts.memory_bytes, pids: None })
         .context("creating the kubepods cgroups")?;
     let client = match &config.kubeconfig {
-        Some(path) => Some(client_from(path).await?),
+        Some(path) => Some(crate::certificate::api_client(&config, path).await?),
         None => None,
     };
     // The built-in network's range: --pod-cidr, else the Node's spec.podCIDR (from the controller-manager) if the

@@ -4,6 +4,15 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// A random number in [0, 1) (the time hashed with a randomly keyed hasher: no random number crate needed for
+/// spreading timers).
+pub fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Past this many keys, those quiet long enough to have expired are dropped.
 const GC_AT: usize = 256;
 

@@ -81,6 +81,9 @@ pub struct KubeletConfiguration {
     pub allowed_unsafe_sysctls: Vec<String>,
     /// Run containers without a `seccompProfile` under `RuntimeDefault` rather than `Unconfined`.
     pub seccomp_default: bool,
+    /// Rotate the client certificate through CertificateSigningRequests before it expires (when the kubeconfig
+    /// names the certificate store's `kubelet-client-current.pem`, as TLS bootstrap writes it).
+    pub rotate_certificates: bool,
 }
 
 impl KubeletConfiguration {
@@ -138,6 +141,7 @@ impl Default for KubeletConfiguration {
             feature_gates: Default::default(),
             allowed_unsafe_sysctls: Vec::new(),
             seccomp_default: false,
+            rotate_certificates: false,
         }
     }
 }
@@ -355,6 +359,10 @@ mod go_duration {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub kubeconfig: Option<PathBuf>,
+    /// `--bootstrap-kubeconfig`: credentials to ask for a client certificate with when `kubeconfig` has none.
+    pub bootstrap_kubeconfig: Option<PathBuf>,
+    /// `--cert-dir`: the certificate store (default `<root-dir>/pki`).
+    pub cert_dir: PathBuf,
     pub node_name: String,
     pub node_ip: String,
     pub root_dir: PathBuf,

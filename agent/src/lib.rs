@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod certificate;
 pub mod cli;
 pub mod config;
 pub mod events;

@@ -16,6 +16,17 @@ struct Flags {
     /// Kubeconfig of the API server to register with; without it, the node runs standalone (static pods only).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// A kubeconfig with bootstrap credentials (a bootstrap token): when `--kubeconfig` is missing or its
+    /// certificate expired, a client certificate is requested with them and `--kubeconfig` written (TLS
+    /// bootstrap).
+    #[arg(long)]
+    bootstrap_kubeconfig: Option<PathBuf>,
+    /// The certificate store (default `<root-dir>/pki`).
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    /// Overrides `rotateCertificates`.
+    #[arg(long)]
+    rotate_certificates: Option<bool>,
     /// The node's name (default: the host name).
     #[arg(long)]
     hostname_override: Option<String>,
@@ -303,6 +314,7 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
         kubelet.allowed_unsafe_sysctls = list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
     }
     kubelet.seccomp_default = flags.seccomp_default.unwrap_or(kubelet.seccomp_default);
+    kubelet.rotate_certificates = flags.rotate_certificates.unwrap_or(kubelet.rotate_certificates);
     kubelet.validate().context("invalid flags")?;
     let node_name = match flags.hostname_override {
         Some(name) => name,
@@ -320,8 +332,14 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
         }
         None => default_node_ip(),
     };
+    anyhow::ensure!(
+        flags.bootstrap_kubeconfig.is_none() || flags.kubeconfig.is_some(),
+        "--bootstrap-kubeconfig needs --kubeconfig: the file TLS bootstrap writes"
+    );
     Ok(AgentConfig {
         kubeconfig: flags.kubeconfig,
+        bootstrap_kubeconfig: flags.bootstrap_kubeconfig,
+        cert_dir: flags.cert_dir.unwrap_or_else(|| flags.root_dir.join("pki")),
         node_name,
         node_ip,
         root_dir: flags.root_dir,

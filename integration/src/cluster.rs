@@ -24,11 +24,18 @@ pub struct ClusterOptions {
     pub node_monitor_grace_period: Duration,
     /// How long to wait for the control plane to become ready.
     pub start_timeout: Duration,
+    /// kube-controller-manager `--cluster-signing-duration` (upstream default a year): the lifetime of the
+    /// certificates it issues for CSRs (less its 5 minutes of backdating).
+    pub cluster_signing_duration: Option<Duration>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { node_monitor_grace_period: Duration::from_secs(50), start_timeout: Duration::from_secs(120) }
+        Self {
+            node_monitor_grace_period: Duration::from_secs(50),
+            start_timeout: Duration::from_secs(120),
+            cluster_signing_duration: None,
+        }
     }
 }
 
@@ -140,6 +147,70 @@ impl Cluster {
         Ok(path)
     }
 
+    /// Creates a bootstrap token as `kubeadm token create` does (in the `system:bootstrappers:kubeadm:default-node-token`
+    /// group, allowed to send CSRs by kubeadm's `kubeadm:kubelet-bootstrap` binding) and writes a bootstrap kubeconfig
+    /// with it. `auto_approve`: also kubeadm's bindings under which the controller-manager approves node client
+    /// CSRs by itself (the first from a bootstrap token, renewals from a node).
+    pub fn bootstrap_token(&self, auto_approve: bool) -> Result<PathBuf> {
+        let id: String = format!("{:06x}", std::process::id() % 0xffffff);
+        let secret = "0123456789abcdef";
+        let group = "system:bootstrappers:kubeadm:default-node-token";
+        let binding = |name: &str, role: &str, kind: &str, subject: &str| {
+            format!(
+                "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: '{name}'}}\n\
+                 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: '{role}'}}\n\
+                 subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: {kind}, name: '{subject}'}}]\n"
+            )
+        };
+        let mut manifest = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: bootstrap-token-{id}, namespace: kube-system}}\n\
+             type: bootstrap.kubernetes.io/token\nstringData: {{token-id: '{id}', token-secret: '{secret}', \
+             usage-bootstrap-authentication: 'true', usage-bootstrap-signing: 'true', auth-extra-groups: '{group}'}}\n"
+        );
+        manifest += &binding("kubeadm:kubelet-bootstrap", "system:node-bootstrapper", "Group", group);
+        if auto_approve {
+            let client = "system:certificates.k8s.io:certificatesigningrequests:nodeclient";
+            manifest += &binding("kubeadm:node-autoapprove-bootstrap", client, "Group", group);
+        }
+        self.apply(&format!("bootstrap-{id}"), &manifest)?;
+        if auto_approve {
+            self.auto_approve_renewals()?;
+        }
+        let path = self.dir.path().join(format!("bootstrap-{id}.kubeconfig"));
+        kubeconfig::write_token(
+            &path,
+            &self.server,
+            &self.pki.ca_pem(),
+            "tls-bootstrap-token-user",
+            &format!("{id}.{secret}"),
+        )?;
+        Ok(path)
+    }
+
+    /// kubeadm's `kubeadm:node-autoapprove-certificate-rotation` binding: the controller-manager approves a node's
+    /// CSRs for its own client certificate.
+    pub fn auto_approve_renewals(&self) -> Result<()> {
+        let role = "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient";
+        self.apply(
+            "autoapprove-rotation",
+            &format!(
+                "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\n\
+                 metadata: {{name: 'kubeadm:node-autoapprove-certificate-rotation'}}\n\
+                 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: '{role}'}}\n\
+                 subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: 'system:nodes'}}]\n"
+            ),
+        )
+    }
+
+    /// `kubectl apply` of `manifest` (kept in the fixture's directory as `<name>.yaml`).
+    fn apply(&self, name: &str, manifest: &str) -> Result<()> {
+        let file = self.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, manifest)?;
+        let out = self.kubectl().args(["apply", "-f"]).arg(&file).output()?;
+        anyhow::ensure!(out.status.success(), "kubectl apply {name}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
     /// `kubectl` with the admin kubeconfig.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new("kubectl");
@@ -215,6 +286,8 @@ impl Cluster {
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
             .arg("--authorization-mode=Node,RBAC")
+            // As kubeadm: bootstrap tokens (secrets in kube-system) authenticate joining nodes.
+            .arg("--enable-bootstrap-token-auth=true")
             .arg("--enable-admission-plugins=NodeRestriction")
             .arg("--allow-privileged=true")
             .arg(format!("--requestheader-client-ca-file={}", self.front_proxy.ca().cert.display()))
@@ -245,7 +318,12 @@ impl Cluster {
             .arg("--allocate-node-cidrs=true")
             .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            .arg(format!("--node-monitor-grace-period={}s", opts.node_monitor_grace_period.as_secs()));
+            .arg(format!("--node-monitor-grace-period={}s", opts.node_monitor_grace_period.as_secs()))
+            // As kubeadm: the bootstrap token controllers too.
+            .arg("--controllers=*,bootstrapsigner,tokencleaner");
+        if let Some(d) = opts.cluster_signing_duration {
+            cmd.arg(format!("--cluster-signing-duration={}s", d.as_secs()));
+        }
         self.spawn("kube-controller-manager", cmd)
     }
 

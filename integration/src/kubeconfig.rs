@@ -12,6 +12,21 @@ use crate::certs::CertFiles;
 pub fn write(path: &Path, server: &str, ca_pem: &str, user: &str, creds: &CertFiles) -> Result<()> {
     let cert = std::fs::read(&creds.cert).with_context(|| format!("reading {}", creds.cert.display()))?;
     let key = std::fs::read(&creds.key).with_context(|| format!("reading {}", creds.key.display()))?;
+    let user_fields = format!(
+        "    client-certificate-data: {}\n    client-key-data: {}\n",
+        STANDARD.encode(cert),
+        STANDARD.encode(key)
+    );
+    write_with(path, server, ca_pem, user, &user_fields)
+}
+
+/// Writes a kubeconfig for `server` that trusts `ca_pem` and authenticates with the bearer token `token` (a
+/// bootstrap token's kubeconfig, as `kubeadm join` writes it).
+pub fn write_token(path: &Path, server: &str, ca_pem: &str, user: &str, token: &str) -> Result<()> {
+    write_with(path, server, ca_pem, user, &format!("    token: {token}\n"))
+}
+
+fn write_with(path: &Path, server: &str, ca_pem: &str, user: &str, user_fields: &str) -> Result<()> {
     let text = format!(
         "apiVersion: v1
 kind: Config
@@ -23,9 +38,7 @@ clusters:
 users:
 - name: {user}
   user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
-contexts:
+{user_fields}contexts:
 - name: {user}@nodelet-test
   context:
     cluster: nodelet-test
@@ -33,8 +46,6 @@ contexts:
 current-context: {user}@nodelet-test
 ",
         ca = STANDARD.encode(ca_pem),
-        cert = STANDARD.encode(cert),
-        key = STANDARD.encode(key),
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

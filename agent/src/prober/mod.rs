@@ -131,13 +131,9 @@ impl Counter {
     }
 }
 
-/// A random part of `period` (hashing the time with a randomly keyed hasher: no random number crate needed).
+/// A random part of `period`.
 fn jitter(period: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    let millis = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
-    Duration::from_millis(h.finish() % millis)
+    period.mul_f64(crate::backoff::random_fraction())
 }
 
 /// Where a container's probes connect.

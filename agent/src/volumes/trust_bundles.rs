@@ -59,12 +59,7 @@ fn normalize(bundles: &[&ClusterTrustBundle]) -> Result<Vec<u8>, String> {
             pem::parse_many(&b.spec.trust_bundle).map_err(|e| format!("while normalizing trust anchors: {e}"))?;
         ders.extend(blocks.into_iter().map(pem::Pem::into_contents));
     }
-    Ok(ders.into_iter().map(|der| pem_block("CERTIFICATE", der)).collect::<String>().into_bytes())
-}
-
-/// One PEM block with Unix line ends (the `pem` crate's default is CRLF).
-pub fn pem_block(label: &str, der: Vec<u8>) -> String {
-    pem::encode_config(&pem::Pem::new(label, der), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+    Ok(ders.into_iter().map(|der| crate::certificate::pem_block("CERTIFICATE", der)).collect::<String>().into_bytes())
 }
 
 /// Whether a label selector matches `labels`, with upstream's rule for this projection: no selector matches

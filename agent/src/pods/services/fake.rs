@@ -62,6 +62,8 @@ pub fn ctx(
     let (status_tx, status) = mpsc::unbounded_channel();
     let config = crate::config::AgentConfig {
         kubeconfig: None,
+        bootstrap_kubeconfig: None,
+        cert_dir: root.join("pki"),
         node_name: "node".into(),
         node_ip: "10.0.0.1".into(),
         root_dir: root.to_path_buf(),
