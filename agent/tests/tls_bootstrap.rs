@@ -80,21 +80,14 @@ async fn tls_bootstrap_and_rotation() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubelet.conf");
     let net_d = support::loopback_only_network()?;
-    let args: Vec<String> = vec![
-        "--port".into(),
-        nodelet_integration::ports::free_port()?.to_string(),
-        "--client-ca-file".into(),
-        cluster.pki().ca().cert.display().to_string(),
-        "--cni-conf-dir".into(),
-        net_d.path().display().to_string(),
-        "--insecure-registry".into(),
-        registry.host(),
+    let mut args = support::cluster_node_args(&cluster, &registry, net_d.path())?;
+    args.extend([
         "--kubeconfig".into(),
         kubeconfig.display().to_string(),
         "--bootstrap-kubeconfig".into(),
         bootstrap.display().to_string(),
         "--rotate-certificates=true".into(),
-    ];
+    ]);
     let config = "nodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n";
     let mut node = Nodelet::start_with_ip(NODE, config, "127.0.0.1", &args)?;
 

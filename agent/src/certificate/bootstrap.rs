@@ -20,17 +20,16 @@ use super::store::{CertStore, Credential};
 /// The key of a request in flight.
 const PENDING_KEY: &str = "kubelet-client.key.tmp";
 
+fn current_context(kubeconfig: &kube::config::Kubeconfig) -> Option<&kube::config::Context> {
+    let name = kubeconfig.current_context.as_deref()?;
+    kubeconfig.contexts.iter().find(|c| c.name == name)?.context.as_ref()
+}
+
 /// Whether the kubeconfig can be used as it is: it exists, and its client certificate (if it uses one) has not
 /// expired.
 pub fn kubeconfig_is_valid(path: &Path) -> bool {
     let Ok(kubeconfig) = kube::config::Kubeconfig::read_from(path) else { return false };
-    let context = kubeconfig.current_context.clone().unwrap_or_default();
-    let user = kubeconfig
-        .contexts
-        .iter()
-        .find(|c| c.name == context)
-        .and_then(|c| c.context.as_ref())
-        .map(|c| c.user.clone().unwrap_or_default());
+    let user = current_context(&kubeconfig).map(|c| c.user.clone().unwrap_or_default());
     let Some(auth) =
         kubeconfig.auth_infos.iter().find(|a| Some(&a.name) == user.as_ref()).and_then(|a| a.auth_info.clone())
     else {
@@ -53,12 +52,7 @@ pub fn kubeconfig_is_valid(path: &Path) -> bool {
 /// Writes upstream's kubelet kubeconfig: the bootstrap kubeconfig's cluster, and `cert` as client certificate
 /// and key.
 pub fn write_kubeconfig(path: &Path, bootstrap: &kube::config::Kubeconfig, cert: &Path) -> Result<()> {
-    let context = bootstrap.current_context.clone().unwrap_or_default();
-    let cluster_name = bootstrap
-        .contexts
-        .iter()
-        .find(|c| c.name == context)
-        .and_then(|c| c.context.as_ref())
+    let cluster_name = current_context(bootstrap)
         .map(|c| c.cluster.clone())
         .context("the bootstrap kubeconfig has no current context")?;
     let cluster = bootstrap

@@ -435,24 +435,33 @@ pub fn start_cluster_node_in(
 ) -> Result<(Nodelet, tempfile::TempDir)> {
     let kubeconfig = cluster.node_kubeconfig(name)?;
     let net_d = loopback_only_network()?;
-    let mut args = vec![
-        "--port".into(),
-        nodelet_integration::ports::free_port()?.to_string(),
-        "--client-ca-file".into(),
-        cluster.pki().ca().cert.display().to_string(),
-        "--cni-conf-dir".into(),
-        net_d.path().display().to_string(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--insecure-registry".into(),
-        registry.host(),
-    ];
+    let mut args = cluster_node_args(cluster, registry, net_d.path())?;
+    args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
     args.extend(extra.iter().cloned());
     let node = match root {
         Some(root) => Nodelet::start_with_root(name, config_yaml, root, node_ip, &args)?,
         None => Nodelet::start_with_ip(name, config_yaml, node_ip, &args)?,
     };
     Ok((node, net_d))
+}
+
+/// What every node of `cluster` runs with besides its credentials: a free loopback port for the kubelet API, the
+/// cluster's CA for its clients, the pod network in `net_d`, and `registry` over plain HTTP.
+pub fn cluster_node_args(
+    cluster: &nodelet_integration::cluster::Cluster,
+    registry: &nodelet_integration::registry::Registry,
+    net_d: &Path,
+) -> Result<Vec<String>> {
+    Ok(vec![
+        "--port".into(),
+        nodelet_integration::ports::free_port()?.to_string(),
+        "--client-ca-file".into(),
+        cluster.pki().ca().cert.display().to_string(),
+        "--cni-conf-dir".into(),
+        net_d.display().to_string(),
+        "--insecure-registry".into(),
+        registry.host(),
+    ])
 }
 
 /// The (reason, message) of the Events about pod `pod` in `default`.
