@@ -80,6 +80,11 @@ fn start_kubelet_api(
         node: node.clone(),
         oom: oom.clone(),
     });
+    if kubelet.healthz_port != 0 {
+        let ip: std::net::IpAddr = kubelet.healthz_bind_address.parse().context("healthzBindAddress")?;
+        let address = std::net::SocketAddr::new(ip, kubelet.healthz_port);
+        tokio::spawn(crate::server::serve_healthz(address, local.clone()));
+    }
     let listener = bind_local(&crate::server::local_socket(&config.root_dir))?;
     tokio::spawn(async move {
         if let Err(e) = crate::server::serve_local(listener, local).await {

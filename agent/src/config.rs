@@ -1,6 +1,8 @@
-//! The agent's configuration: kubelet flag names where they exist, and a subset of `KubeletConfiguration`
-//! (`kubelet.config.k8s.io/v1beta1`) read from `--config` with upstream's field names and defaults. Unknown
-//! fields and invalid values are startup errors.
+//! The agent's configuration: kubelet flag names where they exist, and `KubeletConfiguration`
+//! (`kubelet.config.k8s.io/v1beta1`) read from `--config` with upstream's field names and defaults. Every
+//! upstream field is accepted (kubeadm writes many): those nodelet does not act on are named in one notice at
+//! startup ([`NOT_ACTED_ON`]); a field upstream does not have (a typo) and invalid values are startup errors. As
+//! upstream's defaulting, a zero value (`0s`, `0`, `""`) means the default.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -84,7 +86,103 @@ pub struct KubeletConfiguration {
     /// Rotate the client certificate through CertificateSigningRequests before it expires (when the kubeconfig
     /// names the certificate store's `kubelet-client-current.pem`, as TLS bootstrap writes it).
     pub rotate_certificates: bool,
+    /// The plain-HTTP health check (`/healthz`) kubeadm waits on: port 0 turns it off.
+    pub healthz_port: u16,
+    pub healthz_bind_address: String,
+    /// Taints the node registers with (added to `--register-with-taints`).
+    pub register_with_taints: Vec<k8s_openapi::api::core::v1::Taint>,
 }
+
+/// Upstream's KubeletConfiguration fields nodelet accepts without acting on them (named in a startup notice).
+/// `cgroupDriver`: nodelet writes cgroupfs itself below `cgroupRoot` whatever the driver (see DESIGN.md);
+/// `containerRuntimeEndpoint`/`imageServiceEndpoint`: the runtime is built in.
+pub const NOT_ACTED_ON: &[&str] = &[
+    "enableServer",
+    "syncFrequency",
+    "fileCheckFrequency",
+    "httpCheckFrequency",
+    "staticPodURL",
+    "staticPodURLHeader",
+    "readOnlyPort",
+    "tlsCipherSuites",
+    "tlsCurvePreferences",
+    "tlsMinVersion",
+    "serverTLSBootstrap",
+    "registryPullQPS",
+    "registryBurst",
+    "imagePullCredentialsVerificationPolicy",
+    "preloadedImagesVerificationAllowlist",
+    "eventRecordQPS",
+    "eventBurst",
+    "enableDebuggingHandlers",
+    "enableContentionProfiling",
+    "oomScoreAdj",
+    "imageMaximumGCAge",
+    "kubeletCgroups",
+    "systemCgroups",
+    "cgroupsPerQOS",
+    "cgroupDriver",
+    "cpuManagerPolicy",
+    "cpuManagerPolicyOptions",
+    "cpuManagerReconcilePeriod",
+    "memoryManagerPolicy",
+    "topologyManagerPolicy",
+    "topologyManagerScope",
+    "topologyManagerPolicyOptions",
+    "qosReserved",
+    "runtimeRequestTimeout",
+    "hairpinMode",
+    "runOnce",
+    "cpuCFSQuota",
+    "cpuCFSQuotaPeriod",
+    "nodeStatusMaxImages",
+    "maxOpenFiles",
+    "contentType",
+    "kubeAPIQPS",
+    "kubeAPIBurst",
+    "serializeImagePulls",
+    "maxParallelImagePulls",
+    "mergeDefaultEvictionSettings",
+    "podsPerCore",
+    "enableControllerAttachDetach",
+    "protectKernelDefaults",
+    "makeIPTablesUtilChains",
+    "iptablesMasqueradeBit",
+    "iptablesDropBit",
+    "failSwapOn",
+    "memorySwap",
+    "containerLogMaxWorkers",
+    "containerLogMonitorInterval",
+    "configMapAndSecretChangeDetectionStrategy",
+    "reservedSystemCPUs",
+    "showHiddenMetricsForVersion",
+    "systemReservedCgroup",
+    "kubeReservedCgroup",
+    "enforceNodeAllocatable",
+    "defaultPodSysctls",
+    "volumePluginDir",
+    "providerID",
+    "kernelMemcgNotification",
+    "logging",
+    "enableSystemLogHandler",
+    "enableSystemLogQuery",
+    "shutdownGracePeriod",
+    "shutdownGracePeriodCriticalPods",
+    "shutdownGracePeriodByPodPriority",
+    "crashLoopBackOff",
+    "reservedMemory",
+    "enableProfilingHandler",
+    "enableDebugFlagsHandler",
+    "memoryThrottlingFactor",
+    "memoryReservationPolicy",
+    "registerNode",
+    "tracing",
+    "localStorageCapacityIsolation",
+    "containerRuntimeEndpoint",
+    "imageServiceEndpoint",
+    "failCgroupV1",
+    "userNamespaces",
+];
 
 impl KubeletConfiguration {
     /// Whether gate `name` is on: as configured, else upstream 1.37's default for the gates nodelet acts on.
@@ -142,6 +240,9 @@ impl Default for KubeletConfiguration {
             allowed_unsafe_sysctls: Vec::new(),
             seccomp_default: false,
             rotate_certificates: false,
+            healthz_port: 10248,
+            healthz_bind_address: "127.0.0.1".into(),
+            register_with_taints: Vec::new(),
         }
     }
 }
@@ -217,13 +318,78 @@ impl Default for WebhookAuthorization {
 }
 
 impl KubeletConfiguration {
-    /// Reads and validates a config file.
-    pub fn load(path: &std::path::Path) -> Result<KubeletConfiguration> {
+    /// Reads and validates a config file; returns it with the upstream fields it sets that nodelet does not act on.
+    pub fn load(path: &std::path::Path) -> Result<(KubeletConfiguration, Vec<String>)> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: KubeletConfiguration =
-            serde_yaml::from_str(&text).with_context(|| format!("{}: invalid KubeletConfiguration", path.display()))?;
-        config.validate().with_context(|| format!("{}: invalid KubeletConfiguration", path.display()))?;
-        Ok(config)
+        Self::parse(&text).with_context(|| format!("{}: invalid KubeletConfiguration", path.display()))
+    }
+
+    /// Parses a config (see [`KubeletConfiguration::load`]).
+    pub fn parse(text: &str) -> Result<(KubeletConfiguration, Vec<String>)> {
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(text)?;
+        let mut ignored = Vec::new();
+        if let Some(map) = doc.as_mapping_mut() {
+            for field in NOT_ACTED_ON {
+                if map.remove(*field).is_some() {
+                    ignored.push(field.to_string());
+                }
+            }
+        } else if !doc.is_null() {
+            bail!("not a mapping");
+        }
+        let mut config: KubeletConfiguration =
+            if doc.is_null() { KubeletConfiguration::default() } else { serde_yaml::from_value(doc)? };
+        config.default_zero_values();
+        config.validate()?;
+        Ok((config, ignored))
+    }
+
+    /// Upstream's defaulting: a zero value stands for the default (kubeadm writes `0s` for most durations).
+    fn default_zero_values(&mut self) {
+        let d = KubeletConfiguration::default();
+        let durations = [
+            (&mut self.node_status_update_frequency, d.node_status_update_frequency),
+            (&mut self.node_status_report_frequency, d.node_status_report_frequency),
+            (&mut self.image_minimum_gc_age, d.image_minimum_gc_age),
+            (&mut self.eviction_pressure_transition_period, d.eviction_pressure_transition_period),
+            (&mut self.volume_stats_agg_period, d.volume_stats_agg_period),
+            (&mut self.streaming_connection_idle_timeout, d.streaming_connection_idle_timeout),
+            (&mut self.authentication.webhook.cache_ttl, d.authentication.webhook.cache_ttl),
+            (&mut self.authorization.webhook.cache_authorized_ttl, d.authorization.webhook.cache_authorized_ttl),
+            (&mut self.authorization.webhook.cache_unauthorized_ttl, d.authorization.webhook.cache_unauthorized_ttl),
+        ];
+        for (value, default) in durations {
+            if value.is_zero() {
+                *value = default;
+            }
+        }
+        if self.max_pods == 0 {
+            self.max_pods = d.max_pods;
+        }
+        if self.port == 0 {
+            self.port = d.port;
+        }
+        if self.node_lease_duration_seconds == 0 {
+            self.node_lease_duration_seconds = d.node_lease_duration_seconds;
+        }
+        if self.container_log_max_files == 0 {
+            self.container_log_max_files = d.container_log_max_files;
+        }
+        if self.container_log_max_size.is_empty() {
+            self.container_log_max_size = d.container_log_max_size;
+        }
+        if self.address.is_empty() {
+            self.address = d.address;
+        }
+        if self.healthz_bind_address.is_empty() {
+            self.healthz_bind_address = d.healthz_bind_address;
+        }
+        if self.resolv_conf.as_os_str().is_empty() {
+            self.resolv_conf = d.resolv_conf;
+        }
+        if self.pod_logs_dir.as_os_str().is_empty() {
+            self.pod_logs_dir = d.pod_logs_dir;
+        }
     }
 
     /// Checks values the types cannot (also after flags override the file).
@@ -248,6 +414,9 @@ impl KubeletConfiguration {
             bail!("tlsCertFile and tlsPrivateKeyFile go together");
         }
         self.address.parse::<std::net::IpAddr>().with_context(|| format!("address {:?}", self.address))?;
+        self.healthz_bind_address
+            .parse::<std::net::IpAddr>()
+            .with_context(|| format!("healthzBindAddress {:?}", self.healthz_bind_address))?;
         if let Some(cidr) = &self.pod_cidr {
             let (ip, bits) = cidr.split_once('/').with_context(|| format!("podCIDR {cidr:?} is not a CIDR"))?;
             ip.parse::<std::net::IpAddr>().with_context(|| format!("podCIDR {cidr:?}"))?;
@@ -474,6 +643,83 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad: KubeletConfiguration = serde_yaml::from_str("authorization: {mode: RBAC}\n").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    /// The KubeletConfiguration `kubeadm join` writes to /var/lib/kubelet/config.yaml (v1.37 defaults).
+    const KUBEADM: &str = "apiVersion: kubelet.config.k8s.io/v1beta1
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    cacheTTL: 0s
+    enabled: true
+  x509:
+    clientCAFile: /etc/kubernetes/pki/ca.crt
+authorization:
+  mode: Webhook
+  webhook:
+    cacheAuthorizedTTL: 0s
+    cacheUnauthorizedTTL: 0s
+cgroupDriver: systemd
+clusterDNS:
+- 10.96.0.10
+clusterDomain: cluster.local
+containerRuntimeEndpoint: \"\"
+cpuManagerReconcilePeriod: 0s
+crashLoopBackOff: {}
+evictionPressureTransitionPeriod: 0s
+fileCheckFrequency: 0s
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+httpCheckFrequency: 0s
+imageMaximumGCAge: 0s
+imageMinimumGCAge: 0s
+kind: KubeletConfiguration
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: \"0\"
+    text:
+      infoBufferSize: \"0\"
+  verbosity: 0
+memorySwap: {}
+nodeStatusReportFrequency: 0s
+nodeStatusUpdateFrequency: 0s
+rotateCertificates: true
+runtimeRequestTimeout: 0s
+shutdownGracePeriod: 0s
+shutdownGracePeriodCriticalPods: 0s
+staticPodPath: /etc/kubernetes/manifests
+streamingConnectionIdleTimeout: 0s
+syncFrequency: 0s
+volumeStatsAggPeriod: 0s
+";
+
+    #[test]
+    fn kubeadms_config_is_accepted_with_its_zero_values_defaulted() {
+        let (c, ignored) = KubeletConfiguration::parse(KUBEADM).unwrap();
+        assert!(c.rotate_certificates);
+        assert_eq!(c.static_pod_path, Some(PathBuf::from("/etc/kubernetes/manifests")));
+        assert_eq!(c.cluster_dns, ["10.96.0.10"]);
+        assert_eq!(c.healthz_port, 10248);
+        let d = KubeletConfiguration::default();
+        assert_eq!(c.node_status_update_frequency, d.node_status_update_frequency);
+        assert_eq!(c.streaming_connection_idle_timeout, Duration::from_secs(4 * 3600));
+        assert_eq!(c.authentication.webhook.cache_ttl, Duration::from_secs(120));
+        assert_eq!(c.authorization.webhook.cache_unauthorized_ttl, Duration::from_secs(30));
+        assert_eq!(c.eviction_pressure_transition_period, Duration::from_secs(300));
+        assert!(!c.authentication.anonymous.enabled);
+        for field in ["cgroupDriver", "containerRuntimeEndpoint", "logging", "syncFrequency", "memorySwap"] {
+            assert!(ignored.contains(&field.to_string()), "{field} in {ignored:?}");
+        }
+        // Every name in the list is upstream's, and a field upstream does not have is still an error.
+        assert!(
+            KubeletConfiguration::parse("cgroupDriverr: systemd\n").unwrap_err().to_string().contains("unknown field")
+        );
+        assert_eq!(KubeletConfiguration::parse("").unwrap().1, Vec::<String>::new());
+        let taints = KubeletConfiguration::parse("registerWithTaints: [{key: a, value: b, effect: NoSchedule}]\n");
+        assert_eq!(taints.unwrap().0.register_with_taints[0].key, "a");
     }
 
     #[test]

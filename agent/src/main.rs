@@ -11,8 +11,12 @@ use nodelet::images::{ImageManager, ImagesConfig, PullPolicy, pull::Progress};
 
 /// Command-line flags, named like the kubelet's where they exist.
 #[derive(Debug, Parser)]
-#[command(name = "nodelet", version, about = "A Kubernetes node in one binary")]
+#[command(name = "nodelet", about = "A Kubernetes node in one binary", disable_version_flag = true)]
 struct Flags {
+    /// Print the version as the kubelet does (`Kubernetes v1.37.0+nodelet.0.1.0`: the kubelet API version
+    /// implemented, then nodelet's own; kubeadm's preflight parses it) and exit.
+    #[arg(long)]
+    version: bool,
     /// Kubeconfig of the API server to register with; without it, the node runs standalone (static pods only).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -24,6 +28,15 @@ struct Flags {
     /// The certificate store (default `<root-dir>/pki`).
     #[arg(long)]
     cert_dir: Option<PathBuf>,
+    /// Accepted for kubeadm's drop-ins, not acted on: nodelet's runtime is built in.
+    #[arg(long, hide = true)]
+    container_runtime_endpoint: Option<String>,
+    /// Overrides `healthzPort` (the plain-HTTP `/healthz`; 0 turns it off).
+    #[arg(long)]
+    healthz_port: Option<u16>,
+    /// Overrides `healthzBindAddress`.
+    #[arg(long)]
+    healthz_bind_address: Option<String>,
     /// Overrides `rotateCertificates`.
     #[arg(long)]
     rotate_certificates: Option<bool>,
@@ -192,6 +205,10 @@ enum ImageCommand {
 
 fn main() -> Result<()> {
     let flags = Flags::parse();
+    if flags.version {
+        println!("Kubernetes {}", nodelet::node::info::kubelet_version());
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         // libcgroups warns about every v1 controller it does not know, for every container: kept out by default.
         .with_env_filter(
@@ -282,9 +299,18 @@ fn parse_stall(spec: &str) -> Result<nodelet::eviction::psi::StallThreshold, Str
 
 fn agent_config(flags: Flags) -> Result<AgentConfig> {
     let mut kubelet = match &flags.config {
-        Some(path) => KubeletConfiguration::load(path)?,
+        Some(path) => {
+            let (config, not_acted_on) = KubeletConfiguration::load(path)?;
+            if !not_acted_on.is_empty() {
+                tracing::info!("{}: accepted, not acted on by nodelet: {}", path.display(), not_acted_on.join(", "));
+            }
+            config
+        }
         None => KubeletConfiguration::default(),
     };
+    if let Some(endpoint) = &flags.container_runtime_endpoint {
+        tracing::info!(%endpoint, "--container-runtime-endpoint: accepted, not acted on (nodelet's runtime is built in)");
+    }
     if let Some(n) = flags.max_pods {
         anyhow::ensure!(n > 0, "--max-pods must be positive");
         kubelet.max_pods = n;
@@ -315,6 +341,8 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
     }
     kubelet.seccomp_default = flags.seccomp_default.unwrap_or(kubelet.seccomp_default);
     kubelet.rotate_certificates = flags.rotate_certificates.unwrap_or(kubelet.rotate_certificates);
+    kubelet.healthz_port = flags.healthz_port.unwrap_or(kubelet.healthz_port);
+    kubelet.healthz_bind_address = flags.healthz_bind_address.clone().unwrap_or(kubelet.healthz_bind_address);
     kubelet.validate().context("invalid flags")?;
     let node_name = match flags.hostname_override {
         Some(name) => name,
@@ -346,7 +374,11 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
         log_dir: kubelet.pod_logs_dir.clone(),
         pod_manifest_path: flags.pod_manifest_path,
         node_labels: parse_labels(&flags.node_labels).context("--node-labels")?,
-        register_with_taints: parse_taints(&flags.register_with_taints).context("--register-with-taints")?,
+        register_with_taints: {
+            let mut taints = kubelet.register_with_taints.clone();
+            taints.extend(parse_taints(&flags.register_with_taints).context("--register-with-taints")?);
+            taints
+        },
         insecure_registries: flags.insecure_registries,
         image_credentials: flags.image_credentials,
         cni_conf_dir: flags.cni_conf_dir,

@@ -2,7 +2,7 @@
 //! `kubeadm init` leaves it (bootstrap token authentication, the token's secret and kubeadm's RBAC bindings, the
 //! controller-manager signing node CSRs): nodelet starts with only a bootstrap kubeconfig; its first CSR is
 //! denied (a clear error, and a new request), the second approved; the node registers with the issued
-//! certificate and runs a pod. Certificates are issued for 1 minute, so rotation (at 70-90% of the lifetime,
+//! certificate and runs a pod. Certificates are issued for 90 s, so rotation (at 70-90% of the lifetime,
 //! counting the signer's 5 minutes of backdating) happens at once and again, while the pod's log streams
 //! through the kubelet API; the node keeps renewing its Lease after the first certificate expired.
 
@@ -68,7 +68,7 @@ async fn tls_bootstrap_and_rotation() -> Result<()> {
     if !ready("tls_bootstrap_and_rotation", &[Need::Root, Need::ControlPlane, Need::Registry]) {
         return Ok(());
     }
-    let options = ClusterOptions { cluster_signing_duration: Some(Duration::from_secs(60)), ..Default::default() };
+    let options = ClusterOptions { cluster_signing_duration: Some(Duration::from_secs(90)), ..Default::default() };
     let cluster = Cluster::start_with(options).await?;
     let registry = Registry::start().await?;
     let client = cluster.admin().await?;

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the upstream control plane used by the tests from the Go module proxy, cached by version:
-#   $NODELET_TEST_CACHE/k8s-<version>/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,etcd,agnhost}
+#   $NODELET_TEST_CACHE/k8s-<version>/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,etcd,agnhost,kubeadm}
 # All static (CGO_ENABLED=0, as upstream ships them): agnhost goes into a test image with no libc, and one build
-# configuration lets the five binaries share every compiled package.
+# configuration lets the six binaries share every compiled package.
 # A warm run (all four binaries present) returns at once. Go's own module and build caches live under the same
 # cache dir (GOMODCACHE/GOCACHE), so a rebuild after a version bump only compiles what changed.
 set -euo pipefail
@@ -10,7 +10,7 @@ VERSION=${K8S_VERSION:-v1.37.2}
 CACHE=${NODELET_TEST_CACHE:-/var/cache/nodelet-test}
 OUT=$CACHE/k8s-$VERSION
 BIN=$OUT/bin
-want=(kube-apiserver kube-controller-manager kube-scheduler etcd agnhost)
+want=(kube-apiserver kube-controller-manager kube-scheduler etcd agnhost kubeadm)
 
 have_all() { for b in "${want[@]}"; do [ -x "$BIN/$b" ] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi
@@ -47,6 +47,6 @@ done
 echo "building control plane $VERSION into $BIN (cold: ~20-30 min on 2 cores)" >&2
 go build -trimpath -ldflags "$ldflags" -o "$BIN/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/test/images/agnhost ./etcd
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/test/images/agnhost ./etcd
 have_all || { echo "control-plane build did not produce all of: ${want[*]}" >&2; exit 1; }
 echo "$BIN"

@@ -11,6 +11,11 @@ use crate::config::AgentConfig;
 /// The API level nodelet implements, as kubeletVersion reports it (with nodelet's own version as build data).
 pub const KUBELET_API_VERSION: &str = "v1.37.0";
 
+/// The version the node reports and `--version` prints: the kubelet API version, nodelet's as build metadata.
+pub fn kubelet_version() -> String {
+    format!("{KUBELET_API_VERSION}+nodelet.{}", env!("CARGO_PKG_VERSION"))
+}
+
 /// What the node reports about itself that does not change while it runs.
 #[derive(Debug, Clone)]
 pub struct NodeFacts {
@@ -58,7 +63,7 @@ impl NodeFacts {
             container_runtime_version: format!("nodelet://{}", env!("CARGO_PKG_VERSION")),
             kernel_version: uname.release().to_string_lossy().into_owned(),
             kube_proxy_version: String::new(),
-            kubelet_version: format!("{KUBELET_API_VERSION}+nodelet.{}", env!("CARGO_PKG_VERSION")),
+            kubelet_version: kubelet_version(),
             machine_id: read_trimmed("/etc/machine-id"),
             operating_system: "linux".into(),
             os_image,

@@ -5,7 +5,7 @@
 pub mod address;
 pub mod allocatable;
 pub mod conditions;
-mod info;
+pub mod info;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -146,6 +146,43 @@ pub fn local_socket(root_dir: &std::path::Path) -> PathBuf {
 
 /// Serves the kubelet API's routes on a Unix socket that only root can reach (the directory's mode): no TLS, no
 /// authentication beyond the socket's permissions. `nodelet exec` uses it, standalone or not.
+/// The plain-HTTP health check (`healthzBindAddress:healthzPort`, loopback by default) that kubeadm and
+/// systemd-style supervisors poll: `/healthz` and its checks, nothing else. Binding is retried every 5 s while
+/// the port is taken, as upstream does.
+pub async fn serve_healthz(address: std::net::SocketAddr, api: Arc<KubeletApi>) {
+    let listener = loop {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::error!(%address, error = %e, "failed to start the healthz server (retried in 5 s)");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    };
+    tracing::info!(%address, "serving /healthz");
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let api = api.clone();
+                async move {
+                    let path: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+                    Ok::<_, Infallible>(match (req.method(), path.as_slice()) {
+                        (&Method::GET, ["healthz"]) => api.healthz(None),
+                        (&Method::GET, ["healthz", check]) => api.healthz(Some(check)),
+                        _ => text(StatusCode::NOT_FOUND, "404 page not found".into()),
+                    })
+                }
+            });
+            let _ = serve_connection(stream, service).await;
+        });
+    }
+}
+
 pub async fn serve_local(listener: tokio::net::UnixListener, api: Arc<KubeletApi>) -> Result<()> {
     loop {
         let (stream, _) = match listener.accept().await {

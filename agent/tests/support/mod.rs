@@ -22,6 +22,8 @@ pub struct Nodelet {
     args: Vec<String>,
     /// The network namespace it runs in (a [`Netns`]), if not the host's.
     netns: Option<String>,
+    /// The mount namespace it runs in (a bind-mounted nsfs file), if not the host's.
+    mount_ns: Option<PathBuf>,
 }
 
 /// Runs the `nodelet` CLI (e.g. `ps`, `logs`, `image import`): its stdout, or an error with its stderr.
@@ -228,6 +230,10 @@ impl Nodelet {
             node_ip.or(netns.map(|n| n.node_ip.as_str())).unwrap_or("127.0.0.1").into(),
         ];
         all.extend(args.iter().cloned());
+        if !args.iter().any(|a| a.starts_with("--healthz-port")) {
+            // Tests run side by side in one network namespace: only a test that asks gets the health port.
+            all.extend(["--healthz-port".into(), "0".into()]);
+        }
         let mut n = Nodelet {
             root,
             name: name.into(),
@@ -236,6 +242,25 @@ impl Nodelet {
             process: None,
             args: all,
             netns: netns.map(|n| n.name.clone()),
+            mount_ns: None,
+        };
+        n.restart()?;
+        Ok(n)
+    }
+
+    /// Starts nodelet in the mount namespace `mount_ns` (a bind-mounted nsfs file) with `args` as a service
+    /// manager would pass them (its `--config`, kubeconfigs and root dir among them), besides the health port.
+    pub fn start_in_mount_namespace(name: &str, root: &Path, mount_ns: &Path, args: &[String]) -> Result<Nodelet> {
+        let dir = tempfile::Builder::new().prefix("nodelet-e2e-").tempdir()?;
+        let mut n = Nodelet {
+            root: root.to_path_buf(),
+            name: name.into(),
+            sandbox: format!("nodelet-e2e-{}-{name}", std::process::id()),
+            dir,
+            process: None,
+            args: args.to_vec(),
+            netns: None,
+            mount_ns: Some(mount_ns.to_path_buf()),
         };
         n.restart()?;
         Ok(n)
@@ -243,14 +268,15 @@ impl Nodelet {
 
     /// (Re)starts the process with the same arguments.
     pub fn restart(&mut self) -> Result<()> {
-        let mut cmd = match &self.netns {
+        let mut cmd = match (&self.netns, &self.mount_ns) {
+            (None, None) => Command::new("sh"),
             // nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup hierarchies.
-            Some(ns) => {
+            (netns, mount_ns) => {
                 let mut cmd = Command::new("nsenter");
-                cmd.arg(format!("--net=/run/netns/{ns}")).arg("sh");
+                cmd.args(netns.iter().map(|ns| format!("--net=/run/netns/{ns}")));
+                cmd.args(mount_ns.iter().map(|ns| format!("--mount={}", ns.display()))).arg("sh");
                 cmd
             }
-            None => Command::new("sh"),
         };
         cmd.arg(script()).args(["run", &self.sandbox, "--", env!("CARGO_BIN_EXE_nodelet")]).args(&self.args);
         cmd.env(

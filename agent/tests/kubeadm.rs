@@ -1,0 +1,290 @@
+//! `kubeadm join` with nodelet as the kubelet, end to end. The test bed's control plane is given what `kubeadm
+//! init` leaves behind, by kubeadm itself (`kubeadm init phase upload-config all` and `bootstrap-token`: the
+//! kubeadm and kubelet ConfigMaps, a bootstrap token, the signed `cluster-info`, the bootstrap RBAC and CSR
+//! auto-approval bindings). Then, in a private mount namespace whose `/etc`, `/var/lib/kubelet` and `/var/log`
+//! are overlays (so the host's stay untouched), `kubeadm join <server> --token ... --discovery-token-ca-cert-hash
+//! sha256:...` runs with `kubelet` being nodelet, and nodelet is started the way systemd starts it from the
+//! unit and kubeadm drop-in shipped in `agent/dist/` (its `Environment=`, `EnvironmentFile=` and `ExecStart=`
+//! expanded here, `/etc/default/kubelet` giving the test's own flags). kubeadm finishes, the node is Ready and
+//! runs a pod. The unit files pass `systemd-analyze verify`.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Api;
+use kube::api::PostParams;
+use nodelet_integration::cluster::Cluster;
+use nodelet_integration::registry::Registry;
+use nodelet_integration::testbed::{Need, control_plane_bin, ready};
+use sha2::Digest;
+use support::{Nodelet, pod, wait_pod};
+
+const NODE: &str = "nodelet-kubeadm";
+const TOKEN: &str = "abcdef.0123456789abcdef";
+
+fn dist(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("dist").join(file)
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// kubeadm's `--discovery-token-ca-cert-hash`: SHA-256 of the CA certificate's SubjectPublicKeyInfo.
+fn ca_cert_hash(ca_pem: &str) -> Result<String> {
+    let der = pem::parse(ca_pem)?.into_contents();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert.tbs_certificate.subject_pki.raw))))
+}
+
+/// The command line systemd runs for a unit with drop-ins (the `[Service]` lines that matter here): later
+/// `ExecStart=` lines replace earlier ones, an empty one resets; `$VAR` comes from `Environment=` and from the
+/// `EnvironmentFile=`s (`-` for optional), read through `files` (a path in the namespace -> its contents).
+fn exec_start(units: &[&str], files: &dyn Fn(&str) -> Option<String>) -> Result<Vec<String>> {
+    let mut env: HashMap<String, String> = HashMap::new();
+    let mut exec = String::new();
+    let set = |assignment: &str, env: &mut HashMap<String, String>| {
+        if let Some((k, v)) = assignment.split_once('=') {
+            env.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+        }
+    };
+    for unit in units {
+        for line in unit.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+            if let Some(v) = line.strip_prefix("Environment=") {
+                set(v.trim_matches('"'), &mut env);
+            } else if let Some(v) = line.strip_prefix("EnvironmentFile=") {
+                let (optional, path) = v.strip_prefix('-').map_or((false, v), |p| (true, p));
+                match files(path) {
+                    Some(text) => {
+                        text.lines().filter(|l| !l.trim_start().starts_with('#')).for_each(|l| set(l, &mut env))
+                    }
+                    None if optional => {}
+                    None => bail!("{path} is missing"),
+                }
+            } else if let Some(v) = line.strip_prefix("ExecStart=") {
+                exec = v.to_string();
+            }
+        }
+    }
+    Ok(exec
+        .split_whitespace()
+        .flat_map(|word| match word.strip_prefix('$') {
+            Some(var) => env.get(var).map(|v| v.split_whitespace().map(String::from).collect()).unwrap_or_default(),
+            None => vec![word.to_string()],
+        })
+        .collect())
+}
+
+/// A private mount namespace (kept in `<dir>/ns`) with overlays on `dirs`, their writes in `<dir>/upper`.
+struct MountNamespace {
+    dir: tempfile::TempDir,
+}
+
+impl MountNamespace {
+    fn new(dirs: &[&str]) -> Result<MountNamespace> {
+        let dir = tempfile::Builder::new().prefix("nodelet-kubeadm-ns-").tempdir()?;
+        let d = dir.path().display();
+        let mut script = format!(
+            "set -e; mkdir -p {d}/nsdir && mount --bind {d}/nsdir {d}/nsdir && mount --make-private {d}/nsdir && \
+             touch {d}/nsdir/ns && unshare --mount={d}/nsdir/ns --propagation private true && nsenter --mount={d}/nsdir/ns sh -c '"
+        );
+        for path in dirs {
+            let name = path.trim_start_matches('/').replace('/', "-");
+            script += &format!(
+                "mkdir -p {d}/upper/{name} {d}/work/{name} && mount -t overlay overlay -o lowerdir={path},upperdir={d}/upper/{name},workdir={d}/work/{name} {path}; "
+            );
+        }
+        script += "true'";
+        run(Command::new("sh").args(["-c", &script]))?;
+        Ok(MountNamespace { dir })
+    }
+
+    fn ns(&self) -> PathBuf {
+        self.dir.path().join("nsdir/ns")
+    }
+
+    /// Where a file written below an overlaid directory lands on the host.
+    fn upper(&self, path: &str, overlay: &str) -> PathBuf {
+        let name = overlay.trim_start_matches('/').replace('/', "-");
+        self.dir.path().join("upper").join(name).join(path.trim_start_matches(overlay).trim_start_matches('/'))
+    }
+}
+
+impl Drop for MountNamespace {
+    fn drop(&mut self) {
+        let nsdir = self.dir.path().join("nsdir");
+        let _ = Command::new("umount").arg(nsdir.join("ns")).status();
+        let _ = Command::new("umount").arg(&nsdir).status();
+    }
+}
+
+#[test]
+fn the_unit_files_verify() -> Result<()> {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("skipped the_unit_files_verify: systemd-analyze is not installed");
+        return Ok(());
+    }
+    // The units as installed, with the binary where this build has it (verify checks that it is executable).
+    let dir = tempfile::tempdir()?;
+    let binary = env!("CARGO_BIN_EXE_nodelet");
+    let unit = std::fs::read_to_string(dist("nodelet.service"))?.replace("/usr/bin/nodelet", binary);
+    std::fs::write(dir.path().join("nodelet.service"), &unit)?;
+    std::fs::write(dir.path().join("kubelet.service"), &unit)?;
+    std::fs::create_dir_all(dir.path().join("kubelet.service.d"))?;
+    let dropin = std::fs::read_to_string(dist("10-kubeadm.conf"))?.replace("/usr/bin/kubelet", binary);
+    std::fs::write(dir.path().join("kubelet.service.d/10-kubeadm.conf"), dropin)?;
+    for name in ["nodelet.service", "kubelet.service"] {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(dir.path().join(name))
+            .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success() && stderr.trim().is_empty(), "{name}: {stderr}");
+    }
+    // kubeadm's preflight reads `kubelet --version`.
+    let version = run(Command::new(binary).arg("--version"))?;
+    ensure!(version.trim().starts_with("Kubernetes v1.37."), "{version}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
+    if !ready("kubeadm_join_with_nodelet_as_the_kubelet", &[Need::Root, Need::ControlPlane, Need::Registry]) {
+        return Ok(());
+    }
+    let cluster = Cluster::start().await?;
+    let registry = Registry::start().await?;
+    let client = cluster.admin().await?;
+    let kubeadm = control_plane_bin("kubeadm")?;
+    let work = tempfile::tempdir()?;
+    let endpoint = cluster.server().trim_start_matches("https://").to_string();
+    // (kubeadm refuses a loopback advertise address; a worker's join never uses this one.)
+    let (_, port) = endpoint.rsplit_once(':').context("the API server's port")?;
+
+    // What `kubeadm init` leaves behind, made by kubeadm against the running control plane.
+    let init = work.path().join("init.yaml");
+    std::fs::write(
+        &init,
+        format!(
+            "apiVersion: kubeadm.k8s.io/v1beta4\nkind: InitConfiguration\nbootstrapTokens:\n- token: {TOKEN}\n  ttl: 1h\n\
+             localAPIEndpoint: {{advertiseAddress: 192.0.2.1, bindPort: {port}}}\nnodeRegistration: {{name: control-plane}}\n---\n\
+             apiVersion: kubeadm.k8s.io/v1beta4\nkind: ClusterConfiguration\nkubernetesVersion: v1.37.2\n\
+             controlPlaneEndpoint: {endpoint}\nnetworking: {{serviceSubnet: 10.96.0.0/12, podSubnet: 10.244.0.0/16}}\n"
+        ),
+    )?;
+    for phase in [&["upload-config", "all"][..], &["bootstrap-token"][..]] {
+        run(Command::new(&kubeadm)
+            .args(["init", "phase"])
+            .args(phase)
+            .arg("--config")
+            .arg(&init)
+            .arg("--kubeconfig")
+            .arg(cluster.admin_kubeconfig()))?;
+    }
+
+    // The node: `kubelet` is nodelet; /etc, /var/lib/kubelet and /var/log are the namespace's own.
+    let ns = MountNamespace::new(&["/etc", "/var/lib/kubelet", "/var/log"])?;
+    let bin = work.path().join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_nodelet"), bin.join("kubelet"))?;
+    let root = work.path().join("root");
+    let net_d = support::loopback_only_network()?;
+    let extra = format!(
+        "KUBELET_EXTRA_ARGS=--root-dir={} --node-ip=127.0.0.1 --cni-conf-dir={} --insecure-registry={}\n",
+        root.display(),
+        net_d.path().display(),
+        registry.host()
+    );
+    let defaults = ns.upper("/etc/default/kubelet", "/etc");
+    std::fs::create_dir_all(defaults.parent().context("/etc/default")?)?;
+    std::fs::write(&defaults, extra)?;
+    let hash = ca_cert_hash(&cluster.pki().ca_pem())?;
+    let log = std::fs::File::create(work.path().join("kubeadm.log"))?;
+    let mut join = Command::new("nsenter")
+        .arg(format!("--mount={}", ns.ns().display()))
+        .arg(&kubeadm)
+        .args(["join", &endpoint, "--token", TOKEN, "--discovery-token-ca-cert-hash", &hash, "--node-name", NODE])
+        // No CRI socket on a nodelet node; the rest is this sandbox (cgroup v1, IP forwarding off).
+        .arg("--ignore-preflight-errors=CRI,ContainerRuntimeVersion,SystemVerification,FileContent--proc-sys-net-ipv4-ip_forward")
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let kubeadm_log = || std::fs::read_to_string(work.path().join("kubeadm.log")).unwrap_or_default();
+
+    // systemd's part: once kubeadm wrote the kubelet's configuration, start it as the unit and drop-in say.
+    let config = ns.upper("/var/lib/kubelet/config.yaml", "/var/lib/kubelet");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !config.exists() {
+        if let Some(status) = join.try_wait()? {
+            bail!("kubeadm join ended early ({status}):\n{}", kubeadm_log());
+        }
+        ensure!(std::time::Instant::now() < deadline, "kubeadm wrote no kubelet configuration:\n{}", kubeadm_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let units = [std::fs::read_to_string(dist("nodelet.service"))?, std::fs::read_to_string(dist("10-kubeadm.conf"))?];
+    let files = |path: &str| {
+        ["/var/lib/kubelet", "/etc"]
+            .iter()
+            .find(|o| path.starts_with(*o))
+            .and_then(|o| std::fs::read_to_string(ns.upper(path, o)).ok())
+    };
+    let argv = exec_start(&[&units[0], &units[1]], &files)?;
+    ensure!(argv.first().map(String::as_str) == Some("/usr/bin/kubelet"), "{argv:?}");
+    ensure!(argv.iter().any(|a| a == "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf"), "{argv:?}");
+    let mut node = Nodelet::start_in_mount_namespace(NODE, &root, &ns.ns(), &argv[1..])?;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(status) = join.try_wait()? {
+            break status;
+        }
+        let failed = node.ensure_running().err().map(|e| e.to_string());
+        if failed.is_some() || std::time::Instant::now() > deadline {
+            let _ = join.kill();
+            bail!("kubeadm join did not finish ({failed:?}):\n{}\n--- nodelet ---\n{}", kubeadm_log(), node.log());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    ensure!(status.success(), "kubeadm join: {status}\n{}\n--- nodelet ---\n{}", kubeadm_log(), node.log());
+    ensure!(kubeadm_log().contains("This node has joined the cluster"), "{}", kubeadm_log());
+    ensure!(!Path::new("/etc/kubernetes/kubelet.conf").exists(), "the host's /etc is untouched");
+    ensure!(
+        node.log().contains("accepted, not acted on by nodelet: ") && node.log().contains("cgroupDriver"),
+        "{}",
+        node.log()
+    );
+
+    support::wait_node_ready(&client, NODE).await.with_context(|| node.log())?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let info = nodes.get(NODE).await?.status.and_then(|s| s.node_info).context("nodeInfo")?;
+    ensure!(info.kubelet_version.starts_with("v1.37."), "{info:?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let image = registry.reference("busybox", "latest");
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: joined}}\nspec:\n  nodeName: {NODE}\n  restartPolicy: Never\n  containers:\n  - {{name: main, image: {image}, command: [echo, joined]}}\n"
+    ))).await?;
+    wait_pod(&pods, "joined", "Succeeded", Duration::from_secs(60), |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
+    })
+    .await
+    .with_context(|| node.log())?;
+    node.ensure_running()?;
+    eprintln!("kubeadm join, as it went:\n{}", kubeadm_log());
+    Ok(())
+}
