@@ -91,7 +91,7 @@ fn start_kubelet_api(
             tracing::error!(error = %format!("{e:#}"), "the local kubelet API stopped");
         }
     });
-    let auth = match Auth::new(kubelet, client, &config.node_name) {
+    let auth = match Auth::new(kubelet, client.clone(), &config.node_name) {
         Ok(auth) => auth,
         Err(e) if config.kubeconfig.is_none() => {
             tracing::info!("kubelet API off on TCP: {e}");
@@ -104,9 +104,25 @@ fn start_kubelet_api(
         .clone()
         .zip(kubelet.tls_private_key_file.clone())
         .map(|(cert, key)| tls::TlsFiles { cert, key });
-    let files = tls::serving_files(configured, &config.root_dir.join("pki"), &config.node_name, &config.node_ip)?;
-    let tls = tls::server_config(&files, kubelet.authentication.x509.client_ca_file.as_deref())
-        .context("the kubelet API's TLS configuration")?;
+    let client_ca = kubelet.authentication.x509.client_ca_file.as_deref();
+    let tls = match (&client, configured) {
+        // The cluster signs the serving certificate (and its renewals).
+        (Some(client), None) if kubelet.server_tls_bootstrap => {
+            let identity = Arc::new(crate::certificate::serving::ServingIdentity::default());
+            let store = crate::certificate::store::CertStore::new(&config.cert_dir, "kubelet-server");
+            let names = vec![config.node_name.clone()];
+            let ips = config.node_ip.parse().into_iter().collect();
+            let request = crate::certificate::csr::Request::serving(&config.node_name, names, ips);
+            tokio::spawn(crate::certificate::serving::run(client.clone(), store, request, identity.clone()));
+            tls::server_config_resolving(identity, client_ca)
+        }
+        (_, configured) => {
+            let pki = config.root_dir.join("pki");
+            let files = tls::serving_files(configured, &pki, &config.node_name, &config.node_ip)?;
+            tls::server_config(&files, client_ca)
+        }
+    }
+    .context("the kubelet API's TLS configuration")?;
     let ip: std::net::IpAddr = kubelet.address.parse().context("address")?;
     let api = Arc::new(KubeletApi { pods, pod_logs_dir: config.log_dir.clone(), streaming, stats, node, oom });
     let address = std::net::SocketAddr::new(ip, kubelet.port);

@@ -86,6 +86,10 @@ pub struct KubeletConfiguration {
     /// Rotate the client certificate through CertificateSigningRequests before it expires (when the kubeconfig
     /// names the certificate store's `kubelet-client-current.pem`, as TLS bootstrap writes it).
     pub rotate_certificates: bool,
+    /// Ask the cluster for the kubelet API's serving certificate (a `kubernetes.io/kubelet-serving` CSR, approved
+    /// by an administrator) instead of a self-signed one, and rotate it; ignored when `tlsCertFile` is set.
+    #[serde(rename = "serverTLSBootstrap")]
+    pub server_tls_bootstrap: bool,
     /// The plain-HTTP health check (`/healthz`) kubeadm waits on: port 0 turns it off.
     pub healthz_port: u16,
     pub healthz_bind_address: String,
@@ -107,7 +111,6 @@ pub const NOT_ACTED_ON: &[&str] = &[
     "tlsCipherSuites",
     "tlsCurvePreferences",
     "tlsMinVersion",
-    "serverTLSBootstrap",
     "registryPullQPS",
     "registryBurst",
     "imagePullCredentialsVerificationPolicy",
@@ -240,6 +243,7 @@ impl Default for KubeletConfiguration {
             allowed_unsafe_sysctls: Vec::new(),
             seccomp_default: false,
             rotate_certificates: false,
+            server_tls_bootstrap: false,
             healthz_port: 10248,
             healthz_bind_address: "127.0.0.1".into(),
             register_with_taints: Vec::new(),
@@ -711,9 +715,15 @@ volumeStatsAggPeriod: 0s
         assert_eq!(c.eviction_pressure_transition_period, Duration::from_secs(300));
         assert!(!c.authentication.anonymous.enabled);
         for field in ["cgroupDriver", "containerRuntimeEndpoint", "logging", "syncFrequency", "memorySwap"] {
+            assert!(NOT_ACTED_ON.contains(&field));
             assert!(ignored.contains(&field.to_string()), "{field} in {ignored:?}");
         }
-        // Every name in the list is upstream's, and a field upstream does not have is still an error.
+        // A field nodelet has is never in the list (it would be dropped before it is read).
+        let modelled = serde_json::to_value(KubeletConfiguration::default()).unwrap();
+        for field in modelled.as_object().unwrap().keys() {
+            assert!(!NOT_ACTED_ON.contains(&field.as_str()), "{field} is acted on");
+        }
+        // A field upstream does not have is still an error.
         assert!(
             KubeletConfiguration::parse("cgroupDriverr: systemd\n").unwrap_err().to_string().contains("unknown field")
         );

@@ -2,11 +2,13 @@
 //! init` leaves behind, by kubeadm itself (`kubeadm init phase upload-config all` and `bootstrap-token`: the
 //! kubeadm and kubelet ConfigMaps, a bootstrap token, the signed `cluster-info`, the bootstrap RBAC and CSR
 //! auto-approval bindings). Then, in a private mount namespace whose `/etc`, `/var/lib/kubelet` and `/var/log`
-//! are overlays (so the host's stay untouched), `kubeadm join <server> --token ... --discovery-token-ca-cert-hash
-//! sha256:...` runs with `kubelet` being nodelet, and nodelet is started the way systemd starts it from the
-//! unit and kubeadm drop-in shipped in `agent/dist/` (its `Environment=`, `EnvironmentFile=` and `ExecStart=`
-//! expanded here, `/etc/default/kubelet` giving the test's own flags). kubeadm finishes, the node is Ready and
-//! runs a pod. The unit files pass `systemd-analyze verify`.
+//! are overlays (so the host's stay untouched), the Vagrant workers' provisioning scripts run:
+//! `vagrant/provision/install-nodelet.sh` installs nodelet as `kubelet` with the unit and kubeadm drop-in of
+//! `agent/dist/`, and `vagrant/provision/join.sh` runs `kubeadm join <server> --token ...
+//! --discovery-token-ca-cert-hash sha256:...`. nodelet is started the way systemd starts it from the installed
+//! unit and drop-in (their `Environment=`, `EnvironmentFile=` and `ExecStart=` expanded here,
+//! `/etc/default/kubelet` giving the test's own flags). kubeadm finishes, the node is Ready and runs a pod. The
+//! unit files pass `systemd-analyze verify`, and the Vagrantfile `vagrant validate`.
 
 mod support;
 
@@ -30,6 +32,10 @@ const TOKEN: &str = "abcdef.0123456789abcdef";
 
 fn dist(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("dist").join(file)
+}
+
+fn provision(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../vagrant/provision").join(script)
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -161,6 +167,30 @@ fn the_unit_files_verify() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_vagrantfile_validates() -> Result<()> {
+    if Command::new("vagrant").arg("--version").output().is_err() {
+        eprintln!(
+            "skipped the_vagrantfile_validates: vagrant is not installed (integration/scripts/setup.sh installs it)"
+        );
+        return Ok(());
+    }
+    let dot = tempfile::tempdir()?;
+    for workers in ["1", "3"] {
+        let out = run(Command::new("vagrant")
+            .args(["validate", "--ignore-provider"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../vagrant"))
+            .env("VAGRANT_DOTFILE_PATH", dot.path())
+            .env("NODELET_WORKERS", workers))?;
+        ensure!(out.contains("Vagrantfile validated successfully"), "{out}");
+        ensure!(out.contains(&format!("worker-{workers}")), "{workers} workers: {out}");
+    }
+    for script in ["common.sh", "control-plane.sh", "install-nodelet.sh", "join.sh"] {
+        run(Command::new("sh").arg("-n").arg(provision(script)))?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
     if !ready("kubeadm_join_with_nodelet_as_the_kubelet", &[Need::Root, Need::ControlPlane, Need::Registry]) {
@@ -198,9 +228,19 @@ async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
 
     // The node: `kubelet` is nodelet; /etc, /var/lib/kubelet and /var/log are the namespace's own.
     let ns = MountNamespace::new(&["/etc", "/var/lib/kubelet", "/var/log"])?;
-    let bin = work.path().join("bin");
-    std::fs::create_dir_all(&bin)?;
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_nodelet"), bin.join("kubelet"))?;
+    let prefix = work.path().join("usr");
+    let nsenter = || {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--mount={}", ns.ns().display()));
+        cmd
+    };
+    run(nsenter()
+        .arg("sh")
+        .arg(provision("install-nodelet.sh"))
+        .env("NODELET_BIN", env!("CARGO_BIN_EXE_nodelet"))
+        .env("NODELET_DIST", dist(""))
+        .env("PREFIX", &prefix)
+        .env("NODELET_NO_SYSTEMD", "1"))?;
     let root = work.path().join("root");
     let net_d = support::loopback_only_network()?;
     let extra = format!(
@@ -214,13 +254,15 @@ async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
     std::fs::write(&defaults, extra)?;
     let hash = ca_cert_hash(&cluster.pki().ca_pem())?;
     let log = std::fs::File::create(work.path().join("kubeadm.log"))?;
-    let mut join = Command::new("nsenter")
-        .arg(format!("--mount={}", ns.ns().display()))
-        .arg(&kubeadm)
-        .args(["join", &endpoint, "--token", TOKEN, "--discovery-token-ca-cert-hash", &hash, "--node-name", NODE])
-        // No CRI socket on a nodelet node; the rest is this sandbox (cgroup v1, IP forwarding off).
-        .arg("--ignore-preflight-errors=CRI,ContainerRuntimeVersion,SystemVerification,FileContent--proc-sys-net-ipv4-ip_forward")
-        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+    let kubeadm_dir = kubeadm.parent().context("kubeadm's directory")?;
+    let path = format!("{}:{}:{}", prefix.join("bin").display(), kubeadm_dir.display(), std::env::var("PATH")?);
+    let mut join = nsenter()
+        .arg("sh")
+        .arg(provision("join.sh"))
+        .envs([("API_SERVER", endpoint.as_str()), ("TOKEN", TOKEN), ("CA_HASH", &hash), ("NODE_NAME", NODE)])
+        // This sandbox: cgroup v1 and IP forwarding off (a Vagrant VM has neither).
+        .env("EXTRA_IGNORES", "SystemVerification,FileContent--proc-sys-net-ipv4-ip_forward")
+        .env("PATH", path)
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
@@ -237,7 +279,11 @@ async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let units = [std::fs::read_to_string(dist("nodelet.service"))?, std::fs::read_to_string(dist("10-kubeadm.conf"))?];
+    let installed = |path: &str| std::fs::read_to_string(ns.upper(path, "/etc"));
+    let units = [
+        installed("/etc/systemd/system/kubelet.service")?,
+        installed("/etc/systemd/system/kubelet.service.d/10-kubeadm.conf")?,
+    ];
     let files = |path: &str| {
         ["/var/lib/kubelet", "/etc"]
             .iter()
@@ -245,7 +291,9 @@ async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
             .and_then(|o| std::fs::read_to_string(ns.upper(path, o)).ok())
     };
     let argv = exec_start(&[&units[0], &units[1]], &files)?;
-    ensure!(argv.first().map(String::as_str) == Some("/usr/bin/kubelet"), "{argv:?}");
+    let kubelet = prefix.join("bin/kubelet");
+    ensure!(argv.first().map(PathBuf::from) == Some(kubelet.clone()), "{argv:?}");
+    ensure!(std::fs::read_link(&kubelet)? == Path::new("nodelet"), "kubelet is a link to nodelet");
     ensure!(argv.iter().any(|a| a == "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf"), "{argv:?}");
     let mut node = Nodelet::start_in_mount_namespace(NODE, &root, &ns.ns(), &argv[1..])?;
 

@@ -4,7 +4,9 @@
 //! denied (a clear error, and a new request), the second approved; the node registers with the issued
 //! certificate and runs a pod. Certificates are issued for 90 s, so rotation (at 70-90% of the lifetime,
 //! counting the signer's 5 minutes of backdating) happens at once and again, while the pod's log streams
-//! through the kubelet API; the node keeps renewing its Lease after the first certificate expired.
+//! through the kubelet API; the node keeps renewing its Lease after the first certificate expired. With
+//! `serverTLSBootstrap`, the kubelet API gets its serving certificate from a `kubelet-serving` CSR (approved by
+//! the test, as an administrator would) and presents each renewal to new connections without a restart.
 
 mod support;
 
@@ -54,6 +56,30 @@ async fn decide(csrs: &Api<CertificateSigningRequest>, name: &str, type_: &str, 
     Ok(())
 }
 
+/// The subject and serial of the certificate the kubelet API on `port` presents (`openssl s_client`).
+fn presented(port: u16) -> Option<String> {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -subject -serial -nameopt compat"
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| s.contains("serial="))
+}
+
+/// Approves every kubelet-serving CSR of node `NODE` (an administrator's part: the controller-manager does not).
+async fn approve_serving(csrs: Api<CertificateSigningRequest>) {
+    loop {
+        for csr in csrs.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
+            let pending = csr.status.as_ref().and_then(|s| s.conditions.as_ref()).is_none_or(Vec::is_empty);
+            let ours = csr.spec.signer_name == "kubernetes.io/kubelet-serving"
+                && csr.spec.username.as_deref() == Some(&format!("system:node:{NODE}"));
+            if pending && ours {
+                let _ = decide(&csrs, &csr.metadata.name.unwrap_or_default(), "Approved", "Administrator").await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn current_link(node: &Nodelet) -> Option<PathBuf> {
     std::fs::read_link(node.root_dir().join("pki/kubelet-client-current.pem")).ok()
 }
@@ -88,7 +114,7 @@ async fn tls_bootstrap_and_rotation() -> Result<()> {
         bootstrap.display().to_string(),
         "--rotate-certificates=true".into(),
     ]);
-    let config = "nodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\n";
+    let config = "nodeStatusUpdateFrequency: 2s\naddress: 127.0.0.1\nserverTLSBootstrap: true\n";
     let mut node = Nodelet::start_with_ip(NODE, config, "127.0.0.1", &args)?;
 
     // The first request is denied: nodelet says why and asks again with a new key.
@@ -116,6 +142,16 @@ async fn tls_bootstrap_and_rotation() -> Result<()> {
     let written = std::fs::read_to_string(&kubeconfig)?;
     let current = node.root_dir().join("pki/kubelet-client-current.pem");
     ensure!(written.contains(&format!("client-certificate: {}", current.display())), "{written}");
+
+    // The kubelet API presents no certificate until its serving CSR is approved, then the issued one.
+    let port = node.port().context("the kubelet API's port")?;
+    ensure!(presented(port).is_none(), "a serving certificate before any was issued: {:?}", presented(port));
+    let approver = tokio::spawn(approve_serving(csrs.clone()));
+    let first_serving =
+        wait_for("the issued serving certificate", Duration::from_secs(60), || async { Ok(presented(port)) })
+            .await
+            .with_context(|| node.log())?;
+    ensure!(first_serving.contains(&format!("CN=system:node:{NODE}")), "{first_serving}");
 
     // Renewals are approved by the controller-manager (kubeadm's binding); a pod logs across rotations.
     cluster.auto_approve_renewals()?;
@@ -165,7 +201,11 @@ async fn tls_bootstrap_and_rotation() -> Result<()> {
     .with_context(|| node.log())?;
     let now = lines.load(Ordering::SeqCst);
     ensure!(now > streamed, "the log kept streaming: {streamed} -> {now} lines");
+    // The serving certificate was renewed too, and new connections get the renewal.
+    let renewed = presented(port).context("the serving certificate")?;
+    ensure!(renewed != first_serving, "the serving certificate was not rotated: {renewed}");
     follow.abort();
+    approver.abort();
     let patch = serde_json::json!({"metadata": {"labels": {"checked": "yes"}}});
     pods.patch("ticker", &PatchParams::default(), &Patch::Merge(&patch)).await?;
     node.ensure_running()?;

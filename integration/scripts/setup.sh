@@ -12,6 +12,7 @@ pkgs=(
   libseccomp-dev pkg-config                    # libcontainer's seccomp support
   crun runc containerd                         # side-by-side runtime and image-pull benchmarks
   qemu-system-x86                              # the pure cgroup v2 test VM
+  vagrant systemd                              # `vagrant validate`, `systemd-analyze verify` of the units
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -32,7 +32,8 @@ pub struct Identity {
     connections: Mutex<Vec<Weak<AtomicWaker>>>,
 }
 
-fn certified(credential: &Credential) -> Result<Arc<CertifiedKey>> {
+/// A credential as rustls presents it.
+pub fn certified(credential: &Credential) -> Result<Arc<CertifiedKey>> {
     let chain = CertificateDer::pem_slice_iter(credential.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("the client certificate")?;

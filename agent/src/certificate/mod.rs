@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod client;
 pub mod csr;
 pub mod rotation;
+pub mod serving;
 pub mod store;
 
 /// One PEM block with Unix line ends (the `pem` crate's default is CRLF).

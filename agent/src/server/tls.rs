@@ -60,7 +60,6 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 
 /// The rustls server configuration: HTTP/1.1 (and h2) with optional client certificates from `client_ca`.
 pub fn server_config(files: &TlsFiles, client_ca: Option<&Path>) -> Result<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .with_context(|| format!("reading {}", files.cert.display()))?
         .collect::<Result<_, _>>()
@@ -68,10 +67,31 @@ pub fn server_config(files: &TlsFiles, client_ca: Option<&Path>) -> Result<rustl
     anyhow::ensure!(!certs.is_empty(), "{}: no certificate", files.cert.display());
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("{}: no usable private key", files.key.display()))?;
+    let mut config = builder(client_ca)?
+        .with_single_cert(certs, key)
+        .with_context(|| format!("{} does not match {}", files.cert.display(), files.key.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Like [`server_config`], the certificate chosen per handshake by `resolver` (one that rotates).
+pub fn server_config_resolving(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    client_ca: Option<&Path>,
+) -> Result<rustls::ServerConfig> {
+    let mut config = builder(client_ca)?.with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn builder(
+    client_ca: Option<&Path>,
+) -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS versions")?;
-    let builder = match client_ca {
+    Ok(match client_ca {
         Some(path) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("reading {}", path.display()))? {
@@ -85,12 +105,7 @@ pub fn server_config(files: &TlsFiles, client_ca: Option<&Path>) -> Result<rustl
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .with_context(|| format!("{} does not match {}", files.cert.display(), files.key.display()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    })
 }
 
 #[cfg(test)]
