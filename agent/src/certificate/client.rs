@@ -94,6 +94,9 @@ pub fn rotating_client(mut config: kube::Config, identity: Arc<Identity>) -> Res
     }
     let mut tls = config.rustls_client_config().context("the API client's TLS configuration")?;
     tls.client_auth_cert_resolver = identity.clone();
+    // No session resumption (client-go has none either): a resumed session would carry the certificate it was
+    // first made with past a rotation.
+    tls.resumption = rustls::client::Resumption::disabled();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
