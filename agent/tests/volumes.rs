@@ -4,8 +4,9 @@
 //! an optional missing configMap (the pod runs) and a required one (FailedMount until it exists), an
 //! unsupported volume type (a clear FailedMount), a subPath symlink escape (refused), `kill -9` of the agent
 //! with volumes mounted (no remount, no restart), an image volume (and one whose image cannot be pulled),
-//! termination messages, clusterTrustBundle projections (by name, edited live; by signer and labels), and
-//! deletion (nothing left mounted or on disk).
+//! termination messages, clusterTrustBundle projections (by name, edited live; by signer and labels),
+//! podCertificate projections (issued by the test as the signer; denied), and deletion (nothing left mounted or
+//! on disk).
 
 mod support;
 
@@ -49,6 +50,59 @@ fn self_signed(name: &str) -> Result<String> {
     params.distinguished_name.push(rcgen::DnType::CommonName, name);
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     Ok(params.self_signed(&rcgen::KeyPair::generate()?)?.pem())
+}
+
+/// A signer of PodCertificateRequests: issues those for `example.com/test-signer` from a CA of its own (valid 2 h,
+/// refresh after 30 min, as the API's rules require), denies those for `example.com/deny`.
+async fn sign_pod_certificates(client: kube::Client) -> Result<()> {
+    use k8s_openapi::api::certificates::v1::PodCertificateRequest;
+    let key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::new())?;
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "test pod signer");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.clone().self_signed(&key)?.pem();
+    let issuer = rcgen::Issuer::new(ca, key);
+    let requests: Api<PodCertificateRequest> = Api::namespaced(client, "default");
+    loop {
+        for pcr in requests.list(&Default::default()).await?.items {
+            let mut status = pcr.status.clone().unwrap_or_default();
+            if status.conditions.as_ref().is_some_and(|c| !c.is_empty()) {
+                continue;
+            }
+            let name = pcr.metadata.name.clone().unwrap_or_default();
+            let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
+            let at = |t: time::OffsetDateTime| -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+                Ok(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::from_second(
+                    t.unix_timestamp(),
+                )?))
+            };
+            let condition = |type_: &str, reason: &str| {
+                serde_json::from_value(serde_json::json!({"type": type_, "status": "True", "reason": reason,
+                    "message": format!("{reason} by the test"), "lastTransitionTime": jiff::Timestamp::now().to_string()}))
+            };
+            match pcr.spec.signer_name.as_str() {
+                "example.com/test-signer" => {
+                    let der =
+                        rustls::pki_types::CertificateSigningRequestDer::from(pcr.spec.stub_pkc_s10_request.0.clone());
+                    let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)?;
+                    csr.params.not_before = now;
+                    csr.params.not_after = now + time::Duration::hours(2);
+                    let leaf = csr.signed_by(&issuer)?;
+                    status.certificate_chain = Some(format!("{}{ca_pem}", leaf.pem()));
+                    status.not_before = Some(at(now)?);
+                    status.not_after = Some(at(now + time::Duration::hours(2))?);
+                    status.begin_refresh_at = Some(at(now + time::Duration::minutes(30))?);
+                    status.conditions = Some(vec![condition("Issued", "Issued")?]);
+                }
+                "example.com/deny" => status.conditions = Some(vec![condition("Denied", "NotThisOne")?]),
+                _ => continue,
+            }
+            let mut updated = pcr.clone();
+            updated.status = Some(status);
+            requests.replace_status(&name, &PostParams::default(), &updated).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Mount points below `dir` in the agent's mount namespace.
@@ -446,6 +500,33 @@ spec:
     })
     .await?;
 
+    // podCertificate projections: the test is the signer (example.com/test-signer) and issues from its own CA;
+    // the chain (leaf and CA), the key and the bundle (key first, then the chain) reach the pod. Another signer's
+    // request is denied, which is a FailedMount in upstream's words.
+    let signer = tokio::spawn(sign_pod_certificates(client.clone()));
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: pcert}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'while true; do echo \"PCERT=$(grep -c BEGIN.CERTIFICATE /p/chain.pem) $(head -1 /p/key.pem) $(grep -c BEGIN /p/bundle.pem)\"; sleep 0.2; done'], volumeMounts: [{{name: p, mountPath: /p}}]}}\n  volumes:\n  - name: p\n    projected:\n      sources:\n      - podCertificate: {{signerName: example.com/test-signer, keyType: ECDSAP256, keyPath: key.pem, certificateChainPath: chain.pem, credentialBundlePath: bundle.pem}}\n"
+    ))).await?;
+    let pcert = wait_pod(&pods, "pcert", "Running", Duration::from_secs(60), |p| phase(p) == "Running")
+        .await
+        .with_context(|| node.log())?;
+    wait_for("the pod certificate in the pod", Duration::from_secs(30), || async {
+        Ok(value(&log_text(&node, &pcert, "main"), "PCERT").filter(|v| v == "2 -----BEGIN PRIVATE KEY----- 3"))
+    })
+    .await
+    .with_context(|| log_text(&node, &pcert, "main"))?;
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: pcert-denied}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600'], volumeMounts: [{{name: p, mountPath: /p}}]}}\n  volumes:\n  - {{name: p, projected: {{sources: [{{podCertificate: {{signerName: example.com/deny, keyType: ED25519, credentialBundlePath: b.pem}}}}]}}}}\n"
+    ))).await?;
+    wait_for("FailedMount for the denied pod certificate", Duration::from_secs(60), || async {
+        let events = events_for(&client, "pcert-denied").await?;
+        Ok(events.into_iter().find(|(r, m)| {
+            r == "FailedMount" && m.contains("PodCertificateRequest was permanently denied: reason=\"NotThisOne\"")
+        }))
+    })
+    .await?;
+    signer.abort();
+
     // Deleted: nothing of the pods' volumes is left mounted or on disk.
     let names = [
         "vols",
@@ -460,6 +541,8 @@ spec:
         "rro",
         "trust",
         "trust-missing",
+        "pcert",
+        "pcert-denied",
     ];
     let mut uids = Vec::new();
     for name in names {
@@ -474,7 +557,12 @@ spec:
         .with_context(|| node.log())?;
     }
     let pods_dir = node.root_dir().join("pods");
-    ensure!(mounts_under(pid, &pods_dir).is_empty(), "left mounted: {:?}", mounts_under(pid, &pods_dir));
+    ensure!(
+        mounts_under(pid, &pods_dir).is_empty(),
+        "left mounted: {:?}\n{}",
+        mounts_under(pid, &pods_dir),
+        node.log()
+    );
     for uid in uids {
         ensure!(!pods_dir.join(&uid).join("volumes").exists(), "pod {uid}'s volumes left on disk");
         let image_volume = node.root_dir().join("rootfs").join(format!("{uid}.volume.img"));

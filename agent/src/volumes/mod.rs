@@ -16,6 +16,7 @@ mod container;
 mod host_path;
 pub mod mounts;
 pub mod payload;
+mod pod_certificates;
 mod tokens;
 mod trust_bundles;
 mod watches;
@@ -119,6 +120,7 @@ pub struct VolumeManager {
     client: Option<kube::Client>,
     allocatable: Allocatable,
     tokens: tokens::Tokens,
+    pod_certificates: pod_certificates::PodCertificates,
     watches: watches::ObjectWatches,
 }
 
@@ -129,6 +131,7 @@ impl VolumeManager {
             client,
             allocatable,
             tokens: tokens::Tokens::default(),
+            pod_certificates: Default::default(),
             watches: watches::ObjectWatches::default(),
         }
     }
@@ -194,7 +197,7 @@ impl VolumeManager {
                         let mode = s.default_mode.unwrap_or(payload::DEFAULT_MODE);
                         payload::downward(s.items.as_deref().unwrap_or_default(), mode, &facts)
                     } else if let Some(s) = &v.projected {
-                        payload::projected(s, &objects, &facts)
+                        payload::projected(&v.name, s, &objects, &facts)
                     } else {
                         Ok(Default::default())
                     };
@@ -229,8 +232,9 @@ impl VolumeManager {
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         for v in volumes {
             let err = |message: String| MountError { volume: v.name.clone(), message };
-            let Named { config_maps, secrets, tokens, trust_bundles } = named(v);
-            if config_maps.is_empty() && secrets.is_empty() && tokens.is_empty() && trust_bundles.is_empty() {
+            let Named { config_maps, secrets, tokens, trust_bundles, pod_certificates } = named(v);
+            let none = [config_maps.is_empty(), secrets.is_empty(), tokens.is_empty(), trust_bundles.is_empty()];
+            if none.iter().all(|n| *n) && pod_certificates.is_empty() {
                 continue;
             }
             let Some(client) = &self.client else {
@@ -246,6 +250,9 @@ impl VolumeManager {
                 }
                 if !trust_bundles.is_empty() {
                     return Err(err("ClusterTrustBundle projection is not supported in static kubelet mode".into()));
+                }
+                if !pod_certificates.is_empty() {
+                    return Err(err("podCertificate projections need an API server (nodelet runs standalone)".into()));
                 }
                 continue;
             };
@@ -285,6 +292,11 @@ impl VolumeManager {
                     objects.trust_anchors.insert(trust_bundles::key(&p), trust_bundles::anchors(&p, &bundles));
                 }
             }
+            for (index, source) in pod_certificates {
+                let pair =
+                    self.pod_certificates.credentials(client, pod, &v.name, index, &source).await.map_err(err)?;
+                objects.pod_certificates.insert((v.name.clone(), index), pair);
+            }
         }
         Ok(objects)
     }
@@ -293,6 +305,7 @@ impl VolumeManager {
     /// anything is still mounted there (the next tear-down tries again).
     pub fn tear_down(&self, uid: &str) -> std::io::Result<()> {
         self.tokens.forget(uid);
+        self.pod_certificates.forget(uid);
         self.watches.forget(uid);
         let dir = self.pod_dir(uid);
         mounts::unmount_all(&dir)?;
@@ -326,6 +339,8 @@ struct Named {
     /// Service account tokens: (audience, lifetime).
     tokens: Vec<(String, i64)>,
     trust_bundles: Vec<k8s_openapi::api::core::v1::ClusterTrustBundleProjection>,
+    /// `podCertificate` projections with their index among the volume's sources.
+    pod_certificates: Vec<(usize, k8s_openapi::api::core::v1::PodCertificateProjection)>,
 }
 
 fn named(v: &Volume) -> Named {
@@ -336,7 +351,8 @@ fn named(v: &Volume) -> Named {
     if let Some(s) = &v.secret {
         named.secrets.push(s.secret_name.clone().unwrap_or_default());
     }
-    for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+    for (index, source) in v.projected.iter().flat_map(|p| p.sources.iter().flatten()).enumerate() {
+        named.pod_certificates.extend(source.pod_certificate.clone().map(|p| (index, p)));
         named.config_maps.extend(source.config_map.as_ref().map(|c| c.name.clone()));
         named.secrets.extend(source.secret.as_ref().map(|s| s.name.clone()));
         named.tokens.extend(source.service_account_token.as_ref().map(payload::token_key));

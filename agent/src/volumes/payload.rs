@@ -24,6 +24,8 @@ pub struct Objects {
     pub tokens: HashMap<(String, i64), String>,
     /// `clusterTrustBundle` projections' files (or upstream's error) by [`super::trust_bundles::key`].
     pub trust_anchors: HashMap<String, Result<Vec<u8>, String>>,
+    /// `podCertificate` projections' (key, chain), PEM, by (volume, index of the source).
+    pub pod_certificates: HashMap<(String, usize), (String, String)>,
 }
 
 /// The pod and node facts downwardAPI files may show.
@@ -157,14 +159,19 @@ pub fn downward(items: &[DownwardAPIVolumeFile], default_mode: i32, facts: &PodF
     if errors.is_empty() { Ok(out) } else { Err(errors.join(", ")) }
 }
 
-/// A `projected` volume's files: every source's, later sources overwriting earlier ones' paths.
-pub fn projected(source: &ProjectedVolumeSource, objects: &Objects, facts: &PodFacts<'_>) -> Result<Payload, String> {
+/// A `projected` volume's (named `volume`) files: every source's, later sources overwriting earlier ones' paths.
+pub fn projected(
+    volume: &str,
+    source: &ProjectedVolumeSource,
+    objects: &Objects,
+    facts: &PodFacts<'_>,
+) -> Result<Payload, String> {
     let default_mode = source.default_mode.unwrap_or(DEFAULT_MODE);
     // Tokens and trust anchors are 0600 under an fsGroup (which then adds group read), as upstream.
     let fs_group = facts.pod.spec.as_ref().and_then(|s| s.security_context.as_ref()).and_then(|s| s.fs_group);
     let credential_mode = if fs_group.is_some() { 0o600 } else { default_mode };
     let mut out = Payload::new();
-    for s in source.sources.iter().flatten() {
+    for (index, s) in source.sources.iter().flatten().enumerate() {
         if let Some(ConfigMapProjection { name, items, optional }) = &s.config_map {
             out.extend(config_map_payload(name, items.as_deref(), default_mode, optional.unwrap_or(false), objects)?);
         } else if let Some(SecretProjection { name, items, optional }) = &s.secret {
@@ -184,8 +191,21 @@ pub fn projected(source: &ProjectedVolumeSource, objects: &Objects, facts: &PodF
                 .get(&super::trust_bundles::key(b))
                 .ok_or_else(|| "no ClusterTrustBundles were read".to_string())?;
             out.insert(b.path.clone(), FileProjection { data: anchors.clone()?, mode: mode(None, credential_mode) });
-        } else if s.pod_certificate.is_some() {
-            return Err("podCertificate projections are not supported by nodelet yet".into());
+        } else if let Some(p) = &s.pod_certificate {
+            let (key, chain) = objects
+                .pod_certificates
+                .get(&(volume.to_string(), index))
+                .ok_or_else(|| "credential bundle is not issued yet".to_string())?;
+            let file = |data: String| FileProjection { data: data.into_bytes(), mode: mode(None, credential_mode) };
+            for (path, data) in [
+                (&p.credential_bundle_path, format!("{key}{chain}")),
+                (&p.key_path, key.clone()),
+                (&p.certificate_chain_path, chain.clone()),
+            ] {
+                if let Some(path) = path.as_ref().filter(|p| !p.is_empty()) {
+                    out.insert(path.clone(), file(data));
+                }
+            }
         }
     }
     Ok(out)
@@ -213,6 +233,7 @@ mod tests {
             secrets: [("s".to_string(), Some(secret))].into(),
             tokens: [(("".to_string(), 3600), "jwt".to_string())].into(),
             trust_anchors: Default::default(),
+            pod_certificates: Default::default(),
         }
     }
 
@@ -264,7 +285,7 @@ mod tests {
             {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}
         ]}))
         .unwrap();
-        let files = projected(&p, &o, &facts).unwrap();
+        let files = projected("v", &p, &o, &facts).unwrap();
         assert_eq!(files["token"].data, b"jwt");
         assert_eq!(files["ca.crt"].data, b"1");
         assert_eq!(files["namespace"].data, b"ns");
@@ -272,7 +293,7 @@ mod tests {
             {"downwardAPI": {"items": [{"path": "x", "fieldRef": {"fieldPath": "spec.bogus"}}]}}
         ]}))
         .unwrap();
-        assert_eq!(projected(&bad, &o, &facts).unwrap_err(), "unsupported fieldPath: spec.bogus");
+        assert_eq!(projected("v", &bad, &o, &facts).unwrap_err(), "unsupported fieldPath: spec.bogus");
     }
 
     #[test]
@@ -292,7 +313,7 @@ mod tests {
                 "spec": {"containers": [{"name": "c"}], "securityContext": {"fsGroup": fs_group}}}))
             .unwrap();
             let facts = PodFacts { pod: &pod, ips: Ips { host: "h", pod: None }, allocatable: Allocatable::default() };
-            let files = projected(&source, &o, &facts).unwrap();
+            let files = projected("v", &source, &o, &facts).unwrap();
             assert_eq!(files["ca.pem"].data, b"anchors");
             (files["token"].mode, files["ca.pem"].mode, files["a"].mode)
         };
@@ -301,6 +322,6 @@ mod tests {
         o.trust_anchors.insert(super::super::trust_bundles::key(&ctb), Err("no such bundle".into()));
         let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}})).unwrap();
         let facts = PodFacts { pod: &pod, ips: Ips { host: "h", pod: None }, allocatable: Allocatable::default() };
-        assert_eq!(projected(&source, &o, &facts).unwrap_err(), "no such bundle");
+        assert_eq!(projected("v", &source, &o, &facts).unwrap_err(), "no such bundle");
     }
 }
