@@ -213,7 +213,11 @@ async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
             "apiVersion: kubeadm.k8s.io/v1beta4\nkind: InitConfiguration\nbootstrapTokens:\n- token: {TOKEN}\n  ttl: 1h\n\
              localAPIEndpoint: {{advertiseAddress: 192.0.2.1, bindPort: {port}}}\nnodeRegistration: {{name: control-plane}}\n---\n\
              apiVersion: kubeadm.k8s.io/v1beta4\nkind: ClusterConfiguration\nkubernetesVersion: v1.37.2\n\
-             controlPlaneEndpoint: {endpoint}\nnetworking: {{serviceSubnet: 10.96.0.0/12, podSubnet: 10.244.0.0/16}}\n"
+             controlPlaneEndpoint: {endpoint}\nnetworking: {{serviceSubnet: 10.96.0.0/12, podSubnet: 10.244.0.0/16}}\n---\n\
+             apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n{}",
+            // Uploaded by kubeadm into the kubelet-config ConfigMap, which the joining node's config.yaml comes
+            // from (the test shares the machine's disk: see EVICTION_HARD).
+            support::EVICTION_HARD
         ),
     )?;
     for phase in [&["upload-config", "all"][..], &["bootstrap-token"][..]] {

@@ -1,14 +1,19 @@
-//! An API client whose TLS client certificate can change while it runs (certificate rotation), as upstream's
-//! kubelet does it: new connections present the current certificate, and every connection opened with an
-//! older one is closed when the certificate changes (upstream's `connrotation` dialer), so nothing keeps
-//! talking to the API server with a certificate about to expire. Watches see a broken connection and resume
-//! from their last resource version on a new one.
+//! An API client whose TLS client certificate can change while it runs (certificate rotation): new connections
+//! present the current certificate at once, and the connections opened with an older one are closed shortly
+//! before that one expires (a minute before, or halfway there if that is sooner), so nothing talks to the API
+//! server with an expired certificate. Upstream's `connrotation` dialer closes them at the rotation; waiting
+//! lets a watch in flight (the API server ends each within minutes) finish on its own instead of breaking at
+//! every rotation. A watch still open when its connection is closed resumes from its resource version.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll};
+use tokio::sync::Notify;
 
 use anyhow::{Context as _, Result};
 use futures_util::task::AtomicWaker;
@@ -26,9 +31,15 @@ use super::store::Credential;
 /// The client certificate new connections present, and the connections opened with older ones.
 #[derive(Debug)]
 pub struct Identity {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<(Arc<CertifiedKey>, Timestamp)>,
+    /// Bumped by every rotation; a connection remembers the one it was opened under.
     generation: AtomicU64,
-    /// Each open connection's wake-up, so that a rotation closes idle ones at once.
+    /// Connections opened under an older generation than this are closed.
+    closed_below: AtomicU64,
+    /// When to close the connections of the generations before: (time, generation).
+    retirements: Mutex<Vec<(Timestamp, u64)>>,
+    retired: Notify,
+    /// Each open connection's wake-up, so that idle ones close when their generation is retired.
     connections: Mutex<Vec<Weak<AtomicWaker>>>,
 }
 
@@ -46,22 +57,57 @@ pub fn certified(credential: &Credential) -> Result<Arc<CertifiedKey>> {
 impl Identity {
     pub fn new(credential: &Credential) -> Result<Arc<Identity>> {
         Ok(Arc::new(Identity {
-            current: RwLock::new(certified(credential)?),
+            current: RwLock::new((certified(credential)?, credential.not_after)),
             generation: AtomicU64::new(0),
+            closed_below: AtomicU64::new(0),
+            retirements: Mutex::new(Vec::new()),
+            retired: Notify::new(),
             connections: Mutex::new(Vec::new()),
         }))
     }
 
-    /// Presents `credential` from now on and closes every connection opened before.
+    /// Presents `credential` from now on; the connections opened before are closed before the old one expires.
     pub fn set(&self, credential: &Credential) -> Result<()> {
         let key = certified(credential)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        let connections = std::mem::take(&mut *self.connections.lock().unwrap_or_else(|e| e.into_inner()));
-        for waker in connections.iter().filter_map(Weak::upgrade) {
-            waker.wake();
-        }
+        let (_, old_expiry) = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            (key, credential.not_after),
+        );
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let left = old_expiry.duration_since(Timestamp::now()).max(SignedDuration::ZERO);
+        let at = old_expiry - left.checked_div(2).unwrap_or_default().min(SignedDuration::from_secs(60));
+        self.retirements.lock().unwrap_or_else(|e| e.into_inner()).push((at, generation));
+        self.retired.notify_one();
         Ok(())
+    }
+
+    /// Closes the connections of the generations whose time has come; the next time one comes, if any.
+    fn retire_due(&self, now: Timestamp) -> Option<Timestamp> {
+        let mut retirements = self.retirements.lock().unwrap_or_else(|e| e.into_inner());
+        let due = retirements.iter().filter(|(at, _)| *at <= now).map(|(_, g)| *g).max();
+        retirements.retain(|(at, _)| *at > now);
+        if let Some(generation) = due {
+            self.closed_below.fetch_max(generation, Ordering::SeqCst);
+            let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+            for waker in connections.iter().filter_map(Weak::upgrade) {
+                waker.wake();
+            }
+        }
+        retirements.iter().map(|(at, _)| *at).min()
+    }
+
+    /// Closes retired connections on time (a task of the client).
+    async fn retire(self: Arc<Self>) {
+        loop {
+            let next = self.retire_due(Timestamp::now());
+            let wait = next.map_or(Duration::from_secs(3600), |at| {
+                Timestamp::now().duration_until(at).unsigned_abs().max(Duration::from_millis(10))
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.retired.notified() => {}
+            }
+        }
     }
 
     fn track(&self) -> (u64, Arc<AtomicWaker>) {
@@ -71,11 +117,15 @@ impl Identity {
         connections.push(Arc::downgrade(&waker));
         (self.generation.load(Ordering::SeqCst), waker)
     }
+
+    fn is_retired(&self, generation: u64) -> bool {
+        generation < self.closed_below.load(Ordering::SeqCst)
+    }
 }
 
 impl ResolvesClientCert for Identity {
     fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).0.clone())
     }
 
     fn has_certs(&self) -> bool {
@@ -104,6 +154,7 @@ pub fn rotating_client(mut config: kube::Config, identity: Arc<Identity>) -> Res
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
+    tokio::spawn(identity.clone().retire());
     let mut connector = hyper_timeout::TimeoutConnector::new(Rotating { inner: https, identity });
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
@@ -161,7 +212,8 @@ struct Tracked<T> {
 impl<T> Tracked<T> {
     fn stale(&self, cx: &Context<'_>) -> Option<std::io::Error> {
         self.waker.register(cx.waker());
-        (self.identity.generation.load(Ordering::SeqCst) != self.born)
+        self.identity
+            .is_retired(self.born)
             .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "client certificate rotated"))
     }
 }
@@ -199,5 +251,43 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Tracked<T> {
 impl<T: Connection> Connection for Tracked<T> {
     fn connected(&self) -> Connected {
         self.io.connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn credential(not_after: Timestamp) -> Credential {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![]).unwrap().self_signed(&key).unwrap();
+        Credential { not_after, ..Credential::parse(&format!("{}{}", cert.pem(), key.serialize_pem())).unwrap() }
+    }
+
+    #[test]
+    fn old_connections_close_before_the_old_certificate_expires() {
+        let now = Timestamp::now();
+        let identity = Identity::new(&credential(now + SignedDuration::from_secs(600))).unwrap();
+        let (before, _waker) = identity.track();
+        identity.set(&credential(now + SignedDuration::from_secs(3600))).unwrap();
+        let (after, _waker2) = identity.track();
+        assert_ne!(before, after, "new connections are of the new generation");
+        assert!(!identity.is_retired(before), "an open watch is not cut at the rotation");
+        // The old certificate has 10 minutes left: its connections close a minute before it expires.
+        let next = identity.retire_due(now + SignedDuration::from_secs(60)).unwrap();
+        assert!(!identity.is_retired(before));
+        assert!(
+            next.duration_since(now + SignedDuration::from_secs(540)).abs() < SignedDuration::from_secs(2),
+            "{next}"
+        );
+        assert_eq!(identity.retire_due(now + SignedDuration::from_secs(541)), None);
+        assert!(identity.is_retired(before));
+        assert!(!identity.is_retired(after));
+        // A certificate already expired: its connections go at once.
+        let expired = Identity::new(&credential(now - SignedDuration::from_secs(1))).unwrap();
+        let (old, _w) = expired.track();
+        expired.set(&credential(now + SignedDuration::from_secs(3600))).unwrap();
+        expired.retire_due(Timestamp::now());
+        assert!(expired.is_retired(old));
     }
 }

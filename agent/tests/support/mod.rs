@@ -167,6 +167,10 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/scripts/cgroup-sandbox.sh")
 }
 
+/// The hard eviction thresholds of test nodes that do not set their own.
+pub const EVICTION_HARD: &str =
+    "evictionHard: {memory.available: 100Mi, nodefs.available: 2Gi, nodefs.inodesFree: 5%}\n";
+
 impl Nodelet {
     /// Starts nodelet with `args` besides the ones every test needs (root dir, config, node name and IP).
     pub fn start(name: &str, config_yaml: &str, args: &[String]) -> Result<Nodelet> {
@@ -215,8 +219,11 @@ impl Nodelet {
         std::fs::write(
             &config,
             format!(
-                "kind: KubeletConfiguration\napiVersion: kubelet.config.k8s.io/v1beta1\npodLogsDir: {}\n{config_yaml}",
-                dir.path().join("logs").display()
+                "kind: KubeletConfiguration\napiVersion: kubelet.config.k8s.io/v1beta1\npodLogsDir: {}\n{}{config_yaml}",
+                dir.path().join("logs").display(),
+                // The tests share the machine's disk: upstream's 10% would put every node under disk pressure
+                // whenever the build cache fills it. Tests of eviction set their own.
+                if config_yaml.contains("evictionHard") { "" } else { EVICTION_HARD }
             ),
         )?;
         let mut all = vec![
