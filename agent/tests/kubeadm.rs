@@ -1,8 +1,9 @@
 //! `kubeadm join` with nodelet as the kubelet, end to end. The test bed's control plane is given what `kubeadm
 //! init` leaves behind, by kubeadm itself (`kubeadm init phase upload-config all` and `bootstrap-token`: the
 //! kubeadm and kubelet ConfigMaps, a bootstrap token, the signed `cluster-info`, the bootstrap RBAC and CSR
-//! auto-approval bindings). Then, in a private mount namespace whose `/etc`, `/var/lib/kubelet` and `/var/log`
-//! are overlays (so the host's stay untouched), the Vagrant workers' provisioning scripts run:
+//! auto-approval bindings). Then, in the node's private mount namespace (its cgroup sandbox's) whose `/etc`,
+//! `/var/lib/kubelet` and `/var/log` are overlays (so the host's stay untouched), the Vagrant workers'
+//! provisioning scripts run:
 //! `vagrant/provision/install-nodelet.sh` installs nodelet as `kubelet` with the unit and kubeadm drop-in of
 //! `agent/dist/`, and `vagrant/provision/join.sh` runs `kubeadm join <server> --token ...
 //! --discovery-token-ca-cert-hash sha256:...`. nodelet is started the way systemd starts it from the installed
@@ -94,32 +95,34 @@ fn exec_start(units: &[&str], files: &dyn Fn(&str) -> Option<String>) -> Result<
         .collect())
 }
 
-/// A private mount namespace (kept in `<dir>/ns`) with overlays on `dirs`, their writes in `<dir>/upper`.
+/// The node's mount namespace: node `name`'s cgroup sandbox, made by `cgroup-sandbox.sh` from the host (where
+/// the agent will run too: the script enters an existing one), with overlays on `dirs` whose writes land in
+/// `<dir>/upper`.
 struct MountNamespace {
     dir: tempfile::TempDir,
+    sandbox: String,
 }
 
 impl MountNamespace {
-    fn new(dirs: &[&str]) -> Result<MountNamespace> {
+    fn new(name: &str, dirs: &[&str]) -> Result<MountNamespace> {
         let dir = tempfile::Builder::new().prefix("nodelet-kubeadm-ns-").tempdir()?;
-        let d = dir.path().display();
-        let mut script = format!(
-            "set -e; mkdir -p {d}/nsdir && mount --bind {d}/nsdir {d}/nsdir && mount --make-private {d}/nsdir && \
-             touch {d}/nsdir/ns && unshare --mount={d}/nsdir/ns --propagation private true && nsenter --mount={d}/nsdir/ns sh -c '"
-        );
+        let sandbox = support::sandbox_name(name);
+        run(Command::new("sh").arg(support::script()).args(["run", &sandbox, "--", "true"]))?;
+        let ns = MountNamespace { dir, sandbox };
+        let d = ns.dir.path().display();
+        let mut script = String::from("set -e; ");
         for path in dirs {
             let name = path.trim_start_matches('/').replace('/', "-");
             script += &format!(
                 "mkdir -p {d}/upper/{name} {d}/work/{name} && mount -t overlay overlay -o lowerdir={path},upperdir={d}/upper/{name},workdir={d}/work/{name} {path}; "
             );
         }
-        script += "true'";
-        run(Command::new("sh").args(["-c", &script]))?;
-        Ok(MountNamespace { dir })
+        run(Command::new("nsenter").arg(format!("--mount={}", ns.ns().display())).args(["sh", "-c", &script]))?;
+        Ok(ns)
     }
 
     fn ns(&self) -> PathBuf {
-        self.dir.path().join("nsdir/ns")
+        PathBuf::from(format!("/run/nodelet-sandbox/{}.mnt", self.sandbox))
     }
 
     /// Where a file written below an overlaid directory lands on the host.
@@ -131,9 +134,8 @@ impl MountNamespace {
 
 impl Drop for MountNamespace {
     fn drop(&mut self) {
-        let nsdir = self.dir.path().join("nsdir");
-        let _ = Command::new("umount").arg(nsdir.join("ns")).status();
-        let _ = Command::new("umount").arg(&nsdir).status();
+        // (The node's fixture cleans its sandbox too; this covers a test that failed before starting it.)
+        let _ = Command::new("sh").arg(support::script()).args(["clean", &self.sandbox]).output();
     }
 }
 
@@ -231,7 +233,7 @@ async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
     }
 
     // The node: `kubelet` is nodelet; /etc, /var/lib/kubelet and /var/log are the namespace's own.
-    let ns = MountNamespace::new(&["/etc", "/var/lib/kubelet", "/var/log"])?;
+    let ns = MountNamespace::new(NODE, &["/etc", "/var/lib/kubelet", "/var/log"])?;
     let prefix = work.path().join("usr");
     let nsenter = || {
         let mut cmd = Command::new("nsenter");
@@ -299,7 +301,7 @@ async fn kubeadm_join_with_nodelet_as_the_kubelet() -> Result<()> {
     ensure!(argv.first().map(PathBuf::from) == Some(kubelet.clone()), "{argv:?}");
     ensure!(std::fs::read_link(&kubelet)? == Path::new("nodelet"), "kubelet is a link to nodelet");
     ensure!(argv.iter().any(|a| a == "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf"), "{argv:?}");
-    let mut node = Nodelet::start_in_mount_namespace(NODE, &root, &ns.ns(), &argv[1..])?;
+    let mut node = Nodelet::start_as_service(NODE, &root, &argv[1..])?;
 
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     let status = loop {

@@ -22,8 +22,6 @@ pub struct Nodelet {
     args: Vec<String>,
     /// The network namespace it runs in (a [`Netns`]), if not the host's.
     netns: Option<String>,
-    /// The mount namespace it runs in (a bind-mounted nsfs file), if not the host's.
-    mount_ns: Option<PathBuf>,
 }
 
 /// Runs the `nodelet` CLI (e.g. `ps`, `logs`, `image import`): its stdout, or an error with its stderr.
@@ -163,7 +161,14 @@ impl Drop for Netns {
     }
 }
 
-fn script() -> PathBuf {
+/// The cgroup sandbox (`cgroup-sandbox.sh`) of this test process's node `name`; its mount namespace, kept at
+/// `/run/nodelet-sandbox/<sandbox>.mnt`, is the one the agent runs in.
+pub fn sandbox_name(name: &str) -> String {
+    format!("nodelet-e2e-{}-{name}", std::process::id())
+}
+
+/// `integration/scripts/cgroup-sandbox.sh`.
+pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../integration/scripts/cgroup-sandbox.sh")
 }
 
@@ -244,30 +249,29 @@ impl Nodelet {
         let mut n = Nodelet {
             root,
             name: name.into(),
-            sandbox: format!("nodelet-e2e-{}-{name}", std::process::id()),
+            sandbox: sandbox_name(name),
             dir,
             process: None,
             args: all,
             netns: netns.map(|n| n.name.clone()),
-            mount_ns: None,
         };
         n.restart()?;
         Ok(n)
     }
 
-    /// Starts nodelet in the mount namespace `mount_ns` (a bind-mounted nsfs file) with `args` as a service
-    /// manager would pass them (its `--config`, kubeconfigs and root dir among them), besides the health port.
-    pub fn start_in_mount_namespace(name: &str, root: &Path, mount_ns: &Path, args: &[String]) -> Result<Nodelet> {
+    /// Starts nodelet with `args` as a service manager would pass them (its `--config`, kubeconfigs and root dir
+    /// among them), besides the health port. Its sandbox (and mount namespace, see [`sandbox_name`]) may have
+    /// been prepared by the test.
+    pub fn start_as_service(name: &str, root: &Path, args: &[String]) -> Result<Nodelet> {
         let dir = tempfile::Builder::new().prefix("nodelet-e2e-").tempdir()?;
         let mut n = Nodelet {
             root: root.to_path_buf(),
             name: name.into(),
-            sandbox: format!("nodelet-e2e-{}-{name}", std::process::id()),
+            sandbox: sandbox_name(name),
             dir,
             process: None,
             args: args.to_vec(),
             netns: None,
-            mount_ns: Some(mount_ns.to_path_buf()),
         };
         n.restart()?;
         Ok(n)
@@ -275,15 +279,14 @@ impl Nodelet {
 
     /// (Re)starts the process with the same arguments.
     pub fn restart(&mut self) -> Result<()> {
-        let mut cmd = match (&self.netns, &self.mount_ns) {
-            (None, None) => Command::new("sh"),
+        let mut cmd = match &self.netns {
             // nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup hierarchies.
-            (netns, mount_ns) => {
+            Some(ns) => {
                 let mut cmd = Command::new("nsenter");
-                cmd.args(netns.iter().map(|ns| format!("--net=/run/netns/{ns}")));
-                cmd.args(mount_ns.iter().map(|ns| format!("--mount={}", ns.display()))).arg("sh");
+                cmd.arg(format!("--net=/run/netns/{ns}")).arg("sh");
                 cmd
             }
+            None => Command::new("sh"),
         };
         cmd.arg(script()).args(["run", &self.sandbox, "--", env!("CARGO_BIN_EXE_nodelet")]).args(&self.args);
         cmd.env(
