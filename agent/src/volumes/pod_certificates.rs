@@ -3,7 +3,8 @@
 //! the pod, its service account and this node; the signer named by the projection issues the chain. The files
 //! are the key and chain (or both in one credential bundle). At the `beginRefreshAt` the signer gave (plus up
 //! to 5 minutes of jitter, as upstream) a new key and request are sent while the current pair stays in place.
-//! A denied or failed request is permanent for the pod, as upstream: its mount fails with the signer's words.
+//! A denied or failed request is permanent for the pod, as upstream: its mount fails with the signer's words. A
+//! request the API server does not have 10 minutes after it was sent (deleted) is sent again, as upstream.
 //!
 //! Requests are looked at when the pod's volumes are set up or resynced (every 5 s while the pod waits for a
 //! mount, every 60 s once it runs), so no watch is needed; the issued pair lives in memory and on the pod's
@@ -22,12 +23,28 @@ use kube::api::PostParams;
 /// A projection of a pod: (pod uid, volume, index of the source).
 type Key = (String, String, usize);
 
+/// A request sent: the key (PEM) it is for, its name, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    key: String,
+    pcr: String,
+    at: Timestamp,
+}
+
+/// A request the API server does not have this long after it was sent was deleted (upstream's rule; before
+/// that, the read may just be early): another is sent.
+const ASSUME_DELETED: SignedDuration = SignedDuration::from_secs(600);
+
+fn abandoned(sent: &Sent, now: Timestamp) -> bool {
+    now.duration_since(sent.at) > ASSUME_DELETED
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
-    /// The request `pcr` was sent for `key`; nothing issued yet.
-    Waiting { key: String, pcr: String },
-    /// Issued; `renewal`: a new key and its request in flight.
-    Issued { key: String, chain: String, refresh_at: Timestamp, renewal: Option<(String, String)> },
+    /// A request sent; nothing issued yet.
+    Waiting(Sent),
+    /// Issued; `renewal`: a new key's request in flight.
+    Issued { key: String, chain: String, refresh_at: Timestamp, renewal: Option<Sent> },
     /// Denied or failed: upstream's error, for good.
     Refused(String),
 }
@@ -106,53 +123,51 @@ impl PodCertificates {
         let state = self.lock().get(&key).cloned();
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let api: Api<PodCertificateRequest> = Api::namespaced(client.clone(), &namespace);
+        let now = Timestamp::now();
         let next = match state {
-            None => {
-                let (k, pcr) = self.request(client, pod, source).await?;
-                State::Waiting { key: k, pcr }
-            }
-            Some(State::Waiting { key: k, pcr }) => match get(&api, &pcr).await? {
-                None => State::Waiting { key: k, pcr },
-                Some(Outcome::Pending) => State::Waiting { key: k, pcr },
+            None => State::Waiting(self.request(client, pod, source).await?),
+            Some(State::Waiting(sent)) => match get(&api, &sent.pcr).await? {
+                None if abandoned(&sent, now) => State::Waiting(self.request(client, pod, source).await?),
+                None | Some(Outcome::Pending) => State::Waiting(sent),
                 Some(Outcome::Issued(chain, at)) => {
-                    State::Issued { key: k, chain, refresh_at: jitter(at), renewal: None }
+                    State::Issued { key: sent.key, chain, refresh_at: jitter(at), renewal: None }
                 }
                 Some(Outcome::Refused(message)) => State::Refused(message),
             },
-            Some(State::Issued { key: k, chain, refresh_at, renewal }) if Timestamp::now() >= refresh_at => {
-                match renewal {
-                    None => {
-                        let renewal = Some(self.request(client, pod, source).await?);
-                        State::Issued { key: k, chain, refresh_at, renewal }
-                    }
-                    Some((new_key, pcr)) => match get(&api, &pcr).await? {
-                        Some(Outcome::Issued(new_chain, at)) => {
-                            State::Issued { key: new_key, chain: new_chain, refresh_at: jitter(at), renewal: None }
-                        }
-                        Some(Outcome::Refused(message)) => State::Refused(message),
-                        _ => State::Issued { key: k, chain, refresh_at, renewal: Some((new_key, pcr)) },
-                    },
+            Some(State::Issued { key: k, chain, refresh_at, renewal }) if now >= refresh_at => match renewal {
+                None => {
+                    let renewal = Some(self.request(client, pod, source).await?);
+                    State::Issued { key: k, chain, refresh_at, renewal }
                 }
-            }
+                Some(sent) => match get(&api, &sent.pcr).await? {
+                    Some(Outcome::Issued(new_chain, at)) => {
+                        State::Issued { key: sent.key, chain: new_chain, refresh_at: jitter(at), renewal: None }
+                    }
+                    Some(Outcome::Refused(message)) => State::Refused(message),
+                    // Asked again next time.
+                    None if abandoned(&sent, now) => State::Issued { key: k, chain, refresh_at, renewal: None },
+                    _ => State::Issued { key: k, chain, refresh_at, renewal: Some(sent) },
+                },
+            },
             Some(state) => state,
         };
         self.lock().insert(key, next.clone());
         match next {
             State::Issued { key, chain, .. } => Ok((key, chain)),
-            State::Waiting { pcr, .. } => {
-                Err(format!("credential bundle is not issued yet (PodCertificateRequest {namespace}/{pcr})"))
+            State::Waiting(sent) => {
+                Err(format!("credential bundle is not issued yet (PodCertificateRequest {namespace}/{})", sent.pcr))
             }
             State::Refused(message) => Err(message),
         }
     }
 
-    /// Sends a request for a new key of the projection's type; returns the key (PEM) and the request's name.
+    /// Sends a request for a new key of the projection's type.
     async fn request(
         &self,
         client: &kube::Client,
         pod: &Pod,
         source: &PodCertificateProjection,
-    ) -> Result<(String, String), String> {
+    ) -> Result<Sent, String> {
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let spec = pod.spec.clone().unwrap_or_default();
         let account = spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
@@ -194,7 +209,7 @@ impl PodCertificates {
             .create(&PostParams::default(), &request)
             .await
             .map_err(|e| format!("while creating initial PodCertificateRequest: while creating on API: {e}"))?;
-        Ok((key.serialize_pem(), created.metadata.name.unwrap_or_default()))
+        Ok(Sent { key: key.serialize_pem(), pcr: created.metadata.name.unwrap_or_default(), at: Timestamp::now() })
     }
 
     async fn node_uid(&self, client: &kube::Client, node: &str) -> Result<String, String> {
@@ -267,6 +282,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_request_not_found_for_ten_minutes_is_sent_again() {
+        let at = Timestamp::from_second(1_000_000).unwrap();
+        let sent = Sent { key: String::new(), pcr: "req-1".into(), at };
+        assert!(!abandoned(&sent, at + SignedDuration::from_secs(599)), "informer lag, as upstream allows");
+        assert!(abandoned(&sent, at + SignedDuration::from_secs(601)));
     }
 
     #[test]
