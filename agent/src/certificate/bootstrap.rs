@@ -99,11 +99,7 @@ fn pending_key(dir: &Path) -> Result<rcgen::KeyPair> {
     }
     let key = csr::new_key()?;
     std::fs::create_dir_all(dir)?;
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-    f.write_all(key.serialize_pem().as_bytes())?;
-    f.sync_all()?;
+    super::write_private(&path, key.serialize_pem().as_bytes())?;
     Ok(key)
 }
 

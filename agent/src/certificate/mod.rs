@@ -14,6 +14,19 @@ pub fn pem_block(label: &str, der: Vec<u8>) -> String {
     pem::encode_config(&pem::Pem::new(label, der), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
 }
 
+/// Writes `data` to `path` readable by root only, as a whole: a temporary file beside it (`.<name>.tmp`) written
+/// and synced, then renamed over it, so a crash never leaves a half-written key.
+pub fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The agent's API client: after TLS bootstrap when `--bootstrap-kubeconfig` is given, and with the client
 /// certificate rotated (a task started here) when `rotateCertificates` is on and the kubeconfig names the
 /// certificate store's current file.
@@ -26,12 +39,12 @@ pub async fn api_client(
         let retry = std::time::Duration::from_secs(2);
         bootstrap::load_client_cert(kubeconfig, boot, &store, &config.node_name, retry).await?;
     }
-    let kube_config = crate::agent::kube_config(kubeconfig).await?;
-    let uses_store = kube_config.auth_info.client_certificate.as_deref().map(std::path::Path::new)
-        == Some(store.current_path().as_path());
     if !config.kubelet.rotate_certificates {
         return crate::agent::client_from(kubeconfig).await;
     }
+    let kube_config = crate::agent::kube_config(kubeconfig).await?;
+    let uses_store = kube_config.auth_info.client_certificate.as_deref().map(std::path::Path::new)
+        == Some(store.current_path().as_path());
     if !uses_store {
         tracing::warn!(
             store = %store.current_path().display(),

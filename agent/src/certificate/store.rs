@@ -2,13 +2,12 @@
 //! `<dir>/<prefix>-<YYYY-MM-DD-HH-MM-SS>.pem` (mode 0600), and `<dir>/<prefix>-current.pem`, a symlink to the
 //! one in use. Kubeconfigs and the TLS server name the `-current` link, so they follow rotations.
 //!
-//! Crash rules: a new pair is written to a temporary file, synced and renamed into place before the link moves;
+//! Crash rules: a new pair is written to a temporary file, synced and renamed into place before the link moves
+//! ([`super::write_private`]);
 //! the link moves by renaming a fresh link over it. A crash at any point leaves `-current` naming a complete
 //! pair (the old or the new one); a half-written temporary file is never named and is replaced next time.
 //! Older pairs stay, as upstream keeps them.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
@@ -99,17 +98,7 @@ impl CertStore {
             // Two in one second (a test's rotation): keep both.
             file = self.dir.join(format!("{}-{stamp}-{}.pem", self.prefix, std::process::id()));
         }
-        let tmp = self.dir.join(format!(".{}.tmp", self.prefix));
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        out.write_all(format!("{cert_pem}{key_pem}").as_bytes()).map_err(io(&tmp))?;
-        out.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &file).map_err(io(&file))?;
+        super::write_private(&file, format!("{cert_pem}{key_pem}").as_bytes()).map_err(io(&file))?;
         let link_tmp = self.dir.join(format!(".{}-current.tmp", self.prefix));
         let _ = std::fs::remove_file(&link_tmp);
         let name = file.file_name().map(PathBuf::from).unwrap_or_default();
@@ -165,7 +154,7 @@ mod tests {
         let (cert, key) = pair("first");
         store.update(&cert, &key).unwrap();
         // A half-written temporary file and a stray link from an interrupted update.
-        std::fs::write(dir.path().join(".kubelet-client.tmp"), "-----BEGIN CERT").unwrap();
+        std::fs::write(dir.path().join(".kubelet-client-x.pem.tmp"), "-----BEGIN CERT").unwrap();
         std::os::unix::fs::symlink("nowhere.pem", dir.path().join(".kubelet-client-current.tmp")).unwrap();
         assert_eq!(store.current().unwrap().unwrap().cert_pem, cert.replace("\r\n", "\n"));
         let (cert2, key2) = pair("second");

@@ -34,28 +34,12 @@ pub fn serving_files(configured: Option<TlsFiles>, pki_dir: &Path, node_name: &s
     let key = rcgen::KeyPair::generate().context("generating the serving key")?;
     let cert = params.self_signed(&key).context("self-signing the serving certificate")?;
     // The key first: a crash in between leaves a key without a certificate, which is regenerated next start.
-    write_private(&files.key, key.serialize_pem().as_bytes())?;
+    crate::certificate::write_private(&files.key, key.serialize_pem().as_bytes())
+        .with_context(|| format!("writing {}", files.key.display()))?;
     crate::images::store::write_atomically(&files.cert, cert.pem().as_bytes())
         .with_context(|| format!("writing {}", files.cert.display()))?;
     tracing::info!(cert = %files.cert.display(), "generated a self-signed kubelet serving certificate");
     Ok(files)
-}
-
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("key.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// The rustls server configuration: HTTP/1.1 (and h2) with optional client certificates from `client_ca`.
