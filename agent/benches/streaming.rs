@@ -6,6 +6,8 @@
 //! - exec round trip: `true` in a running container, EXECS times (default 100) one after another, from the
 //!   request to the API server until the exit status arrived and the connection closed; WebSocket
 //!   `v5.channel.k8s.io` as kubectl speaks it (a client in this process: kubectl's own start-up is not measured);
+//!   for nodelet also its own share, the sessions' durations it logs (from the upgrade to the connection's end):
+//!   the rest is the client's and the API server's (TLS to both, authorization, the proxy);
 //! - port-forward throughput: `kubectl port-forward` to busybox `httpd` in the pod, one GET of an M MiB file
 //!   (default 256), MiB/s from the request to the last byte (the file's size is checked).
 //!
@@ -104,8 +106,27 @@ async fn serving(cluster: &Cluster, pods: &Api<Pod>, name: &str) -> anyhow::Resu
     .await
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // The node logs each streaming session's duration at debug level: its share of the round trip.
+    if std::env::var_os("NODELET_TEST_LOG").is_none() {
+        // SAFETY: no other thread exists yet (the tokio runtime is built below).
+        unsafe {
+            std::env::set_var("NODELET_TEST_LOG", "info,kube=warn,libcgroups=error,nodelet::server::streaming=debug")
+        };
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio").block_on(bench());
+}
+
+/// The durations (ms) of the streaming sessions a node logged (`streaming session ended ... took_us=N`).
+fn node_sessions(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("streaming session ended"))
+        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|us| us / 1000.0)
+        .collect()
+}
+
+async fn bench() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("streaming: needs root");
@@ -121,7 +142,7 @@ async fn main() {
         .unwrap_or(256);
     let cluster = Cluster::start().await.expect("control plane (run integration/scripts/setup.sh)");
     let registry = Registry::start().await.expect("registry");
-    let (_node, _net_d) =
+    let (nodelet, _net_d) =
         support::start_cluster_node(&cluster, &registry, "bench", "address: 127.0.0.1\n", &[]).expect("nodelet");
     let client = cluster.admin().await.expect("client");
     let ready = |name: &'static str| support::wait_node_ready(&client, name);
@@ -165,29 +186,36 @@ async fn main() {
                 continue;
             }
         }
+        let logged = if *node == "bench" { node_sessions(&nodelet.log()).len() } else { 0 };
         let mut times = Vec::with_capacity(execs);
         for _ in 0..execs {
             times.push(exec_true(&client, &name).await.unwrap_or_else(|e| panic!("{label}: {e:#}")));
         }
         times.sort();
         let ms = |q: f64| times[rank(times.len(), q)].as_secs_f64() * 1000.0;
+        // nodelet's share: the sessions it logged during these execs (the upgrade to the connection's end).
+        let mut own = if *node == "bench" { node_sessions(&nodelet.log()) } else { Vec::new() };
+        own.drain(..logged.min(own.len()));
+        own.sort_by(f64::total_cmp);
+        let own_p50 = (!own.is_empty()).then(|| own[rank(own.len(), 0.5)]);
         let throughput = forward_throughput(&cluster, &name, mib).unwrap_or_else(|e| panic!("{label}: {e:#}"));
-        rows.push((label, ms(0.5), ms(0.99), ms(1.0), throughput));
+        rows.push((label, ms(0.5), ms(0.99), ms(1.0), throughput, own_p50));
     }
     println!(
         "kubelet streaming API through the API server: exec `true` ×{execs} (WebSocket v5), port-forward GET of {mib} MiB (kubectl)\n"
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>12} {:>18}",
-        "node", "exec p50 ms", "exec p99 ms", "exec max ms", "port-fwd MiB/s"
+        "{:<22} {:>12} {:>12} {:>12} {:>22} {:>18}",
+        "node", "exec p50 ms", "exec p99 ms", "exec max ms", "of which node p50 ms", "port-fwd MiB/s"
     );
-    for (label, p50, p99, max, throughput) in &rows {
-        println!("{label:<22} {p50:>12.1} {p99:>12.1} {max:>12.1} {throughput:>18.1}");
+    for (label, p50, p99, max, throughput, own) in &rows {
+        let own = own.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+        println!("{label:<22} {p50:>12.1} {p99:>12.1} {max:>12.1} {own:>22} {throughput:>18.1}");
     }
     for (label, why) in &failures {
         println!("{label:<22} not measured: {why}");
     }
-    if let [(_, ours, _, _, our_mib), (_, theirs, _, _, their_mib)] = rows.as_slice() {
+    if let [(_, ours, _, _, our_mib, _), (_, theirs, _, _, their_mib, _)] = rows.as_slice() {
         println!(
             "\nexec p50: {:.2}× upstream's (target ≤ 0.5×); port-forward: {:.2}× upstream's (target ≥ 1×)",
             ours / theirs,

@@ -52,6 +52,18 @@ pub fn join_unified(layout: Layout, cgroups_path: &str, pid: i32) -> std::io::Re
     std::fs::write(dir.join("cgroup.procs"), pid.to_string())
 }
 
+/// Where an exec'd process joins the container's cgroups: the `tasks` file of each v1 hierarchy the container
+/// has a directory in, and its cgroup2 directory (when it exists).
+pub(crate) fn exec_cgroups(layout: Layout, cgroups_path: &str) -> (Vec<PathBuf>, Option<PathBuf>) {
+    let rel = cgroups_path.trim_start_matches('/');
+    let v1 = match layout {
+        Layout::Unified => Vec::new(),
+        Layout::Hybrid | Layout::Legacy => v1_hierarchies().into_iter().map(|h| h.join(rel)).collect(),
+    };
+    let tasks = v1.into_iter().filter(|d| d.is_dir()).map(|d| d.join("tasks")).collect();
+    (tasks, unified_dir(layout, cgroups_path).filter(|d| d.is_dir()))
+}
+
 /// Starts the RCU grace period that creating a container waits for, so that it runs while the runtime writes
 /// the bundle and libcontainer prepares, instead of after. Any write to a `cgroup.procs` waits for a grace period
 /// (4-25 ms on this host, far more than the rest of a create) unless another such write happened within the last

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use oci_spec::runtime::Spec;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -19,7 +20,7 @@ use crate::error::RuntimeError;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::{self, Record};
 use crate::user::ProcessUser;
-use crate::zygote::{Exited, Reply, Request, Zygote, ZygoteRequests, wire};
+use crate::zygote::{ExecPlan, Exited, Reply, Request, Zygote, ZygoteRequests, wire};
 use crate::{bundle, cgroupfs};
 
 /// The standard streams of a container or exec'd process; `None` means `/dev/null`.
@@ -153,7 +154,6 @@ struct Inner {
     /// legacy hosts, or where that cgroup is not under the mounted tree).
     zygote_cgroup: Option<PathBuf>,
     exits: Mutex<HashMap<i32, watch::Sender<Option<Exited>>>>,
-    exec_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
@@ -165,6 +165,10 @@ impl Inner {
         }
     }
 }
+
+/// How long an exec'd process may take from its creation to its `execve` (joining cgroups waits for an RCU
+/// grace period, milliseconds; a container whose cgroup is being removed could block it longer).
+const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much of an `exec_sync` process's stdout and stderr is kept.
 pub const EXEC_OUTPUT: u64 = 16 * 1024;
@@ -200,15 +204,8 @@ impl Runtime {
                 None
             }
         };
-        let inner = Arc::new(Inner {
-            zygote: requests,
-            root,
-            layout,
-            hierarchies,
-            zygote_cgroup,
-            exits: Mutex::default(),
-            exec_seq: Default::default(),
-        });
+        let inner =
+            Arc::new(Inner { zygote: requests, root, layout, hierarchies, zygote_cgroup, exits: Mutex::default() });
         nix::fcntl::fcntl(events.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
             .map_err(RuntimeError::sys("O_NONBLOCK"))?;
         let events = async_fd(events).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
@@ -375,7 +372,8 @@ impl Runtime {
     }
 
     /// Starts `exec` in the running container as the container's own process does (user, capabilities,
-    /// no_new_privs, working directory, environment plus `exec.env`), with a terminal when `exec.tty`.
+    /// no_new_privs, seccomp, working directory, environment plus `exec.env`), with a terminal when `exec.tty`.
+    /// Returns once the process has exec'd; a failure before that (no such executable...) is an error.
     pub async fn exec(&self, c: &Container, exec: &ExecConfig, io: ContainerIo) -> Result<ExecProcess, RuntimeError> {
         let fail = |message: String| RuntimeError::Exec { id: c.id.clone(), message };
         let bundle = self.inner.root.join("bundles").join(&c.id);
@@ -389,37 +387,66 @@ impl Runtime {
             env.push(kv.clone());
         }
         process.set_args(Some(exec.args.clone())).set_env(Some(env)).set_terminal(Some(exec.tty));
-        let n = self.inner.exec_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let process_file = bundle.join(format!("exec-{n}.json"));
-        let json = serde_json::to_vec(&process).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(&process_file, json).map_err(|e| fail(format!("{}: {e}", process_file.display())))?;
         let stdio = if exec.tty { [false; 3] } else { [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()] };
-        let fds: Vec<OwnedFd> =
-            if exec.tty { vec![] } else { [io.stdin, io.stdout, io.stderr].into_iter().flatten().collect() };
-        let req = Request::Exec {
-            id: c.id.clone(),
-            root: self.libcontainer_root(),
-            process: process_file.clone(),
-            stdio,
-            tty: exec.tty,
+        let (v1_tasks, unified) = cgroup::exec_cgroups(self.inner.layout, &c.cgroups_path);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        let plan = ExecPlan { process, seccomp, v1_tasks, unified, stdio };
+        let sys = |what: &'static str| move |e: nix::Error| fail(format!("{what}: {e}"));
+        let (errors, errors_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("a pipe"))?;
+        let pidfd = c.pidfd.try_clone().map_err(|e| fail(format!("duplicating the pidfd: {e}")))?;
+        let mut fds = vec![pidfd, errors_w];
+        let console = if exec.tty {
+            let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(sys("a console socket"))?;
+            fds.push(theirs);
+            Some(ours)
+        } else {
+            fds.extend([io.stdin, io.stdout, io.stderr].into_iter().flatten());
+            None
         };
-        self.inner.start_grace_period();
-        let reply = self.call(req, fds).await;
-        let _ = std::fs::remove_file(&process_file);
-        match reply? {
-            (Reply::Pid(pid), mut fds) => {
-                // A process that is already gone has nothing left to move (ESRCH).
-                match cgroup::join_unified(self.inner.layout, &c.cgroups_path, pid) {
-                    Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
-                        let _ = pidfd_open(pid).and_then(|fd| pidfd_send_signal(&fd, Signal::SIGKILL));
-                        return Err(fail(format!("joining the unified cgroup: {e}")));
-                    }
-                    _ => {}
-                }
-                Ok(ExecProcess { pid, pty: fds.pop().map(File::from) })
+        // The request's descriptors (our copies of the pipe's write end among them) are closed once it is sent.
+        let pid = match self.call(Request::Exec(plan), fds).await? {
+            (Reply::Pid(pid), _) => pid,
+            (Reply::Failed(message), _) => return Err(fail(message)),
+            (other, _) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+        };
+        // The process writes a failure to the pipe; end-of-file without one means it exec'd (close-on-exec).
+        let setup = tokio::task::spawn_blocking(move || {
+            let mut message = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(File::from(errors), 4096), &mut message)?;
+            if !message.is_empty() {
+                return Ok(Err(String::from_utf8_lossy(&message).into_owned()));
             }
-            (Reply::Failed(message), _) => Err(fail(message)),
-            (other, _) => Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
+            let pty = match console {
+                Some(socket) => Some(
+                    wire::recv_raw(socket.as_fd())
+                        .map_err(std::io::Error::other)?
+                        .1
+                        .pop()
+                        .ok_or_else(|| std::io::Error::other("the process sent no terminal"))?,
+                ),
+                None => None,
+            };
+            Ok::<_, std::io::Error>(Ok(pty))
+        });
+        match tokio::time::timeout(EXEC_SETUP_TIMEOUT, setup).await {
+            Ok(Ok(Ok(Ok(pty)))) => Ok(ExecProcess { pid, pty: pty.map(File::from) }),
+            Ok(Ok(Ok(Err(message)))) => {
+                self.wait_exec(pid).await;
+                Err(fail(message))
+            }
+            outcome => {
+                if let Ok(fd) = pidfd_open(pid) {
+                    let _ = pidfd_send_signal(&fd, Signal::SIGKILL);
+                }
+                self.wait_exec(pid).await;
+                Err(fail(match outcome {
+                    Err(_) => format!("the process did not start within {EXEC_SETUP_TIMEOUT:?}"),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(Err(e))) => format!("starting the process: {e}"),
+                    Ok(Ok(Ok(_))) => unreachable!("handled above"),
+                }))
+            }
         }
     }
 

@@ -85,6 +85,7 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         containers_see_their_own_cgroups,
         security::privileged_containers_get_the_host,
         security::unprivileged_containers_cannot_reach_the_host,
+        security::exec_is_confined_like_the_init,
         security::leaked_descriptors_do_not_reach_the_host,
         security::hostile_images_cannot_redirect_the_setup,
         security::mounts_into_proc_and_sys_are_refused,

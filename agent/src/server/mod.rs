@@ -76,6 +76,12 @@ pub async fn serve(
             tracing::warn!(%peer, "kubelet API connection refused: {MAX_CONNECTIONS} connections open");
             continue;
         };
+        // Streaming replies are small frames written one after another (a stream's reply, its data, the exit
+        // status): with Nagle's algorithm each waits for the peer's delayed ACK (40 ms). Go's servers and clients
+        // set TCP_NODELAY on every connection; so does this one.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "setting TCP_NODELAY");
+        }
         let (acceptor, api, auth) = (acceptor.clone(), api.clone(), auth.clone());
         tokio::spawn(async move {
             let _slot = slot;

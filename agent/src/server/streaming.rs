@@ -46,11 +46,22 @@ where
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => serve(websocket::server(hyper_util::rt::TokioIo::new(upgraded)).await).await,
+            Ok(upgraded) => {
+                let started = std::time::Instant::now();
+                serve(websocket::server(hyper_util::rt::TokioIo::new(upgraded)).await).await;
+                session_ended("WebSocket", started);
+            }
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
     });
     accepted.map(|()| super::full(Vec::new()))
+}
+
+/// Logs how long an upgraded session took on this node, from the upgrade to the connection's end (the streaming
+/// benchmark reads it to split a round trip into the node's share and the API server's).
+fn session_ended(transport: &'static str, started: std::time::Instant) {
+    let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    tracing::debug!(transport, took_us, "streaming session ended");
 }
 
 /// An upgraded WebSocket connection.
@@ -255,7 +266,11 @@ where
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => serve(spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded), config)).await,
+            Ok(upgraded) => {
+                let started = std::time::Instant::now();
+                serve(spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded), config)).await;
+                session_ended("SPDY", started);
+            }
             Err(e) => tracing::debug!(error = %e, "SPDY upgrade failed"),
         }
     });

@@ -6,8 +6,11 @@
 //!
 //! Two `SOCK_SEQPACKET` pairs connect it to the agent: requests (one reply each, in order) and exit events.
 
+mod exec;
 mod server;
 pub mod wire;
+
+pub(crate) use exec::ExecPlan;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -27,8 +30,8 @@ pub(crate) enum Request {
     Create { id: String, root: PathBuf, bundle: PathBuf, stdio: [bool; 3], tty: bool },
     /// Let a created container's init exec its process.
     Start { id: String, root: PathBuf },
-    /// Run another process (an OCI `process` JSON file) in a running container.
-    Exec { id: String, root: PathBuf, process: PathBuf, stdio: [bool; 3], tty: bool },
+    /// Run another process in a running container (see [`ExecPlan`] for the descriptors that come with it).
+    Exec(ExecPlan),
     /// Create a pod sandbox's namespaces as bind-mounted files in `dir`.
     CreateSandbox { config: crate::sandbox::SandboxConfig, dir: PathBuf },
     /// Delete the container (killing it first when `force`).

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
@@ -133,7 +135,8 @@ fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<(Option<i32>, Option<OwnedF
     match req {
         Request::Create { id, root, bundle, stdio, tty } => {
             let console = tty.then(Console::listen).transpose()?;
-            let builder = with_stdio(ContainerBuilder::new(id, SyscallType::default()), stdio, fds)?;
+            let builder = ContainerBuilder::new(id, SyscallType::default()).with_executor(DefaultSignals);
+            let builder = with_stdio(builder, stdio, fds)?;
             let builder = builder.with_root_path(root).map_err(|e| chain(&e))?;
             let builder = builder.with_console_socket(console.as_ref().map(|c| c.path.clone()));
             // libcontainer writes the spec's oomScoreAdj to our own /proc/self/oom_score_adj (its children inherit
@@ -153,16 +156,7 @@ fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<(Option<i32>, Option<OwnedF
             c.start().map_err(|e| chain(&e))?;
             Ok((None, None))
         }
-        Request::Exec { id, root, process, stdio, tty } => {
-            let console = tty.then(Console::listen).transpose()?;
-            let builder = with_stdio(ContainerBuilder::new(id, SyscallType::default()), stdio, fds)?;
-            let builder = builder.with_root_path(root).map_err(|e| chain(&e))?;
-            let builder = builder.with_console_socket(console.as_ref().map(|c| c.path.clone()));
-            let tenant = builder.as_tenant().with_process(Some(process)).with_detach(true);
-            let pid = tenant.build().map_err(|e| chain(&e))?;
-            let pty = console.map(Console::receive).transpose()?;
-            Ok((Some(pid.as_raw()), pty))
-        }
+        Request::Exec(plan) => super::exec::spawn(&plan, fds).map(|pid| (Some(pid), None)),
         Request::CreateSandbox { config, dir } => crate::sandbox::create(&config, &dir).map(|()| (None, None)),
         Request::Delete { id, root, force } => {
             if !root.join(&id).exists() {
@@ -172,6 +166,22 @@ fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<(Option<i32>, Option<OwnedF
             c.delete(force).map_err(|e| chain(&e))?;
             Ok((None, None))
         }
+    }
+}
+
+/// libcontainer's own executor, with every signal's disposition reset first: a container's init must not
+/// inherit the agent's ignored SIGPIPE (Rust's start-up ignores it), as runc's do not.
+#[derive(Clone)]
+struct DefaultSignals;
+
+impl Executor for DefaultSignals {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        super::exec::default_signals();
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
     }
 }
 

@@ -52,6 +52,97 @@ pub async fn privileged_containers_get_the_host(rt: Runtime, env: Env) -> Result
     Ok(())
 }
 
+/// An exec'd process (nodelet's own exec path, not libcontainer's) is confined exactly as the container's init:
+/// same user and groups, capabilities, no_new_privs, seccomp mode, namespaces, cgroups and oom_score_adj, and
+/// neither has a signal ignored or blocked (the agent ignores SIGPIPE; a container must not inherit that).
+pub async fn exec_is_confined_like_the_init(rt: Runtime, env: Env) -> Result<()> {
+    let mut cfg = config(&env, "exec-confined", &["sleep", "100"]);
+    cfg.image.user = Some("app".into());
+    cfg.security.supplemental_groups = vec![3000];
+    cfg.security.capabilities_drop = vec!["ALL".into()];
+    cfg.security.capabilities_add = vec!["NET_BIND_SERVICE".into(), "KILL".into()];
+    cfg.security.allow_privilege_escalation = Some(false);
+    cfg.security.seccomp = Seccomp::RuntimeDefault;
+    cfg.oom_score_adj = Some(937);
+    cfg.working_dir = Some("/tmp".into());
+    let c = rt.create(&cfg, ContainerIo::default()).await?;
+    rt.start(&c).await?;
+    let exec = |args: &[&str]| ExecConfig { args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let facts = "for f in status cgroup oom_score_adj; do echo \"== $f\"; cat /proc/$1/$f; done; \
+        for n in mnt net ipc uts pid cgroup; do echo ns-$n $(readlink /proc/$1/ns/$n); done; echo cwd $(readlink /proc/$1/cwd)";
+    let result = async {
+        let (code, init, err) =
+            rt.exec_sync(&c, &exec(&["sh", "-c", facts, "-", "1"]), Duration::from_secs(10)).await?;
+        ensure!(code == Some(0), "reading the init's facts: {code:?} {}", String::from_utf8_lossy(&err));
+        // The exec'd process reads its own status with grep (a direct child of nothing that changes dispositions).
+        let (code, own, err) = rt
+            .exec_sync(
+                &c,
+                &exec(&[
+                    "grep",
+                    "-E",
+                    "^(Uid|Gid|Groups|Cap...|NoNewPrivs|Seccomp|SigIgn|SigBlk):",
+                    "/proc/self/status",
+                ]),
+                Duration::from_secs(10),
+            )
+            .await?;
+        ensure!(code == Some(0), "reading its own status: {code:?} {}", String::from_utf8_lossy(&err));
+        let (code, shell, _) =
+            rt.exec_sync(&c, &exec(&["sh", "-c", facts, "-", "self"]), Duration::from_secs(10)).await?;
+        ensure!(code == Some(0), "reading its own facts");
+        Ok::<_, anyhow::Error>((
+            String::from_utf8_lossy(&init).into_owned(),
+            String::from_utf8_lossy(&own).into_owned(),
+            String::from_utf8_lossy(&shell).into_owned(),
+        ))
+    }
+    .await;
+    let _ = rt.delete(&c).await;
+    let (init, own, shell) = result?;
+    for name in
+        ["Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:", "Seccomp:"]
+    {
+        ensure!(
+            field(&own, name).is_some() && field(&own, name) == field(&init, name),
+            "{name} differs: exec'd {:?}, init {:?}\n{own}\n{init}",
+            field(&own, name),
+            field(&init, name)
+        );
+    }
+    ensure!(field(&own, "Uid:").is_some_and(|u| u.starts_with("1000")), "the image's user: {own}");
+    ensure!(field(&own, "Groups:").is_some_and(|g| g.contains("2000") && g.contains("3000")), "groups: {own}");
+    ensure!(
+        field(&own, "NoNewPrivs:").as_deref() == Some("1") && field(&own, "Seccomp:").as_deref() == Some("2"),
+        "{own}"
+    );
+    for (who, text) in [("exec'd", &own), ("init", &init)] {
+        ensure!(field(text, "SigIgn:").as_deref() == Some("0000000000000000"), "{who} ignores signals: {text}");
+        ensure!(field(text, "SigBlk:").as_deref() == Some("0000000000000000"), "{who} blocks signals: {text}");
+    }
+    // Namespaces, cgroups (as the container's cgroup namespace shows them), oom_score_adj and working directory.
+    let section = |text: &str, from: &str| -> String {
+        let start = text.find(from).map_or(text.len(), |i| i + from.len());
+        text[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with("==") && !l.starts_with("ns-"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let tail = |text: &str| {
+        text.lines().filter(|l| l.starts_with("ns-") || l.starts_with("cwd")).collect::<Vec<_>>().join("\n")
+    };
+    ensure!(section(&shell, "== cgroup") == section(&init, "== cgroup"), "cgroups differ:\n{shell}\n{init}");
+    ensure!(section(&shell, "== oom_score_adj").trim() == "937", "oom_score_adj: {shell}");
+    ensure!(section(&init, "== oom_score_adj").trim() == "937", "the init's oom_score_adj: {init}");
+    ensure!(
+        tail(&shell) == tail(&init) && tail(&init).contains("cwd /tmp"),
+        "namespaces or cwd differ:\n{shell}\n{init}"
+    );
+    Ok(())
+}
+
 pub async fn unprivileged_containers_cannot_reach_the_host(rt: Runtime, env: Env) -> Result<()> {
     let core_pattern = host("/proc/sys/kernel/core_pattern");
     // Everything here is something root in a container tries; each success prints ESCAPE.

@@ -1,0 +1,481 @@
+//! Starting a process in a running container (exec probes, `kubectl exec`), without libcontainer's tenant path.
+//!
+//! libcontainer's tenant build reloads the container's state and spec, scans mountinfo and `/proc/self/cgroup`
+//! per v1 controller through hardened procfs handles, and keeps its caller (the zygote, which serves every
+//! request one at a time) waiting on channels until the process has exec'd, and moves the process through each
+//! cgroup's `cgroup.procs`, which waits for an RCU grace period: ~15 ms per exec here, ~33 execs/s with many
+//! containers. This path gives the zygote one fork and one pipe read per exec, and joins the cgroups without
+//! that wait; what is left to do happens in the new process, so execs run side by side.
+//!
+//! The steps, by process:
+//! - **zygote**: forks the *helper*, reads the exec'd process's PID from it, reaps it. The exec'd process is
+//!   the zygote's child, so its exit arrives as any container process's does.
+//! - **helper**: joins the init's PID namespace (for its children only: `setns` never moves the caller) through
+//!   the init's pidfd (no PID reuse race), clones the process as the zygote's child (`CLONE_PARENT`) right into
+//!   the container's cgroup2 directory (`CLONE_INTO_CGROUP`), reports its PID, exits.
+//! - **process**: undumpable until it execs; `oom_score_adj` through the host's procfs, then moves itself into the
+//!   container's v1 cgroups (hybrid and v1 hosts; through `tasks`, which needs no RCU grace period; while still in
+//!   the host's mount namespace, before the cgroup namespace), then joins the
+//!   init's mount, network, IPC, UTS and cgroup namespaces at once through the pidfd; stdio or a terminal made in
+//!   the container's devpts (the master goes to the agent over its console socket); rlimits, no_new_privs, groups,
+//!   user; every descriptor but the error pipe closed before the working directory is entered (no host
+//!   directory can be reached through `/proc/self/fd`: CVE-2024-21626), which is then checked to be inside the
+//!   root; seccomp and capabilities as libcontainer orders them (it also provides both, and the terminal); the
+//!   signal dispositions reset; `execve`. Any failure is written to the error pipe, whose end-of-file on a
+//!   successful `execve` (close-on-exec) tells the agent that the process runs.
+//!
+//! The spec fields acted on are the ones nodelet's spec builder sets (`runtime/src/spec.rs`); the agent refuses
+//! the rest before a container exists.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::CloneFlags;
+use nix::unistd::{ForkResult, Gid, Uid};
+use oci_spec::runtime::{LinuxSeccomp, Process};
+use serde::{Deserialize, Serialize};
+
+/// What the zygote needs to start a process in a running container, resolved by the agent from the container's
+/// spec. Descriptors travel with the request, in this order: the init's pidfd, the error pipe's write end, the
+/// console socket when `process.terminal`, then the attached stdio descriptors as `stdio` says.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ExecPlan {
+    /// The OCI process: args, env, cwd, user, capabilities, noNewPrivileges, oomScoreAdj, rlimits, terminal.
+    pub process: Process,
+    /// The container's seccomp profile (none when unconfined or privileged).
+    pub seccomp: Option<LinuxSeccomp>,
+    /// The `tasks` file of each of the container's v1 cgroups.
+    pub v1_tasks: Vec<PathBuf>,
+    /// The container's cgroup2 directory (pure v2 and hybrid hosts).
+    pub unified: Option<PathBuf>,
+    /// Which of stdin, stdout and stderr are attached (the rest are `/dev/null`); ignored with a terminal.
+    pub stdio: [bool; 3],
+}
+
+/// The namespaces an exec'd process shares with the init, besides PID (joined through the helper). Not the
+/// user namespace: joining the one a process is already in fails, and nodelet's containers have none of their own.
+const NAMESPACES: libc::c_int =
+    libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
+
+/// PATH when the process's environment has none (the one the spec builder defaults to).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The descriptors of a request, by role.
+struct Descriptors {
+    pidfd: OwnedFd,
+    errors: OwnedFd,
+    console: Option<OwnedFd>,
+    stdio: [OwnedFd; 3],
+}
+
+impl Descriptors {
+    fn take(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<Self, String> {
+        let terminal = plan.process.terminal().unwrap_or(false);
+        let attached = if terminal { 0 } else { plan.stdio.iter().filter(|s| **s).count() };
+        let wanted = 2 + usize::from(terminal) + attached;
+        if fds.len() != wanted {
+            return Err(format!("expected {wanted} descriptors with the exec request, got {}", fds.len()));
+        }
+        let mut fds = fds.into_iter();
+        let mut next = || fds.next().ok_or_else(|| "fewer descriptors than the request names".to_string());
+        let (pidfd, errors) = (next()?, next()?);
+        let console = if terminal { Some(next()?) } else { None };
+        let mut stdio = Vec::with_capacity(3);
+        for attached in plan.stdio {
+            stdio.push(if attached && !terminal { next()? } else { dev_null()? });
+        }
+        let stdio: [OwnedFd; 3] = stdio.try_into().map_err(|_| "three stdio descriptors".to_string())?;
+        Ok(Self { pidfd, errors, console, stdio })
+    }
+}
+
+fn dev_null() -> Result<OwnedFd, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("/dev/null: {e}"))
+}
+
+/// Zygote side: starts the process and returns its PID. Only the fork of the helper and one read of its report
+/// happen here; the process reports its own failures on the error pipe.
+pub(super) fn spawn(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<i32, String> {
+    let fds = Descriptors::take(plan, fds)?;
+    let (report_r, report_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("creating a pipe: {e}"))?;
+    // SAFETY: the zygote is single-threaded, so the child is a complete copy in which any code may run; it never
+    // returns into the zygote's loop (it ends with _exit).
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("forking the exec helper: {e}"))? {
+        ForkResult::Child => {
+            drop(report_r);
+            let code = helper(plan, fds, report_w);
+            // SAFETY: _exit ends the helper without running the zygote's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(report_w);
+            drop(fds);
+            let mut buf = [0u8; 1024];
+            let n = loop {
+                match nix::unistd::read(report_r.as_raw_fd(), &mut buf) {
+                    Err(nix::Error::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            let _ = nix::sys::wait::waitpid(child, None);
+            match n {
+                Ok(n) => parse_report(&buf[..n]),
+                Err(e) => Err(format!("reading the exec helper's report: {e}")),
+            }
+        }
+    }
+}
+
+/// The helper's one message: `P` and the PID (4 bytes, native order), or `E` and an error.
+fn parse_report(report: &[u8]) -> Result<i32, String> {
+    match report.split_first() {
+        Some((b'P', pid)) => pid
+            .try_into()
+            .map(i32::from_ne_bytes)
+            .map_err(|_| format!("a malformed report from the exec helper ({} bytes)", report.len())),
+        Some((b'E', message)) => Err(String::from_utf8_lossy(message).into_owned()),
+        _ => Err("the exec helper ended without a report".into()),
+    }
+}
+
+/// Writes one report in one `write(2)` (below PIPE_BUF, so it arrives whole).
+fn report(to: &OwnedFd, kind: u8, body: &[u8]) {
+    let mut message = Vec::with_capacity(1 + body.len().min(1000));
+    message.push(kind);
+    message.extend_from_slice(&body[..body.len().min(1000)]);
+    let _ = nix::unistd::write(to, &message);
+}
+
+/// The helper (a child of the zygote): joins the PID namespace for its child and clones the process.
+fn helper(plan: &ExecPlan, fds: Descriptors, report_w: OwnedFd) -> i32 {
+    if let Err(e) = nix::sched::setns(&fds.pidfd, CloneFlags::CLONE_NEWPID) {
+        report(&report_w, b'E', format!("joining the container's PID namespace: {e}").as_bytes());
+        return 1;
+    }
+    let unified = match plan.unified.as_deref().map(open_dir).transpose() {
+        Ok(dir) => dir,
+        Err(e) => {
+            report(&report_w, b'E', e.as_bytes());
+            return 1;
+        }
+    };
+    match clone_sibling(unified.as_ref()) {
+        Ok(0) => {
+            drop(report_w);
+            let Descriptors { pidfd, errors, console, stdio } = fds;
+            let failure = match run(plan, &pidfd, &errors, console, stdio) {
+                Ok(never) => match never {},
+                Err(message) => message,
+            };
+            let _ = nix::unistd::write(&errors, failure.as_bytes());
+            // SAFETY: _exit ends the process without running exit handlers copied from the zygote.
+            unsafe { libc::_exit(127) }
+        }
+        Ok(pid) => {
+            report(&report_w, b'P', &pid.to_ne_bytes());
+            0
+        }
+        Err(e) => {
+            report(&report_w, b'E', format!("cloning the process: {e}").as_bytes());
+            1
+        }
+    }
+}
+
+/// The kernel's `struct clone_args` (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// clone3's flag (libc's constant is an `int`, which it does not fit).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// A cgroup2 directory for `CLONE_INTO_CGROUP`.
+fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
+    let flags = nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC;
+    nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty())
+        .map(|fd| {
+            // SAFETY: open just returned this descriptor and nothing else owns it.
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        })
+        .map_err(|e| format!("opening the cgroup {}: {e}", dir.display()))
+}
+
+/// fork(2) whose child is the caller's sibling (`CLONE_PARENT`: the zygote's child, reaped and reported by it),
+/// born in the cgroup2 directory `cgroup` when given (`CLONE_INTO_CGROUP`: no migration, so no wait for an RCU
+/// grace period, as a write to `cgroup.procs` has). Returns 0 in the child and the child's PID (as the caller's
+/// PID namespace sees it) in the caller.
+fn clone_sibling(cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
+    // No exit signal of its own: with CLONE_PARENT clone3 wants 0, and the child takes the caller's (SIGCHLD,
+    // the helper being an ordinary fork).
+    let mut args = CloneArgs { flags: libc::CLONE_PARENT as u64, ..Default::default() };
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM and with no new stack behaves as fork(2): the child gets a copy of the
+    // address space and continues here with a return value of 0. The caller is single-threaded, so no lock is held
+    // by another thread in the copy. `args` is a valid clone_args of the size passed and outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_clone3, &raw mut args, std::mem::size_of::<CloneArgs>()) };
+    nix::errno::Errno::result(rc).map(|pid| pid as i32)
+}
+
+/// The process itself: everything up to `execve`, which does not return on success.
+fn run(
+    plan: &ExecPlan,
+    pidfd: &OwnedFd,
+    errors: &OwnedFd,
+    console: Option<OwnedFd>,
+    stdio: [OwnedFd; 3],
+) -> Result<std::convert::Infallible, String> {
+    let process = &plan.process;
+    let syscall = libcontainer::syscall::syscall::create_syscall();
+    // Undumpable until execve: no process of the container may ptrace it or open its /proc files while it still
+    // holds the agent's memory and the host's view.
+    // SAFETY: prctl(PR_SET_DUMPABLE) only changes this process's attribute.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong) };
+    if let Some(adj) = process.oom_score_adj() {
+        // Through the host's procfs, before any container mount is joined (CVE-2025-52881: a container's /proc
+        // could redirect the write).
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).map_err(|e| format!("oom_score_adj: {e}"))?;
+    }
+    // Into the container's v1 cgroups before its cgroup namespace (the cgroup2 one it was born in). Writing 0
+    // to `tasks` moves the writing thread, this whole single-threaded process, without the lock that a write to
+    // `cgroup.procs` takes, and so without its wait for an RCU grace period (~12 ms here, most of an exec).
+    for tasks in &plan.v1_tasks {
+        std::fs::write(tasks, "0").map_err(|e| format!("joining the cgroup {}: {e}", display_dir(tasks)))?;
+    }
+    // SAFETY: setns with a pidfd and a mask joins those namespaces of the process the pidfd refers to, all at once;
+    // the descriptor is valid for the call.
+    let rc = unsafe { libc::setns(pidfd.as_raw_fd(), NAMESPACES) };
+    nix::errno::Errno::result(rc).map_err(|e| format!("joining the container's namespaces: {e}"))?;
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    match console {
+        // A terminal in the container's devpts: the master goes to the agent, the slave becomes stdio.
+        Some(socket) => libcontainer::tty::setup_console(syscall.as_ref(), socket.into_raw_fd(), false)
+            .map_err(|e| format!("setting up the terminal: {e}"))?,
+        None => {
+            for (fd, target) in stdio.iter().zip(0..) {
+                nix::unistd::dup2(fd.as_raw_fd(), target).map_err(|e| format!("stdio: {e}"))?;
+            }
+        }
+    }
+    drop(stdio);
+    for rlimit in process.rlimits().iter().flatten() {
+        syscall.set_rlimit(rlimit).map_err(|e| format!("setting rlimit {:?}: {e}", rlimit.typ()))?;
+    }
+    let no_new_privileges = process.no_new_privileges() == Some(true);
+    if no_new_privileges {
+        // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) only changes this process's attribute.
+        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
+        nix::errno::Errno::result(rc).map_err(|e| format!("no_new_privs: {e}"))?;
+    }
+    let user = process.user();
+    if let Some(umask) = user.umask() {
+        let mode = nix::sys::stat::Mode::from_bits(umask).ok_or_else(|| format!("invalid umask {umask:o}"))?;
+        nix::sys::stat::umask(mode);
+    }
+    let mut env: Vec<String> = process.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.strip_prefix("HOME=").is_some_and(|v| !v.is_empty())) {
+        // As runc: the user's home from the container's /etc/passwd, else /. Parsed here, not through NSS,
+        // which would follow the image's nsswitch.conf and could load the image's libraries into this process.
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let home = home_of(&passwd, user.uid()).unwrap_or("/");
+        env.retain(|e| !e.starts_with("HOME="));
+        env.push(format!("HOME={home}"));
+    }
+    // Nothing of the agent's survives into the container: every descriptor above stdio but the error pipe
+    // (close-on-exec) is closed, before the working directory is entered.
+    close_all_but(errors.as_raw_fd())?;
+    // As root first (the user may not be able to enter it, in which case it is entered again below).
+    let cwd = process.cwd();
+    let entered = nix::unistd::chdir(cwd).is_ok();
+    let gids: Vec<Gid> = user.additional_gids().iter().flatten().map(|g| Gid::from_raw(*g)).collect();
+    if !gids.is_empty() {
+        syscall.set_groups(&gids).map_err(|e| format!("setting supplementary groups: {e}"))?;
+    }
+    syscall
+        .set_id(Uid::from_raw(user.uid()), Gid::from_raw(user.gid()))
+        .map_err(|e| format!("setting uid {} and gid {}: {e}", user.uid(), user.gid()))?;
+    if !entered {
+        nix::unistd::chdir(cwd).map_err(|e| format!("chdir to cwd (\"{}\"): {e}", cwd.display()))?;
+    }
+    inside_root()?;
+    if let Some(seccomp) = plan.seccomp.as_ref().filter(|_| !no_new_privileges) {
+        // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: before the capabilities go.
+        libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| format!("loading seccomp: {e}"))?;
+    }
+    libcontainer::capabilities::reset_effective(syscall.as_ref()).map_err(|e| format!("capabilities: {e}"))?;
+    if let Some(caps) = process.capabilities() {
+        libcontainer::capabilities::drop_privileges(caps, syscall.as_ref())
+            .map_err(|e| format!("dropping capabilities: {e}"))?;
+    }
+    if let Some(seccomp) = plan.seccomp.as_ref().filter(|_| no_new_privileges) {
+        libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| format!("loading seccomp: {e}"))?;
+    }
+    let args = process.args().clone().unwrap_or_default();
+    let name = args.first().ok_or("no command")?;
+    let path = lookup(name, &env)?;
+    default_signals();
+    let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+    let argv = args.iter().map(|a| c(a)).collect::<Result<Vec<_>, _>>()?;
+    let envp = env.iter().map(|e| c(e)).collect::<Result<Vec<_>, _>>()?;
+    let path = CString::new(path.into_os_string().into_encoded_bytes()).map_err(|_| "a NUL byte in the path")?;
+    nix::unistd::execve(&path, &argv, &envp).map_err(|e| format!("exec: {name:?}: {}", e.desc()))
+}
+
+/// The home directory of `uid` in an `/etc/passwd` text (`name:x:uid:gid:gecos:home:shell`).
+fn home_of(passwd: &str, uid: u32) -> Option<&str> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() >= 7 && fields[2].parse() == Ok(uid) && !fields[5].is_empty() { Some(fields[5]) } else { None }
+    })
+}
+
+/// `/sys/fs/cgroup/memory/a/b` for `/sys/fs/cgroup/memory/a/b/tasks`.
+fn display_dir(procs: &Path) -> String {
+    procs.parent().unwrap_or(procs).display().to_string()
+}
+
+/// Closes every descriptor from 3 up except `keep`.
+fn close_all_but(keep: RawFd) -> Result<(), String> {
+    let close_range = |first: u32, last: u32| {
+        if first > last {
+            return Ok(());
+        }
+        // SAFETY: close_range only closes descriptors of this process; none of those closed is used afterwards
+        // (the process keeps only stdio and `keep`).
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        nix::errno::Errno::result(rc).map(drop).map_err(|e| format!("closing descriptors: {e}"))
+    };
+    let keep = u32::try_from(keep).map_err(|_| "a negative descriptor".to_string())?;
+    if keep >= 3 {
+        close_range(3, keep - 1)?;
+    }
+    close_range(keep.max(2) + 1, u32::MAX)
+}
+
+/// The working directory must be inside the container's root: `getcwd` reports a directory outside it as
+/// unreachable (the check runc makes against CVE-2024-21626).
+fn inside_root() -> Result<(), String> {
+    match nix::unistd::getcwd() {
+        Ok(dir) if dir.is_absolute() => Ok(()),
+        Ok(dir) => Err(format!("the working directory is outside the container's root: {}", dir.display())),
+        Err(e) => Err(format!("the working directory is outside the container's root: {e}")),
+    }
+}
+
+/// The executable for `name`: itself if it has a slash, else the first regular executable file of that name in
+/// the process's PATH (as `execvp` would search it, but in the process's environment, not the zygote's).
+fn lookup(name: &str, env: &[String]) -> Result<PathBuf, String> {
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    path.split(':')
+        .map(|dir| Path::new(if dir.is_empty() { "." } else { dir }).join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate).is_ok_and(|m| m.is_file())
+                && nix::unistd::access(candidate, nix::unistd::AccessFlags::X_OK).is_ok()
+        })
+        .ok_or_else(|| format!("exec: {name:?}: executable file not found in $PATH"))
+}
+
+/// Every signal back to its default disposition and unblocked, as a process started by runc has them: the agent
+/// ignores SIGPIPE (Rust's start-up does), the zygote handles SIGCHLD, and glibc's own two real-time signals
+/// (32 and 33, which its `sigaction` refuses to touch) are ignored in this process tree.
+pub(crate) fn default_signals() {
+    /// The kernel's `struct sigaction` (x86_64 and aarch64 share this layout); no restorer is needed for SIG_DFL.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction with SIG_DFL installs no handler; the struct outlives the call and has the kernel's
+        // layout on the architectures nodelet builds for; the old action is not read (null).
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &raw const default,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_parse() {
+        let mut ok = vec![b'P'];
+        ok.extend_from_slice(&4242i32.to_ne_bytes());
+        assert_eq!(parse_report(&ok), Ok(4242));
+        assert_eq!(parse_report(b"Ejoining: ESRCH"), Err("joining: ESRCH".to_string()));
+        assert!(parse_report(b"").unwrap_err().contains("without a report"));
+        assert!(parse_report(b"P12").unwrap_err().contains("malformed"));
+        assert!(parse_report(b"X").is_err());
+    }
+
+    #[test]
+    fn home_comes_from_the_passwd_text() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n# comment\napp:x:1000:1000::/home/app:/bin/sh\nnohome:x:7:7:::/bin/sh\nbad:x\n";
+        assert_eq!(home_of(passwd, 0), Some("/root"));
+        assert_eq!(home_of(passwd, 1000), Some("/home/app"));
+        assert_eq!(home_of(passwd, 7), None);
+        assert_eq!(home_of(passwd, 4242), None);
+    }
+
+    #[test]
+    fn lookup_searches_the_process_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("tool");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        let not_exec = dir.path().join("data");
+        std::fs::write(&not_exec, "").unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let env = vec![format!("PATH=/nonexistent:{}", dir.path().display())];
+        assert_eq!(lookup("tool", &env).unwrap(), bin);
+        assert_eq!(lookup("/abs/x", &env).unwrap(), PathBuf::from("/abs/x"));
+        // A directory or a missing name is not an executable; the message is runc's.
+        assert_eq!(lookup("nothere", &env).unwrap_err(), "exec: \"nothere\": executable file not found in $PATH");
+        if nix::unistd::geteuid().is_root() {
+            // root passes access(X_OK) only for files with an execute bit.
+            assert!(lookup("data", &env).is_err());
+        }
+    }
+}
