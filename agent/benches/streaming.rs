@@ -6,8 +6,9 @@
 //! - exec round trip: `true` in a running container, EXECS times (default 100) one after another, from the
 //!   request to the API server until the exit status arrived and the connection closed; WebSocket
 //!   `v5.channel.k8s.io` as kubectl speaks it (a client in this process: kubectl's own start-up is not measured);
-//!   for nodelet also its own share, the sessions' durations it logs (from the upgrade to the connection's end):
-//!   the rest is the client's and the API server's (TLS to both, authorization, the proxy);
+//!   for nodelet also its own share, the sessions' durations it logs (from the connection's accept, so its TLS
+//!   handshake and authorization included, to the connection's end): the rest is the client's and the API
+//!   server's;
 //! - port-forward throughput: `kubectl port-forward` to busybox `httpd` in the pod, one GET of an M MiB file
 //!   (default 256), MiB/s from the request to the last byte (the file's size is checked).
 //!
@@ -117,11 +118,12 @@ fn main() {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio").block_on(bench());
 }
 
-/// The durations (ms) of the streaming sessions a node logged (`streaming session ended ... took_us=N`).
+/// The durations (ms) of the streaming sessions a node logged, from their connections' accept
+/// (`streaming session ended ... since_accept_us=N`).
 fn node_sessions(log: &str) -> Vec<f64> {
     log.lines()
         .filter(|l| l.contains("streaming session ended"))
-        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+        .filter_map(|l| l.split("since_accept_us=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
         .map(|us| us / 1000.0)
         .collect()
 }

@@ -154,6 +154,18 @@ struct Inner {
     /// legacy hosts, or where that cgroup is not under the mounted tree).
     zygote_cgroup: Option<PathBuf>,
     exits: Mutex<HashMap<i32, watch::Sender<Option<Exited>>>>,
+    /// Per container: what its execs share ([`Runtime::exec_template`]), until it is deleted.
+    exec_templates: Mutex<HashMap<String, Arc<ExecTemplate>>>,
+}
+
+/// The parts of an exec that come from the container: its process (user, capabilities, env...), seccomp profile
+/// and cgroups.
+#[derive(Debug)]
+struct ExecTemplate {
+    process: oci_spec::runtime::Process,
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    v1_tasks: Vec<PathBuf>,
+    unified: Option<PathBuf>,
 }
 
 impl Inner {
@@ -204,8 +216,15 @@ impl Runtime {
                 None
             }
         };
-        let inner =
-            Arc::new(Inner { zygote: requests, root, layout, hierarchies, zygote_cgroup, exits: Mutex::default() });
+        let inner = Arc::new(Inner {
+            zygote: requests,
+            root,
+            layout,
+            hierarchies,
+            zygote_cgroup,
+            exits: Mutex::default(),
+            exec_templates: Mutex::default(),
+        });
         nix::fcntl::fcntl(events.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
             .map_err(RuntimeError::sys("O_NONBLOCK"))?;
         let events = async_fd(events).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
@@ -376,10 +395,8 @@ impl Runtime {
     /// Returns once the process has exec'd; a failure before that (no such executable...) is an error.
     pub async fn exec(&self, c: &Container, exec: &ExecConfig, io: ContainerIo) -> Result<ExecProcess, RuntimeError> {
         let fail = |message: String| RuntimeError::Exec { id: c.id.clone(), message };
-        let bundle = self.inner.root.join("bundles").join(&c.id);
-        let spec =
-            Spec::load(bundle.join("config.json")).map_err(|e| fail(format!("reading the container spec: {e}")))?;
-        let mut process = spec.process().clone().ok_or_else(|| fail("the container spec has no process".into()))?;
+        let template = self.exec_template(c).map_err(fail)?;
+        let mut process = template.process.clone();
         let mut env: Vec<String> = process.env().clone().unwrap_or_default();
         for kv in &exec.env {
             let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
@@ -388,9 +405,13 @@ impl Runtime {
         }
         process.set_args(Some(exec.args.clone())).set_env(Some(env)).set_terminal(Some(exec.tty));
         let stdio = if exec.tty { [false; 3] } else { [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()] };
-        let (v1_tasks, unified) = cgroup::exec_cgroups(self.inner.layout, &c.cgroups_path);
-        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
-        let plan = ExecPlan { process, seccomp, v1_tasks, unified, stdio };
+        let plan = ExecPlan {
+            process,
+            seccomp: template.seccomp.clone(),
+            v1_tasks: template.v1_tasks.clone(),
+            unified: template.unified.clone(),
+            stdio,
+        };
         let sys = |what: &'static str| move |e: nix::Error| fail(format!("{what}: {e}"));
         let (errors, errors_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("a pipe"))?;
         let pidfd = c.pidfd.try_clone().map_err(|e| fail(format!("duplicating the pidfd: {e}")))?;
@@ -419,7 +440,7 @@ impl Runtime {
             }
             let pty = match console {
                 Some(socket) => Some(
-                    wire::recv_raw(socket.as_fd())
+                    wire::recv_short(socket.as_fd())
                         .map_err(std::io::Error::other)?
                         .1
                         .pop()
@@ -448,6 +469,22 @@ impl Runtime {
                 }))
             }
         }
+    }
+
+    /// What every exec into `c` shares, read from its bundle and cgroups once (exec probes run every second).
+    fn exec_template(&self, c: &Container) -> Result<Arc<ExecTemplate>, String> {
+        let mut templates = self.inner.exec_templates.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = templates.get(&c.id) {
+            return Ok(t.clone());
+        }
+        let bundle = self.inner.root.join("bundles").join(&c.id);
+        let spec = Spec::load(bundle.join("config.json")).map_err(|e| format!("reading the container spec: {e}"))?;
+        let process = spec.process().clone().ok_or("the container spec has no process")?;
+        let (v1_tasks, unified) = cgroup::exec_cgroups(self.inner.layout, &c.cgroups_path);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        let template = Arc::new(ExecTemplate { process, seccomp, v1_tasks, unified });
+        templates.insert(c.id.clone(), template.clone());
+        Ok(template)
     }
 
     /// Waits for an exec'd process; returns its exit code (128 + signal when killed).
@@ -517,6 +554,7 @@ impl Runtime {
         };
         self.remove_files(&c.id, &c.cgroups_path).await;
         self.inner.exits.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.pid);
+        self.inner.exec_templates.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.id);
         result
     }
 

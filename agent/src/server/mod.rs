@@ -53,6 +53,11 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// How long a client may take to send a request's head (HTTP/1).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// When a request's connection was accepted (the API server opens one per streaming request): the streaming
+/// benchmark's measure of the node's share includes the TLS handshake and the authorization.
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted(pub std::time::Instant);
+
 /// Serves the API on `listener` until the process ends; a connection's failure affects only that connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -72,6 +77,7 @@ pub async fn serve(
                 continue;
             }
         };
+        let accepted = std::time::Instant::now();
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "kubelet API connection refused: {MAX_CONNECTIONS} connections open");
             continue;
@@ -91,7 +97,8 @@ pub async fn serve(
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
             let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(Accepted(accepted));
                 let (api, auth, cert) = (api.clone(), auth.clone(), cert.clone());
                 async move { Ok::<_, Infallible>(api.handle(req, &auth, cert.as_ref()).await) }
             });

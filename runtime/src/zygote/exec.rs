@@ -4,15 +4,14 @@
 //! per v1 controller through hardened procfs handles, and keeps its caller (the zygote, which serves every
 //! request one at a time) waiting on channels until the process has exec'd, and moves the process through each
 //! cgroup's `cgroup.procs`, which waits for an RCU grace period: ~15 ms per exec here, ~33 execs/s with many
-//! containers. This path gives the zygote one fork and one pipe read per exec, and joins the cgroups without
-//! that wait; what is left to do happens in the new process, so execs run side by side.
+//! containers. This path gives the zygote one clone per exec, and joins the cgroups without that wait; what is
+//! left to do happens in the new process, so execs run side by side.
 //!
 //! The steps, by process:
-//! - **zygote**: forks the *helper*, reads the exec'd process's PID from it, reaps it. The exec'd process is
-//!   the zygote's child, so its exit arrives as any container process's does.
-//! - **helper**: joins the init's PID namespace (for its children only: `setns` never moves the caller) through
-//!   the init's pidfd (no PID reuse race), clones the process as the zygote's child (`CLONE_PARENT`) right into
-//!   the container's cgroup2 directory (`CLONE_INTO_CGROUP`), reports its PID, exits.
+//! - **zygote**: sets the init's PID namespace for its children (through the init's pidfd: no PID reuse race;
+//!   `setns` never moves the caller itself), clones the process right into the container's cgroup2 directory
+//!   (`CLONE_INTO_CGROUP`), and restores its own PID namespace for children. The process is the zygote's child,
+//!   so its exit arrives as any container process's does.
 //! - **process**: undumpable until it execs; `oom_score_adj` through the host's procfs, then moves itself into the
 //!   container's v1 cgroups (hybrid and v1 hosts; through `tasks`, which needs no RCU grace period; while still in
 //!   the host's mount namespace, before the cgroup namespace), then joins the
@@ -32,7 +31,7 @@ use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::CloneFlags;
-use nix::unistd::{ForkResult, Gid, Uid};
+use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxSeccomp, Process};
 use serde::{Deserialize, Serialize};
 
@@ -53,7 +52,7 @@ pub(crate) struct ExecPlan {
     pub stdio: [bool; 3],
 }
 
-/// The namespaces an exec'd process shares with the init, besides PID (joined through the helper). Not the
+/// The namespaces an exec'd process joins itself (PID is set by the zygote for it). Not the
 /// user namespace: joining the one a process is already in fails, and nodelet's containers have none of their own.
 const NAMESPACES: libc::c_int =
     libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
@@ -99,94 +98,35 @@ fn dev_null() -> Result<OwnedFd, String> {
         .map_err(|e| format!("/dev/null: {e}"))
 }
 
-/// Zygote side: starts the process and returns its PID. Only the fork of the helper and one read of its report
-/// happen here; the process reports its own failures on the error pipe.
+/// Zygote side: starts the process and returns its PID. The zygote only clones; the process reports its own
+/// failures on the error pipe.
 pub(super) fn spawn(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<i32, String> {
     let fds = Descriptors::take(plan, fds)?;
-    let (report_r, report_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("creating a pipe: {e}"))?;
-    // SAFETY: the zygote is single-threaded, so the child is a complete copy in which any code may run; it never
-    // returns into the zygote's loop (it ends with _exit).
-    match unsafe { nix::unistd::fork() }.map_err(|e| format!("forking the exec helper: {e}"))? {
-        ForkResult::Child => {
-            drop(report_r);
-            let code = helper(plan, fds, report_w);
-            // SAFETY: _exit ends the helper without running the zygote's exit handlers.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => {
-            drop(report_w);
-            drop(fds);
-            let mut buf = [0u8; 1024];
-            let n = loop {
-                match nix::unistd::read(report_r.as_raw_fd(), &mut buf) {
-                    Err(nix::Error::EINTR) => continue,
-                    other => break other,
-                }
-            };
-            let _ = nix::sys::wait::waitpid(child, None);
-            match n {
-                Ok(n) => parse_report(&buf[..n]),
-                Err(e) => Err(format!("reading the exec helper's report: {e}")),
-            }
-        }
+    let unified = plan.unified.as_deref().map(open_dir).transpose()?;
+    let home = std::fs::File::open("/proc/self/ns/pid").map_err(|e| format!("/proc/self/ns/pid: {e}"))?;
+    // Children made from here on are born in the container's PID namespace (setns never moves the caller);
+    // the zygote's own is restored right after the clone, before anything else can fork.
+    nix::sched::setns(&fds.pidfd, CloneFlags::CLONE_NEWPID)
+        .map_err(|e| format!("joining the container's PID namespace: {e}"))?;
+    let cloned = clone_into(unified.as_ref());
+    if cloned == Ok(0) {
+        // The process (born in the container's PID namespace, which it cannot leave).
+        let Descriptors { pidfd, errors, console, stdio } = fds;
+        let failure = match run(plan, &pidfd, &errors, console, stdio) {
+            Ok(never) => match never {},
+            Err(message) => message,
+        };
+        let _ = nix::unistd::write(&errors, failure.as_bytes());
+        // SAFETY: _exit ends the process without running exit handlers copied from the zygote.
+        unsafe { libc::_exit(127) }
     }
-}
-
-/// The helper's one message: `P` and the PID (4 bytes, native order), or `E` and an error.
-fn parse_report(report: &[u8]) -> Result<i32, String> {
-    match report.split_first() {
-        Some((b'P', pid)) => pid
-            .try_into()
-            .map(i32::from_ne_bytes)
-            .map_err(|_| format!("a malformed report from the exec helper ({} bytes)", report.len())),
-        Some((b'E', message)) => Err(String::from_utf8_lossy(message).into_owned()),
-        _ => Err("the exec helper ended without a report".into()),
+    if let Err(e) = nix::sched::setns(&home, CloneFlags::CLONE_NEWPID) {
+        // Every later container would be made in that namespace: the zygote must not go on.
+        eprintln!("nodelet zygote: restoring its PID namespace failed: {e}");
+        // SAFETY: _exit ends the zygote at once; the agent sees its socket close.
+        unsafe { libc::_exit(1) }
     }
-}
-
-/// Writes one report in one `write(2)` (below PIPE_BUF, so it arrives whole).
-fn report(to: &OwnedFd, kind: u8, body: &[u8]) {
-    let mut message = Vec::with_capacity(1 + body.len().min(1000));
-    message.push(kind);
-    message.extend_from_slice(&body[..body.len().min(1000)]);
-    let _ = nix::unistd::write(to, &message);
-}
-
-/// The helper (a child of the zygote): joins the PID namespace for its child and clones the process.
-fn helper(plan: &ExecPlan, fds: Descriptors, report_w: OwnedFd) -> i32 {
-    if let Err(e) = nix::sched::setns(&fds.pidfd, CloneFlags::CLONE_NEWPID) {
-        report(&report_w, b'E', format!("joining the container's PID namespace: {e}").as_bytes());
-        return 1;
-    }
-    let unified = match plan.unified.as_deref().map(open_dir).transpose() {
-        Ok(dir) => dir,
-        Err(e) => {
-            report(&report_w, b'E', e.as_bytes());
-            return 1;
-        }
-    };
-    match clone_sibling(unified.as_ref()) {
-        Ok(0) => {
-            drop(report_w);
-            let Descriptors { pidfd, errors, console, stdio } = fds;
-            let failure = match run(plan, &pidfd, &errors, console, stdio) {
-                Ok(never) => match never {},
-                Err(message) => message,
-            };
-            let _ = nix::unistd::write(&errors, failure.as_bytes());
-            // SAFETY: _exit ends the process without running exit handlers copied from the zygote.
-            unsafe { libc::_exit(127) }
-        }
-        Ok(pid) => {
-            report(&report_w, b'P', &pid.to_ne_bytes());
-            0
-        }
-        Err(e) => {
-            report(&report_w, b'E', format!("cloning the process: {e}").as_bytes());
-            1
-        }
-    }
+    cloned.map_err(|e| format!("cloning the process: {e}"))
 }
 
 /// The kernel's `struct clone_args` (version 2, with `cgroup`).
@@ -220,14 +160,11 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
         .map_err(|e| format!("opening the cgroup {}: {e}", dir.display()))
 }
 
-/// fork(2) whose child is the caller's sibling (`CLONE_PARENT`: the zygote's child, reaped and reported by it),
-/// born in the cgroup2 directory `cgroup` when given (`CLONE_INTO_CGROUP`: no migration, so no wait for an RCU
-/// grace period, as a write to `cgroup.procs` has). Returns 0 in the child and the child's PID (as the caller's
-/// PID namespace sees it) in the caller.
-fn clone_sibling(cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
-    // No exit signal of its own: with CLONE_PARENT clone3 wants 0, and the child takes the caller's (SIGCHLD,
-    // the helper being an ordinary fork).
-    let mut args = CloneArgs { flags: libc::CLONE_PARENT as u64, ..Default::default() };
+/// fork(2) whose child is born in the cgroup2 directory `cgroup` when given (`CLONE_INTO_CGROUP`: no migration,
+/// so no wait for an RCU grace period, as a write to `cgroup.procs` has). Returns 0 in the child and the child's
+/// PID (as the caller's PID namespace sees it) in the caller.
+fn clone_into(cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
+    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
     if let Some(dir) = cgroup {
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = dir.as_raw_fd() as u64;
@@ -439,17 +376,6 @@ pub(crate) fn default_signals() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reports_parse() {
-        let mut ok = vec![b'P'];
-        ok.extend_from_slice(&4242i32.to_ne_bytes());
-        assert_eq!(parse_report(&ok), Ok(4242));
-        assert_eq!(parse_report(b"Ejoining: ESRCH"), Err("joining: ESRCH".to_string()));
-        assert!(parse_report(b"").unwrap_err().contains("without a report"));
-        assert!(parse_report(b"P12").unwrap_err().contains("malformed"));
-        assert!(parse_report(b"X").is_err());
-    }
 
     #[test]
     fn home_comes_from_the_passwd_text() {

@@ -207,7 +207,7 @@ impl Console {
         self.listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let (stream, _) = self.listener.accept().map_err(|e| format!("the process sent no terminal: {e}"))?;
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let (_name, mut fds) = wire::recv_raw(stream.as_fd()).map_err(|e| format!("receiving the terminal: {e}"))?;
+        let (_name, mut fds) = wire::recv_short(stream.as_fd()).map_err(|e| format!("receiving the terminal: {e}"))?;
         fds.pop().ok_or_else(|| "the process sent no terminal descriptor".to_string())
     }
 }

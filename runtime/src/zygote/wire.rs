@@ -50,9 +50,34 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
     Ok((msg, fds))
 }
 
-/// Receives one packet's bytes (not necessarily JSON) and its descriptors.
+/// Receives one packet's bytes (not necessarily JSON) and its descriptors from a `SOCK_SEQPACKET` socket, in a
+/// buffer of the packet's size (a zeroed buffer of the largest size, per message, cost more than the rest of an
+/// exec's messaging).
 pub fn recv_raw(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    let len = loop {
+        // MSG_TRUNC: the packet's real length, with nothing copied; MSG_PEEK: it stays queued.
+        match nix::sys::socket::recv(sock.as_raw_fd(), &mut [], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+            Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
+            Err(e) => return Err(WireError::Io(e)),
+            Ok(n) => break n,
+        }
+    };
+    if len > MAX_MESSAGE {
+        // Read it (and drop it with its descriptors) so that the next message can be read.
+        let _ = recv_into(sock, MAX_MESSAGE);
+        return Err(WireError::Malformed(format!("message of {len} bytes exceeds {MAX_MESSAGE}")));
+    }
+    recv_into(sock, len)
+}
+
+/// Receives a short message and its descriptors from a stream socket (a terminal's master, sent with its name).
+pub fn recv_short(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
+    recv_into(sock, 4096)
+}
+
+fn recv_into(sock: BorrowedFd<'_>, size: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
+    let mut buf = vec![0u8; size];
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -102,6 +127,12 @@ mod tests {
         let mut out = String::new();
         std::fs::File::from(r).read_to_string(&mut out).unwrap();
         assert_eq!(out, "through the passed fd");
+
+        // A large message arrives whole, in a buffer of its size.
+        let big = "x".repeat(100_000);
+        send(a.as_fd(), &big, &[]).unwrap();
+        let (back, fds): (String, _) = recv(b.as_fd()).unwrap();
+        assert_eq!((back.len(), fds.len()), (big.len(), 0));
 
         drop(a);
         assert!(matches!(recv::<String>(b.as_fd()), Err(WireError::Closed)));
