@@ -173,13 +173,20 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         },
     })?);
     let facts = NodeFacts::gather(&config)?;
-    // Admission counts against allocatable; the kubepods cgroup gets the whole capacity until node allocatable
-    // enforcement (`enforceNodeAllocatable`) is built.
+    // Admission counts against allocatable; the kubepods cgroup is limited to capacity less reservations
+    // (`enforceNodeAllocatable: [pods]`, upstream's default), evictions acting before that limit is reached.
     let allocatable = (facts.allocatable.cpu_millis, facts.allocatable.memory_bytes);
     let hierarchy = Hierarchy::detect(config.kubelet.cgroup_root.as_deref().unwrap_or("/")).context("cgroups")?;
-    hierarchy
-        .ensure_node(Allocatable { cpu_millis: facts.cpus * 1000, memory_bytes: facts.memory_bytes, pids: None })
-        .context("creating the kubepods cgroups")?;
+    let pods_limit = Allocatable {
+        cpu_millis: facts.pods_limit.cpu_millis,
+        memory_bytes: facts.pods_limit.memory_bytes,
+        pids: None,
+    };
+    hierarchy.ensure_node(pods_limit).context("creating the kubepods cgroups")?;
+    let pods_memory = config.kubelet.enforces_pods_allocatable()?.then(|| crate::node::conditions::PodsMemory {
+        hierarchy: hierarchy.clone(),
+        limit: facts.pods_limit.memory_bytes,
+    });
     let client = match &config.kubeconfig {
         Some(path) => Some(crate::certificate::api_client(&config, path).await?),
         None => None,
@@ -231,6 +238,8 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
                 config.kubelet.eviction_max_pod_grace_period.max(0).unsigned_abs(),
             ),
             interval: config.housekeeping_interval,
+            pods_memory,
+            memory_watch: config.eviction_memory_watch,
             transition_period: config.kubelet.eviction_pressure_transition_period,
             stall_thresholds: config.stall_thresholds.clone(),
             reclaim_disk: Some({

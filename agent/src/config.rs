@@ -56,6 +56,10 @@ pub struct KubeletConfiguration {
     /// `pid`): subtracted from capacity for allocatable.
     pub kube_reserved: std::collections::BTreeMap<String, String>,
     pub system_reserved: std::collections::BTreeMap<String, String>,
+    /// Where allocatable is enforced: `pods` (upstream's default) limits the `kubepods` cgroup to capacity minus
+    /// the reservations and adds the `allocatableMemory.available` thresholds; `none` (or an empty list) leaves it
+    /// the whole capacity. The reservations' own cgroups (`system-reserved`, `kube-reserved`) are refused.
+    pub enforce_node_allocatable: Vec<String>,
     /// Hard eviction thresholds (`memory.available`, `nodefs.available`...; quantities or percentages). Unset:
     /// upstream's defaults. They shape allocatable, and the eviction manager enforces them.
     pub eviction_hard: Option<std::collections::BTreeMap<String, String>>,
@@ -161,7 +165,6 @@ pub const NOT_ACTED_ON: &[&str] = &[
     "showHiddenMetricsForVersion",
     "systemReservedCgroup",
     "kubeReservedCgroup",
-    "enforceNodeAllocatable",
     "defaultPodSysctls",
     "volumePluginDir",
     "providerID",
@@ -231,6 +234,7 @@ impl Default for KubeletConfiguration {
             single_process_oom_kill: None,
             kube_reserved: Default::default(),
             system_reserved: Default::default(),
+            enforce_node_allocatable: vec!["pods".into()],
             eviction_hard: None,
             eviction_pressure_transition_period: Duration::from_secs(300),
             eviction_soft: Default::default(),
@@ -426,6 +430,7 @@ impl KubeletConfiguration {
             ip.parse::<std::net::IpAddr>().with_context(|| format!("podCIDR {cidr:?}"))?;
             bits.parse::<u8>().ok().filter(|b| *b <= 128).with_context(|| format!("podCIDR {cidr:?}"))?;
         }
+        self.enforces_pods_allocatable()?;
         self.eviction_thresholds().map_err(anyhow::Error::msg).context("eviction thresholds")?;
         crate::pods::sysctls::Allowlist::new(&self.allowed_unsafe_sysctls)
             .map_err(anyhow::Error::msg)
@@ -436,14 +441,38 @@ impl KubeletConfiguration {
         Ok(())
     }
 
-    /// The eviction thresholds in force (hard ones defaulted as upstream).
+    /// Whether `enforceNodeAllocatable` asks for the pods' cgroup to be limited to allocatable, with upstream's
+    /// validation; the reservations' own cgroups are refused (nodelet does not manage them).
+    pub fn enforces_pods_allocatable(&self) -> Result<bool> {
+        let mut pods = false;
+        for value in &self.enforce_node_allocatable {
+            match value.as_str() {
+                "pods" => pods = true,
+                "none" if self.enforce_node_allocatable.len() == 1 => {}
+                "none" => bail!("enforceNodeAllocatable: \"none\" cannot be combined with other options"),
+                "system-reserved" | "kube-reserved" | "system-reserved-compressible" | "kube-reserved-compressible" => {
+                    bail!(
+                        "enforceNodeAllocatable: {value:?} is not supported by nodelet (it does not manage the \
+                         reservations' own cgroups); use \"pods\" or \"none\""
+                    )
+                }
+                other => bail!("enforceNodeAllocatable: invalid option {other:?}"),
+            }
+        }
+        Ok(pods)
+    }
+
+    /// The eviction thresholds in force (hard ones defaulted as upstream; with allocatable enforced on the pods,
+    /// the hard `memory.available` ones also for `allocatableMemory.available`, as upstream adds them).
     pub fn eviction_thresholds(&self) -> Result<Vec<crate::eviction::thresholds::Threshold>, String> {
-        crate::eviction::thresholds::configured(
+        let thresholds = crate::eviction::thresholds::configured(
             &crate::node::allocatable::eviction_hard(self.eviction_hard.as_ref()),
             &self.eviction_soft,
             &self.eviction_soft_grace_period,
             &self.eviction_minimum_reclaim,
-        )
+        )?;
+        let pods = self.enforces_pods_allocatable().map_err(|e| e.to_string())?;
+        Ok(if pods { crate::eviction::thresholds::with_allocatable(thresholds) } else { thresholds })
     }
 
     pub fn container_log_max_bytes(&self) -> u64 {
@@ -554,6 +583,9 @@ pub struct AgentConfig {
     pub housekeeping_interval: Duration,
     /// Pressure stall eviction thresholds (`--eviction-pressure-stall`, nodelet's own).
     pub stall_thresholds: Vec<crate::eviction::psi::StallThreshold>,
+    /// How often the eviction manager's memory watch reads `memory.available` and `allocatableMemory.available`
+    /// between its rounds (`--eviction-memory-watch`, nodelet's own; `None`: only at each round, as upstream).
+    pub eviction_memory_watch: Option<Duration>,
     pub kubelet: KubeletConfiguration,
 }
 

@@ -118,6 +118,11 @@ struct Flags {
     /// `memory.pressure.full=100ms/1s`; also `memory.pressure.some`, `cpu.pressure.some`). Repeatable.
     #[arg(long = "eviction-pressure-stall", value_parser = parse_stall)]
     eviction_pressure_stall: Vec<nodelet::eviction::psi::StallThreshold>,
+    /// How often memory.available and allocatableMemory.available are read between eviction rounds, so that a
+    /// memory threshold evicts within this time, not at the next 10 s round (nodelet's own; `0s`: only at each
+    /// round, as upstream).
+    #[arg(long, default_value = "100ms", value_parser = parse_watch)]
+    eviction_memory_watch: WatchInterval,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -293,6 +298,14 @@ fn main() -> Result<()> {
     }
 }
 
+/// `--eviction-memory-watch`: an interval, or none.
+#[derive(Debug, Clone, Copy)]
+struct WatchInterval(Option<std::time::Duration>);
+
+fn parse_watch(text: &str) -> Result<WatchInterval, String> {
+    nodelet::eviction::memory_watch::parse_interval(text).map(WatchInterval)
+}
+
 fn parse_stall(spec: &str) -> Result<nodelet::eviction::psi::StallThreshold, String> {
     nodelet::eviction::psi::parse(spec)
 }
@@ -385,6 +398,7 @@ fn agent_config(flags: Flags) -> Result<AgentConfig> {
         cni_bin_dirs: flags.cni_bin_dir.split(',').filter(|s| !s.is_empty()).map(PathBuf::from).collect(),
         housekeeping_interval: flags.housekeeping_interval,
         stall_thresholds: flags.eviction_pressure_stall,
+        eviction_memory_watch: flags.eviction_memory_watch.0,
         kubelet,
     })
 }

@@ -110,6 +110,19 @@ pub fn cgroup_stats_with(hierarchy: &Hierarchy, rel: &str, extras: Extras) -> io
     if hierarchy.is_v2() { v2_stats(&hierarchy.unified(rel), extras) } else { v1_stats(hierarchy, rel, extras) }
 }
 
+/// The working set of cgroup `rel` (usage less inactive file pages, as the kubelet counts it): the two reads a
+/// frequent watch needs, not a whole [`cgroup_stats`].
+pub fn memory_working_set(hierarchy: &Hierarchy, rel: &str) -> io::Result<u64> {
+    let (dir, usage, inactive) = if hierarchy.is_v2() {
+        (hierarchy.unified(rel), "memory.current", "inactive_file")
+    } else {
+        let dir = hierarchy.v1(V1::Memory, rel).ok_or_else(|| io::Error::other("no v1 memory hierarchy"))?;
+        (dir, "memory.usage_in_bytes", "total_inactive_file")
+    };
+    let usage = number(&dir.join(usage))?;
+    Ok(usage.saturating_sub(field(&read(&dir.join("memory.stat"))?, inactive)))
+}
+
 fn v2_stats(dir: &Path, extras: Extras) -> io::Result<CgroupStats> {
     let cpu = read(&dir.join("cpu.stat"))?;
     let memory = read(&dir.join("memory.stat"))?;

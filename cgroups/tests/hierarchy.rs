@@ -131,6 +131,10 @@ fn run(h: &Hierarchy) {
     assert!(stats.memory_rss_bytes >= 32 << 20, "{stats:?}");
     assert!(stats.memory_usage_bytes >= stats.memory_working_set_bytes, "{stats:?}");
     assert!(stats.memory_working_set_bytes >= 32 << 20, "{stats:?}");
+    // The cheap read the eviction manager's memory watch makes agrees with the full one (the kubepods one too).
+    let working_set = nodelet_cgroups::stats::memory_working_set(h, &ctr).unwrap();
+    assert!(working_set >= 32 << 20 && working_set <= stats.memory_usage_bytes + (8 << 20), "{working_set}");
+    assert!(nodelet_cgroups::stats::memory_working_set(h, "kubepods").unwrap() >= working_set);
     assert!(stats.cpu_usage_ns > 0 && stats.page_faults > 0, "{stats:?}");
     assert!(stats.pids >= 3, "sh, dd and sleep: {stats:?}");
     let pod = cgroup_stats(h, &burstable).unwrap();

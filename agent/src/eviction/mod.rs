@@ -9,11 +9,13 @@
 //!
 //! Under disk pressure, unused images are removed first; pods are evicted only if that was not enough.
 //!
-//! Beyond upstream, pressure stall thresholds (`psi`) wake it the moment the kernel's PSI trigger fires.
+//! Beyond upstream, pressure stall thresholds (`psi`) wake it the moment the kernel's PSI trigger fires, and the
+//! memory watch (`memory_watch`) when a memory threshold is met between rounds.
 //!
-//! Not built yet (issue 20): `imagefs`/`containerfs` signals and memcg threshold notifications.
+//! Not built yet (issue 20): `imagefs`/`containerfs` signals.
 
 pub mod local_storage;
+pub mod memory_watch;
 pub mod psi;
 pub mod ranking;
 pub mod thresholds;
@@ -63,6 +65,10 @@ pub struct Settings {
     /// `evictionMaxPodGracePeriod`: the most a soft eviction lets a pod's containers stop.
     pub max_pod_grace: Duration,
     pub interval: Duration,
+    /// The pods' cgroup when allocatable is enforced on it (`allocatableMemory.available`).
+    pub pods_memory: Option<crate::node::conditions::PodsMemory>,
+    /// The memory watch's interval (see [`memory_watch`]); `None`: memory is read at each round only.
+    pub memory_watch: Option<Duration>,
     pub transition_period: Duration,
     /// Frees disk at the node level before pods are evicted for disk (image GC of every unused image): the bytes
     /// freed.
@@ -119,6 +125,10 @@ impl EvictionManager {
         stalls: mpsc::UnboundedReceiver<psi::Stalled>,
     ) -> watch::Receiver<Pressure> {
         let (pressure, conditions_rx) = watch::channel(Pressure::default());
+        let (wake, wakes) = mpsc::unbounded_channel();
+        if let Some(interval) = settings.memory_watch {
+            memory_watch::start(interval, &settings.thresholds, settings.pods_memory.clone(), wake);
+        }
         let tracker = thresholds::Tracker::new(settings.thresholds.clone(), settings.transition_period);
         let manager = EvictionManager {
             settings,
@@ -132,16 +142,32 @@ impl EvictionManager {
             seen: None,
             last_stall: None,
         };
-        tokio::spawn(manager.run(stalls));
+        tokio::spawn(manager.run(stalls, wakes));
         conditions_rx
     }
 
-    async fn run(mut self, mut stalls: mpsc::UnboundedReceiver<psi::Stalled>) {
+    /// The node's signals read now.
+    async fn signals(&self) -> Option<Signals> {
+        let (root, pods) = (self.settings.root_dir.clone(), self.settings.pods_memory.clone());
+        tokio::task::spawn_blocking(move || Signals::read(&root, pods.as_ref())).await.ok()
+    }
+
+    async fn run(mut self, mut stalls: mpsc::UnboundedReceiver<psi::Stalled>, mut wakes: mpsc::UnboundedReceiver<()>) {
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                Some(()) = wakes.recv() => {
+                    // A memory threshold was met between rounds: a round now, its pods ranked on usage read now.
+                    let Some(signals) = self.signals().await else { continue };
+                    let memory = thresholds::met(&signals, &self.settings.thresholds);
+                    if memory.iter().any(|m| m.starved == Starved::Memory) {
+                        let snapshot = self.stats.fresh().await;
+                        self.round(&signals, Instant::now(), false, snapshot);
+                    }
+                    continue;
+                }
                 Some(stalled) = stalls.recv() => {
                     if let Some(threshold) = self.stalled(stalled, Instant::now()) {
                         // Ranked on usage read now, not on a round from before the stall began.
@@ -151,24 +177,24 @@ impl EvictionManager {
                     continue;
                 }
             }
-            let root = self.settings.root_dir.clone();
-            let Ok(signals) = tokio::task::spawn_blocking(move || Signals::read(&root)).await else { continue };
-            if self.round(&signals, Instant::now(), true) == Step::ReclaimDisk
+            let Some(signals) = self.signals().await else { continue };
+            if self.round(&signals, Instant::now(), true, None) == Step::ReclaimDisk
                 && let Some(reclaim) = self.settings.reclaim_disk.clone()
             {
                 // Upstream's order: node-level resources first; pods only if that was not enough.
                 let freed = tokio::task::spawn_blocking(move || reclaim()).await.unwrap_or(0);
                 tracing::info!(freed, "disk pressure: removed unused images before evicting");
-                let root = self.settings.root_dir.clone();
-                let Ok(signals) = tokio::task::spawn_blocking(move || Signals::read(&root)).await else { continue };
-                self.round(&signals, Instant::now(), false);
+                let Some(signals) = self.signals().await else { continue };
+                self.round(&signals, Instant::now(), false, None);
             }
         }
     }
 
     /// One round: conditions; pods past their local storage limits; else at most one eviction for pressure (for
-    /// disk, when `may_reclaim`, first [`Step::ReclaimDisk`]).
-    fn round(&mut self, signals: &Signals, now: Instant, may_reclaim: bool) -> Step {
+    /// disk, when `may_reclaim`, first [`Step::ReclaimDisk`]). Pods are ranked on `fresh`, a stats round taken
+    /// after the signals were read, when given; else on the latest round if it is newer than the one in hand
+    /// when the threshold was first met.
+    fn round(&mut self, signals: &Signals, now: Instant, may_reclaim: bool, fresh: Option<Arc<Snapshot>>) -> Step {
         let (conditions, met) = self.tracker.observe(signals, now);
         self.pressure.send_if_modified(|p| std::mem::replace(p, conditions) != conditions);
         if self.local_storage_evictions(now) {
@@ -185,8 +211,10 @@ impl EvictionManager {
         if disk && may_reclaim && self.settings.reclaim_disk.is_some() {
             return Step::ReclaimDisk;
         }
-        let Some(snapshot) = self.stats.latest() else { return Step::Done };
-        if self.seen.as_ref().is_none_or(|seen| Arc::ptr_eq(seen, &snapshot)) {
+        let fresh_ranked = fresh.is_some();
+        let Some(snapshot) = fresh.or_else(|| self.stats.latest()) else { return Step::Done };
+        let taken_after = self.seen.as_ref().is_some_and(|seen| !Arc::ptr_eq(seen, &snapshot));
+        if !taken_after && !fresh_ranked {
             self.seen = Some(snapshot);
             return Step::Done;
         }

@@ -34,20 +34,16 @@ impl Starved {
 /// upstream knows are accepted in the configuration but not observed (see [`UNOBSERVED`]).
 const OBSERVED: &[(&str, Starved)] = &[
     ("memory.available", Starved::Memory),
+    ("allocatableMemory.available", Starved::Memory),
     ("nodefs.available", Starved::EphemeralStorage),
     ("nodefs.inodesFree", Starved::Inodes),
     ("pid.available", Starved::Pids),
 ];
 
 /// Signals upstream knows that nodelet does not observe yet: `imagefs` and `containerfs` (nodelet's images live on
-/// the root dir's filesystem, whose `nodefs` signals it observes) and `allocatableMemory.available`.
-pub const UNOBSERVED: &[&str] = &[
-    "imagefs.available",
-    "imagefs.inodesFree",
-    "containerfs.available",
-    "containerfs.inodesFree",
-    "allocatableMemory.available",
-];
+/// the root dir's filesystem, whose `nodefs` signals it observes).
+pub const UNOBSERVED: &[&str] =
+    &["imagefs.available", "imagefs.inodesFree", "containerfs.available", "containerfs.inodesFree"];
 
 /// One configured threshold: hard (no grace period) or soft.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,9 +98,25 @@ pub fn configured(
     Ok(out)
 }
 
-/// What `signals` says is available of `starved`, and its capacity.
-fn observe(signals: &Signals, starved: Starved) -> (u64, u64) {
-    match starved {
+/// Upstream's `addAllocatableThresholds`: with allocatable enforced on the pods' cgroup, every hard
+/// `memory.available` threshold also holds for `allocatableMemory.available` (what the pods' cgroup has left below
+/// its limit), so that pods are evicted before that cgroup's own OOM killer acts.
+pub fn with_allocatable(mut thresholds: Vec<Threshold>) -> Vec<Threshold> {
+    let copies: Vec<Threshold> = thresholds
+        .iter()
+        .filter(|t| t.signal == "memory.available" && t.grace.is_none())
+        .map(|t| Threshold { signal: "allocatableMemory.available", ..t.clone() })
+        .collect();
+    thresholds.extend(copies);
+    thresholds
+}
+
+/// What `signals` says is available for `threshold`, and its capacity (0: not observed).
+fn observe(signals: &Signals, threshold: &Threshold) -> (u64, u64) {
+    if threshold.signal == "allocatableMemory.available" {
+        return (signals.allocatable_memory_available, signals.allocatable_memory_capacity);
+    }
+    match threshold.starved {
         Starved::Memory => (signals.memory_available, signals.memory_capacity),
         Starved::EphemeralStorage => (signals.fs_available, signals.fs_capacity),
         Starved::Inodes => (signals.inodes_free, signals.inodes_capacity),
@@ -126,7 +138,7 @@ pub struct Met {
 
 /// `threshold` against `signals`, the bar raised by its minimum reclaim when `reclaiming`.
 fn check(threshold: &Threshold, signals: &Signals, reclaiming: bool) -> Option<Met> {
-    let (available, capacity) = observe(signals, threshold.starved);
+    let (available, capacity) = observe(signals, threshold);
     if capacity == 0 {
         return None;
     }
@@ -309,7 +321,34 @@ mod tests {
             inodes_free: 500_000,
             pid_max: 4_194_304,
             pids_used: 300,
+            allocatable_memory_capacity: 0,
+            allocatable_memory_available: 0,
         }
+    }
+
+    #[test]
+    fn allocatable_memory_is_watched_as_upstream_adds_it() {
+        let none: BTreeMap<String, String> = BTreeMap::new();
+        let soft = threshold_map(&[("memory.available", "1Gi")]);
+        let grace = threshold_map(&[("memory.available", "1m")]);
+        let hard = crate::node::allocatable::eviction_hard(None);
+        let t = with_allocatable(configured(&hard, &soft, &grace, &none).unwrap());
+        let copies: Vec<_> = t.iter().filter(|t| t.signal == "allocatableMemory.available").collect();
+        assert_eq!(copies.len(), 1, "hard memory.available only: {t:?}");
+        assert_eq!((copies[0].value.as_str(), copies[0].grace), ("100Mi", None));
+        // Not enforced (no capacity): never met. Enforced: the pods' cgroup 50Mi below its limit is met, as memory.
+        assert!(met(&signals(), &t).is_empty());
+        let pods_full =
+            Signals { allocatable_memory_capacity: 2 * GIB, allocatable_memory_available: 50 << 20, ..signals() };
+        let m = met(&pods_full, &t);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(
+            (m[0].signal, m[0].starved, m[0].available),
+            ("allocatableMemory.available", Starved::Memory, 50 << 20)
+        );
+        assert_eq!(pressure_of(&m), Pressure { memory: true, ..Default::default() });
+        let configured_too = threshold_map(&[("allocatableMemory.available", "1Gi")]);
+        assert_eq!(configured(&configured_too, &none, &none, &none).unwrap()[0].signal, "allocatableMemory.available");
     }
 
     #[test]

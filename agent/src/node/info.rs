@@ -24,6 +24,9 @@ pub struct NodeFacts {
     pub ephemeral_storage_bytes: u64,
     /// Capacity less reservations and hard eviction thresholds (see [`super::allocatable`]).
     pub allocatable: super::allocatable::Resources,
+    /// What the pods' cgroup is limited to: capacity less reservations (not the eviction thresholds: evictions
+    /// act before that limit is reached) with `enforceNodeAllocatable: [pods]`, else the whole capacity.
+    pub pods_limit: super::allocatable::Resources,
     pub info: NodeSystemInfo,
 }
 
@@ -81,11 +84,18 @@ impl NodeFacts {
         let allocatable =
             super::allocatable::allocatable(capacity, &kubelet.kube_reserved, &kubelet.system_reserved, &eviction)
                 .context("kubeReserved, systemReserved or evictionHard")?;
+        let pods_limit = if kubelet.enforces_pods_allocatable()? {
+            let none = Default::default();
+            super::allocatable::allocatable(capacity, &kubelet.kube_reserved, &kubelet.system_reserved, &none)?
+        } else {
+            capacity
+        };
         Ok(NodeFacts {
             cpus,
             memory_bytes: capacity.memory_bytes,
             ephemeral_storage_bytes: capacity.ephemeral_storage_bytes,
             allocatable,
+            pods_limit,
             info,
         })
     }

@@ -4,6 +4,8 @@
 #![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 #![allow(dead_code)]
 
+pub mod memory;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

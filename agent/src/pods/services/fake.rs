@@ -77,6 +77,7 @@ pub fn ctx(
         cni_bin_dirs: Vec::new(),
         housekeeping_interval: std::time::Duration::from_secs(10),
         stall_thresholds: Vec::new(),
+        eviction_memory_watch: None,
         kubelet: crate::config::KubeletConfiguration::default(),
     };
     let ctx = crate::pods::Ctx {
