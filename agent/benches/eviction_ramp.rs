@@ -1,0 +1,177 @@
+//! `cargo bench -p nodelet --bench eviction_ramp [-- --runs N] [--rate MIB_PER_S]`: memory eviction against the
+//! kernel's OOM killer. nodelet is the only node of a real control plane, its pods given 640 MiB (the rest of the
+//! machine `systemReserved`; `enforceNodeAllocatable: [pods]` limits the pods' cgroup to it) and upstream's hard
+//! threshold (`memory.available` 100Mi, so `allocatableMemory.available` 100Mi too). A BestEffort pod grows its
+//! memory at 64 MiB/s, 256 MiB/s and 1 GiB/s (anonymous memory held by `dd`s; no swap: nothing can be reclaimed)
+//! and stops when SIGTERM arrives. Measured per run: the time from the start of the ramp to the pod's SIGTERM (as
+//! the pod records it) and whether the kernel's OOM killer acted in the pods' cgroup first.
+//!
+//! Three configurations of the same node, one after the other:
+//! - nodelet's memory watch (100 ms, the default) with a pressure stall threshold (`memory.pressure.some`
+//!   100ms in 1s) as well;
+//! - the memory watch alone;
+//! - the watch off (`--eviction-memory-watch 0s`): eviction rounds every 10 s only, upstream's housekeeping
+//!   period with `kernelMemcgNotification` off (its default). This stands in for the upstream kubelet, whose
+//!   side-by-side node cannot run this scenario here (its runc does not start containers in the test's cgroup
+//!   sandbox on this hybrid host; see the probes bench).
+//!
+//! Root. Prints a table.
+#![allow(clippy::expect_used)] // a test: a failed expect is a failed test
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use nodelet_integration::cluster::Cluster;
+use nodelet_integration::registry::Registry;
+use support::arg_after;
+use support::memory::{kubepods, oom_kills, pods_memory_config, ramp_pod, uptime_mark};
+
+const PODS_MIB: u64 = 640;
+
+/// A ramp speed: MiB/s, and the `dd` chunk and interval that make it.
+#[derive(Debug, Clone, Copy)]
+struct Ramp {
+    mib_per_s: u64,
+    chunk_mib: u64,
+    every_ms: u64,
+}
+
+const RAMPS: [Ramp; 3] = [
+    Ramp { mib_per_s: 64, chunk_mib: 8, every_ms: 125 },
+    Ramp { mib_per_s: 256, chunk_mib: 32, every_ms: 125 },
+    Ramp { mib_per_s: 1024, chunk_mib: 64, every_ms: 62 },
+];
+
+/// One run's outcome.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// Ramp start to SIGTERM, if SIGTERM came.
+    to_sigterm: Option<f64>,
+    /// OOM kills in the pods' cgroup during the run.
+    oom_kills: u64,
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default()
+}
+
+/// One ramp on the running node: the pod is created, followed until it fails (evicted or OOM-killed) or 45 s
+/// pass, and deleted.
+async fn run_once(
+    pods: &Api<Pod>,
+    (node, agent): (&str, u32),
+    image: &str,
+    ramp: Ramp,
+    name: &str,
+) -> anyhow::Result<Run> {
+    let out = tempfile::Builder::new().prefix("nodelet-ramp-").tempdir()?;
+    let cgroup = kubepods(agent);
+    let before = oom_kills(&cgroup);
+    pods.create(&PostParams::default(), &ramp_pod(name, node, image, ramp.chunk_mib, ramp.every_ms, out.path()))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while Instant::now() < deadline {
+        if pods.get_opt(name).await?.is_some_and(|p| phase(&p) == "Failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let oom_kills = oom_kills(&cgroup) - before;
+    let to_sigterm = match (uptime_mark(out.path(), "start"), uptime_mark(out.path(), "term")) {
+        (Some(start), Some(term)) => Some(term - start),
+        _ => None,
+    };
+    pods.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
+    support::wait_for(&format!("{name} deleted"), Duration::from_secs(60), || async {
+        Ok(pods.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await?;
+    // Until the pods' memory is back (the deleted pod's cgroup gone).
+    let settled = Instant::now();
+    while nodelet_cgroups_usage(&cgroup) > 64 << 20 && settled.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(Run { to_sigterm, oom_kills })
+}
+
+/// The pods' cgroup's memory usage now.
+fn nodelet_cgroups_usage(cgroup: &std::path::Path) -> u64 {
+    ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(cgroup.join(f)).ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("eviction_ramp: needs root; skipped");
+        return Ok(());
+    }
+    let runs = arg_after("--runs").unwrap_or(3);
+    let ramps: Vec<Ramp> = match arg_after("--rate") {
+        Some(rate) => RAMPS.iter().copied().filter(|r| r.mib_per_s == rate).collect(),
+        None => RAMPS.to_vec(),
+    };
+    let cluster = Cluster::start().await?;
+    let registry = Registry::start().await?;
+    let image = registry.reference("busybox", "latest");
+    let configs: [(&str, Vec<String>); 3] = [
+        (
+            "nodelet: memory watch + PSI",
+            vec!["--eviction-pressure-stall".into(), "memory.pressure.some=100ms/1s".into()],
+        ),
+        ("nodelet: memory watch", vec![]),
+        ("10 s rounds (upstream's period)", vec!["--eviction-memory-watch".into(), "0s".into()]),
+    ];
+    let config = pods_memory_config(PODS_MIB, 100);
+    let mut rows = Vec::new();
+    for (n, (label, extra)) in configs.iter().enumerate() {
+        // A node of its own per configuration (its own sandbox and Node object).
+        let name = format!("nodelet-ramp-{n}");
+        let (node, _net_d) = support::start_cluster_node(&cluster, &registry, &name, &config, extra)?;
+        let client = cluster.admin().await?;
+        support::wait_node_ready(&client, &name).await?;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let agent = node.pid().expect("the agent runs");
+        for ramp in &ramps {
+            let mut results = Vec::new();
+            for i in 0..runs {
+                let pod = format!("ramp-{}-{i}", ramp.mib_per_s);
+                results.push(run_once(&pods, (&name, agent), &image, *ramp, &pod).await?);
+            }
+            rows.push((*label, *ramp, results));
+        }
+        drop(node);
+    }
+    println!(
+        "\nmemory ramp in a BestEffort pod, pods limited to {PODS_MIB} MiB, hard threshold 100Mi; {runs} runs each"
+    );
+    println!(
+        "{:<34} {:>10} {:>16} {:>16} {:>18} {:>10}",
+        "configuration", "ramp", "SIGTERM p50", "SIGTERM max", "evicted before OOM", "OOM kills"
+    );
+    for (label, ramp, results) in rows {
+        let mut times: Vec<f64> = results.iter().filter_map(|r| r.to_sigterm).collect();
+        times.sort_by(f64::total_cmp);
+        let cell = |t: Option<&f64>| t.map_or("-".to_string(), |t| format!("{t:.2} s"));
+        let first = results.iter().filter(|r| r.to_sigterm.is_some() && r.oom_kills == 0).count();
+        let kills: u64 = results.iter().map(|r| r.oom_kills).sum();
+        println!(
+            "{:<34} {:>10} {:>16} {:>16} {:>18} {:>10}",
+            label,
+            format!("{} MiB/s", ramp.mib_per_s),
+            cell(times.get(support::rank(times.len(), 0.5))),
+            cell(times.last()),
+            format!("{first}/{}", results.len()),
+            kills
+        );
+    }
+    Ok(())
+}
