@@ -128,8 +128,9 @@ async fn settle() {
 fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let at = |q: f64| ms(v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]);
-    (at(0.5), at(0.99))
+    // Nearest rank, in per mille so that the index is integer arithmetic: ceil(n * q).
+    let at = |per_mille: usize| ms(v[(v.len() * per_mille).div_ceil(1000).clamp(1, v.len()) - 1]);
+    (at(500), at(990))
 }
 
 async fn bench(zygote: Zygote, runs: usize) {

@@ -426,7 +426,7 @@ impl Runtime {
             None
         };
         // The request's descriptors (our copies of the pipe's write end among them) are closed once it is sent.
-        let pid = match self.call(Request::Exec(plan), fds).await? {
+        let pid = match self.call(Request::Exec(Box::new(plan)), fds).await? {
             (Reply::Pid(pid), _) => pid,
             (Reply::Failed(message), _) => return Err(fail(message)),
             (other, _) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),

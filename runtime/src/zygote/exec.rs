@@ -167,13 +167,13 @@ fn clone_into(cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
     let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
     if let Some(dir) = cgroup {
         args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = dir.as_raw_fd() as u64;
+        args.cgroup = u64::try_from(dir.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?;
     }
     // SAFETY: clone3 without CLONE_VM and with no new stack behaves as fork(2): the child gets a copy of the
     // address space and continues here with a return value of 0. The caller is single-threaded, so no lock is held
     // by another thread in the copy. `args` is a valid clone_args of the size passed and outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_clone3, &raw mut args, std::mem::size_of::<CloneArgs>()) };
-    nix::errno::Errno::result(rc).map(|pid| pid as i32)
+    nix::errno::Errno::result(rc).and_then(|pid| i32::try_from(pid).map_err(|_| nix::errno::Errno::EOVERFLOW))
 }
 
 /// The process itself: everything up to `execve`, which does not return on success.

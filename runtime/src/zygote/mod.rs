@@ -31,7 +31,7 @@ pub(crate) enum Request {
     /// Let a created container's init exec its process.
     Start { id: String, root: PathBuf },
     /// Run another process in a running container (see [`ExecPlan`] for the descriptors that come with it).
-    Exec(ExecPlan),
+    Exec(Box<ExecPlan>),
     /// Create a pod sandbox's namespaces as bind-mounted files in `dir`.
     CreateSandbox { config: crate::sandbox::SandboxConfig, dir: PathBuf },
     /// Delete the container (killing it first when `force`).
