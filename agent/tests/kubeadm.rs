@@ -97,7 +97,8 @@ fn exec_start(units: &[&str], files: &dyn Fn(&str) -> Option<String>) -> Result<
 
 /// The node's mount namespace: node `name`'s cgroup sandbox, made by `cgroup-sandbox.sh` from the host (where
 /// the agent will run too: the script enters an existing one), with overlays on `dirs` whose writes land in
-/// `<dir>/upper`.
+/// `<dir>/upper` (a directory the machine lacks, such as `/var/lib/kubelet` where no kubelet was ever installed, is
+/// made empty first).
 struct MountNamespace {
     dir: tempfile::TempDir,
     sandbox: String,
@@ -114,7 +115,7 @@ impl MountNamespace {
         for path in dirs {
             let name = path.trim_start_matches('/').replace('/', "-");
             script += &format!(
-                "mkdir -p {d}/upper/{name} {d}/work/{name} && mount -t overlay overlay -o lowerdir={path},upperdir={d}/upper/{name},workdir={d}/work/{name} {path}; "
+                "mkdir -p {path} {d}/upper/{name} {d}/work/{name} && mount -t overlay overlay -o lowerdir={path},upperdir={d}/upper/{name},workdir={d}/work/{name} {path}; "
             );
         }
         run(Command::new("nsenter").arg(format!("--mount={}", ns.ns().display())).args(["sh", "-c", &script]))?;
