@@ -7,7 +7,8 @@
 //! A poll, not the kernel's notifications, on both cgroup layouts: v1's `cgroup.event_control` thresholds on
 //! `memory.usage_in_bytes` count page cache that `MemAvailable` and the working set leave out, so they fire
 //! early or late by the cache's size, and cgroup v2 has no usage thresholds at all (its `memory.high` events
-//! throttle the pods). Two small reads every 100 ms cost ~0.1% of a core and bound the delay on either layout.
+//! throttle the pods). Two small reads every 100 ms bound the delay on either layout (their cost is not
+//! measured yet).
 //! Pressure stalls (`psi`) are the kernel's own events and wake the manager directly.
 
 use std::time::{Duration, Instant};
