@@ -173,6 +173,9 @@ pub struct Namespaces {
     pub uts: Namespace,
     /// PID (`Join` when `shareProcessNamespace`).
     pub pid: Namespace,
+    /// The pod's user namespace to join (`hostUsers: false`); `None` is the host's. Its volumes are then
+    /// bind-mounted idmapped, and its rootfs must have been made with the same mapping.
+    pub user: Option<PathBuf>,
 }
 
 /// cgroup limits of the container, in the kubelet's units.

@@ -21,7 +21,7 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::{self, Record};
 use crate::user::ProcessUser;
 use crate::zygote::{ExecPlan, Exited, Reply, Request, Zygote, ZygoteRequests, wire};
-use crate::{bundle, cgroupfs};
+use crate::{bundle, cgroupfs, idmap};
 
 /// The standard streams of a container or exec'd process; `None` means `/dev/null`.
 #[derive(Debug, Default)]
@@ -166,6 +166,8 @@ struct ExecTemplate {
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     v1_tasks: Vec<PathBuf>,
     unified: Option<PathBuf>,
+    /// The container is in a user namespace of its pod's (the exec'd process joins it too).
+    user_namespace: bool,
 }
 
 impl Inner {
@@ -181,6 +183,11 @@ impl Inner {
 /// How long an exec'd process may take from its creation to its `execve` (joining cgroups waits for an RCU
 /// grace period, milliseconds; a container whose cgroup is being removed could block it longer).
 const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A container's bundle directory.
+fn bundle_dir(root: &Path, id: &str) -> PathBuf {
+    root.join("bundles").join(id)
+}
 
 /// How much of an `exec_sync` process's stdout and stderr is kept.
 pub const EXEC_OUTPUT: u64 = 16 * 1024;
@@ -272,12 +279,17 @@ impl Runtime {
                 message: format!("creating its cgroups: {e}"),
             })?;
             inner.start_grace_period();
+            let owned = idmap::stage_volumes(&inner.root.join("bundles").join(&owned.id), owned)?;
             let (bundle, cgroupfs, user) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
             let root = inner.root.join("libcontainer");
             let req = Request::Create { id: owned.id.clone(), root, bundle, stdio, tty: owned.tty };
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
             let reply = inner.zygote.call(&req, &borrowed);
             drop(cgroupfs);
+            // The init has its copies of the idmapped volumes (or failed): the staged ones go.
+            if let Err(e) = idmap::unstage(&bundle_dir(&inner.root, &owned.id)) {
+                tracing::warn!(container = %owned.id, error = %e, "detaching staged idmapped mounts");
+            }
             reply.map(|(reply, fds)| (reply, fds, user))
         })
         .await
@@ -296,7 +308,7 @@ impl Runtime {
                 return Err(e);
             }
         };
-        let bundle = self.inner.root.join("bundles").join(&cfg.id);
+        let bundle = bundle_dir(&self.inner.root, &cfg.id);
         let setup = async {
             cgroup::join_unified(self.inner.layout, &cfg.cgroups_path, pid)
                 .map_err(|e| fail(format!("joining the unified cgroup: {e}")))?;
@@ -411,6 +423,7 @@ impl Runtime {
             v1_tasks: template.v1_tasks.clone(),
             unified: template.unified.clone(),
             stdio,
+            user_namespace: template.user_namespace,
         };
         let sys = |what: &'static str| move |e: nix::Error| fail(format!("{what}: {e}"));
         let (errors, errors_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("a pipe"))?;
@@ -482,7 +495,12 @@ impl Runtime {
         let process = spec.process().clone().ok_or("the container spec has no process")?;
         let (v1_tasks, unified) = cgroup::exec_cgroups(self.inner.layout, &c.cgroups_path);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
-        let template = Arc::new(ExecTemplate { process, seccomp, v1_tasks, unified });
+        let user_namespace = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User));
+        let template = Arc::new(ExecTemplate { process, seccomp, v1_tasks, unified, user_namespace });
         templates.insert(c.id.clone(), template.clone());
         Ok(template)
     }
@@ -570,7 +588,12 @@ impl Runtime {
         let (inner, id, cgroups_path) = (self.inner.clone(), id.to_string(), cgroups_path.to_string());
         let removed = tokio::task::spawn_blocking(move || {
             cgroup::remove(inner.layout, &cgroups_path);
-            let _ = std::fs::remove_dir_all(inner.root.join("bundles").join(&id));
+            let bundle = bundle_dir(&inner.root, &id);
+            // Never walk into a volume: a bundle whose staged mounts cannot be detached stays.
+            match idmap::unstage(&bundle) {
+                Ok(()) => drop(std::fs::remove_dir_all(&bundle)),
+                Err(e) => tracing::warn!(container = %id, error = %e, "a staged idmapped mount stays mounted"),
+            }
             Record::remove(&inner.root.join("records"), &id);
         });
         if let Err(e) = removed.await {

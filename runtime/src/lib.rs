@@ -15,6 +15,7 @@ pub mod destinations;
 pub mod devices;
 pub mod error;
 pub mod exe;
+pub mod idmap;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
@@ -28,6 +29,7 @@ pub use config::{
 };
 pub use container::{Container, ContainerExit, ContainerIo, ExecProcess, IoPipes, Runtime};
 pub use error::{RuntimeError, SpecError};
+pub use idmap::IdMapping;
 pub use sandbox::{Sandbox, SandboxConfig};
 pub use user::ProcessUser;
 pub use zygote::Zygote;

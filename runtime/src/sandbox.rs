@@ -14,6 +14,7 @@ use nix::unistd::{ForkResult, fork};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Namespace, Namespaces};
+use crate::idmap::IdMapping;
 
 /// Which namespaces a pod gets of its own.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,6 +31,9 @@ pub struct SandboxConfig {
     pub uts: bool,
     /// One PID namespace for all containers of the pod (`shareProcessNamespace`).
     pub share_pid: bool,
+    /// A user namespace of the pod's own (`hostUsers: false`) with this mapping; the pod's network, IPC and UTS
+    /// namespaces are made inside it (so its root may mount sysfs and set its sysctls there).
+    pub user: Option<IdMapping>,
 }
 
 /// A created sandbox: the namespace files containers join.
@@ -47,6 +51,8 @@ pub struct Sandbox {
     pub uts: Option<PathBuf>,
     /// The shared PID namespace file, with `shareProcessNamespace`.
     pub pid: Option<PathBuf>,
+    /// The pod's user namespace file, with `hostUsers: false`.
+    pub user: Option<PathBuf>,
 }
 
 const KINDS: [(&str, CloneFlags); 3] =
@@ -63,13 +69,14 @@ impl Sandbox {
             ipc: file("ipc"),
             uts: file("uts"),
             pid: file("pid"),
+            user: file("user"),
         }
     }
 
     /// Namespace files that exist but are no longer bind mounts (the agent restarted in another mount namespace,
     /// or someone unmounted them): the sandbox must not be used as is, or its containers would get the host's.
     pub fn broken(&self) -> Vec<&'static str> {
-        ["net", "ipc", "uts", "pid"]
+        ["net", "ipc", "uts", "pid", "user"]
             .into_iter()
             .filter(|name| {
                 let path = self.dir.join(name);
@@ -104,7 +111,13 @@ impl Sandbox {
             (Some(path), false) => Namespace::Join(path.clone()),
             (None, false) => Namespace::Private,
         };
-        Namespaces { network: join(&self.net), ipc: join(&self.ipc), uts: join(&self.uts), pid }
+        Namespaces {
+            network: join(&self.net),
+            ipc: join(&self.ipc),
+            uts: join(&self.uts),
+            pid,
+            user: self.user.clone(),
+        }
     }
 
     /// Unmounts the namespace files (the namespaces die with their last user) and removes the directory.
@@ -113,7 +126,7 @@ impl Sandbox {
             // SAFETY: kill(2) of a PID whose start time we just matched against the one recorded at creation.
             unsafe { libc::kill(holder, libc::SIGKILL) };
         }
-        for name in ["net", "ipc", "uts", "pid"] {
+        for name in ["net", "ipc", "uts", "pid", "user"] {
             let path = self.dir.join(name);
             if is_nsfs(&path) {
                 umount2(&path, MntFlags::MNT_DETACH).map_err(std::io::Error::from)?;
@@ -225,9 +238,14 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
         .collect();
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     if cfg.share_pid {
+        if cfg.user.is_some() {
+            // The holder's PID namespace would be owned by the host's user namespace, where the pod's root may
+            // not mount its /proc.
+            return Err("a shared PID namespace (shareProcessNamespace) in a user namespace is not supported".into());
+        }
         hold_pid_namespace(dir)?;
     }
-    if wanted.is_empty() {
+    if wanted.is_empty() && cfg.user.is_none() {
         return Ok(());
     }
     let flags = wanted.iter().fold(CloneFlags::empty(), |acc, (_, f)| acc | *f);
@@ -238,8 +256,22 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
         ForkResult::Child => {
             drop(ready_r);
             drop(done_w);
+            // With a user namespace: make it, say so, and wait for the parent to write its maps; the other
+            // namespaces are then made inside it.
+            let mut outcome = Ok(());
+            if cfg.user.is_some() {
+                outcome = unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| (Step::UserNamespace, e));
+                if outcome.is_ok() {
+                    let _ = nix::unistd::write(&ready_w, &[b'u', 0, 0, 0, 0, 0]);
+                    let mut b = [0u8; 1];
+                    if !matches!(nix::unistd::read(done_r.as_raw_fd(), &mut b), Ok(1)) {
+                        // SAFETY: the parent gave up; end this forked child without the zygote's exit paths.
+                        unsafe { libc::_exit(1) }
+                    }
+                }
+            }
             // One byte of outcome, then on failure the step and its errno, for the parent's message.
-            let report = match enter(flags, cfg) {
+            let report = match outcome.and_then(|()| enter(flags, cfg)) {
                 Ok(()) => [b'0', 0, 0, 0, 0, 0],
                 Err((step, errno)) => {
                     let code = (errno as i32).to_le_bytes();
@@ -256,10 +288,8 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
     };
     drop(ready_w);
     drop(done_r);
-    let mut report = [0u8; 6];
-    let got = nix::unistd::read(ready_r.as_raw_fd(), &mut report);
-    let mut result = match (got, report[0]) {
-        (Ok(n), b'0') if n >= 1 => Ok(()),
+    let report = |got: nix::Result<usize>, report: [u8; 6]| match (got, report[0]) {
+        (Ok(n), b'0' | b'u') if n >= 1 => Ok(()),
         (Ok(6), b'1') => {
             let errno = nix::errno::Errno::from_raw(i32::from_le_bytes([report[2], report[3], report[4], report[5]]));
             let step = Step::from_byte(report[1]);
@@ -267,9 +297,24 @@ pub(crate) fn create(cfg: &SandboxConfig, dir: &Path) -> Result<(), String> {
         }
         (got, _) => Err(format!("creating namespaces {flags:?} for sandbox {} failed (child said {got:?})", cfg.id)),
     };
+    let mut result = Ok(());
+    if let Some(mapping) = cfg.user {
+        let mut first = [0u8; 6];
+        let got = nix::unistd::read(ready_r.as_raw_fd(), &mut first);
+        result = report(got, first).and_then(|()| crate::idmap::write_maps(child.as_raw(), mapping));
+        if result.is_ok() {
+            let _ = nix::unistd::write(&done_w, b"g");
+        }
+    }
+    if result.is_ok() {
+        let mut last = [0u8; 6];
+        let got = nix::unistd::read(ready_r.as_raw_fd(), &mut last);
+        result = report(got, last);
+    }
+    let wanted: Vec<&str> = wanted.iter().map(|(n, _)| *n).chain(cfg.user.map(|_| "user")).collect();
     let mut mounted = Vec::new();
     if result.is_ok() {
-        for (name, _) in &wanted {
+        for name in &wanted {
             let target = dir.join(name);
             let source = PathBuf::from(format!("/proc/{child}/ns/{name}"));
             let step = std::fs::File::create(&target).map_err(|e| e.to_string()).and_then(|_| {
@@ -301,6 +346,7 @@ enum Step {
     Unshare = 0,
     Hostname = 1,
     Loopback = 2,
+    UserNamespace = 3,
 }
 
 impl Step {
@@ -308,6 +354,7 @@ impl Step {
         match b {
             1 => Step::Hostname,
             2 => Step::Loopback,
+            3 => Step::UserNamespace,
             _ => Step::Unshare,
         }
     }
@@ -317,6 +364,7 @@ impl Step {
             Step::Unshare => "unshare",
             Step::Hostname => "sethostname",
             Step::Loopback => "bringing up the loopback interface",
+            Step::UserNamespace => "unshare(CLONE_NEWUSER)",
         }
     }
 }

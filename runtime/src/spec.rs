@@ -222,6 +222,9 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
     namespaces.extend(namespace("ipc", &cfg.namespaces.ipc));
     namespaces.extend(namespace("uts", &cfg.namespaces.uts));
     namespaces.extend(namespace("pid", &cfg.namespaces.pid));
+    if let Some(path) = &cfg.namespaces.user {
+        namespaces.push(json!({"type": "user", "path": path}));
+    }
 
     let r = &cfg.resources;
     let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});

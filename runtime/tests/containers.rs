@@ -15,6 +15,8 @@ use nodelet_runtime::{
 #[path = "containers/security.rs"]
 mod security;
 mod support;
+#[path = "containers/userns.rs"]
+mod userns;
 
 use support::{SANDBOX_ENV, busybox_rootfs, rerun_in_sandbox};
 
@@ -92,6 +94,7 @@ async fn run_all(zygote: Zygote, filter: Option<String>) -> (usize, usize) {
         security::localhost_seccomp_profiles_are_enforced,
         security::supplemental_groups_policy_and_the_reported_user,
         security::the_runtime_binary_cannot_be_overwritten,
+        userns::pods_get_their_own_user_namespace,
         many_cycles_leak_nothing,
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -546,6 +549,7 @@ async fn containers_share_the_pod_sandbox(rt: Runtime, env: Env) -> Result<()> {
         ipc: true,
         uts: true,
         share_pid: false,
+        user: None,
     };
     let sb = rt.create_sandbox(&config_sb).await?;
     let in_pod = |id: &str, cmd: &[&str]| {
@@ -593,8 +597,15 @@ async fn containers_share_the_pod_sandbox(rt: Runtime, env: Env) -> Result<()> {
     ensure!(!rt.root().join("sandboxes/pod3").exists(), "a failed sandbox left its directory");
 
     // hostNetwork: the pod uses the host's network and UTS namespaces.
-    let host =
-        SandboxConfig { id: "pod2".into(), hostname: None, network: false, ipc: true, uts: false, share_pid: false };
+    let host = SandboxConfig {
+        id: "pod2".into(),
+        hostname: None,
+        network: false,
+        ipc: true,
+        uts: false,
+        share_pid: false,
+        user: None,
+    };
     let sb = rt.create_sandbox(&host).await?;
     let ns = sb.namespaces(false);
     ensure!(

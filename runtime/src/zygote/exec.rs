@@ -50,10 +50,12 @@ pub(crate) struct ExecPlan {
     pub unified: Option<PathBuf>,
     /// Which of stdin, stdout and stderr are attached (the rest are `/dev/null`); ignored with a terminal.
     pub stdio: [bool; 3],
+    /// The container is in its pod's user namespace (`hostUsers: false`): the process joins that too.
+    pub user_namespace: bool,
 }
 
-/// The namespaces an exec'd process joins itself (PID is set by the zygote for it). Not the
-/// user namespace: joining the one a process is already in fails, and nodelet's containers have none of their own.
+/// The namespaces an exec'd process joins itself (PID is set by the zygote for it). The user namespace only
+/// when the container has its pod's own: joining the one a process is already in fails.
 const NAMESPACES: libc::c_int =
     libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
 
@@ -203,7 +205,8 @@ fn run(
     }
     // SAFETY: setns with a pidfd and a mask joins those namespaces of the process the pidfd refers to, all at once;
     // the descriptor is valid for the call.
-    let rc = unsafe { libc::setns(pidfd.as_raw_fd(), NAMESPACES) };
+    let user = if plan.user_namespace { libc::CLONE_NEWUSER } else { 0 };
+    let rc = unsafe { libc::setns(pidfd.as_raw_fd(), NAMESPACES | user) };
     nix::errno::Errno::result(rc).map_err(|e| format!("joining the container's namespaces: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     match console {
