@@ -272,6 +272,8 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         },
         node_name: config.node_name.clone(),
     }));
+    let user_namespaces = Arc::new(user_namespaces(&config).context("user namespaces")?);
+    let facts = NodeFacts { user_namespaces: user_namespaces.supported(), ..facts };
     let ctx = Arc::new(Ctx {
         runtime: container_runtime,
         images: images.clone(),
@@ -305,6 +307,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             .map_err(anyhow::Error::msg)
             .context("allowedUnsafeSysctls")?,
         pressure: pressure.clone(),
+        user_namespaces,
     });
     let manifests = config.pod_manifest_path.clone().or(config.kubelet.static_pod_path.clone());
     let sources = usize::from(manifests.is_some()) + usize::from(client.is_some());
@@ -318,7 +321,7 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     }
     if let Some(client) = client.clone() {
         let node =
-            Arc::new(NodeManager::new(client.clone(), config.clone(), images.clone(), network.clone(), pressure)?);
+            Arc::new(NodeManager::new(client.clone(), config.clone(), images.clone(), network.clone(), pressure, facts)?);
         node.register().await?;
         let lease = node.clone();
         tokio::spawn(async move { lease.run_lease().await });
@@ -348,4 +351,18 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     }
     tracing::info!("stopping; containers keep running");
     Ok(())
+}
+
+/// The user namespace manager: upstream's ranges, and whether idmapped mounts work where the images and pods'
+/// files are (pods with `hostUsers: false` are refused with the reason where they do not).
+fn user_namespaces(config: &AgentConfig) -> Result<crate::pods::user_namespaces::UserNamespaces> {
+    use crate::pods::user_namespaces::{UserNamespaces, node_kubelet_mappings};
+    let ids = config.kubelet.user_namespaces.ids_per_pod();
+    let mappings = node_kubelet_mappings(ids).map_err(anyhow::Error::msg).context("kubelet mappings")?;
+    let unsupported = nodelet_runtime::idmap::supported(&config.root_dir).err();
+    if let Some(why) = &unsupported {
+        tracing::warn!(reason = %why, "pods with hostUsers: false cannot run on this node");
+    }
+    UserNamespaces::new(&config.root_dir.join("pods"), ids, mappings, config.kubelet.max_pods, unsupported)
+        .map_err(anyhow::Error::msg)
 }

@@ -99,7 +99,27 @@ pub struct KubeletConfiguration {
     pub healthz_bind_address: String,
     /// Taints the node registers with (added to `--register-with-taints`).
     pub register_with_taints: Vec<k8s_openapi::api::core::v1::Taint>,
+    /// User namespaces of pods with `hostUsers: false`.
+    pub user_namespaces: UserNamespacesConfig,
 }
+
+/// `userNamespaces`: how many ids each pod's user namespace gets.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct UserNamespacesConfig {
+    /// 65536 when unset (upstream's default); a multiple of 65536.
+    pub ids_per_pod: Option<i64>,
+}
+
+impl UserNamespacesConfig {
+    /// The ids each pod gets.
+    pub fn ids_per_pod(&self) -> u32 {
+        self.ids_per_pod.and_then(|n| u32::try_from(n).ok()).filter(|n| *n != 0).unwrap_or(USERNS_UNIT)
+    }
+}
+
+/// The unit of user namespace ranges (upstream's `userNsUnitLength`).
+pub const USERNS_UNIT: u32 = 65536;
 
 /// Upstream's KubeletConfiguration fields nodelet accepts without acting on them (named in a startup notice).
 /// `cgroupDriver`: nodelet writes cgroupfs itself below `cgroupRoot` whatever the driver (see DESIGN.md);
@@ -187,7 +207,6 @@ pub const NOT_ACTED_ON: &[&str] = &[
     "containerRuntimeEndpoint",
     "imageServiceEndpoint",
     "failCgroupV1",
-    "userNamespaces",
 ];
 
 impl KubeletConfiguration {
@@ -251,6 +270,7 @@ impl Default for KubeletConfiguration {
             healthz_port: 10248,
             healthz_bind_address: "127.0.0.1".into(),
             register_with_taints: Vec::new(),
+            user_namespaces: UserNamespacesConfig::default(),
         }
     }
 }
@@ -413,6 +433,18 @@ impl KubeletConfiguration {
         }
         if self.container_log_max_files < 2 {
             bail!("containerLogMaxFiles must be at least 2");
+        }
+        if let Some(ids) = self.user_namespaces.ids_per_pod {
+            let unit = i64::from(USERNS_UNIT);
+            if ids < unit {
+                bail!("invalid configuration: userNamespaces.idsPerPod must not be less than {unit}");
+            }
+            if ids % unit != 0 {
+                bail!("invalid configuration: userNamespaces.idsPerPod must be a multiple of {unit}");
+            }
+            if ids > i64::from(u32::MAX) {
+                bail!("invalid configuration: userNamespaces.idsPerPod must not be more than {}", u32::MAX);
+            }
         }
         parse_quantity(&self.container_log_max_size).context("containerLogMaxSize")?;
         if !["Webhook", "AlwaysAllow"].contains(&self.authorization.mode.as_str()) {

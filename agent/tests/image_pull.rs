@@ -86,7 +86,7 @@ async fn pulls_oci_schema2_and_multiarch_images_and_stores_shared_layers_once() 
     }
     // The multi-arch index resolved to the amd64 image: its marker file says so.
     let multiarch = m.find(&registry.reference("multiarch", "latest"))?.unwrap();
-    let rootfs = m.prepare_rootfs("multiarch-ctr", &multiarch)?;
+    let rootfs = m.prepare_rootfs("multiarch-ctr", &multiarch, None)?;
     assert_eq!(std::fs::read_to_string(rootfs.join("platform"))?.trim(), "linux/amd64");
     m.rootfs().remove("multiarch-ctr")?;
     assert!(!rootfs.exists());
@@ -102,7 +102,7 @@ async fn pulls_oci_schema2_and_multiarch_images_and_stores_shared_layers_once() 
 
     // A container on agnhost sees both layers merged and writes only to its own upper dir.
     let ready = m.find(&registry.reference("agnhost", "2.66.1"))?.unwrap();
-    let rootfs = m.prepare_rootfs("c1", &ready)?;
+    let rootfs = m.prepare_rootfs("c1", &ready, None)?;
     assert!(rootfs.join("agnhost").is_file() && rootfs.join("bin/busybox").is_file());
     std::fs::write(rootfs.join("written"), "by the container")?;
     assert!(root.path().join("rootfs/c1/upper/written").is_file());
@@ -138,7 +138,7 @@ async fn whiteouts_and_opaque_directories_hide_lower_files_in_the_overlay() -> R
     let ready = ensure(&m, &registry.reference("two-layers", "v1"), PullPolicy::IfNotPresent, &[], &Events::default())
         .await
         .map_err(|f| anyhow::anyhow!("{f:?}"))?;
-    let rootfs = m.prepare_rootfs("c", &ready)?;
+    let rootfs = m.prepare_rootfs("c", &ready, None)?;
     let list = |dir: &str| -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(rootfs.join(dir))
             .unwrap()
@@ -456,7 +456,7 @@ async fn gc_frees_space_from_unused_images_only() -> Result<()> {
         pulled.push(r);
     }
     // busybox runs in a container; busybox-docker is in use by a container the caller knows of.
-    m.prepare_rootfs("running", &pulled[3])?;
+    m.prepare_rootfs("running", &pulled[3], None)?;
     let in_use: HashSet<_> = [pulled[2].record.manifest.clone()].into();
 
     // Below the high threshold nothing happens.

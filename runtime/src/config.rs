@@ -97,6 +97,8 @@ pub struct Security {
     pub capabilities_drop: Vec<String>,
     /// `seccompProfile.type`.
     pub seccomp: Seccomp,
+    /// `procMount: Unmasked` (in a user namespace only): `/proc` without masked or read-only paths.
+    pub unmasked_proc: bool,
 }
 
 /// The seccomp profile of a container.

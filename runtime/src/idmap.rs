@@ -42,6 +42,15 @@ impl IdMapping {
     }
 }
 
+/// A pod's user namespace as the mounts made for it need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodUserNamespace {
+    /// Its namespace file (the sandbox's `user`).
+    pub file: PathBuf,
+    /// Its ids.
+    pub mapping: IdMapping,
+}
+
 /// `struct mount_attr` of `mount_setattr(2)`.
 #[repr(C)]
 struct MountAttr {

@@ -259,8 +259,10 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
         linux["rootfsPropagation"] = json!("shared");
     }
     if !privileged {
-        linux["maskedPaths"] = json!(MASKED_PATHS);
-        linux["readonlyPaths"] = json!(READONLY_PATHS);
+        if !cfg.security.unmasked_proc {
+            linux["maskedPaths"] = json!(MASKED_PATHS);
+            linux["readonlyPaths"] = json!(READONLY_PATHS);
+        }
         match &cfg.security.seccomp {
             Seccomp::Unconfined => {}
             Seccomp::RuntimeDefault => linux["seccomp"] = seccomp::runtime_default(),

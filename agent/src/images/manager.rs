@@ -234,8 +234,13 @@ impl ImageManager {
     }
 
     /// Mounts the rootfs of a container and marks the image used.
-    pub fn prepare_rootfs(&self, container_id: &str, image: &ReadyImage) -> Result<PathBuf> {
-        let path = self.rootfs.prepare(&self.store, container_id, &image.record)?;
+    pub fn prepare_rootfs(
+        &self,
+        container_id: &str,
+        image: &ReadyImage,
+        userns: Option<&nodelet_runtime::idmap::PodUserNamespace>,
+    ) -> Result<PathBuf> {
+        let path = self.rootfs.prepare(&self.store, container_id, &image.record, userns)?;
         self.store.touch(&image.record.manifest)?;
         Ok(path)
     }

@@ -1,6 +1,11 @@
 //! A container's root filesystem: an overlay mount of the image's unpacked layers (read-only lower dirs, top
 //! layer first) with a per-container upper and work dir, under `<root-dir>/rootfs/<container-id>/`. The image
 //! it uses is recorded there, so image GC never removes layers a container still runs on.
+//!
+//! In a pod's user namespace (`hostUsers: false`) the layers are idmapped into the pod's range (detached
+//! idmapped trees, passed to overlayfs as `/proc/self/fd/N`; it keeps private clones), and the upper and work
+//! dirs belong to the range's first id, as containerd does it: overlayfs itself cannot be idmapped, and what the
+//! container writes (and copies up) is then owned by its own ids as the node sees them.
 
 use std::fs;
 use std::path::PathBuf;
@@ -36,7 +41,13 @@ impl Rootfs {
 
     /// Mounts the rootfs for container `id` from `image` and returns its path. Idempotent: an existing mount
     /// for the same container is reused (after an agent restart).
-    pub fn prepare(&self, store: &Store, id: &str, image: &ImageRecord) -> Result<PathBuf> {
+    pub fn prepare(
+        &self,
+        store: &Store,
+        id: &str,
+        image: &ImageRecord,
+        userns: Option<&nodelet_runtime::idmap::PodUserNamespace>,
+    ) -> Result<PathBuf> {
         let dir = self.container_dir(id)?;
         let merged = dir.join("merged");
         if crate::volumes::mounts::is_mountpoint(&merged) {
@@ -57,6 +68,25 @@ impl Rootfs {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(|e| ImageError::io("create", &path, e))?;
         }
+        let mount_err = |message: String| ImageError::Mount { container: id.to_owned(), message };
+        // Kept open until the overlay is mounted: its lower dirs are these trees.
+        let mut trees = Vec::new();
+        if let Some(userns) = userns {
+            let file = fs::File::open(&userns.file)
+                .map_err(|e| mount_err(format!("opening the pod's user namespace: {e}")))?;
+            for layer in &mut lower {
+                let tree = nodelet_runtime::idmap::idmapped_tree(std::path::Path::new(layer), &file, false)
+                    .map_err(|e| mount_err(format!("idmapping layer {layer}: {e}")))?;
+                *layer = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tree));
+                trees.push(tree);
+            }
+            let owner = Some(nix::unistd::Uid::from_raw(userns.mapping.host_id));
+            let group = Some(nix::unistd::Gid::from_raw(userns.mapping.host_id));
+            for sub in ["upper", "work"] {
+                let path = dir.join(sub);
+                nix::unistd::chown(&path, owner, group).map_err(|e| ImageError::io("chown", &path, e.into()))?;
+            }
+        }
         write_atomically(&dir.join("image"), image.manifest.as_str().as_bytes())?;
         let data = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -71,7 +101,8 @@ impl Rootfs {
             });
         }
         nix::mount::mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
-            .map_err(|e| ImageError::Mount { container: id.to_owned(), message: format!("overlay mount: {e}") })?;
+            .map_err(|e| mount_err(format!("overlay mount: {e}")))?;
+        drop(trees);
         Ok(merged)
     }
 

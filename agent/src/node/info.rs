@@ -28,6 +28,8 @@ pub struct NodeFacts {
     /// act before that limit is reached) with `enforceNodeAllocatable: [pods]`, else the whole capacity.
     pub pods_limit: super::allocatable::Resources,
     pub info: NodeSystemInfo,
+    /// Pods can have user namespaces (`hostUsers: false`) here: reported in `status.runtimeHandlers`.
+    pub user_namespaces: bool,
 }
 
 /// The architecture in Go's words (`amd64`, `arm64`).
@@ -97,6 +99,7 @@ impl NodeFacts {
             allocatable,
             pods_limit,
             info,
+            user_namespaces: false,
         })
     }
 
@@ -159,6 +162,15 @@ impl NodeFacts {
             declared_features: Some(config.kubelet.declared_features()).filter(|f| !f.is_empty()),
             // The runtime resolves `supplementalGroupsPolicy` and reports each container's user.
             features: Some(k8s_openapi::api::core::v1::NodeFeatures { supplemental_groups_policy: Some(true) }),
+            // The one built-in runtime, as containerd reports its default handler (""): `recursiveReadOnly`
+            // mounts are made with mount_setattr; user namespaces where idmapped mounts work.
+            runtime_handlers: Some(vec![k8s_openapi::api::core::v1::NodeRuntimeHandler {
+                name: Some(String::new()),
+                features: Some(k8s_openapi::api::core::v1::NodeRuntimeHandlerFeatures {
+                    recursive_read_only_mounts: Some(true),
+                    user_namespaces: Some(self.user_namespaces),
+                }),
+            }]),
             ..Default::default()
         }
     }

@@ -40,8 +40,8 @@ impl NodeManager {
         images: std::sync::Arc<crate::images::ImageManager>,
         network: std::sync::Arc<crate::network::Network>,
         pressure: tokio::sync::watch::Receiver<conditions::Pressure>,
+        facts: NodeFacts,
     ) -> Result<NodeManager> {
-        let facts = NodeFacts::gather(&config)?;
         Ok(NodeManager { client, config, facts, images, network, pressure })
     }
 

@@ -15,6 +15,7 @@ pub mod state;
 pub mod sysctls;
 pub mod termination_message;
 pub mod unsupported;
+pub mod user_namespaces;
 pub mod validation;
 pub mod worker;
 
@@ -70,6 +71,8 @@ pub struct Ctx {
     pub admission: admission::Policy,
     /// The node's pressure conditions (the eviction manager's): admission refuses pods under them.
     pub pressure: tokio::sync::watch::Receiver<crate::node::conditions::Pressure>,
+    /// The ranges of ids of pods with `hostUsers: false`.
+    pub user_namespaces: Arc<user_namespaces::UserNamespaces>,
 }
 
 impl Ctx {
@@ -491,6 +494,7 @@ impl PodWorkers {
             .filter(|id| id.split_once(".volume.").is_some_and(|(uid, _)| !self.workers.contains_key(uid)))
             .collect();
         let (ctx, started) = (self.ctx.clone(), self.started);
+        let known: std::collections::HashSet<String> = self.workers.keys().cloned().collect();
         tokio::spawn(async move {
             let mut containers = containers;
             for sandbox in sandboxes {
@@ -530,6 +534,8 @@ impl PodWorkers {
                 tracing::info!(pod = %uid, "tearing down the volumes of a pod that is gone");
                 ctx.tear_down_volumes(&uid).await;
             }
+            // After their sandboxes: the user namespace ranges of pods that are gone.
+            ctx.user_namespaces.release_orphans(&|uid| known.contains(uid));
         });
     }
 }

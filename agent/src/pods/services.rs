@@ -20,7 +20,7 @@ use nodelet_cgroups::hierarchy::Hierarchy;
 use nodelet_cgroups::qos::{PodLimits, QosClass};
 use nodelet_runtime::{
     Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, ProcessUser, Runtime, RuntimeError,
-    Sandbox, SandboxConfig,
+    Sandbox, SandboxConfig, idmap::PodUserNamespace,
 };
 
 use crate::images::pull::Progress;
@@ -89,7 +89,9 @@ pub trait ImageService: Send + Sync {
     /// The image's config blob (its process defaults).
     fn config_blob(&self, image: &ReadyImage) -> Result<Vec<u8>, String>;
     /// Mounts the container's root filesystem (blocking).
-    fn prepare_rootfs(&self, id: &str, image: &ReadyImage) -> Result<PathBuf, String>;
+    /// With `userns`, the image's layers are idmapped into the pod's range.
+    fn prepare_rootfs(&self, id: &str, image: &ReadyImage, userns: Option<&PodUserNamespace>)
+    -> Result<PathBuf, String>;
     fn remove_rootfs(&self, id: &str);
     /// Containers with a root filesystem made before `before` (to find those of containers never created).
     fn rootfs_made_before(&self, before: std::time::SystemTime) -> Vec<String>;
@@ -338,8 +340,13 @@ impl ImageService for ImageManager {
         self.store().read_blob(&image.record.config).map_err(|e| e.to_string())
     }
 
-    fn prepare_rootfs(&self, id: &str, image: &ReadyImage) -> Result<PathBuf, String> {
-        ImageManager::prepare_rootfs(self, id, image).map_err(|e| e.to_string())
+    fn prepare_rootfs(
+        &self,
+        id: &str,
+        image: &ReadyImage,
+        userns: Option<&PodUserNamespace>,
+    ) -> Result<PathBuf, String> {
+        ImageManager::prepare_rootfs(self, id, image, userns).map_err(|e| e.to_string())
     }
 
     fn remove_rootfs(&self, id: &str) {

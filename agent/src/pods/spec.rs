@@ -245,6 +245,8 @@ pub fn security(pod: &Pod, c: &Container, seccomp_settings: &SeccompSettings) ->
         privileged: sc.and_then(|s| s.privileged).unwrap_or(false),
         allow_privilege_escalation: sc.and_then(|s| s.allow_privilege_escalation),
         read_only_root_filesystem: sc.and_then(|s| s.read_only_root_filesystem).unwrap_or(false),
+        // Admitted only with `hostUsers: false` (`unsupported`).
+        unmasked_proc: sc.and_then(|s| s.proc_mount.as_deref()) == Some("Unmasked"),
         capabilities_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
         capabilities_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
         seccomp: seccomp(pod, c, seccomp_settings)?,

@@ -431,6 +431,14 @@ impl Worker {
         tokio::task::spawn_blocking(move || ctx.hierarchy.ensure_pod(qos, &uid, &limits, pids)).await??;
         let host_network = spec.host_network.unwrap_or(false);
         let hostname = crate::network::dns::hostname(&self.pod, &self.ctx.config.node_name);
+        // `hostUsers: false`: the pod's range, written down before the namespace is made with it.
+        let user = if spec.host_users == Some(false) {
+            let (manager, uid) = (self.ctx.user_namespaces.clone(), self.pod_ref.uid.clone());
+            let got = tokio::task::spawn_blocking(move || manager.get_or_create(&uid)).await?;
+            Some(got.map_err(anyhow::Error::msg)?)
+        } else {
+            None
+        };
         let sandbox = self
             .ctx
             .runtime
@@ -441,6 +449,7 @@ impl Worker {
                 ipc: !spec.host_ipc.unwrap_or(false),
                 uts: !host_network,
                 share_pid: spec.share_process_namespace.unwrap_or(false),
+                user,
             })
             .await?;
         let connected = self.connect(&sandbox, host_network).await;

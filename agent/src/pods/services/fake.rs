@@ -14,8 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use nodelet_cgroups::qos::{PodLimits, QosClass};
 use nodelet_runtime::{
     Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, ProcessUser, RuntimeError, Sandbox,
-    SandboxConfig, SpecError,
-};
+    SandboxConfig, SpecError, idmap::PodUserNamespace};
 use tokio::sync::{mpsc, watch};
 
 use super::{BoxFuture, ContainerRuntime, ExecResult, ImageService, PodCgroups, PodNetwork};
@@ -103,6 +102,16 @@ pub fn ctx(
             apparmor: false,
         },
         pressure: tokio::sync::watch::channel(Default::default()).1,
+        user_namespaces: Arc::new(
+            crate::pods::user_namespaces::UserNamespaces::new(
+                &root.join("pods"),
+                65536,
+                (65536, u32::MAX - 65535),
+                110,
+                None,
+            )
+            .expect("the default ranges are valid"),
+        ),
     };
     (Arc::new(ctx), status)
 }
@@ -173,8 +182,15 @@ impl FakeRuntime {
 impl ContainerRuntime for FakeRuntime {
     fn create_sandbox<'a>(&'a self, config: &'a SandboxConfig) -> BoxFuture<'a, Result<Sandbox, RuntimeError>> {
         let dir = PathBuf::from("/nonexistent/sandboxes").join(&config.id);
-        let sandbox =
-            Sandbox { id: config.id.clone(), net: Some(dir.join("net")), dir, ipc: None, uts: None, pid: None };
+        let sandbox = Sandbox {
+            id: config.id.clone(),
+            net: Some(dir.join("net")),
+            user: config.user.map(|_| dir.join("user")),
+            dir,
+            ipc: None,
+            uts: None,
+            pid: None,
+        };
         let mut state = self.lock();
         state.log.push("sandbox".into());
         state.sandboxes.insert(config.id.clone(), sandbox.clone());
@@ -399,7 +415,7 @@ impl ImageService for FakeImages {
         Ok(br#"{"config": {"Cmd": ["sh"]}}"#.to_vec())
     }
 
-    fn prepare_rootfs(&self, id: &str, _: &ReadyImage) -> Result<PathBuf, String> {
+    fn prepare_rootfs(&self, id: &str, _: &ReadyImage, _: Option<&PodUserNamespace>) -> Result<PathBuf, String> {
         Ok(PathBuf::from("/nonexistent/rootfs").join(id))
     }
 

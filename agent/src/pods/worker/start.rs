@@ -81,7 +81,12 @@ impl Worker {
         };
         // An overlay mount and fsyncs: off the async threads.
         let (images, rootfs_id, image) = (self.ctx.images.clone(), id.clone(), ready.clone());
-        let prepared = tokio::task::spawn_blocking(move || images.prepare_rootfs(&rootfs_id, &image)).await;
+        let userns = match self.pod_user_namespace() {
+            Ok(userns) => userns,
+            Err(e) => return self.config_error(&c, kind, index, format!("preparing the root filesystem: {e}")),
+        };
+        let prepared =
+            tokio::task::spawn_blocking(move || images.prepare_rootfs(&rootfs_id, &image, userns.as_ref())).await;
         let rootfs = match prepared {
             Ok(Ok(path)) => path,
             Ok(Err(e)) => return self.config_error(&c, kind, index, format!("preparing the root filesystem: {e}")),
@@ -244,7 +249,8 @@ impl Worker {
             };
             let id = crate::volumes::image_volume_id(&self.pod_ref.uid, &m.name);
             let images = self.ctx.images.clone();
-            let prepared = tokio::task::spawn_blocking(move || images.prepare_rootfs(&id, &ready)).await;
+            // (Image volumes are refused in user namespaces: their overlay cannot be idmapped.)
+            let prepared = tokio::task::spawn_blocking(move || images.prepare_rootfs(&id, &ready, None)).await;
             match prepared {
                 Ok(Ok(path)) => {
                     self.image_volumes.insert(m.name.clone(), path);
@@ -359,6 +365,14 @@ impl Worker {
             let exit = runtime.wait(&id).await;
             let _ = tx.send(Exit { name, id, exit });
         });
+    }
+
+    /// The pod's user namespace, with `hostUsers: false` (its sandbox's file and the pod's range).
+    fn pod_user_namespace(&self) -> Result<Option<nodelet_runtime::idmap::PodUserNamespace>, String> {
+        let Some(file) = self.sandbox.as_ref().and_then(|s| s.user.clone()) else { return Ok(None) };
+        // Never a rootfs that is not mapped for the namespace its container runs in.
+        let mapping = self.ctx.user_namespaces.get(&self.pod_ref.uid).ok_or("the pod's user namespace has no range")?;
+        Ok(Some(nodelet_runtime::idmap::PodUserNamespace { file, mapping }))
     }
 
     /// The sandbox's namespaces; an ephemeral container with a `targetContainerName` joins its target's PID

@@ -195,6 +195,8 @@ impl Worker {
         self.state.sandbox_ready = false;
         self.ctx.remove_pod_cgroup(self.state.qos, &self.pod_ref.uid).await;
         self.volumes = None;
+        // Its namespace is gone with the sandbox: the range is free (and the pod's directory empty of it).
+        self.ctx.user_namespaces.release(&self.pod_ref.uid);
         self.ctx.tear_down_volumes(&self.pod_ref.uid).await;
         for name in std::mem::take(&mut self.image_volumes).into_keys() {
             let (images, id) = (self.ctx.images.clone(), crate::volumes::image_volume_id(&self.pod_ref.uid, &name));
