@@ -320,8 +320,14 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
         tokio::spawn(crate::sources::file::watch(dir, config.node_name.clone(), source_tx.clone(), statics_tx));
     }
     if let Some(client) = client.clone() {
-        let node =
-            Arc::new(NodeManager::new(client.clone(), config.clone(), images.clone(), network.clone(), pressure, facts)?);
+        let node = Arc::new(NodeManager::new(
+            client.clone(),
+            config.clone(),
+            images.clone(),
+            network.clone(),
+            pressure,
+            facts,
+        )?);
         node.register().await?;
         let lease = node.clone();
         tokio::spawn(async move { lease.run_lease().await });

@@ -3,7 +3,8 @@
 //! forbidden with `SysctlForbidden`), `supplementalGroupsPolicy` with the reported user, `Localhost` and
 //! `RuntimeDefault` seccomp, capabilities, no_new_privs, a read-only root filesystem, AppArmor refused on a
 //! kernel without it, a volume mount into `/proc` refused, and the agent's binary out of a `hostPID` pod's reach
-//! (CVE-2019-5736).
+//! (CVE-2019-5736). Pods with `hostUsers: false`: a user namespace with the range written in the pod's
+//! directory, idmapped rootfs and volumes, root in the container unprivileged on the node, `procMount: Unmasked`.
 
 mod support;
 
@@ -70,6 +71,17 @@ async fn security_contexts_are_honoured_or_refused() -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let status = "grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp):' /proc/self/status; id";
     let nodelet_pid = node.pid().context("nodelet's pid")?;
+    // A node directory for the user namespace pods: a file of an id outside any pod's range, readable by it only.
+    let host_dir = node.root_dir().join("userns-host");
+    std::fs::create_dir_all(&host_dir)?;
+    std::fs::write(host_dir.join("secret"), "node only\n")?;
+    std::os::unix::fs::chown(host_dir.join("secret"), Some(1 << 31), Some(1 << 31))?;
+    std::fs::set_permissions(host_dir.join("secret"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let userns_volumes = format!(
+        "  hostUsers: false\n  volumes: [{{name: host, hostPath: {{path: {}}}}}, {{name: cache, emptyDir: {{}}}}]\n",
+        host_dir.display()
+    );
+    let userns_mounts = "    volumeMounts: [{name: host, mountPath: /host}, {name: cache, mountPath: /cache}]\n";
     let all = [
         script_pod(
             "sysctls",
@@ -148,6 +160,31 @@ async fn security_contexts_are_honoured_or_refused() -> Result<()> {
             "  hostPID: true\n",
             "    securityContext: {capabilities: {add: [SYS_PTRACE]}}\n",
         ),
+        script_pod(
+            "userns",
+            &image,
+            "cat /proc/self/uid_map; id -u; stat -c rootfs=%u /; cat /host/secret 2>/dev/null || echo secret-denied; \
+             echo x > /host/made && echo hostpath-writable; echo x > /cache/f && echo emptydir-writable; \
+             mknod /tmp/n c 1 3 2>/dev/null || echo mknod-denied; \
+             grep -q ' /proc/keys ' /proc/self/mountinfo && echo keys-masked",
+            &userns_volumes,
+            userns_mounts,
+        ),
+        script_pod(
+            "userns-user",
+            &image,
+            "id -u; echo x > /cache/f && stat -c cache=%u /cache/f",
+            &format!("{userns_volumes}  securityContext: {{runAsUser: 1000}}\n"),
+            userns_mounts,
+        ),
+        script_pod("userns-sleeper", &image, "sleep 3600", "  hostUsers: false\n", ""),
+        script_pod(
+            "userns-unmasked",
+            &image,
+            "grep -q ' /proc/keys ' /proc/self/mountinfo && echo keys-masked || echo keys-unmasked",
+            "  hostUsers: false\n",
+            "    securityContext: {procMount: Unmasked}\n",
+        ),
     ];
     for p in &all {
         pods.create(&PostParams::default(), p).await?;
@@ -213,6 +250,43 @@ async fn security_contexts_are_honoured_or_refused() -> Result<()> {
     .await?;
     let (_, message) = waiting(&refused).unwrap_or_default();
     ensure!(message.contains("/proc/sys/kernel/x cannot be mounted because it is inside /proc"), "{message}");
+
+    // User namespaces: the node says it has them, and each pod gets a range of its own, written down.
+    let handlers = node_status.runtime_handlers.unwrap_or_default();
+    let userns_feature = handlers.first().and_then(|h| h.features.as_ref()).and_then(|f| f.user_namespaces);
+    ensure!(userns_feature == Some(true), "status.runtimeHandlers: {handlers:?}");
+    let userns = finished_logs(&pods, "userns").await.with_context(|| node.log())?;
+    let map: Vec<u64> =
+        userns.lines().next().unwrap_or_default().split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    ensure!(map.len() == 3 && map[0] == 0 && map[1] >= 65536 && map[1] % 65536 == 0 && map[2] == 65536, "{userns}");
+    for expected in
+        ["\n0\n", "rootfs=0", "secret-denied", "hostpath-writable", "emptydir-writable", "mknod-denied", "keys-masked"]
+    {
+        ensure!(userns.contains(expected), "userns: {expected:?} missing from {userns}");
+    }
+    // Written through the idmapped hostPath by the pod's root: stored as its id 0, as upstream's idmapped volumes do.
+    let made = std::fs::metadata(host_dir.join("made"))?;
+    ensure!(std::os::unix::fs::MetadataExt::uid(&made) == 0, "made by the pod's root: {made:?}");
+    let user = finished_logs(&pods, "userns-user").await?;
+    ensure!(user.lines().collect::<Vec<_>>() == ["1000", "cache=1000"], "{user}");
+    let unmasked = finished_logs(&pods, "userns-unmasked").await?;
+    ensure!(unmasked.trim() == "keys-unmasked", "{unmasked}");
+    // A running pod's range is written in its directory (upstream's file); a finished pod's is released.
+    let pod_file = |uid: String| node.root_dir().join("pods").join(uid).join("userns");
+    let finished = pod_file(pods.get("userns").await?.metadata.uid.context("uid")?);
+    ensure!(!finished.exists(), "a finished pod kept its range");
+    wait_pod(&pods, "userns-sleeper", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let file = pod_file(pods.get("userns-sleeper").await?.metadata.uid.context("uid")?);
+    let persisted = std::fs::read_to_string(&file)?;
+    ensure!(persisted.starts_with(r#"{"uidMappings":[{"hostId":"#), "{persisted}");
+    // Deleted, the pod's range is released with its file.
+    pods.delete("userns-sleeper", &Default::default()).await?;
+    let released = async {
+        while file.exists() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), released).await.context("the userns file stayed")?;
 
     let overwrite = finished_logs(&pods, "overwrite-runtime").await?;
     ensure!(overwrite.contains("tried") && !overwrite.contains("ESCAPE"), "{overwrite}");

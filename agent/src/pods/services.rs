@@ -90,8 +90,12 @@ pub trait ImageService: Send + Sync {
     fn config_blob(&self, image: &ReadyImage) -> Result<Vec<u8>, String>;
     /// Mounts the container's root filesystem (blocking).
     /// With `userns`, the image's layers are idmapped into the pod's range.
-    fn prepare_rootfs(&self, id: &str, image: &ReadyImage, userns: Option<&PodUserNamespace>)
-    -> Result<PathBuf, String>;
+    fn prepare_rootfs(
+        &self,
+        id: &str,
+        image: &ReadyImage,
+        userns: Option<&PodUserNamespace>,
+    ) -> Result<PathBuf, String>;
     fn remove_rootfs(&self, id: &str);
     /// Containers with a root filesystem made before `before` (to find those of containers never created).
     fn rootfs_made_before(&self, before: std::time::SystemTime) -> Vec<String>;

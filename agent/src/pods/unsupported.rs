@@ -46,11 +46,7 @@ pub fn unsupported(pod: &Pod, c: &Container) -> Option<String> {
 /// and mount propagation (an idmapped copy of a volume is not in its source's peer group).
 fn user_namespace_limits(pod: &Pod, c: &Container) -> Option<String> {
     let spec = pod.spec.as_ref()?;
-    for (set, field) in [
-        (spec.host_network, "hostNetwork"),
-        (spec.host_pid, "hostPID"),
-        (spec.host_ipc, "hostIPC"),
-    ] {
+    for (set, field) in [(spec.host_network, "hostNetwork"), (spec.host_pid, "hostPID"), (spec.host_ipc, "hostIPC")] {
         if set == Some(true) {
             return Some(format!("{field} is not allowed with hostUsers: false"));
         }
@@ -62,7 +58,8 @@ fn user_namespace_limits(pod: &Pod, c: &Container) -> Option<String> {
     if spec.volumes.iter().flatten().any(|v| v.image.is_some()) {
         return not_yet("an image volume");
     }
-    let propagates = c.volume_mounts.iter().flatten().any(|m| m.mount_propagation.as_deref().is_some_and(|p| p != "None"));
+    let propagates =
+        c.volume_mounts.iter().flatten().any(|m| m.mount_propagation.as_deref().is_some_and(|p| p != "None"));
     if propagates {
         return not_yet("mountPropagation");
     }
@@ -98,7 +95,10 @@ mod tests {
             "localhostProfile": "p.json"}}, "containers": [{"name": "c"}]});
         assert_eq!(check(localhost), None);
         let unmasked = serde_json::json!({"containers": [{"name": "c", "securityContext": {"procMount": "Unmasked"}}]});
-        assert_eq!(check(unmasked).unwrap(), "procMount: Unmasked without hostUsers: false is not supported by nodelet yet");
+        assert_eq!(
+            check(unmasked).unwrap(),
+            "procMount: Unmasked without hostUsers: false is not supported by nodelet yet"
+        );
         let apparmor = serde_json::json!({"containers": [{"name": "c",
             "securityContext": {"appArmorProfile": {"type": "Localhost", "localhostProfile": "x"}}}]});
         assert!(check(apparmor).unwrap().starts_with("AppArmor profile type Localhost"));

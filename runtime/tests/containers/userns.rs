@@ -62,7 +62,7 @@ pub async fn pods_get_their_own_user_namespace(rt: Runtime, env: Env) -> Result<
     let script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; readlink /proc/self/ns/user; \
         stat -c 'root=%u' /; stat -c 'owned=%u' /data/root-owned; echo made > /data/made; \
         cat /data/secret 2>/dev/null || echo secret-denied; mknod /tmp/null c 1 3 2>/dev/null || echo mknod-denied; \
-        awk '$5 == \"/sys\" {print \"sys=\" $9}' /proc/self/mountinfo";
+        awk '$5 == \"/sys\" {print \"sys=\" $9} $5 == \"/proc/keys\" {print \"keys-masked\"}' /proc/self/mountinfo";
     let (exit, out, err) = run(&rt, &in_pod("userns-main", script)).await?;
     ensure!(exit.code == 0, "{exit:?} {out:?} {err:?}");
     let line = |l: &str| out.lines().any(|o| o.split_whitespace().collect::<Vec<_>>().join(" ") == l);
@@ -73,6 +73,7 @@ pub async fn pods_get_their_own_user_namespace(rt: Runtime, env: Env) -> Result<
     ensure!(line("secret-denied"), "the pod's root read a node file outside its range: {out}");
     ensure!(line("mknod-denied"), "the pod's root made a device node: {out}");
     ensure!(line("sys=sysfs"), "no sysfs of the pod's network namespace: {out}");
+    ensure!(line("keys-masked"), "the masked paths are not masked: {out}");
     // What the pod's root wrote through the idmapped volume is stored as its own id, 0, on disk.
     let made = std::fs::metadata(volume.join("made"))?;
     ensure!(made.uid() == 0 && made.gid() == 0, "written as {}:{}", made.uid(), made.gid());

@@ -14,7 +14,8 @@ use k8s_openapi::api::core::v1::Pod;
 use nodelet_cgroups::qos::{PodLimits, QosClass};
 use nodelet_runtime::{
     Container, ContainerConfig, ContainerExit, ContainerIo, ExecProcess, Mount, ProcessUser, RuntimeError, Sandbox,
-    SandboxConfig, SpecError, idmap::PodUserNamespace};
+    SandboxConfig, SpecError, idmap::PodUserNamespace,
+};
 use tokio::sync::{mpsc, watch};
 
 use super::{BoxFuture, ContainerRuntime, ExecResult, ImageService, PodCgroups, PodNetwork};
