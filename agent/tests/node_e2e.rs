@@ -439,16 +439,27 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
 
     // Restart survival: a pod that writes a line a second, and one that will be deleted while the agent is down.
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: survivor}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'i=0; while true; do i=$((i+1)); echo beat $i; sleep 1; done']}}\n"
+        "metadata: {{name: survivor}}\nspec:\n  hostUsers: false\n  terminationGracePeriodSeconds: 2\n  containers:\n  - {{name: main, image: {image}, command: [sh, -c, 'i=0; while true; do i=$((i+1)); echo beat $i; sleep 1; done']}}\n"
     ))).await?;
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: orphan}}\nspec:\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+        "metadata: {{name: orphan}}\nspec:\n  hostUsers: false\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
     ))).await?;
     let before = wait_pod(&pods, "survivor", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
     let orphan = wait_pod(&pods, "orphan", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
     let orphan_uid = orphan.metadata.uid.clone().unwrap_or_default();
     let survivor_uid = before.metadata.uid.clone().unwrap_or_default();
     let before = container(&before).cloned().context("survivor's status")?;
+    // Both in user namespaces (`hostUsers: false`): their ranges are on disk, and an exec joins the survivor's.
+    let pods_dir = node.root_dir().join("pods");
+    let userns_file = |uid: &str| pods_dir.join(uid).join("userns");
+    let range = std::fs::read_to_string(userns_file(&survivor_uid))?;
+    ensure!(userns_file(&orphan_uid).exists() && std::fs::read_to_string(userns_file(&orphan_uid))? != range);
+    let uid_map = |what: &'static str| {
+        let (ok, out, err) = kubectl(&cluster, &["exec", "survivor", "--", "cat", "/proc/self/uid_map"])?;
+        ensure!(ok && out.split_whitespace().next() == Some("0") && out.contains("65536"), "{what}: {out} {err}");
+        Ok::<_, anyhow::Error>(out)
+    };
+    let map_before = uid_map("before the restart")?;
 
     // kill -9: the node goes NotReady (Unknown) upstream's way; containers keep running. The orphan is force-deleted
     // meanwhile. Back, the node is Ready again and takes its pods over: no restarts, the same statuses.
@@ -467,6 +478,9 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
     let after = container(&pods.get("survivor").await?).cloned().context("survivor's status")?;
     ensure!(after.container_id == before.container_id && after.restart_count == 0, "restarted: {after:?}");
     ensure!(after.state == before.state && after.ready, "status changed: {before:?} -> {after:?}");
+    // The restarted agent knows the survivor's range, and an exec still lands in its namespace.
+    ensure!(std::fs::read_to_string(userns_file(&survivor_uid))? == range, "the survivor's range changed");
+    ensure!(uid_map("after the restart")? == map_before, "the exec's user namespace changed");
     // Its output went on while no agent read it and is in its log, every line, in order.
     let beats = wait_for("the survivor's log to go on", Duration::from_secs(30), || async {
         let (ok, out, _) = kubectl(&cluster, &["logs", "survivor"])?;
@@ -482,7 +496,9 @@ async fn a_node_runs_pods_from_the_api_server() -> Result<()> {
         let left =
             std::fs::read_dir(&records)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&orphan_uid));
         let state = node.root_dir().join(format!("pod-state/{orphan_uid}.json")).exists();
-        Ok((!left && !state).then_some(()))
+        // Its user namespace range is released too.
+        let range = userns_file(&orphan_uid).exists();
+        Ok((!left && !state && !range).then_some(()))
     })
     .await
     .with_context(|| node.log())?;

@@ -510,6 +510,8 @@ impl PodWorkers {
                 ctx.remove_sandbox(&sandbox).await;
             }
             remove_unwanted(&ctx, &mut containers, "").await;
+            // No process of theirs is left: the user namespace ranges of pods that are gone.
+            ctx.user_namespaces.release_orphans(&|uid| known.contains(uid));
             for uid in detached {
                 if let Err(e) = ctx.network.detach(&uid).await {
                     tracing::warn!(sandbox = %uid, error = %e, "releasing a leftover pod network");
@@ -534,8 +536,6 @@ impl PodWorkers {
                 tracing::info!(pod = %uid, "tearing down the volumes of a pod that is gone");
                 ctx.tear_down_volumes(&uid).await;
             }
-            // After their sandboxes: the user namespace ranges of pods that are gone.
-            ctx.user_namespaces.release_orphans(&|uid| known.contains(uid));
         });
     }
 }
