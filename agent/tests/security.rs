@@ -258,7 +258,10 @@ async fn security_contexts_are_honoured_or_refused() -> Result<()> {
     let userns = finished_logs(&pods, "userns").await.with_context(|| node.log())?;
     let map: Vec<u64> =
         userns.lines().next().unwrap_or_default().split_whitespace().filter_map(|n| n.parse().ok()).collect();
-    ensure!(map.len() == 3 && map[0] == 0 && map[1] >= 65536 && map[1] % 65536 == 0 && map[2] == 65536, "{userns}");
+    ensure!(
+        map.len() == 3 && map[0] == 0 && map[1] >= 65536 && map[1].is_multiple_of(65536) && map[2] == 65536,
+        "{userns}"
+    );
     for expected in
         ["\n0\n", "rootfs=0", "secret-denied", "hostpath-writable", "emptydir-writable", "mknod-denied", "keys-masked"]
     {

@@ -203,9 +203,9 @@ fn run(
     for tasks in &plan.v1_tasks {
         std::fs::write(tasks, "0").map_err(|e| format!("joining the cgroup {}: {e}", display_dir(tasks)))?;
     }
+    let user = if plan.user_namespace { libc::CLONE_NEWUSER } else { 0 };
     // SAFETY: setns with a pidfd and a mask joins those namespaces of the process the pidfd refers to, all at once;
     // the descriptor is valid for the call.
-    let user = if plan.user_namespace { libc::CLONE_NEWUSER } else { 0 };
     let rc = unsafe { libc::setns(pidfd.as_raw_fd(), NAMESPACES | user) };
     nix::errno::Errno::result(rc).map_err(|e| format!("joining the container's namespaces: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
