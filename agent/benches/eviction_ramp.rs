@@ -23,7 +23,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use nodelet_integration::cluster::Cluster;
@@ -54,6 +54,14 @@ struct Run {
     to_sigterm: Option<f64>,
     /// OOM kills in the pods' cgroup during the run.
     oom_kills: u64,
+    /// The ramp never started (the pod was refused, or did not run within the run's time).
+    no_ramp: bool,
+}
+
+/// Whether the node reports `MemoryPressure`.
+async fn memory_pressure(nodes: &Api<Node>, node: &str) -> anyhow::Result<bool> {
+    let status = nodes.get(node).await?.status.unwrap_or_default();
+    Ok(status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "MemoryPressure" && c.status == "True"))
 }
 
 fn phase(p: &Pod) -> &str {
@@ -69,6 +77,14 @@ async fn run_once(
     ramp: Ramp,
     name: &str,
 ) -> anyhow::Result<Run> {
+    // Under MemoryPressure a BestEffort pod is refused at admission (upstream's rule): each run waits for the
+    // previous run's pressure to clear: the transition period (5 s here) and the next node status (1 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let nodes: Api<Node> = Api::all(pods.clone().into_client());
+    let calm = Instant::now();
+    while memory_pressure(&nodes, node).await? && calm.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let out = tempfile::Builder::new().prefix("nodelet-ramp-").tempdir()?;
     let cgroup = kubepods(agent);
     let before = oom_kills(&cgroup);
@@ -81,8 +97,10 @@ async fn run_once(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let oom_kills = oom_kills(&cgroup) - before;
-    let to_sigterm = match (uptime_mark(out.path(), "start"), uptime_mark(out.path(), "term")) {
+    // (Counted before the pod is deleted: on v1 its cgroups' counts go with them.)
+    let oom_kills = oom_kills(&cgroup).saturating_sub(before);
+    let start = uptime_mark(out.path(), "start");
+    let to_sigterm = match (start, uptime_mark(out.path(), "term")) {
         (Some(start), Some(term)) => Some(term - start),
         _ => None,
     };
@@ -96,7 +114,7 @@ async fn run_once(
     while nodelet_cgroups_usage(&cgroup) > 64 << 20 && settled.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(Run { to_sigterm, oom_kills })
+    Ok(Run { to_sigterm, oom_kills, no_ramp: start.is_none() })
 }
 
 /// The pods' cgroup's memory usage now.
@@ -130,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         ("nodelet: memory watch", vec![]),
         ("10 s rounds (upstream's period)", vec!["--eviction-memory-watch".into(), "0s".into()]),
     ];
-    let config = pods_memory_config(PODS_MIB, 100);
+    let config = format!("{}evictionPressureTransitionPeriod: 5s\n", pods_memory_config(PODS_MIB, 100));
     let mut rows = Vec::new();
     for (n, (label, extra)) in configs.iter().enumerate() {
         // A node of its own per configuration (its own sandbox and Node object).
@@ -154,8 +172,8 @@ async fn main() -> anyhow::Result<()> {
         "\nmemory ramp in a BestEffort pod, pods limited to {PODS_MIB} MiB, hard threshold 100Mi; {runs} runs each"
     );
     println!(
-        "{:<34} {:>10} {:>16} {:>16} {:>18} {:>10}",
-        "configuration", "ramp", "SIGTERM p50", "SIGTERM max", "evicted before OOM", "OOM kills"
+        "{:<34} {:>10} {:>16} {:>16} {:>18} {:>10} {:>8}",
+        "configuration", "ramp", "SIGTERM p50", "SIGTERM max", "evicted before OOM", "OOM kills", "no ramp"
     );
     for (label, ramp, results) in rows {
         let mut times: Vec<f64> = results.iter().filter_map(|r| r.to_sigterm).collect();
@@ -163,14 +181,16 @@ async fn main() -> anyhow::Result<()> {
         let cell = |t: Option<&f64>| t.map_or("-".to_string(), |t| format!("{t:.2} s"));
         let first = results.iter().filter(|r| r.to_sigterm.is_some() && r.oom_kills == 0).count();
         let kills: u64 = results.iter().map(|r| r.oom_kills).sum();
+        let no_ramp = results.iter().filter(|r| r.no_ramp).count();
         println!(
-            "{:<34} {:>10} {:>16} {:>16} {:>18} {:>10}",
+            "{:<34} {:>10} {:>16} {:>16} {:>18} {:>10} {:>8}",
             label,
             format!("{} MiB/s", ramp.mib_per_s),
             cell(times.get(support::rank(times.len(), 0.5))),
             cell(times.last()),
             format!("{first}/{}", results.len()),
-            kills
+            kills,
+            no_ramp
         );
     }
     Ok(())

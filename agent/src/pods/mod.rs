@@ -494,7 +494,14 @@ impl PodWorkers {
             .filter(|id| id.split_once(".volume.").is_some_and(|(uid, _)| !self.workers.contains_key(uid)))
             .collect();
         let (ctx, started) = (self.ctx.clone(), self.started);
-        let known: std::collections::HashSet<String> = self.workers.keys().cloned().collect();
+        // Taken now: a pod admitted from here on may get a range before the task below is done.
+        let unheld: Vec<String> = self
+            .ctx
+            .user_namespaces
+            .held()
+            .into_iter()
+            .filter(|u| !self.workers.contains_key(u) && !self.releasing.contains_key(u))
+            .collect();
         tokio::spawn(async move {
             let mut containers = containers;
             for sandbox in sandboxes {
@@ -511,7 +518,9 @@ impl PodWorkers {
             }
             remove_unwanted(&ctx, &mut containers, "").await;
             // No process of theirs is left: the user namespace ranges of pods that are gone.
-            ctx.user_namespaces.release_orphans(&|uid| known.contains(uid));
+            for uid in unheld {
+                ctx.user_namespaces.release(&uid);
+            }
             for uid in detached {
                 if let Err(e) = ctx.network.detach(&uid).await {
                     tracing::warn!(sandbox = %uid, error = %e, "releasing a leftover pod network");

@@ -186,12 +186,10 @@ impl UserNamespaces {
         let _ = std::fs::remove_file(self.pods_dir.join(uid).join(FILE));
     }
 
-    /// Releases the ranges of pods that are neither known nor on disk (upstream's orphan cleanup).
-    pub fn release_orphans(&self, known: &dyn Fn(&str) -> bool) {
-        let held: Vec<String> = self.lock().by_pod.keys().cloned().collect();
-        for uid in held.into_iter().filter(|u| !known(u)) {
-            self.release(&uid);
-        }
+    /// The pods that hold a range now (for upstream's orphan cleanup: those of them without a pod are
+    /// released once their sandboxes are gone).
+    pub fn held(&self) -> Vec<String> {
+        self.lock().by_pod.keys().cloned().collect()
     }
 }
 
@@ -346,7 +344,13 @@ mod tests {
         let m = manager(dir.path());
         m.get_or_create("kept").unwrap();
         m.get_or_create("gone").unwrap();
-        m.release_orphans(&|uid| uid == "kept");
+        let mut held = m.held();
+        held.sort();
+        assert_eq!(held, ["gone", "kept"]);
+        // The dispatcher releases those without a worker (after their sandboxes are removed).
+        for uid in held.iter().filter(|u| *u != "kept") {
+            m.release(uid);
+        }
         assert!(m.get("kept").is_some() && m.get("gone").is_none());
         assert!(!dir.path().join("gone").join(FILE).exists());
     }

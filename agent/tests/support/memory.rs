@@ -54,13 +54,24 @@ pub fn kubepods(pid: u32) -> PathBuf {
     if v1.exists() { v1 } else { root.join("kubepods") }
 }
 
-/// The kernel's OOM kills in the pods' cgroup so far (v1 `memory.oom_control`, v2 `memory.events`).
+/// The kernel's OOM kills in the pods' cgroup so far, of its live cgroups (v2 `memory.events`, which counts the
+/// cgroup's descendants too; v1 `memory.oom_control`, which counts only the processes directly in that cgroup,
+/// so on v1 every cgroup below is added up: kubepods' own count is always 0 there, pods being in cgroups below it).
 pub fn oom_kills(kubepods: &Path) -> u64 {
-    ["memory.oom_control", "memory.events"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(kubepods.join(f)).ok())
-        .find_map(|text| text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
+    let own = |dir: &Path, file: &str| -> u64 {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    if kubepods.join("memory.events").exists() {
+        return own(kubepods, "memory.events");
+    }
+    let mut total = own(kubepods, "memory.oom_control");
+    for entry in std::fs::read_dir(kubepods).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            total += oom_kills(&entry.path());
+        }
+    }
+    total
 }
 
 /// The pods' cgroup memory limit (v1 `memory.limit_in_bytes`, v2 `memory.max`).
