@@ -29,7 +29,7 @@ use kube::api::{DeleteParams, PostParams};
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use support::arg_after;
-use support::memory::{kubepods, oom_kills, pods_memory_config, ramp_pod, uptime_mark};
+use support::memory::{OomWatch, kubepods, pods_memory_config, ramp_pod, uptime_mark};
 
 const PODS_MIB: u64 = 640;
 
@@ -87,7 +87,7 @@ async fn run_once(
     }
     let out = tempfile::Builder::new().prefix("nodelet-ramp-").tempdir()?;
     let cgroup = kubepods(agent);
-    let before = oom_kills(&cgroup);
+    let ooms = OomWatch::start(&cgroup);
     pods.create(&PostParams::default(), &ramp_pod(name, node, image, ramp.chunk_mib, ramp.every_ms, out.path()))
         .await?;
     let deadline = Instant::now() + Duration::from_secs(45);
@@ -97,8 +97,7 @@ async fn run_once(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // (Counted before the pod is deleted: on v1 its cgroups' counts go with them.)
-    let oom_kills = oom_kills(&cgroup).saturating_sub(before);
+    let oom_kills = ooms.kills();
     let start = uptime_mark(out.path(), "start");
     let to_sigterm = match (start, uptime_mark(out.path(), "term")) {
         (Some(start), Some(term)) => Some(term - start),

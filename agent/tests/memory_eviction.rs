@@ -17,7 +17,7 @@ use kube::api::PostParams;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::memory::{kubepods, memory_limit, oom_kills, pods_memory_config, ramp_pod, uptime_mark};
+use support::memory::{OomWatch, kubepods, memory_limit, pods_memory_config, ramp_pod, uptime_mark};
 use support::{events_for, pod, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-memory";
@@ -54,7 +54,7 @@ async fn a_pod_growing_past_allocatable_is_evicted_before_the_oom_killer() -> Re
     ensure!(expected.contains(&allocatable), "allocatable memory {allocatable}");
     let cgroup = kubepods(node.pid().context("the agent's pid")?);
     ensure!(memory_limit(&cgroup) == Some(PODS_MIB << 20), "kubepods limit {:?}", memory_limit(&cgroup));
-    let ooms_before = oom_kills(&cgroup);
+    let ooms = OomWatch::start(&cgroup);
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let quiet = pod(&format!(
@@ -90,7 +90,7 @@ async fn a_pod_growing_past_allocatable_is_evicted_before_the_oom_killer() -> Re
     };
     eprintln!("memory_eviction: SIGTERM {:.2} s after the ramp started", term - start);
     ensure!(term - start < 8.0, "SIGTERM {:.2} s after the ramp started", term - start);
-    ensure!(oom_kills(&cgroup) == ooms_before, "the OOM killer acted first\n{}", node.log());
+    ensure!(ooms.kills() == 0, "the OOM killer acted first ({} kills)\n{}", ooms.kills(), node.log());
     ensure!(phase(&pods.get("quiet").await?) == "Running", "the Guaranteed pod was evicted too");
 
     let pressure = |node: Node| {

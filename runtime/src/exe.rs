@@ -23,18 +23,7 @@ use rustix::mount::OpenTreeFlags;
 /// `/proc/<pid>/environ` to the node's administrator).
 pub const MARKER: &str = "NODELET_READ_ONLY_EXE";
 
-/// `struct mount_attr` of `mount_setattr(2)`.
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
+use crate::mount_attr;
 
 /// Whether this process's binary is on a read-only mount (a write through `/proc/<pid>/exe` fails).
 pub fn is_read_only() -> bool {
@@ -55,28 +44,9 @@ pub fn reexec_read_only() -> Result<(), String> {
     let flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     let tree = rustix::mount::open_tree(rustix::fs::CWD, "/proc/self/exe", flags)
         .map_err(|e| format!("open_tree(/proc/self/exe): {e}"))?;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
+    mount_attr::set(&tree, mount_attr::RDONLY | mount_attr::NOSUID | mount_attr::NODEV, None, false)
+        .map_err(|e| format!("mount_setattr: {e}"))?;
     let empty = c"";
-    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from `attr`, a live `repr(C)` struct of the
-    // kernel's layout; `empty` is a NUL-terminated string; `tree` is an open descriptor we own.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(format!("mount_setattr: {}", std::io::Error::last_os_error()));
-    }
     let args: Vec<CString> = std::env::args_os()
         .map(|a| CString::new(std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str())))
         .collect::<Result<_, _>>()

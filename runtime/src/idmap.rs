@@ -15,7 +15,9 @@
 //! detaches whatever is mounted there before the bundle is removed, so a removal never walks into a volume.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use rustix::mount::OpenTreeFlags;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ContainerConfig, Mount, Propagation};
@@ -51,80 +53,22 @@ pub struct PodUserNamespace {
     pub mapping: IdMapping,
 }
 
-/// `struct mount_attr` of `mount_setattr(2)`.
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-const OPEN_TREE_CLONE: libc::c_uint = 1;
-
 /// A detached copy of the mount tree at `source` (its submounts too when `recursive`), idmapped with the user
 /// namespace `userns` (an open `/proc/<pid>/ns/user` or a bind mount of it).
 pub fn idmapped_tree(source: &Path, userns: &File, recursive: bool) -> std::io::Result<OwnedFd> {
-    let path = std::ffi::CString::new(source.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let recursive_flag = if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
-    // SAFETY: open_tree reads a NUL-terminated path; the returned descriptor is owned below.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive_flag,
-        )
-    };
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
     }
-    // SAFETY: open_tree returned a new descriptor that nothing else owns.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd) };
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: u64::try_from(userns.as_raw_fd()).unwrap_or_default(),
-    };
-    let flags = libc::AT_EMPTY_PATH as libc::c_uint | recursive_flag;
-    // SAFETY: mount_setattr reads `attr` (size given) and an empty path relative to a descriptor we own.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            flags,
-            &raw const attr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let tree = rustix::mount::open_tree(rustix::fs::CWD, source, flags)?;
+    crate::mount_attr::set(&tree, crate::mount_attr::IDMAP, Some(userns.as_fd()), recursive)?;
     Ok(tree)
 }
 
 /// Attaches a detached tree at `target` (which must exist: a directory, or a file for a file mount).
 fn attach(tree: &OwnedFd, target: &Path) -> std::io::Result<()> {
-    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-    // SAFETY: move_mount reads an empty path relative to a descriptor we own and a NUL-terminated target.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    let flags = rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH;
+    Ok(rustix::mount::move_mount(tree, "", rustix::fs::CWD, target, flags)?)
 }
 
 /// Mounts an idmapped copy of the directory (or file) `source`, its submounts included, at `target`.

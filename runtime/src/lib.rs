@@ -16,6 +16,7 @@ pub mod devices;
 pub mod error;
 pub mod exe;
 pub mod idmap;
+mod mount_attr;
 pub mod sandbox;
 pub mod seccomp;
 pub mod spec;

@@ -1,7 +1,10 @@
 //! Memory pressure on a test node: a pod whose memory grows at a set rate, and what the node's pods' cgroup
 //! (`kubepods` in the node's cgroup sandbox) says about it. Shared by the memory eviction test and the ramp bench.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -54,24 +57,72 @@ pub fn kubepods(pid: u32) -> PathBuf {
     if v1.exists() { v1 } else { root.join("kubepods") }
 }
 
-/// The kernel's OOM kills in the pods' cgroup so far, of its live cgroups (v2 `memory.events`, which counts the
-/// cgroup's descendants too; v1 `memory.oom_control`, which counts only the processes directly in that cgroup,
-/// so on v1 every cgroup below is added up: kubepods' own count is always 0 there, pods being in cgroups below it).
-pub fn oom_kills(kubepods: &Path) -> u64 {
-    let own = |dir: &Path, file: &str| -> u64 {
+/// The OOM kill count of every live cgroup at or below `kubepods` that counts its own: on v2 only `kubepods`
+/// itself (its `memory.events` counts its descendants' too), on v1 each cgroup (`memory.oom_control` counts only
+/// the processes directly in it; the kernel does not count v1 events upwards).
+fn oom_counts(kubepods: &Path, out: &mut HashMap<PathBuf, u64>) {
+    let count = |dir: &Path, file: &str| -> u64 {
         let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
         text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     };
     if kubepods.join("memory.events").exists() {
-        return own(kubepods, "memory.events");
+        out.insert(kubepods.to_path_buf(), count(kubepods, "memory.events"));
+        return;
     }
-    let mut total = own(kubepods, "memory.oom_control");
+    out.insert(kubepods.to_path_buf(), count(kubepods, "memory.oom_control"));
     for entry in std::fs::read_dir(kubepods).into_iter().flatten().flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            total += oom_kills(&entry.path());
+            oom_counts(&entry.path(), out);
         }
     }
-    total
+}
+
+/// The kernel's OOM kills in the pods' cgroups from its start, read every 20 ms in a thread of its own: a pod's
+/// cgroups (and on v1 their counts) go when the pod is torn down, so they are read while they exist, each
+/// cgroup's highest count kept. (A kill in the last 20 ms of a cgroup's life can be missed on v1.)
+pub struct OomWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<HashMap<PathBuf, u64>>>,
+    start: HashMap<PathBuf, u64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OomWatch {
+    pub fn start(kubepods: &Path) -> OomWatch {
+        let mut start = HashMap::new();
+        oom_counts(kubepods, &mut start);
+        let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(start.clone())));
+        let (root, stopping, into) = (kubepods.to_path_buf(), stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                let mut now = HashMap::new();
+                oom_counts(&root, &mut now);
+                let mut seen = into.lock().unwrap_or_else(|e| e.into_inner());
+                for (path, n) in now {
+                    let max = seen.entry(path).or_default();
+                    *max = (*max).max(n);
+                }
+                drop(seen);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        OomWatch { stop, seen, start, thread: Some(thread) }
+    }
+
+    /// OOM kills seen since the start.
+    pub fn kills(&self) -> u64 {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.iter().map(|(path, n)| n.saturating_sub(self.start.get(path).copied().unwrap_or(0))).sum()
+    }
+}
+
+impl Drop for OomWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The pods' cgroup memory limit (v1 `memory.limit_in_bytes`, v2 `memory.max`).
