@@ -279,7 +279,7 @@ impl Runtime {
                 message: format!("creating its cgroups: {e}"),
             })?;
             inner.start_grace_period();
-            let owned = idmap::stage_volumes(&inner.root.join("bundles").join(&owned.id), owned)?;
+            let owned = idmap::stage_volumes(&bundle_dir(&inner.root, &owned.id), owned)?;
             let (bundle, cgroupfs, user) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
             let root = inner.root.join("libcontainer");
             let req = Request::Create { id: owned.id.clone(), root, bundle, stdio, tty: owned.tty };
@@ -490,7 +490,7 @@ impl Runtime {
         if let Some(t) = templates.get(&c.id) {
             return Ok(t.clone());
         }
-        let bundle = self.inner.root.join("bundles").join(&c.id);
+        let bundle = bundle_dir(&self.inner.root, &c.id);
         let spec = Spec::load(bundle.join("config.json")).map_err(|e| format!("reading the container spec: {e}"))?;
         let process = spec.process().clone().ok_or("the container spec has no process")?;
         let (v1_tasks, unified) = cgroup::exec_cgroups(self.inner.layout, &c.cgroups_path);
