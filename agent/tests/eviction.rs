@@ -18,7 +18,7 @@ use kube::api::PostParams;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{events_for, pod, wait_for, wait_pod};
+use support::{events_for, pod, pressure, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-eviction";
 
@@ -153,6 +153,7 @@ async fn disk_pressure_evicts_the_largest_user_as_upstream() -> Result<()> {
     ensure!(phase(&quiet) == "Running", "the quiet pod was evicted too: {:?}\n{}", quiet.status, node.log());
 
     // Under the condition, a pod bound to the node is refused (upstream's eviction admission).
+    let taint = "node.kubernetes.io/disk-pressure";
     wait_for("DiskPressure", Duration::from_secs(10), || async {
         Ok((disk_pressure(&nodes).await? == Some(true)).then_some(()))
     })
@@ -166,8 +167,14 @@ async fn disk_pressure_evicts_the_largest_user_as_upstream() -> Result<()> {
     ensure!(status.message.as_deref() == Some("The node had condition: [DiskPressure]. "), "{status:?}");
 
     // The writer's emptyDir went with it: the condition clears after the transition period.
-    wait_for("DiskPressure to clear", Duration::from_secs(60), || async {
-        Ok((disk_pressure(&nodes).await? == Some(false)).then_some(()))
+    // The control plane tainted the node from the condition; the condition and the taint clear after the
+    // transition period.
+    wait_for("DiskPressure's taint", Duration::from_secs(30), || async {
+        Ok(pressure(&client, NODE, "DiskPressure", taint).await?.1.then_some(()))
+    })
+    .await?;
+    wait_for("DiskPressure and its taint to clear", Duration::from_secs(60), || async {
+        Ok((pressure(&client, NODE, "DiskPressure", taint).await? == (Some(false), false)).then_some(()))
     })
     .await
     .with_context(|| node.log())?;

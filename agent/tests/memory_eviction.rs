@@ -18,7 +18,7 @@ use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
 use support::memory::{OomWatch, kubepods, memory_limit, pods_memory_config, ramp_pod, uptime_mark};
-use support::{events_for, pod, wait_for, wait_pod};
+use support::{events_for, pod, pressure, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-memory";
 const PODS_MIB: u64 = 640;
@@ -93,16 +93,14 @@ async fn a_pod_growing_past_allocatable_is_evicted_before_the_oom_killer() -> Re
     ensure!(ooms.kills() == 0, "the OOM killer acted first ({} kills)\n{}", ooms.kills(), node.log());
     ensure!(phase(&pods.get("quiet").await?) == "Running", "the Guaranteed pod was evicted too");
 
-    let pressure = |node: Node| {
-        let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
-        conditions.iter().find(|c| c.type_ == "MemoryPressure").map(|c| c.status == "True")
-    };
-    wait_for("MemoryPressure True", Duration::from_secs(20), || async {
-        Ok((pressure(nodes.get(NODE).await?) == Some(true)).then_some(()))
+    // The condition, and the control plane's taint from it; both clear after the transition period.
+    let taint = "node.kubernetes.io/memory-pressure";
+    wait_for("MemoryPressure and its taint", Duration::from_secs(20), || async {
+        Ok((pressure(&client, NODE, "MemoryPressure", taint).await? == (Some(true), true)).then_some(()))
     })
     .await?;
-    wait_for("MemoryPressure cleared", Duration::from_secs(60), || async {
-        Ok((pressure(nodes.get(NODE).await?) == Some(false)).then_some(()))
+    wait_for("MemoryPressure and its taint cleared", Duration::from_secs(60), || async {
+        Ok((pressure(&client, NODE, "MemoryPressure", taint).await? == (Some(false), false)).then_some(()))
     })
     .await
     .with_context(|| node.log())?;

@@ -51,6 +51,21 @@ pub fn meminfo() -> (u64, u64) {
     (kib("MemTotal:"), kib("MemAvailable:"))
 }
 
+/// The node's task limit and the tasks it runs, as upstream's `pid.available` counts them (`pidlimit`): the
+/// lower of `kernel.pid_max` and `kernel.threads-max`, and the total of `/proc/loadavg`'s fourth field (every
+/// thread of every PID namespace: the limits are the kernel's, not a namespace's).
+pub fn tasks() -> (Option<u64>, Option<u64>) {
+    let read = |file: &str| std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse::<u64>().ok());
+    let limit = [read("/proc/sys/kernel/pid_max"), read("/proc/sys/kernel/threads-max")].into_iter().flatten().min();
+    let running = std::fs::read_to_string("/proc/loadavg").ok().and_then(|t| loadavg_tasks(&t));
+    (limit, running)
+}
+
+/// The total of `running/total` in `/proc/loadavg` (`1.36 3.49 4.53 2/3518 3715089`).
+fn loadavg_tasks(loadavg: &str) -> Option<u64> {
+    loadavg.split_whitespace().nth(3)?.split_once('/')?.1.parse().ok()
+}
+
 /// Which pressures the node is under.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pressure {
@@ -60,17 +75,13 @@ pub struct Pressure {
 }
 
 impl Signals {
-    /// Reads `/proc/meminfo`, the pods' cgroup when given, statvfs of `root_dir`, `/proc/sys/kernel/pid_max` and
-    /// the number of processes.
+    /// Reads `/proc/meminfo`, the pods' cgroup when given, statvfs of `root_dir`, and the [`tasks`].
     pub fn read(root_dir: &Path, pods: Option<&PodsMemory>) -> Signals {
         let (memory_capacity, memory_available) = meminfo();
         let (allocatable_memory_capacity, allocatable_memory_available) = pods.map_or((0, 0), PodsMemory::available);
         let fs = rustix::fs::statvfs(root_dir).ok();
-        let pid_max =
-            std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        let pids_used = std::fs::read_dir("/proc")
-            .map(|d| d.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok())).count())
-            .unwrap_or(0) as u64;
+        let (pid_max, pids_used) = tasks();
+        let (pid_max, pids_used) = (pid_max.unwrap_or(0), pids_used.unwrap_or(0));
         Signals {
             memory_capacity,
             memory_available,
@@ -95,5 +106,19 @@ mod tests {
         let s = Signals::read(Path::new("/"), None);
         assert!(s.memory_capacity > 0 && s.memory_available > 0 && s.memory_available <= s.memory_capacity);
         assert!(s.fs_capacity > 0 && s.pid_max > 0 && s.pids_used > 0, "{s:?}");
+    }
+
+    #[test]
+    fn loadavg_total_is_the_task_count() {
+        assert_eq!(loadavg_tasks("1.36 3.49 4.53 2/3518 3715089\n"), Some(3518));
+        assert_eq!(loadavg_tasks("1.36 3.49 4.53 3518 3715089"), None);
+        assert_eq!(loadavg_tasks(""), None);
+    }
+
+    #[test]
+    fn the_task_limit_is_the_lower_kernel_limit() {
+        let read = |f: &str| std::fs::read_to_string(f).unwrap().trim().parse::<u64>().unwrap();
+        let lower = read("/proc/sys/kernel/pid_max").min(read("/proc/sys/kernel/threads-max"));
+        assert_eq!(tasks().0, Some(lower));
     }
 }

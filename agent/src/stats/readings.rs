@@ -114,12 +114,9 @@ impl Readings for HostReadings {
     }
 
     fn processes(&self) -> (Option<i64>, Option<i64>) {
-        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|t| t.trim().parse().ok());
-        // The fourth field of loadavg is "running/total" scheduling entities (threads), as sysinfo's procs.
-        let total = std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|t| t.split_whitespace().nth(3)?.split_once('/')?.1.parse().ok());
-        (pid_max, total)
+        let (limit, running) = crate::node::conditions::tasks();
+        let signed = |n: Option<u64>| n.and_then(|n| i64::try_from(n).ok());
+        (signed(limit), signed(running))
     }
 }
 

@@ -510,6 +510,22 @@ pub async fn events_for(client: &kube::Client, pod: &str) -> Result<Vec<(String,
     Ok(list.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default())).collect())
 }
 
+/// Node `name`'s condition `kind` (`MemoryPressure`, ...) and whether it has the `NoSchedule` taint `taint` (which
+/// the control plane's node lifecycle controller sets from the condition): `(condition True, tainted)`, the
+/// condition `None` if the node does not report it.
+pub async fn pressure(client: &kube::Client, name: &str, kind: &str, taint: &str) -> Result<(Option<bool>, bool)> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let node = nodes.get(name).await?;
+    let tainted =
+        node.spec.and_then(|s| s.taints).is_some_and(|t| t.iter().any(|t| t.key == taint && t.effect == "NoSchedule"));
+    let condition = node
+        .status
+        .and_then(|s| s.conditions)
+        .and_then(|c| c.into_iter().find(|c| c.type_ == kind))
+        .map(|c| c.status == "True");
+    Ok((condition, tainted))
+}
+
 /// A pod from YAML.
 pub fn pod(yaml: &str) -> Pod {
     serde_yaml::from_str(yaml).expect("test pod YAML")
