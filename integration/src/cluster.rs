@@ -251,6 +251,8 @@ impl Cluster {
     fn start_apiserver(&mut self, port: u16, etcd_url: &str) -> Result<()> {
         let sans = [
             "127.0.0.1",
+            // The host's loopback as a QEMU guest on its user network reaches it (`cgv2-vm.sh run --net`).
+            "10.0.2.2",
             "localhost",
             "kubernetes",
             "kubernetes.default",

@@ -37,6 +37,11 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/nodelet-test"))
 }
 
+/// The cgroup v2 guest's kernel and initramfs (`CGV2_CACHE`, as `setup.sh` sets it).
+pub fn guest_cache() -> PathBuf {
+    std::env::var_os("CGV2_CACHE").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("cgv2-vm"))
+}
+
 /// Path of a binary built by `build-control-plane.sh` (`kube-apiserver`, `etcd`, `agnhost`, ...).
 pub fn control_plane_bin(name: &str) -> Result<PathBuf> {
     let path = cache_dir().join(format!("k8s-{}", k8s_version())).join("bin").join(name);
@@ -93,6 +98,8 @@ pub enum Need {
     Registry,
     /// metrics-server and promcheck from `build-metrics-server.sh`.
     Monitoring,
+    /// The pure cgroup v2 QEMU guest (`cgv2-vm.sh setup`, run by `setup.sh`) and QEMU.
+    Guest,
 }
 
 impl Need {
@@ -111,6 +118,15 @@ impl Need {
             Need::Monitoring => {
                 monitoring_bin("metrics-server")?;
                 monitoring_bin("promcheck")?;
+            }
+            Need::Guest => {
+                system_bin("qemu-system-x86_64")?;
+                for file in ["vmlinux", "initrd.gz"] {
+                    let path = guest_cache().join(file);
+                    if !path.is_file() {
+                        bail!("{} is missing: run integration/scripts/setup.sh", path.display());
+                    }
+                }
             }
             Need::Registry => {
                 system_bin("docker-registry")?;

@@ -4,6 +4,7 @@
 #![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod memory;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,23 @@ pub fn nodelet_cli(args: &[&str]) -> Result<String> {
 /// OCI layout (what umoci writes in examples/run-standalone.sh): nodes with no registry to pull from. Before the
 /// node starts: one process at a time owns the image store.
 pub fn import_busybox(registry: &nodelet_integration::registry::Registry, work: &Path, root_dir: &Path) -> Result<()> {
+    let layout = busybox_layout(registry, work)?;
+    let imported = nodelet_cli(&[
+        "image",
+        "import",
+        "--root-dir",
+        &root_dir.display().to_string(),
+        &layout.display().to_string(),
+        "--tag",
+        "busybox",
+        "nodelet.local/busybox:latest",
+    ])?;
+    anyhow::ensure!(imported.starts_with("nodelet.local/busybox:latest nodelet.local/busybox@sha256:"), "{imported}");
+    Ok(())
+}
+
+/// The registry's busybox image copied to an OCI layout `<work>/oci` (tag `busybox`), for `nodelet image import`.
+pub fn busybox_layout(registry: &nodelet_integration::registry::Registry, work: &Path) -> Result<PathBuf> {
     let layout = work.join("oci");
     let status = Command::new("skopeo")
         .args(["copy", "-q", "--src-tls-verify=false"])
@@ -45,20 +63,7 @@ pub fn import_busybox(registry: &nodelet_integration::registry::Registry, work: 
         .env("REGISTRY_AUTH_FILE", work.join("auth.json"))
         .status()?;
     anyhow::ensure!(status.success(), "skopeo copy");
-    let root = root_dir.display().to_string();
-    let layout = layout.display().to_string();
-    let imported = nodelet_cli(&[
-        "image",
-        "import",
-        "--root-dir",
-        &root,
-        &layout,
-        "--tag",
-        "busybox",
-        "nodelet.local/busybox:latest",
-    ])?;
-    anyhow::ensure!(imported.starts_with("nodelet.local/busybox:latest nodelet.local/busybox@sha256:"), "{imported}");
-    Ok(())
+    Ok(layout)
 }
 
 /// A CNI conf dir whose network is loopback only: for nodes that must stay in the host's network namespace (the
