@@ -15,6 +15,11 @@
 //!   side-by-side node cannot run this scenario here (its runc does not start containers in the test's cgroup
 //!   sandbox on this hybrid host; see the probes bench).
 //!
+//! `-- --guest` runs each node in the pure cgroup v2 QEMU guest instead (1 GiB of memory, `support::guest`),
+//! the production hosts' layout: there the pods' cgroup is not limited, the node's `memory.available` (hard
+//! threshold 300Mi) is the signal, and OOM kills are counted by the pods' cgroup's `memory.events` (v2 counts
+//! every pod below it). The ramp rates are nominal: under QEMU's emulation a `dd` may not reach 1 GiB/s.
+//!
 //! Root. Prints a table.
 #![allow(clippy::expect_used)] // a test: a failed expect is a failed test
 
@@ -29,6 +34,7 @@ use kube::api::{DeleteParams, PostParams};
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use support::arg_after;
+use support::guest::GuestNode;
 use support::memory::{OomWatch, kubepods, pods_memory_config, ramp_pod, uptime_mark};
 
 const PODS_MIB: u64 = 640;
@@ -58,6 +64,13 @@ struct Run {
     no_ramp: bool,
 }
 
+/// Where the node runs: on this host (its agent's pid, for its pods' cgroup) or in the cgroup v2 guest.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Host { agent: u32, image: &'a str },
+    Guest(&'a GuestNode),
+}
+
 /// Whether the node reports `MemoryPressure`.
 async fn memory_pressure(nodes: &Api<Node>, node: &str) -> anyhow::Result<bool> {
     let status = nodes.get(node).await?.status.unwrap_or_default();
@@ -70,13 +83,7 @@ fn phase(p: &Pod) -> &str {
 
 /// One ramp on the running node: the pod is created, followed until it fails (evicted or OOM-killed) or 45 s
 /// pass, and deleted.
-async fn run_once(
-    pods: &Api<Pod>,
-    (node, agent): (&str, u32),
-    image: &str,
-    ramp: Ramp,
-    name: &str,
-) -> anyhow::Result<Run> {
+async fn run_once(pods: &Api<Pod>, node: &str, place: Place<'_>, ramp: Ramp, name: &str) -> anyhow::Result<Run> {
     // Under MemoryPressure a BestEffort pod is refused at admission (upstream's rule): each run waits for the
     // previous run's pressure to clear: the transition period (5 s here) and the next node status (1 s).
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -85,11 +92,20 @@ async fn run_once(
     while memory_pressure(&nodes, node).await? && calm.elapsed() < Duration::from_secs(90) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let out = tempfile::Builder::new().prefix("nodelet-ramp-").tempdir()?;
-    let cgroup = kubepods(agent);
-    let ooms = OomWatch::start(&cgroup);
-    pods.create(&PostParams::default(), &ramp_pod(name, node, image, ramp.chunk_mib, ramp.every_ms, out.path()))
-        .await?;
+    let (out, pod, ooms, guest_kills) = match place {
+        Place::Host { agent, image } => {
+            let out = tempfile::Builder::new().prefix("nodelet-ramp-").tempdir()?;
+            let pod = ramp_pod(name, node, image, ramp.chunk_mib, ramp.every_ms, out.path());
+            (out, pod, Some(OomWatch::start(&kubepods(agent))), 0)
+        }
+        Place::Guest(guest) => {
+            let out = tempfile::Builder::new().prefix("ramp-").tempdir_in(guest.shared())?;
+            let pod = ramp_pod(name, node, support::guest::IMAGE, ramp.chunk_mib, ramp.every_ms, out.path());
+            let before = guest.kubepods_memory_events_after(std::time::SystemTime::now()).await?;
+            (out, support::guest::local(pod), None, before.get("oom_kill").copied().unwrap_or(0))
+        }
+    };
+    pods.create(&PostParams::default(), &pod).await?;
     let deadline = Instant::now() + Duration::from_secs(45);
     while Instant::now() < deadline {
         if pods.get_opt(name).await?.is_some_and(|p| phase(&p) == "Failed") {
@@ -97,7 +113,14 @@ async fn run_once(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let oom_kills = ooms.kills();
+    let oom_kills = match (&ooms, place) {
+        (Some(ooms), _) => ooms.kills(),
+        (None, Place::Guest(guest)) => {
+            let after = guest.kubepods_memory_events_after(std::time::SystemTime::now()).await?;
+            after.get("oom_kill").copied().unwrap_or(0).saturating_sub(guest_kills)
+        }
+        (None, Place::Host { .. }) => 0,
+    };
     let start = uptime_mark(out.path(), "start");
     let to_sigterm = match (start, uptime_mark(out.path(), "term")) {
         (Some(start), Some(term)) => Some(term - start),
@@ -108,10 +131,12 @@ async fn run_once(
         Ok(pods.get_opt(name).await?.is_none().then_some(()))
     })
     .await?;
-    // Until the pods' memory is back (the deleted pod's cgroup gone).
-    let settled = Instant::now();
-    while nodelet_cgroups_usage(&cgroup) > 64 << 20 && settled.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Until the pods' memory is back (the deleted pod's cgroup gone); in the guest, its pressure wait does it.
+    if let Place::Host { agent, .. } = place {
+        let settled = Instant::now();
+        while nodelet_cgroups_usage(&kubepods(agent)) > 64 << 20 && settled.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     Ok(Run { to_sigterm, oom_kills, no_ramp: start.is_none() })
 }
@@ -136,9 +161,13 @@ async fn main() -> anyhow::Result<()> {
         Some(rate) => RAMPS.iter().copied().filter(|r| r.mib_per_s == rate).collect(),
         None => RAMPS.to_vec(),
     };
+    let in_guest = std::env::args().any(|a| a == "--guest");
     let cluster = Cluster::start().await?;
     let registry = Registry::start().await?;
     let image = registry.reference("busybox", "latest");
+    let work = tempfile::Builder::new().prefix("nodelet-ramp-image-").tempdir()?;
+    let layout = if in_guest { Some(support::busybox_layout(&registry, work.path())?) } else { None };
+    let address = if in_guest { Some(support::HostAddress::create("ramp", 249)?) } else { None };
     let configs: [(&str, Vec<String>); 3] = [
         (
             "nodelet: memory watch + PSI",
@@ -147,29 +176,51 @@ async fn main() -> anyhow::Result<()> {
         ("nodelet: memory watch", vec![]),
         ("10 s rounds (upstream's period)", vec!["--eviction-memory-watch".into(), "0s".into()]),
     ];
-    let config = format!("{}evictionPressureTransitionPeriod: 5s\n", pods_memory_config(PODS_MIB, 100));
+    let config = if in_guest {
+        "nodeStatusUpdateFrequency: 1s\nevictionHard: {memory.available: 300Mi, nodefs.available: 10%}\n".to_string()
+    } else {
+        pods_memory_config(PODS_MIB, 100)
+    } + "evictionPressureTransitionPeriod: 5s\n";
     let mut rows = Vec::new();
     for (n, (label, extra)) in configs.iter().enumerate() {
         // A node of its own per configuration (its own sandbox and Node object).
         let name = format!("nodelet-ramp-{n}");
-        let (node, _net_d) = support::start_cluster_node(&cluster, &registry, &name, &config, extra)?;
+        let (host_node, guest_node) = match (&layout, &address) {
+            (Some(layout), Some(address)) => {
+                let port = nodelet_integration::ports::free_port()?;
+                let guest = GuestNode::start(&cluster, &name, (&address.ip, port), 1024, layout, &config, extra)?;
+                (None, Some(guest))
+            }
+            _ => (Some(support::start_cluster_node(&cluster, &registry, &name, &config, extra)?), None),
+        };
+        let place = match (&host_node, &guest_node) {
+            (Some((node, _)), _) => Place::Host { agent: node.pid().expect("the agent runs"), image: &image },
+            (None, Some(guest)) => Place::Guest(guest),
+            (None, None) => unreachable!("one of the two was started"),
+        };
         let client = cluster.admin().await?;
         support::wait_node_ready(&client, &name).await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-        let agent = node.pid().expect("the agent runs");
         for ramp in &ramps {
             let mut results = Vec::new();
             for i in 0..runs {
                 let pod = format!("ramp-{}-{i}", ramp.mib_per_s);
-                results.push(run_once(&pods, (&name, agent), &image, *ramp, &pod).await?);
+                results.push(run_once(&pods, &name, place, *ramp, &pod).await?);
             }
             rows.push((*label, *ramp, results));
         }
-        drop(node);
+        drop(host_node);
+        drop(guest_node);
     }
-    println!(
-        "\nmemory ramp in a BestEffort pod, pods limited to {PODS_MIB} MiB, hard threshold 100Mi; {runs} runs each"
-    );
+    if in_guest {
+        println!(
+            "\nmemory ramp in a BestEffort pod, pure cgroup v2 guest of 1 GiB, memory.available 300Mi; {runs} runs each"
+        );
+    } else {
+        println!(
+            "\nmemory ramp in a BestEffort pod, pods limited to {PODS_MIB} MiB, hard threshold 100Mi; {runs} runs each"
+        );
+    }
     println!(
         "{:<34} {:>10} {:>16} {:>16} {:>18} {:>10} {:>8}",
         "configuration", "ramp", "SIGTERM p50", "SIGTERM max", "evicted before OOM", "OOM kills", "no ramp"

@@ -230,10 +230,16 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
     crate::eviction::psi::arm(&config.stall_thresholds, &hierarchy.unified("kubepods"), stall_tx)
         .map_err(anyhow::Error::msg)
         .context("--eviction-pressure-stall")?;
+    let thresholds = config.kubelet.eviction_thresholds().map_err(anyhow::Error::msg)?;
+    let (thresholds, ignored) =
+        crate::eviction::thresholds::with_container_fs(thresholds, containers_on_imagefs(&config.root_dir));
+    for warning in ignored {
+        tracing::warn!("eviction thresholds: {warning}");
+    }
     let pressure = crate::eviction::EvictionManager::start(
         crate::eviction::Settings {
             root_dir: config.root_dir.clone(),
-            thresholds: config.kubelet.eviction_thresholds().map_err(anyhow::Error::msg)?,
+            thresholds,
             max_pod_grace: std::time::Duration::from_secs(
                 config.kubelet.eviction_max_pod_grace_period.max(0).unsigned_abs(),
             ),
@@ -371,4 +377,16 @@ fn user_namespaces(config: &AgentConfig) -> Result<crate::pods::user_namespaces:
     }
     UserNamespaces::new(&config.root_dir.join("pods"), ids, mappings, config.kubelet.max_pods, unsupported)
         .map_err(anyhow::Error::msg)
+}
+
+/// Whether the writable layers share a filesystem of the images' own (something mounted at the image store, the
+/// writable layers on it too): upstream's dedicated image filesystem without a split, whose `containerfs`
+/// thresholds are the `imagefs` ones. A directory not made yet is on the root dir's filesystem.
+fn containers_on_imagefs(root_dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let device = |path: &std::path::Path| std::fs::metadata(path).map(|m| m.dev()).ok();
+    let root = device(root_dir);
+    let images = device(&crate::images::store_dir(root_dir)).or(root);
+    let layers = device(&crate::images::rootfs_dir(root_dir)).or(root);
+    images != root && layers == images
 }

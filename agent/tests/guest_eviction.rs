@@ -25,24 +25,14 @@ use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
 use serde_json::Value;
-use support::guest::GuestNode;
+use support::guest::{GuestNode, IMAGE, local};
 use support::memory::{ramp_pod, uptime_mark};
 use support::{HostAddress, events_for, pod, pressure, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-guest";
-const IMAGE: &str = "nodelet.local/busybox:latest";
 
 fn phase(p: &Pod) -> &str {
     p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default()
-}
-
-/// `yaml`'s pod with the guest's imported image, never pulled (the guest has no registry).
-fn local(mut p: Pod) -> Pod {
-    for c in p.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
-        c.image = Some(IMAGE.into());
-        c.image_pull_policy = Some("Never".into());
-    }
-    p
 }
 
 fn holder(name: &str, resources: &str, hold_mib: u64) -> Pod {
@@ -122,13 +112,7 @@ async fn memory_eviction_and_the_oom_record_in_the_cgroup_v2_guest() -> Result<(
         ensure!(phase(&pods.get(name).await?) == "Running", "{name} was evicted too\n{}", node.log());
     }
     // The copy of memory.events taken after the eviction was seen: no OOM kill in any pod.
-    let copy = node.shared().join("kubepods.memory.events");
-    wait_for("a copy of memory.events after the eviction", Duration::from_secs(20), || async {
-        Ok(std::fs::metadata(&copy)?.modified()?.gt(&seen).then_some(()))
-    })
-    .await
-    .with_context(|| node.log())?;
-    let memory_events = node.kubepods_memory_events();
+    let memory_events = node.kubepods_memory_events_after(seen).await?;
     ensure!(memory_events.get("oom_kill") == Some(&0), "the OOM killer acted: {memory_events:?}\n{}", node.log());
 
     let taint = "node.kubernetes.io/memory-pressure";

@@ -30,20 +30,20 @@ impl Starved {
     }
 }
 
-/// The signals nodelet observes, in upstream's order of reclaim (memory first, then disk, then PIDs). Others
-/// upstream knows are accepted in the configuration but not observed (see [`UNOBSERVED`]).
+/// The signals, in upstream's order of reclaim (memory first, then disk, then PIDs). The `imagefs` ones are the
+/// image store's filesystem, the `containerfs` ones the writable layers' (both the root dir's unless something
+/// is mounted there); their thresholds are set by [`with_container_fs`], as upstream sets them.
 const OBSERVED: &[(&str, Starved)] = &[
     ("memory.available", Starved::Memory),
     ("allocatableMemory.available", Starved::Memory),
     ("nodefs.available", Starved::EphemeralStorage),
     ("nodefs.inodesFree", Starved::Inodes),
+    ("imagefs.available", Starved::EphemeralStorage),
+    ("imagefs.inodesFree", Starved::Inodes),
+    ("containerfs.available", Starved::EphemeralStorage),
+    ("containerfs.inodesFree", Starved::Inodes),
     ("pid.available", Starved::Pids),
 ];
-
-/// Signals upstream knows that nodelet does not observe yet: `imagefs` and `containerfs` (nodelet's images live on
-/// the root dir's filesystem, whose `nodefs` signals it observes).
-pub const UNOBSERVED: &[&str] =
-    &["imagefs.available", "imagefs.inodesFree", "containerfs.available", "containerfs.inodesFree"];
 
 /// One configured threshold: hard (no grace period) or soft.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub fn configured(
     soft_grace: &BTreeMap<String, String>,
     min_reclaim: &BTreeMap<String, String>,
 ) -> Result<Vec<Threshold>, String> {
-    let known = |signal: &str| OBSERVED.iter().any(|(s, _)| *s == signal) || UNOBSERVED.contains(&signal);
+    let known = |signal: &str| OBSERVED.iter().any(|(s, _)| *s == signal);
     for signal in hard.keys().chain(soft.keys()).chain(soft_grace.keys()).chain(min_reclaim.keys()) {
         if !known(signal) {
             return Err(format!("unsupported eviction signal {signal}"));
@@ -111,10 +111,47 @@ pub fn with_allocatable(mut thresholds: Vec<Threshold>) -> Vec<Threshold> {
     thresholds
 }
 
+/// Upstream's `UpdateContainerFsThresholds`: the `containerfs` thresholds are not configured but copied, from the
+/// `nodefs` ones when the writable layers share the root dir's filesystem or have one of their own, from the
+/// `imagefs` ones when they share a filesystem of the images' own (`on_imagefs`). Configured ones are dropped;
+/// the warnings say which, in upstream's words.
+pub fn with_container_fs(thresholds: Vec<Threshold>, on_imagefs: bool) -> (Vec<Threshold>, Vec<String>) {
+    let (mut kept, dropped): (Vec<Threshold>, Vec<Threshold>) =
+        thresholds.into_iter().partition(|t| !t.signal.starts_with("containerfs."));
+    let warnings = dropped
+        .iter()
+        .map(|t| {
+            let kind = if t.grace.is_none() { "hard" } else { "soft" };
+            format!("found {} for {kind} eviction. ignoring", t.signal)
+        })
+        .collect();
+    let from = if on_imagefs { "imagefs." } else { "nodefs." };
+    let copies: Vec<Threshold> = kept
+        .iter()
+        .filter_map(|t| {
+            let signal = match t.signal.strip_prefix(from)? {
+                "available" => "containerfs.available",
+                "inodesFree" => "containerfs.inodesFree",
+                _ => return None,
+            };
+            Some(Threshold { signal, ..t.clone() })
+        })
+        .collect();
+    kept.extend(copies);
+    (kept, warnings)
+}
+
 /// What `signals` says is available for `threshold`, and its capacity (0: not observed).
 fn observe(signals: &Signals, threshold: &Threshold) -> (u64, u64) {
-    if threshold.signal == "allocatableMemory.available" {
-        return (signals.allocatable_memory_available, signals.allocatable_memory_capacity);
+    match threshold.signal {
+        "allocatableMemory.available" => {
+            return (signals.allocatable_memory_available, signals.allocatable_memory_capacity);
+        }
+        "imagefs.available" => return (signals.imagefs.available, signals.imagefs.capacity),
+        "imagefs.inodesFree" => return (signals.imagefs.inodes_free, signals.imagefs.inodes),
+        "containerfs.available" => return (signals.containerfs.available, signals.containerfs.capacity),
+        "containerfs.inodesFree" => return (signals.containerfs.inodes_free, signals.containerfs.inodes),
+        _ => {}
     }
     match threshold.starved {
         Starved::Memory => (signals.memory_available, signals.memory_capacity),
@@ -308,6 +345,7 @@ pub fn offenders(starved: Starved, containers: &[(String, u64, u64)], quantity: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::conditions::Fs;
 
     const GIB: u64 = 1 << 30;
 
@@ -323,7 +361,63 @@ mod tests {
             pids_used: 300,
             allocatable_memory_capacity: 0,
             allocatable_memory_available: 0,
+            imagefs: Fs { capacity: 100 * GIB, available: 50 * GIB, inodes: 1_000_000, inodes_free: 500_000 },
+            containerfs: Fs { capacity: 100 * GIB, available: 50 * GIB, inodes: 1_000_000, inodes_free: 500_000 },
         }
+    }
+
+    #[test]
+    fn imagefs_is_the_image_stores_filesystem() {
+        let none = BTreeMap::new();
+        let t = configured(
+            &threshold_map(&[("imagefs.available", "15%"), ("nodefs.available", "10%")]),
+            &none,
+            &none,
+            &none,
+        )
+        .unwrap();
+        // The image store's filesystem below 15% while the root dir's is not: only imagefs is met.
+        let low = Signals { imagefs: Fs { available: 10 * GIB, ..signals().imagefs }, ..signals() };
+        let met = met(&low, &t);
+        assert_eq!(met.len(), 1, "{met:?}");
+        assert_eq!(
+            (met[0].signal, met[0].starved, met[0].threshold),
+            ("imagefs.available", Starved::EphemeralStorage, 15 * GIB)
+        );
+        let inodes = configured(&threshold_map(&[("imagefs.inodesFree", "5%")]), &none, &none, &none).unwrap();
+        let few = Signals { imagefs: Fs { inodes_free: 10_000, ..signals().imagefs }, ..signals() };
+        assert_eq!(super::met(&few, &inodes)[0].starved, Starved::Inodes);
+    }
+
+    #[test]
+    fn containerfs_thresholds_are_copied_as_upstream() {
+        let none = BTreeMap::new();
+        let grace = threshold_map(&[("nodefs.available", "1m")]);
+        let t = configured(
+            &threshold_map(&[
+                ("nodefs.available", "10%"),
+                ("imagefs.available", "15%"),
+                ("containerfs.available", "50%"),
+            ]),
+            &threshold_map(&[("nodefs.available", "20%")]),
+            &grace,
+            &none,
+        )
+        .unwrap();
+        // On the root dir's filesystem: nodefs's, hard and soft; the configured one dropped with upstream's warning.
+        let (shared, warnings) = with_container_fs(t.clone(), false);
+        let container: Vec<_> = shared.iter().filter(|t| t.signal == "containerfs.available").collect();
+        assert_eq!(container.len(), 2, "{container:?}");
+        assert!(container.iter().all(|t| t.value == "10%" || (t.value == "20%" && t.grace.is_some())));
+        assert_eq!(warnings, ["found containerfs.available for hard eviction. ignoring"]);
+        // On a filesystem of the images' own: imagefs's.
+        let (own, _) = with_container_fs(t, true);
+        let container: Vec<_> = own.iter().filter(|t| t.signal == "containerfs.available").collect();
+        assert_eq!(container.len(), 1);
+        assert_eq!(container[0].value, "15%");
+        // Observed on the writable layers' filesystem.
+        let low = Signals { containerfs: Fs { available: 5 * GIB, ..signals().containerfs }, ..signals() };
+        assert!(met(&low, &own).iter().any(|m| m.signal == "containerfs.available"));
     }
 
     #[test]
@@ -417,7 +511,7 @@ mod tests {
         let t = configured(&crate::node::allocatable::eviction_hard(None), &soft, &grace, &none).unwrap();
         let soft_one = t.iter().find(|t| t.grace.is_some()).unwrap();
         assert_eq!((soft_one.signal, soft_one.grace), ("memory.available", Some(Duration::from_secs(90))));
-        assert!(t.iter().all(|t| t.signal != "imagefs.available"), "accepted, not observed");
+        assert!(t.iter().any(|t| t.signal == "imagefs.available"), "upstream's default imagefs threshold");
     }
 
     #[test]

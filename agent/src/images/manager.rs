@@ -79,8 +79,8 @@ impl ImageManager {
     pub fn open(config: ImagesConfig) -> anyhow::Result<ImageManager> {
         use anyhow::Context;
         config.gc.validate().map_err(anyhow::Error::msg)?;
-        let store = Store::open(config.root_dir.join("images")).context("opening the image store")?;
-        let rootfs = Rootfs::new(config.root_dir.join("rootfs"))?;
+        let store = Store::open(super::store_dir(&config.root_dir)).context("opening the image store")?;
+        let rootfs = Rootfs::new(super::rootfs_dir(&config.root_dir))?;
         let mut node_keyring = Keyring::default();
         if let Some(path) = &config.credentials_file {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -17,5 +17,15 @@ pub mod store;
 pub mod unpack;
 
 pub use error::{ImageError, UnpackError};
+
+/// The image store below `root_dir`: its filesystem is the node's `imagefs`.
+pub fn store_dir(root_dir: &std::path::Path) -> std::path::PathBuf {
+    root_dir.join("images")
+}
+
+/// The containers' root filesystems (their writable layers) below `root_dir`: the node's `containerfs`.
+pub fn rootfs_dir(root_dir: &std::path::Path) -> std::path::PathBuf {
+    root_dir.join("rootfs")
+}
 pub use manager::{ImageEvent, ImageFailure, ImageManager, ImagesConfig, ReadyImage};
 pub use reference::PullPolicy;

@@ -1,6 +1,7 @@
 //! The node's signals for eviction and its pressure conditions: memory.available (`MemAvailable`),
 //! allocatableMemory.available (the pods' cgroup limit less its working set, when allocatable is enforced), the
-//! root dir's filesystem (bytes and inodes free) and the PIDs left. Reading them is an effect ([`Signals::read`]); the
+//! root dir's filesystem (nodefs), the image store's (imagefs) and the writable layers' (containerfs), bytes and
+//! inodes free, and the PIDs left. Reading them is an effect ([`Signals::read`]); the
 //! eviction manager decides (`crate::eviction::thresholds`).
 
 use std::path::Path;
@@ -20,6 +21,32 @@ pub struct Signals {
     pub allocatable_memory_capacity: u64,
     /// That limit less the pods' working set.
     pub allocatable_memory_available: u64,
+    /// The image store's filesystem (`<root-dir>/images`).
+    pub imagefs: Fs,
+    /// The containers' writable layers' filesystem (`<root-dir>/rootfs`).
+    pub containerfs: Fs,
+}
+
+/// A filesystem's bytes and inodes (all 0: not observed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fs {
+    pub capacity: u64,
+    pub available: u64,
+    pub inodes: u64,
+    pub inodes_free: u64,
+}
+
+impl Fs {
+    /// statvfs of `path`, `None` if it cannot be read (e.g. not made yet).
+    pub fn of(path: &Path) -> Option<Fs> {
+        let f = rustix::fs::statvfs(path).ok()?;
+        Some(Fs {
+            capacity: f.f_blocks * f.f_frsize,
+            available: f.f_bavail * f.f_frsize,
+            inodes: f.f_files,
+            inodes_free: f.f_ffree,
+        })
+    }
 }
 
 /// The pods' cgroup (`kubepods`) when allocatable is enforced on it: where its working set is read, and its limit.
@@ -79,20 +106,25 @@ impl Signals {
     pub fn read(root_dir: &Path, pods: Option<&PodsMemory>) -> Signals {
         let (memory_capacity, memory_available) = meminfo();
         let (allocatable_memory_capacity, allocatable_memory_available) = pods.map_or((0, 0), PodsMemory::available);
-        let fs = rustix::fs::statvfs(root_dir).ok();
+        let nodefs = Fs::of(root_dir).unwrap_or_default();
+        // Not made yet: on the root dir's filesystem, where they will be made.
+        let imagefs = Fs::of(&crate::images::store_dir(root_dir)).unwrap_or(nodefs);
+        let containerfs = Fs::of(&crate::images::rootfs_dir(root_dir)).unwrap_or(nodefs);
         let (pid_max, pids_used) = tasks();
         let (pid_max, pids_used) = (pid_max.unwrap_or(0), pids_used.unwrap_or(0));
         Signals {
             memory_capacity,
             memory_available,
-            fs_capacity: fs.as_ref().map_or(0, |f| f.f_blocks * f.f_frsize),
-            fs_available: fs.as_ref().map_or(0, |f| f.f_bavail * f.f_frsize),
-            inodes_capacity: fs.as_ref().map_or(0, |f| f.f_files),
-            inodes_free: fs.as_ref().map_or(0, |f| f.f_ffree),
+            fs_capacity: nodefs.capacity,
+            fs_available: nodefs.available,
+            inodes_capacity: nodefs.inodes,
+            inodes_free: nodefs.inodes_free,
             pid_max,
             pids_used,
             allocatable_memory_capacity,
             allocatable_memory_available,
+            imagefs,
+            containerfs,
         }
     }
 }
@@ -106,6 +138,20 @@ mod tests {
         let s = Signals::read(Path::new("/"), None);
         assert!(s.memory_capacity > 0 && s.memory_available > 0 && s.memory_available <= s.memory_capacity);
         assert!(s.fs_capacity > 0 && s.pid_max > 0 && s.pids_used > 0, "{s:?}");
+    }
+
+    #[test]
+    fn imagefs_and_containerfs_are_their_directories_filesystems() {
+        let root = tempfile::tempdir().unwrap();
+        // Not made yet: the root dir's filesystem.
+        let s = Signals::read(root.path(), None);
+        assert_eq!(s.imagefs.capacity, s.fs_capacity);
+        assert_eq!(s.containerfs.inodes, s.inodes_capacity);
+        // The image store on a filesystem of its own (/proc here: no blocks, unlike the root dir's).
+        std::os::unix::fs::symlink("/proc", crate::images::store_dir(root.path())).unwrap();
+        let s = Signals::read(root.path(), None);
+        assert_eq!(s.imagefs.capacity, 0);
+        assert_eq!(s.containerfs.capacity, s.fs_capacity);
     }
 
     #[test]

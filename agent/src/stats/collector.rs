@@ -67,10 +67,10 @@ pub struct Layout {
 
 impl Layout {
     fn rootfs(&self) -> PathBuf {
-        self.root_dir.join("rootfs")
+        crate::images::rootfs_dir(&self.root_dir)
     }
     fn images(&self) -> PathBuf {
-        self.root_dir.join("images")
+        crate::images::store_dir(&self.root_dir)
     }
 }
 

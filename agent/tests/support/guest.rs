@@ -21,6 +21,18 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context, Result};
 use nodelet_integration::cluster::Cluster;
 
+/// The image the guest has: imported, never pulled.
+pub const IMAGE: &str = "nodelet.local/busybox:latest";
+
+/// `p` with the guest's image in every container, never pulled (the guest has no registry).
+pub fn local(mut p: k8s_openapi::api::core::v1::Pod) -> k8s_openapi::api::core::v1::Pod {
+    for c in p.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
+        c.image = Some(IMAGE.into());
+        c.image_pull_policy = Some("Never".into());
+    }
+    p
+}
+
 /// The guest's root dir (a tmpfs: the guest's writable `/run`).
 const ROOT: &str = "/run/nodelet/root";
 
@@ -133,6 +145,17 @@ impl GuestNode {
                 Some((key.to_string(), value.trim().parse().ok()?))
             })
             .collect()
+    }
+
+    /// The pods' cgroup's `memory.events` from a copy taken after `after` (within 30 s).
+    pub async fn kubepods_memory_events_after(&self, after: std::time::SystemTime) -> Result<BTreeMap<String, u64>> {
+        let copy = self.shared().join("kubepods.memory.events");
+        super::wait_for("a copy of the pods' memory.events", std::time::Duration::from_secs(30), || async {
+            Ok(std::fs::metadata(&copy)?.modified()?.gt(&after).then_some(()))
+        })
+        .await
+        .with_context(|| self.log())?;
+        Ok(self.kubepods_memory_events())
     }
 
     /// The agent's OOM records' file (`<root-dir>/oom/kills.jsonl`), as last copied.
