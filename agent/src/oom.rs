@@ -1,4 +1,5 @@
-//! The OOM research view: a record of every OOM kill that ended a container. It holds the pod and container, the
+//! The OOM research view: a record of every OOM kill in a container, whether it ended the container or killed
+//! another of its processes while the container kept running (upstream reports nothing then). It holds the pod and container, the
 //! killed process from the kernel's log, how long nodelet took to hear of it, and the container cgroup as the
 //! kill left it: its limit, `memory.stat`, OOM counters and memory PSI.
 //!
@@ -48,6 +49,10 @@ pub struct OomKill {
     pub latency_ms: Option<f64>,
     /// The container's cgroup right after the kill.
     pub cgroup: Option<OomRecord>,
+    /// The kill took a process other than the container's init, and the container kept running (cgroup v1, or
+    /// v2 without group kills).
+    #[serde(default)]
+    pub container_kept_running: bool,
 }
 
 impl OomKill {
@@ -58,6 +63,9 @@ impl OomKill {
             None => "Memory cgroup out of memory: killed a process".to_string(),
         };
         m.push_str(&format!(" in container {}", self.container));
+        if self.container_kept_running {
+            m.push_str(" (the container kept running)");
+        }
         if let Some(c) = &self.cgroup {
             let mib = |b: u64| format!("{:.1}Mi", b as f64 / f64::from(1 << 20));
             if let Some(limit) = c.memory_limit_bytes {
@@ -157,6 +165,7 @@ mod tests {
                 oom_counters: [("oom_kill".to_string(), 1)].into(),
                 pressure: None,
             }),
+            container_kept_running: false,
         }
     }
 
@@ -181,6 +190,12 @@ mod tests {
             message,
             "Memory cgroup out of memory: Killed process 42 (tail) in container c, limit 24.0Mi, anon 23.0Mi"
         );
+        let survived = OomKill { container_kept_running: true, ..kill("a") };
+        assert!(survived.message().contains("in container c (the container kept running), limit"));
+        // A record written before the field existed reads as one that ended its container.
+        let old = serde_json::to_string(&kill("a")).unwrap().replace(",\"containerKeptRunning\":false", "");
+        assert!(!old.contains("containerKeptRunning"));
+        assert!(!serde_json::from_str::<OomKill>(&old).unwrap().container_kept_running);
     }
 
     #[test]

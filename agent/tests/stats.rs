@@ -309,5 +309,36 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
     let out = cluster.kubectl().args(["top", "node", "--no-headers"]).output()?;
     let nodes = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success() && nodes.starts_with(NODE), "kubectl top node: {nodes}");
+
+    // An OOM kill of a process other than the container's init (cgroup v1 kills one process, no group): the
+    // container keeps running, and the kill is recorded all the same (upstream reports nothing).
+    let survivor = support::pod(&format!(
+        "metadata: {{name: survivor}}\nspec:\n  nodeName: {NODE}\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'dd if=/dev/zero bs=64M count=1 | sleep 1; sleep 3600']\n    resources: {{limits: {{memory: 24Mi}}}}\n"
+    ));
+    pods.create(&PostParams::default(), &survivor).await?;
+    let record: Value = wait_for("the survivor's OOM record", Duration::from_secs(60), || async {
+        let records: Value = serde_json::from_str(&raw(&cluster, "/debug/oom?pod=default/survivor")?)?;
+        Ok(records.as_array().and_then(|r| r.first().cloned()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    ensure!(record["containerKeptRunning"] == true && record["process"]["name"] == "dd", "{record}");
+    let events = support::events_for(&client, "survivor").await?;
+    ensure!(
+        events
+            .iter()
+            .any(|(reason, m)| reason == "OOMKilling"
+                && m.contains("(dd) in container main (the container kept running)")),
+        "{events:?}"
+    );
+    let p = pods.get("survivor").await?;
+    let status = p.status.unwrap_or_default();
+    let main = status.container_statuses.iter().flatten().next().context("survivor's status")?;
+    ensure!(
+        status.phase.as_deref() == Some("Running")
+            && main.restart_count == 0
+            && main.state.as_ref().is_some_and(|s| s.running.is_some()),
+        "{main:?}"
+    );
     Ok(())
 }

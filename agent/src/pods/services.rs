@@ -132,6 +132,11 @@ pub trait PodCgroups: Send + Sync {
     fn oom_record(&self, _rel: &str) -> Option<nodelet_cgroups::oom::OomRecord> {
         None
     }
+    /// A watch of a container's memory cgroup (`rel`) for OOM kills (called in the async runtime: the watch
+    /// registers with it); `None` where it cannot be watched.
+    fn oom_watch(&self, _rel: &str) -> Option<nodelet_cgroups::oom::OomWatch> {
+        None
+    }
 }
 
 /// The embedded runtime, with the handles of the containers it runs for the pod workers.
@@ -405,6 +410,15 @@ impl PodNetwork for crate::network::Network {
     }
 }
 
+/// The memory cgroup directory of `rel` and its controller: v1's on hybrid hosts, else cgroup2.
+fn memory_cgroup(hierarchy: &Hierarchy, rel: &str) -> (PathBuf, nodelet_cgroups::oom::MemoryController) {
+    use nodelet_cgroups::oom::MemoryController;
+    match hierarchy.v1(nodelet_cgroups::hierarchy::V1::Memory, rel) {
+        Some(dir) => (dir, MemoryController::V1),
+        None => (hierarchy.unified(rel), MemoryController::V2),
+    }
+}
+
 impl PodCgroups for Hierarchy {
     fn ensure_pod(&self, qos: QosClass, uid: &str, limits: &PodLimits, pids: Option<u64>) -> io::Result<()> {
         Hierarchy::ensure_pod(self, qos, uid, limits, pids).map(drop)
@@ -423,14 +437,18 @@ impl PodCgroups for Hierarchy {
     }
 
     fn oom_record(&self, rel: &str) -> Option<nodelet_cgroups::oom::OomRecord> {
-        use nodelet_cgroups::oom::{MemoryController, OomRecord};
-        let (dir, controller) = match self.v1(nodelet_cgroups::hierarchy::V1::Memory, rel) {
-            Some(dir) => (dir, MemoryController::V1),
-            None => (self.unified(rel), MemoryController::V2),
-        };
+        use nodelet_cgroups::oom::OomRecord;
+        let (dir, controller) = memory_cgroup(self, rel);
         let mut record = dir.exists().then(|| OomRecord::capture(&dir, controller, Some(&self.unified(rel)), 0))?;
         // Both counter files name the kills `oom_kill`.
         record.kills = record.oom_counters.get("oom_kill").copied().unwrap_or(0);
         Some(record)
+    }
+
+    fn oom_watch(&self, rel: &str) -> Option<nodelet_cgroups::oom::OomWatch> {
+        let (dir, controller) = memory_cgroup(self, rel);
+        nodelet_cgroups::oom::OomWatch::new(&dir, controller)
+            .inspect_err(|e| tracing::debug!(cgroup = %dir.display(), "no OOM watch: {e}"))
+            .ok()
     }
 }

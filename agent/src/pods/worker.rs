@@ -96,6 +96,9 @@ pub struct Worker {
     rx: watch::Receiver<Desired>,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits_rx: mpsc::UnboundedReceiver<Exit>,
+    /// OOM kills heard in a running instance's cgroup: (container name, instance ID).
+    ooms_tx: mpsc::UnboundedSender<(String, String)>,
+    ooms_rx: mpsc::UnboundedReceiver<(String, String)>,
     probe_tx: mpsc::UnboundedSender<crate::prober::ProbeReport>,
     probe_rx: mpsc::UnboundedReceiver<crate::prober::ProbeReport>,
     running: HashMap<String, Running>,
@@ -170,6 +173,7 @@ impl Worker {
             disruption: None,
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let (ooms_tx, ooms_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let volume_changes = ctx.volumes.changes(&pod_ref.uid);
         let log_dir = logs::pod_log_dir(&ctx.config.log_dir, &pod_ref.namespace, &pod_ref.name, &pod_ref.uid);
@@ -181,6 +185,8 @@ impl Worker {
             rx,
             exits_tx,
             exits_rx,
+            ooms_tx,
+            ooms_rx,
             probe_tx,
             probe_rx,
             running: HashMap::new(),
@@ -309,6 +315,7 @@ impl Worker {
                     }
                 }
                 Some(exit) = self.exits_rx.recv() => self.on_exit(exit).await,
+                Some((name, id)) = self.ooms_rx.recv() => self.on_oom_kill(&name, &id),
                 Some(report) = self.probe_rx.recv() => self.on_probe(report),
                 _ = self.volume_changes.notified() => self.volumes_resync = Instant::now(),
                 _ = tokio::time::sleep_until(wake.into()) => {}

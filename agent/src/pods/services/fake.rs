@@ -83,7 +83,7 @@ pub fn ctx(
     let ctx = crate::pods::Ctx {
         runtime,
         images,
-        hierarchy: Arc::new(FakeCgroups),
+        hierarchy: Arc::new(FakeCgroups { dir: root.join("cgroups") }),
         config,
         client: None,
         events: crate::events::Recorder::new(None, "node".into()),
@@ -463,9 +463,12 @@ impl PodNetwork for FakeNetwork {
     fn remove_files(&self, _: &str) {}
 }
 
-/// Cgroups that accept everything.
+/// Cgroups that accept everything. A container's memory cgroup is a directory below `dir` with a
+/// `memory.events` file (cgroup v2's), which a test writes OOM kills into.
 #[derive(Default)]
-pub struct FakeCgroups;
+pub struct FakeCgroups {
+    pub dir: PathBuf,
+}
 
 impl PodCgroups for FakeCgroups {
     fn ensure_pod(&self, _: QosClass, _: &str, _: &PodLimits, _: Option<u64>) -> io::Result<()> {
@@ -482,5 +485,12 @@ impl PodCgroups for FakeCgroups {
 
     fn update_burstable(&self, _: u64) -> io::Result<()> {
         Ok(())
+    }
+
+    fn oom_watch(&self, rel: &str) -> Option<nodelet_cgroups::oom::OomWatch> {
+        let dir = self.dir.join(rel);
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::write(dir.join("memory.events"), "oom 0\noom_kill 0\n").ok()?;
+        nodelet_cgroups::oom::OomWatch::new(&dir, nodelet_cgroups::oom::MemoryController::V2).ok()
     }
 }

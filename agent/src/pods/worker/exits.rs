@@ -43,11 +43,15 @@ pub(super) fn terminated(
     }
 }
 
+/// How long after an OOM kill in a container its exit, if the kill ended it, has surely been heard: the init's
+/// exit reaches the worker within milliseconds of the kill.
+const KILL_SETTLES: Duration = Duration::from_millis(300);
+
 impl Worker {
     /// The OOM research view of a container the kernel OOM-killed: its cgroup as the kill left it (read now,
     /// before the cgroup goes), then, off the worker, the kernel log's record of the kill (read whole), the
     /// `nodelet_oom_event_latency_seconds` sample, the `OOMKilling` event and the record.
-    fn record_oom_kill(&self, name: &str, id: &str) {
+    fn record_oom_kill(&self, name: &str, id: &str, kept_running: bool) {
         let heard = nodelet_cgroups::oom::monotonic_us();
         let rel = format!("{}/{id}", nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid));
         let cgroup = self.ctx.hierarchy.oom_record(&rel);
@@ -64,6 +68,7 @@ impl Worker {
             process: None,
             latency_ms: None,
             cgroup,
+            container_kept_running: kept_running,
         };
         tokio::task::spawn_blocking(move || {
             if let Some(k) = nodelet_cgroups::oom::kernel_kill(&kill.container_id) {
@@ -77,6 +82,31 @@ impl Worker {
             ctx.events.record(&pod_ref, Some((&kill.container, kind)), true, "OOMKilling", &kill.message());
             ctx.oom.record(kill);
         });
+    }
+
+    /// Watches instance `id`'s memory cgroup for OOM kills while it runs (the watch ends when the cgroup goes). A
+    /// kill is sent to this worker a moment later ([`KILL_SETTLES`]), when a kill that ended the container has
+    /// been heard as its exit and recorded by it ([`Worker::on_oom_kill`] then finds it gone).
+    pub(super) fn watch_oom_kills(&self, name: String, id: String) {
+        let rel = format!("{}/{id}", nodelet_cgroups::qos::pod_cgroup(self.state.qos, &self.pod_ref.uid));
+        let Some(mut watch) = self.ctx.hierarchy.oom_watch(&rel) else { return };
+        let tx = self.ooms_tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(_)) = watch.next().await {
+                tokio::time::sleep(KILL_SETTLES).await;
+                if tx.send((name.clone(), id.clone())).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// An OOM kill in instance `id` of `name`: recorded if the instance still runs (the kernel killed another
+    /// of its processes: cgroup v1, or v2 without group kills); a kill that ended it was recorded with its exit.
+    pub(super) fn on_oom_kill(&self, name: &str, id: &str) {
+        if self.running.get(name).is_some_and(|r| r.id == id) {
+            self.record_oom_kill(name, id, true);
+        }
     }
 
     /// Where an instance's termination message is written.
@@ -109,7 +139,7 @@ impl Worker {
         }
         let Some(running) = self.running.remove(&exit.name) else { return };
         if exit.exit.oom_killed {
-            self.record_oom_kill(&exit.name, &running.id);
+            self.record_oom_kill(&exit.name, &running.id, false);
         }
         self.ctx.remove_container(&running.id).await;
         if running.started.elapsed() >= BACKOFF_RESET {

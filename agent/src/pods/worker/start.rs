@@ -355,6 +355,7 @@ impl Worker {
         let probes = self.start_probes(c, &id, taken_over);
         let running = Running { id: id.clone(), _probes: probes, started_at, started };
         self.running.insert(c.name.clone(), running);
+        self.watch_oom_kills(c.name.clone(), id.clone());
         self.watch_exit(c.name.clone(), id);
     }
 

@@ -21,7 +21,7 @@ struct Harness {
     worker: Option<tokio::task::JoinHandle<()>>,
     /// What the dispatcher shares with the worker (an eviction).
     shared: Arc<crate::pods::Shared>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn pod(yaml: &str) -> Pod {
@@ -48,7 +48,7 @@ impl Harness {
         let shared = Arc::new(crate::pods::Shared::default());
         let worker = Worker::new(ctx, pod.clone(), rx, inherited, shared.clone());
         let worker = Some(tokio::spawn(worker.run()));
-        Harness { runtime, status, desired, pod, worker, shared, _dir: dir }
+        Harness { runtime, status, desired, pod, worker, shared, dir }
     }
 
     /// The first reported state that satisfies `f` (within 10 s).
@@ -372,4 +372,40 @@ spec:
     let status = crate::status::pod_status::pod_status(&s, None);
     let condition = status.conditions.iter().flatten().find(|c| c.type_ == "DisruptionTarget").expect("condition");
     assert_eq!((condition.status.as_str(), condition.reason.as_deref()), ("True", Some("TerminationByKubelet")));
+}
+
+#[tokio::test]
+async fn an_oom_kill_that_leaves_the_container_running_is_recorded() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers: [{name: a}]");
+    let mut h = Harness::start(p, |_, _| {});
+    h.until("running", |s| s.containers.iter().all(|c| c.state.is_running())).await;
+    // The kernel kills a process in the container's cgroup; the container keeps running.
+    let events = memory_events_files(&h.dir.path().join("cgroups"));
+    let [events] = events.as_slice() else { panic!("one container cgroup watched: {events:?}") };
+    std::fs::write(events, "oom 1\noom_kill 1\n").expect("a kill");
+    let log = h.dir.path().join("oom/kills.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !log.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records = crate::oom::OomLog::open(h.dir.path()).recent(Some("default/p"));
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0].container_kept_running && records[0].container == "a", "{:?}", records[0]);
+    h.delete().await;
+}
+
+/// Every `memory.events` file below `dir`.
+fn memory_events_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(memory_events_files(&path));
+        } else if path.file_name().is_some_and(|n| n == "memory.events") {
+            out.push(path);
+        }
+    }
+    out
 }
