@@ -161,6 +161,7 @@ mod tests {
                 captured_at_ms: 1,
                 kills: 1,
                 memory_limit_bytes: Some(24 << 20),
+                memory_peak_bytes: Some(24 << 20),
                 memory_stat: [("anon".to_string(), 23u64 << 20)].into(),
                 oom_counters: [("oom_kill".to_string(), 1)].into(),
                 pressure: None,

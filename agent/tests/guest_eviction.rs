@@ -148,6 +148,9 @@ async fn memory_eviction_and_the_oom_record_in_the_cgroup_v2_guest() -> Result<(
     ensure!(record["container"] == "grow" && record["qosClass"] == "Burstable", "{record}");
     ensure!(record["cgroup"]["memory_stat"].as_object().is_some_and(|m| !m.is_empty()), "{record}");
     ensure!(record["cgroup"]["pressure"]["some"]["total_us"].is_u64(), "{record}");
+    // v2's memory.peak: the cgroup reached its 24 MiB limit.
+    ensure!(record["cgroup"]["memory_peak_bytes"].as_u64().is_some_and(|p| p >= 20 << 20), "{record}");
+    ensure!(record["cgroup"]["oom_counters"]["oom_kill"].as_u64().is_some_and(|k| k >= 1), "{record}");
     eprintln!("guest_eviction: an OOM record from the cgroup v2 guest: {record}");
     wait_for("the record in kills.jsonl", Duration::from_secs(20), || async {
         let lines = node.oom_records();

@@ -2,7 +2,8 @@
 //! real control plane: with `--eviction-pressure-stall cpu.pressure.some=500ms/1s`, a pod running more busy loops
 //! than the host has cores makes the pods' tasks wait for CPU; the kernel's trigger on the pods' cgroup fires and
 //! the eviction manager evicts that pod at once (not at its next housekeeping round), while a quiet pod keeps
-//! running. CPU is the stall a test can cause on any host; memory stalls use the same trigger and path.
+//! running. CPU is the stall a test can cause on any host; memory stalls use the same trigger and path. The node
+//! reports nodelet's `PSIPressure` condition: False, then True once the trigger fired.
 
 mod support;
 
@@ -15,7 +16,7 @@ use kube::api::PostParams;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{events_for, pod, wait_pod};
+use support::{events_for, pod, pressure, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-stall";
 
@@ -40,6 +41,9 @@ async fn a_pressure_stall_evicts_the_pod_causing_it() -> Result<()> {
     let (node, _net_d) = support::start_cluster_node(&cluster, &registry, NODE, "address: 127.0.0.1\n", &extra)?;
     let client = cluster.admin().await?;
     support::wait_node_ready(&client, NODE).await.with_context(|| node.log())?;
+    // (`PSIPressure` has no taint: the name of one that does not exist.)
+    let psi = || pressure(&client, NODE, "PSIPressure", "-");
+    ensure!(psi().await?.0 == Some(false), "PSIPressure False before any stall");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let create = |name: &str, script: &str, resources: &str| {
         pod(&format!(
@@ -76,5 +80,9 @@ async fn a_pressure_stall_evicts_the_pod_causing_it() -> Result<()> {
     ensure!(phase(&quiet) == "Running", "the quiet pod was evicted too: {:?}\n{}", quiet.status, node.log());
     eprintln!("pressure_stall: evicted {took:?} after the spinner was seen Running ({:?})", running.metadata.name);
     ensure!(took < Duration::from_secs(20), "took {took:?}");
+    wait_for("PSIPressure True", Duration::from_secs(30), || async {
+        Ok((psi().await?.0 == Some(true)).then_some(()))
+    })
+    .await?;
     Ok(())
 }

@@ -217,6 +217,8 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
     ensure!(record["container"] == "grow" && record["qosClass"] == "Burstable", "{record}");
     ensure!(record["process"]["name"] == "tail" && record["latencyMs"].is_f64(), "{record}");
     ensure!(u64_at(record, "/cgroup/memory_limit_bytes") == 24 * MIB, "{record}");
+    // The cgroup reached its limit (the kernel rounds the peak to pages).
+    ensure!(u64_at(record, "/cgroup/memory_peak_bytes") >= 20 * MIB, "{record}");
     ensure!(record["cgroup"]["memory_stat"].as_object().is_some_and(|m| !m.is_empty()), "{record}");
     ensure!(record["cgroup"]["pressure"]["some"]["total_us"].is_u64(), "{record}");
     let jsonl = std::fs::read_to_string(node.root_dir().join("oom/kills.jsonl"))?;

@@ -155,6 +155,10 @@ pub struct OomRecord {
     pub kills: u64,
     /// The memory limit (`memory.max` / `memory.limit_in_bytes`); `None` when unlimited.
     pub memory_limit_bytes: Option<u64>,
+    /// The highest usage the cgroup reached (`memory.peak` / `memory.max_usage_in_bytes`), where the kernel
+    /// keeps it.
+    #[serde(default)]
+    pub memory_peak_bytes: Option<u64>,
     /// `memory.stat`.
     pub memory_stat: std::collections::BTreeMap<String, u64>,
     /// `memory.events` (v2) or `memory.oom_control` (v1) counters.
@@ -179,9 +183,9 @@ impl OomRecord {
     /// Captures the record of `dir` (the memory cgroup) after `kills` kills; `pressure_dir` is the cgroup's
     /// directory in the cgroup2 tree (the same as `dir` on v2 hosts).
     pub fn capture(dir: &Path, controller: MemoryController, pressure_dir: Option<&Path>, kills: u64) -> Self {
-        let (limit_file, counters) = match controller {
-            MemoryController::V2 => ("memory.max", "memory.events"),
-            MemoryController::V1 => ("memory.limit_in_bytes", "memory.oom_control"),
+        let (limit_file, peak_file, counters) = match controller {
+            MemoryController::V2 => ("memory.max", "memory.peak", "memory.events"),
+            MemoryController::V1 => ("memory.limit_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control"),
         };
         // v1 reports "unlimited" as a huge page-aligned number, v2 as "max".
         let memory_limit_bytes = std::fs::read_to_string(dir.join(limit_file))
@@ -195,6 +199,7 @@ impl OomRecord {
                 .map_or(0, |d| d.as_millis()),
             kills,
             memory_limit_bytes,
+            memory_peak_bytes: std::fs::read_to_string(dir.join(peak_file)).ok().and_then(|s| s.trim().parse().ok()),
             memory_stat: read_flat_keyed(&dir.join("memory.stat")),
             oom_counters: read_flat_keyed(&dir.join(counters)),
             pressure: pressure_dir.and_then(|p| crate::psi::read(&p.join("memory.pressure")).ok()),

@@ -48,6 +48,8 @@ async fn oom_kill_in_a_cgroup_is_reported() {
     };
     let record = OomRecord::capture(&dir, controller, pressure_dir.as_deref(), 1);
     assert_eq!(record.memory_limit_bytes, Some(16 << 20));
+    // The peak reached the limit (v2's memory.peak, v1's memory.max_usage_in_bytes; page-rounded).
+    assert!(record.memory_peak_bytes.is_some_and(|p| p >= 15 << 20), "{record:?}");
     assert_eq!(record.oom_counters.get("oom_kill"), Some(&1), "{record:?}");
     assert!(!record.memory_stat.is_empty(), "memory.stat captured");
     if controller == MemoryController::V2 {

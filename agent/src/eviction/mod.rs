@@ -283,13 +283,13 @@ impl EvictionManager {
         Some((victim.uid, usage.collect()))
     }
 
-    /// A pressure stall threshold was exceeded (the kernel's trigger fired): memory counts as met for the node
-    /// condition, and a pod using more than it requested is evicted at once, ranked on a stats round taken when
+    /// A pressure stall threshold was exceeded (the kernel's trigger fired): `PSIPressure` and, for a memory
+    /// stall, memory count as met for the node conditions, and a pod using more than it requested is evicted at once, ranked on a stats round taken when
     /// the trigger fired (not on the last periodic one: the pod causing the stall may have started since).
     /// Returns the threshold when a pod may be evicted for it now.
     fn stalled(&mut self, stalled: psi::Stalled, now: Instant) -> Option<psi::StallThreshold> {
         let threshold = self.settings.stall_thresholds.get(stalled.0).cloned()?;
-        let met = Pressure { memory: threshold.starved == Starved::Memory, ..Default::default() };
+        let met = Pressure { memory: threshold.starved == Starved::Memory, stall: true, ..Default::default() };
         let conditions = self.tracker.mark(now, met);
         self.pressure.send_if_modified(|p| std::mem::replace(p, conditions) != conditions);
         // The trigger fires at most once per window while the stall lasts: a firing within two windows of the

@@ -258,6 +258,7 @@ pub fn pressure_of(met: &[Met]) -> Pressure {
         memory: any(&[Starved::Memory]),
         disk: any(&[Starved::EphemeralStorage, Starved::Inodes]),
         pid: any(&[Starved::Pids]),
+        stall: false,
     }
 }
 
@@ -266,23 +267,24 @@ pub fn pressure_of(met: &[Met]) -> Pressure {
 #[derive(Debug, Clone)]
 pub struct Conditions {
     period: Duration,
-    last_met: [Option<Instant>; 3],
+    last_met: [Option<Instant>; 4],
 }
 
 impl Conditions {
     pub fn new(period: Duration) -> Conditions {
-        Conditions { period, last_met: [None; 3] }
+        Conditions { period, last_met: [None; 4] }
     }
 
     /// Records what is met `now`; the conditions in force.
     pub fn observe(&mut self, now: Instant, met: Pressure) -> Pressure {
-        for (last, is_met) in self.last_met.iter_mut().zip([met.memory, met.disk, met.pid]) {
+        for (last, is_met) in self.last_met.iter_mut().zip([met.memory, met.disk, met.pid, met.stall]) {
             if is_met {
                 *last = Some(now);
             }
         }
         let held = |last: Option<Instant>| last.is_some_and(|at| now.saturating_duration_since(at) < self.period);
-        Pressure { memory: held(self.last_met[0]), disk: held(self.last_met[1]), pid: held(self.last_met[2]) }
+        let [memory, disk, pid, stall] = self.last_met.map(held);
+        Pressure { memory, disk, pid, stall }
     }
 }
 
@@ -455,7 +457,7 @@ mod tests {
         assert_eq!(m.iter().map(|m| m.signal).collect::<Vec<_>>(), ["memory.available", "nodefs.available"]);
         assert_eq!((m[0].threshold, m[0].available), (100 << 20, 50 << 20));
         assert_eq!(m[1].threshold, 10 * GIB);
-        assert_eq!(pressure_of(&m), Pressure { memory: true, disk: true, pid: false });
+        assert_eq!(pressure_of(&m), Pressure { memory: true, disk: true, pid: false, stall: false });
     }
 
     #[test]

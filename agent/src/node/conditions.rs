@@ -99,6 +99,8 @@ pub struct Pressure {
     pub memory: bool,
     pub disk: bool,
     pub pid: bool,
+    /// A configured pressure stall threshold was exceeded (nodelet's `PSIPressure` condition).
+    pub stall: bool,
 }
 
 impl Signals {

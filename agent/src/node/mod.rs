@@ -159,19 +159,30 @@ impl NodeManager {
                 ("KubeletHasInsufficientPID", "kubelet has insufficient PID available"),
                 ("KubeletHasSufficientPID", "kubelet has sufficient PID available"),
             ),
-            match self.network.readiness() {
-                Ok(()) => condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
-                Err(e) => condition(
-                    "Ready",
-                    "False",
-                    "KubeletNotReady",
-                    &format!(
-                        "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady \
-                         message:Network plugin returns error: {e}"
-                    ),
-                ),
-            },
         ]);
+        // nodelet's own condition, on nodes with pressure stall thresholds (Kubernetes 1.37 has no PSI condition).
+        if !self.config.stall_thresholds.is_empty()
+            && let Some(conditions) = status.conditions.as_mut()
+        {
+            conditions.push(pressure(
+                "PSIPressure",
+                under.stall,
+                ("NodeletHasPressureStall", "a pressure stall threshold (--eviction-pressure-stall) was exceeded"),
+                ("NodeletHasNoPressureStall", "no pressure stall threshold is exceeded"),
+            ));
+        }
+        status.conditions.get_or_insert_default().push(match self.network.readiness() {
+            Ok(()) => condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+            Err(e) => condition(
+                "Ready",
+                "False",
+                "KubeletNotReady",
+                &format!(
+                    "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady \
+                         message:Network plugin returns error: {e}"
+                ),
+            ),
+        });
         status
     }
 
