@@ -18,7 +18,7 @@ use kube::api::PostParams;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{events_for, pod, pressure, wait_for, wait_pod};
+use support::{pod, pressure, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-eviction";
 
@@ -134,21 +134,8 @@ async fn disk_pressure_evicts_the_largest_user_as_upstream() -> Result<()> {
     let evicted = wait_pod(&pods, "writer", "evicted", Duration::from_secs(60), |p| phase(p) == "Failed")
         .await
         .with_context(|| node.log())?;
-    let status = evicted.status.clone().unwrap_or_default();
-    ensure!(status.reason.as_deref() == Some("Evicted"), "{status:?}");
-    let message = status.message.clone().unwrap_or_default();
-    ensure!(
-        message.starts_with("The node was low on resource: ephemeral-storage. Threshold quantity: 48Mi, available: "),
-        "{message}"
-    );
-    let disruption =
-        status.conditions.iter().flatten().find(|c| c.type_ == "DisruptionTarget").context("DisruptionTarget")?;
-    ensure!(
-        disruption.status == "True" && disruption.reason.as_deref() == Some("TerminationByKubelet"),
-        "{disruption:?}"
-    );
-    let events = events_for(&client, "writer").await?;
-    ensure!(events.iter().any(|(reason, m)| reason == "Evicted" && *m == message), "{events:?}");
+    let prefix = "The node was low on resource: ephemeral-storage. Threshold quantity: 48Mi, available: ";
+    support::ensure_evicted(&client, &evicted, prefix).await?;
     let quiet = pods.get("quiet").await?;
     ensure!(phase(&quiet) == "Running", "the quiet pod was evicted too: {:?}\n{}", quiet.status, node.log());
 

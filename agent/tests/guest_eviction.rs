@@ -91,18 +91,13 @@ async fn memory_eviction_and_the_oom_record_in_the_cgroup_v2_guest() -> Result<(
         .await
         .with_context(|| node.log())?;
     let seen = SystemTime::now();
-    let status = evicted.status.unwrap_or_default();
-    ensure!(status.reason.as_deref() == Some("Evicted"), "{status:?}");
-    let message = status.message.clone().unwrap_or_default();
+    let prefix = "The node was low on resource: memory. Threshold quantity: 300Mi, available: ";
+    let message = support::ensure_evicted(&client, &evicted, prefix).await?;
     ensure!(
-        message.starts_with("The node was low on resource: memory. Threshold quantity: 300Mi, available: ")
-            && message.contains("Container main was using ")
+        message.contains("Container main was using ")
             && message.ends_with("request is 0, has larger consumption of memory. "),
         "{message}"
     );
-    ensure!(status.conditions.iter().flatten().any(|c| c.type_ == "DisruptionTarget"), "DisruptionTarget");
-    let events = events_for(&client, "hog").await?;
-    ensure!(events.iter().any(|(reason, m)| reason == "Evicted" && *m == message), "{events:?}");
     let (start, term) = (uptime_mark(&out, "start"), uptime_mark(&out, "term"));
     let (Some(start), Some(term)) = (start, term) else {
         anyhow::bail!("the pod marked start {start:?} and SIGTERM {term:?}\n{}", node.log());

@@ -19,7 +19,7 @@ use kube::api::PostParams;
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
-use support::{events_for, pod, pressure, wait_for, wait_pod};
+use support::{pod, pressure, wait_for, wait_pod};
 
 const NODE: &str = "nodelet-pids";
 const TAINT: &str = "node.kubernetes.io/pid-pressure";
@@ -86,22 +86,8 @@ async fn a_forking_pod_is_evicted_under_pid_pressure() -> Result<()> {
     let evicted = wait_pod(&pods, "forker", "evicted", Duration::from_secs(90), |p| phase(p) == "Failed")
         .await
         .with_context(|| node.log())?;
-    let status = evicted.status.unwrap_or_default();
-    ensure!(status.reason.as_deref() == Some("Evicted"), "{status:?}");
-    let message = status.message.clone().unwrap_or_default();
-    ensure!(
-        message
-            .starts_with(&format!("The node was low on resource: pids. Threshold quantity: {threshold}, available: ")),
-        "{message}"
-    );
-    let disruption =
-        status.conditions.iter().flatten().find(|c| c.type_ == "DisruptionTarget").context("DisruptionTarget")?;
-    ensure!(
-        disruption.status == "True" && disruption.reason.as_deref() == Some("TerminationByKubelet"),
-        "{disruption:?}"
-    );
-    let events = events_for(&client, "forker").await?;
-    ensure!(events.iter().any(|(reason, m)| reason == "Evicted" && *m == message), "{events:?}");
+    let prefix = format!("The node was low on resource: pids. Threshold quantity: {threshold}, available: ");
+    support::ensure_evicted(&client, &evicted, &prefix).await?;
     ensure!(phase(&pods.get("quiet").await?) == "Running", "the quiet pod was evicted too\n{}", node.log());
 
     // The condition, and the control plane's taint from it; both clear once the forker's processes are gone and

@@ -531,6 +531,26 @@ pub async fn pressure(client: &kube::Client, name: &str, kind: &str, taint: &str
     Ok((condition, tainted))
 }
 
+/// Checks that `pod` was evicted for node pressure as upstream reports it: `Evicted`, a message starting with
+/// `prefix`, the `DisruptionTarget` condition (`TerminationByKubelet`) and an `Evicted` event with the same
+/// message. The message.
+pub async fn ensure_evicted(client: &kube::Client, pod: &Pod, prefix: &str) -> Result<String> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let status = pod.status.clone().unwrap_or_default();
+    anyhow::ensure!(status.reason.as_deref() == Some("Evicted"), "{name}: {status:?}");
+    let message = status.message.clone().unwrap_or_default();
+    anyhow::ensure!(message.starts_with(prefix), "{name}: {message}");
+    let disruption =
+        status.conditions.iter().flatten().find(|c| c.type_ == "DisruptionTarget").context("DisruptionTarget")?;
+    anyhow::ensure!(
+        disruption.status == "True" && disruption.reason.as_deref() == Some("TerminationByKubelet"),
+        "{name}: {disruption:?}"
+    );
+    let events = events_for(client, name).await?;
+    anyhow::ensure!(events.iter().any(|(reason, m)| reason == "Evicted" && *m == message), "{name}: {events:?}");
+    Ok(message)
+}
+
 /// A pod from YAML.
 pub fn pod(yaml: &str) -> Pod {
     serde_yaml::from_str(yaml).expect("test pod YAML")
