@@ -246,6 +246,10 @@ pub async fn run(config: AgentConfig, zygote: Zygote) -> Result<()> {
             interval: config.housekeeping_interval,
             pods_memory,
             memory_watch: config.eviction_memory_watch,
+            oom_sampler: Some(crate::eviction::memory_watch::Sampler {
+                samples: oom.samples().clone(),
+                pods_pressure: hierarchy.unified("kubepods").join("memory.pressure"),
+            }),
             transition_period: config.kubelet.eviction_pressure_transition_period,
             stall_thresholds: config.stall_thresholds.clone(),
             reclaim_disk: Some({

@@ -2,16 +2,17 @@
 //! QEMU guest (1 GiB of memory), joined to a real control plane on this host (`support::guest`). This hybrid
 //! host has no v2 memory controller; the guest has nothing else.
 //!
-//! - A BestEffort pod grows its memory quickly next to a Burstable pod over its request and a Guaranteed pod. The
-//!   node's `memory.available` (hard threshold 300Mi) is met; the memory watch wakes the eviction manager between
-//!   its 10 s rounds and it evicts the BestEffort pod (upstream's ranking: usage above requests, then priority,
+//! - In the PSI-driven configuration (the memory watch and `memory.pressure.some=100ms/1s`), a BestEffort pod
+//!   grows its memory quickly next to a Burstable pod over its request and a Guaranteed pod. The node's
+//!   `memory.available` (hard threshold 300Mi) is met, or the stall trigger fires, between the manager's 10 s
+//!   rounds, and it evicts the BestEffort pod (upstream's ranking: usage above requests, then priority,
 //!   then usage) with upstream's status, message, condition and event, while the other two keep running. The
 //!   kernel's OOM killer never acts: `oom_kill` in the pods' cgroup's `memory.events` (v2 counts every pod
 //!   below it) stays 0.
 //! - The node reports `MemoryPressure`, the control plane taints it, and both clear after the transition period.
 //! - A pod OOM-killed in its own limit produces nodelet's OOM record: the `OOMKilling` event, the entry at
 //!   `/debug/oom` (through the API server's node proxy) and the line in `<root-dir>/oom/kills.jsonl`, with the
-//!   cgroup's `memory.stat`, `memory.events` and PSI.
+//!   cgroup's `memory.stat`, `memory.events`, peak and PSI, and the node's memory in the seconds before.
 
 mod support;
 
@@ -62,7 +63,9 @@ async fn memory_eviction_and_the_oom_record_in_the_cgroup_v2_guest() -> Result<(
     let port = nodelet_integration::ports::free_port()?;
     let config = "nodeStatusUpdateFrequency: 1s\nevictionPressureTransitionPeriod: 10s\n\
                   evictionHard: {memory.available: 300Mi, nodefs.available: 10%}\n";
-    let node = GuestNode::start(&cluster, NODE, (&address.ip, port), 1024, &layout, config, &[])?;
+    // The PSI-driven configuration: the memory watch (default) and a memory stall trigger on the pods' cgroup.
+    let stall = ["--eviction-pressure-stall".to_string(), "memory.pressure.some=100ms/1s".into()];
+    let node = GuestNode::start(&cluster, NODE, (&address.ip, port), 1024, &layout, config, &stall)?;
     let client = cluster.admin().await?;
     support::wait_node_ready(&client, NODE).await.with_context(|| node.log())?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -91,13 +94,18 @@ async fn memory_eviction_and_the_oom_record_in_the_cgroup_v2_guest() -> Result<(
         .await
         .with_context(|| node.log())?;
     let seen = SystemTime::now();
-    let prefix = "The node was low on resource: memory. Threshold quantity: 300Mi, available: ";
-    let message = support::ensure_evicted(&client, &evicted, prefix).await?;
+    // The memory watch's threshold or the stall trigger, whichever acted first: upstream's words either way.
+    let message = support::ensure_evicted(&client, &evicted, "The node was low on resource: memory. ").await?;
+    let by = ["Threshold quantity: 300Mi, available: ", "Pressure stall memory.pressure.some exceeded 100ms in 1s. "]
+        .into_iter()
+        .find(|cause| message.contains(cause));
     ensure!(
-        message.contains("Container main was using ")
+        by.is_some()
+            && message.contains("Container main was using ")
             && message.ends_with("request is 0, has larger consumption of memory. "),
         "{message}"
     );
+    eprintln!("guest_eviction: evicted by {by:?}");
     let (start, term) = (uptime_mark(&out, "start"), uptime_mark(&out, "term"));
     let (Some(start), Some(term)) = (start, term) else {
         anyhow::bail!("the pod marked start {start:?} and SIGTERM {term:?}\n{}", node.log());
@@ -146,6 +154,12 @@ async fn memory_eviction_and_the_oom_record_in_the_cgroup_v2_guest() -> Result<(
     // v2's memory.peak: the cgroup reached its 24 MiB limit.
     ensure!(record["cgroup"]["memory_peak_bytes"].as_u64().is_some_and(|p| p >= 20 << 20), "{record}");
     ensure!(record["cgroup"]["oom_counters"]["oom_kill"].as_u64().is_some_and(|k| k >= 1), "{record}");
+    // The memory watch's samples of the seconds before, each with the pods' stall (PSI is on in the guest).
+    let samples = record["memorySamples"].as_array().context("memorySamples")?;
+    ensure!(
+        samples.len() >= 10 && samples.iter().all(|s| s["podsStallSomeUs"].is_u64() && s["msBefore"].is_u64()),
+        "{record}"
+    );
     eprintln!("guest_eviction: an OOM record from the cgroup v2 guest: {record}");
     wait_for("the record in kills.jsonl", Duration::from_secs(20), || async {
         let lines = node.oom_records();

@@ -221,6 +221,11 @@ async fn summary_metrics_and_kubectl_top() -> Result<()> {
     ensure!(u64_at(record, "/cgroup/memory_peak_bytes") >= 20 * MIB, "{record}");
     ensure!(record["cgroup"]["memory_stat"].as_object().is_some_and(|m| !m.is_empty()), "{record}");
     ensure!(record["cgroup"]["pressure"]["some"]["total_us"].is_u64(), "{record}");
+    // The node's memory in the seconds before, as the memory watch sampled it.
+    ensure!(
+        record["memorySamples"].as_array().is_some_and(|s| !s.is_empty() && s[0]["memoryAvailableBytes"].is_u64()),
+        "{record}"
+    );
     let jsonl = std::fs::read_to_string(node.root_dir().join("oom/kills.jsonl"))?;
     ensure!(jsonl.lines().count() == 1 && jsonl.contains("\"pod\":\"oom\""), "{jsonl}");
     let listed = support::nodelet_cli(&["oom", "--root-dir", &node.root_dir().display().to_string(), "--pod", "oom"])?;

@@ -10,6 +10,8 @@
 //! throttle the pods). Two small reads every 100 ms bound the delay on either layout (their cost is not
 //! measured yet).
 //! Pressure stalls (`psi`) are the kernel's own events and wake the manager directly.
+//!
+//! Each reading is also kept for OOM records ([`Sampler`], `crate::oom::samples`), with the pods' memory stall.
 
 use std::time::{Duration, Instant};
 
@@ -55,9 +57,31 @@ fn memory_signals(pods: Option<&PodsMemory>) -> Signals {
     }
 }
 
+/// Where the watch keeps its readings for OOM records: the ring, and the pods' cgroup's `memory.pressure`.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub samples: crate::oom::samples::Samples,
+    pub pods_pressure: std::path::PathBuf,
+}
+
+impl Sampler {
+    fn keep(&self, at: Instant, signals: &Signals) {
+        let stall = nodelet_cgroups::psi::read(&self.pods_pressure).ok().map(|p| (p.some.total_us, p.full.total_us));
+        let reading =
+            crate::oom::samples::Reading { memory_available_bytes: signals.memory_available, pods_stall: stall };
+        self.samples.push(at, reading);
+    }
+}
+
 /// Starts the watch on the memory thresholds among `thresholds` (none: no watch); the manager receives a `()` on
-/// `wake` when one is met. The thread ends once the receiver is gone.
-pub fn start(interval: Duration, thresholds: &[Threshold], pods: Option<PodsMemory>, wake: mpsc::UnboundedSender<()>) {
+/// `wake` when one is met. Each reading goes to `sampler` too. The thread ends once the receiver is gone.
+pub fn start(
+    interval: Duration,
+    thresholds: &[Threshold],
+    pods: Option<PodsMemory>,
+    wake: mpsc::UnboundedSender<()>,
+    sampler: Option<Sampler>,
+) {
     let memory: Vec<Threshold> = thresholds.iter().filter(|t| t.starved == Starved::Memory).cloned().collect();
     if memory.is_empty() {
         return;
@@ -66,8 +90,12 @@ pub fn start(interval: Duration, thresholds: &[Threshold], pods: Option<PodsMemo
         let mut last_wake = None;
         while !wake.is_closed() {
             std::thread::sleep(interval);
-            let met = !thresholds::met(&memory_signals(pods.as_ref()), &memory).is_empty();
+            let signals = memory_signals(pods.as_ref());
             let now = Instant::now();
+            if let Some(sampler) = &sampler {
+                sampler.keep(now, &signals);
+            }
+            let met = !thresholds::met(&signals, &memory).is_empty();
             if should_wake(met, last_wake, now) {
                 last_wake = Some(now);
                 let _ = wake.send(());
@@ -110,18 +138,30 @@ mod tests {
         let hard = [("memory.available".to_string(), "100Ti".to_string())].into_iter().collect();
         let met = thresholds::configured(&hard, &none, &none, &none).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        start(Duration::from_millis(10), &met, None, tx);
+        let dir = tempfile::tempdir().unwrap();
+        let pods_pressure = dir.path().join("memory.pressure");
+        std::fs::write(
+            &pods_pressure,
+            "some avg10=0.00 avg60=0.00 avg300=0.00 total=1500\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=700\n",
+        )
+        .unwrap();
+        let sampler = Sampler { samples: Default::default(), pods_pressure };
+        start(Duration::from_millis(10), &met, None, tx, Some(sampler.clone()));
         tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("woken").expect("a wake-up");
+        // Each reading was kept for OOM records, with the pods' stall.
+        let kept = sampler.samples.before(Instant::now());
+        assert!(!kept.is_empty() && kept.iter().all(|s| s.memory_available_bytes > 0), "{kept:?}");
+        assert_eq!((kept[0].pods_stall_some_us, kept[0].pods_stall_full_us), (Some(1500), Some(700)));
         // Under the threshold only: nothing within several intervals.
         let hard = [("memory.available".to_string(), "1Ki".to_string())].into_iter().collect();
         let unmet = thresholds::configured(&hard, &none, &none, &none).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        start(Duration::from_millis(10), &unmet, None, tx);
+        start(Duration::from_millis(10), &unmet, None, tx, None);
         assert!(tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err());
         // No memory threshold: no thread, the sender dropped at once.
         let disk = [("nodefs.available".to_string(), "1%".to_string())].into_iter().collect();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        start(Duration::from_millis(10), &thresholds::configured(&disk, &none, &none, &none).unwrap(), None, tx);
+        start(Duration::from_millis(10), &thresholds::configured(&disk, &none, &none, &none).unwrap(), None, tx, None);
         assert_eq!(rx.recv().await, None);
     }
 }

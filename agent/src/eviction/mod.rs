@@ -69,6 +69,8 @@ pub struct Settings {
     pub pods_memory: Option<crate::node::conditions::PodsMemory>,
     /// The memory watch's interval (see [`memory_watch`]); `None`: memory is read at each round only.
     pub memory_watch: Option<Duration>,
+    /// Where the memory watch keeps its readings for OOM records.
+    pub oom_sampler: Option<memory_watch::Sampler>,
     pub transition_period: Duration,
     /// Frees disk at the node level before pods are evicted for disk (image GC of every unused image): the bytes
     /// freed.
@@ -127,7 +129,8 @@ impl EvictionManager {
         let (pressure, conditions_rx) = watch::channel(Pressure::default());
         let (wake, wakes) = mpsc::unbounded_channel();
         if let Some(interval) = settings.memory_watch {
-            memory_watch::start(interval, &settings.thresholds, settings.pods_memory.clone(), wake);
+            let (pods, sampler) = (settings.pods_memory.clone(), settings.oom_sampler.clone());
+            memory_watch::start(interval, &settings.thresholds, pods, wake, sampler);
         }
         let tracker = thresholds::Tracker::new(settings.thresholds.clone(), settings.transition_period);
         let manager = EvictionManager {

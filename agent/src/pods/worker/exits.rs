@@ -69,6 +69,7 @@ impl Worker {
             latency_ms: None,
             cgroup,
             container_kept_running: kept_running,
+            memory_samples: self.ctx.oom.samples().before(std::time::Instant::now()),
         };
         tokio::task::spawn_blocking(move || {
             if let Some(k) = nodelet_cgroups::oom::kernel_kill(&kill.container_id) {

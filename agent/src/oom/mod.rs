@@ -3,6 +3,8 @@
 //! killed process from the kernel's log, how long nodelet took to hear of it, and the container cgroup as the
 //! kill left it: its limit, `memory.stat`, OOM counters and memory PSI.
 //!
+//! It also holds the node's memory in the seconds before the kill, as the memory watch sampled it ([`samples`]).
+//!
 //! The record is published three ways: as a Warning event `OOMKilling` on the pod (as the node-problem-detector
 //! words it), at `/debug/oom` on the kubelet API (the last [`KEEP`]), and as one JSON line in
 //! `<root-dir>/oom/kills.jsonl`.
@@ -10,6 +12,8 @@
 //! Crash rules for the file. Each record is one `write` of one line to a file opened for appending, so a crash
 //! leaves at most a torn last line, and readers skip lines that do not parse. The file moves to `kills.jsonl.1`
 //! past [`ROTATE_BYTES`], so at most two files are kept.
+
+pub mod samples;
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -53,6 +57,9 @@ pub struct OomKill {
     /// v2 without group kills).
     #[serde(default)]
     pub container_kept_running: bool,
+    /// The node's available memory and the pods' memory stall in the seconds before the record was made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_samples: Vec<samples::MemorySample>,
 }
 
 impl OomKill {
@@ -87,6 +94,8 @@ impl OomKill {
 pub struct OomLog {
     file: PathBuf,
     recent: Arc<Mutex<VecDeque<OomKill>>>,
+    /// The memory watch's recent samples.
+    samples: samples::Samples,
 }
 
 impl OomLog {
@@ -102,7 +111,12 @@ impl OomLog {
         while recent.len() > KEEP {
             recent.pop_front();
         }
-        OomLog { file, recent: Arc::new(Mutex::new(recent)) }
+        OomLog { file, recent: Arc::new(Mutex::new(recent)), samples: Default::default() }
+    }
+
+    /// The ring the memory watch samples into, for the records.
+    pub fn samples(&self) -> &samples::Samples {
+        &self.samples
     }
 
     /// Adds a record (blocking: it appends to the file).
@@ -167,6 +181,7 @@ mod tests {
                 pressure: None,
             }),
             container_kept_running: false,
+            memory_samples: Vec::new(),
         }
     }
 
