@@ -64,18 +64,17 @@ impl PodsMemory {
     }
 }
 
-/// `MemTotal` and `MemAvailable` from `/proc/meminfo`, in bytes.
+/// `MemTotal` and `MemAvailable` from `/proc/meminfo`, in bytes (0 when unreadable).
 pub fn meminfo() -> (u64, u64) {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = |key: &str| -> u64 {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (kib("MemTotal:"), kib("MemAvailable:"))
+    let bytes = |key: &str| meminfo_bytes(&meminfo, key).unwrap_or(0);
+    (bytes("MemTotal"), bytes("MemAvailable"))
+}
+
+/// Field `key` (`MemTotal`...) of a `/proc/meminfo` text, in bytes.
+pub fn meminfo_bytes(meminfo: &str, key: &str) -> Option<u64> {
+    let kib = meminfo.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?.checked_mul(1024)
 }
 
 /// The node's task limit and the tasks it runs, as upstream's `pid.available` counts them (`pidlimit`): the
@@ -154,6 +153,15 @@ mod tests {
         let s = Signals::read(root.path(), None);
         assert_eq!(s.imagefs.capacity, 0);
         assert_eq!(s.containerfs.capacity, s.fs_capacity);
+    }
+
+    #[test]
+    fn meminfo_fields_are_bytes() {
+        let text = "MemTotal:       16384 kB\nMemFree:  100 kB\nMemAvailable:    8192 kB\n";
+        assert_eq!(meminfo_bytes(text, "MemTotal"), Some(16 << 20));
+        assert_eq!(meminfo_bytes(text, "MemAvailable"), Some(8 << 20));
+        assert_eq!(meminfo_bytes(text, "Mem"), None, "a whole key only");
+        assert_eq!(meminfo_bytes("MemTotal: lots\n", "MemTotal"), None);
     }
 
     #[test]

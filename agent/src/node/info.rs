@@ -48,11 +48,8 @@ fn read_trimmed(path: &str) -> String {
 impl NodeFacts {
     pub fn gather(config: &AgentConfig) -> Result<NodeFacts> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-        let memory_kib: u64 = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no MemTotal in /proc/meminfo")?;
+        let memory_bytes =
+            super::conditions::meminfo_bytes(&meminfo, "MemTotal").context("no MemTotal in /proc/meminfo")?;
         std::fs::create_dir_all(&config.root_dir).with_context(|| format!("creating {}", config.root_dir.display()))?;
         let fs =
             rustix::fs::statvfs(&config.root_dir).with_context(|| format!("statvfs {}", config.root_dir.display()))?;
@@ -78,7 +75,7 @@ impl NodeFacts {
         let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
         let capacity = super::allocatable::Resources {
             cpu_millis: cpus * 1000,
-            memory_bytes: memory_kib * 1024,
+            memory_bytes,
             ephemeral_storage_bytes: fs.f_blocks * fs.f_frsize,
         };
         let kubelet = &config.kubelet;
