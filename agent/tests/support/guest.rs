@@ -167,8 +167,18 @@ impl GuestNode {
 impl Drop for GuestNode {
     fn drop(&mut self) {
         let group = -(self.child.id().cast_signed());
+        // SIGTERM first: QEMU ends and the script removes its control directory; SIGKILL if it has not in 10 s.
         // SAFETY: kill(2) on the process group of a child we spawned as its leader and have not reaped, so the
         // group cannot be another's.
+        unsafe { libc::kill(group, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // SAFETY: as above; the leader is still not reaped.
         unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.child.wait();
     }
