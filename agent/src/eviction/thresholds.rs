@@ -143,20 +143,20 @@ pub fn with_container_fs(thresholds: Vec<Threshold>, on_imagefs: bool) -> (Vec<T
 
 /// What `signals` says is available for `threshold`, and its capacity (0: not observed).
 fn observe(signals: &Signals, threshold: &Threshold) -> (u64, u64) {
-    match threshold.signal {
-        "allocatableMemory.available" => {
-            return (signals.allocatable_memory_available, signals.allocatable_memory_capacity);
-        }
-        "imagefs.available" => return (signals.imagefs.available, signals.imagefs.capacity),
-        "imagefs.inodesFree" => return (signals.imagefs.inodes_free, signals.imagefs.inodes),
-        "containerfs.available" => return (signals.containerfs.available, signals.containerfs.capacity),
-        "containerfs.inodesFree" => return (signals.containerfs.inodes_free, signals.containerfs.inodes),
-        _ => {}
-    }
+    // The disk signals name their filesystem first (`nodefs.available`, `imagefs.inodesFree`...).
+    let fs = match threshold.signal.split_once('.').map(|(fs, _)| fs) {
+        Some("nodefs") => signals.nodefs,
+        Some("imagefs") => signals.imagefs,
+        Some("containerfs") => signals.containerfs,
+        _ => Default::default(),
+    };
     match threshold.starved {
+        Starved::Memory if threshold.signal == "allocatableMemory.available" => {
+            (signals.allocatable_memory_available, signals.allocatable_memory_capacity)
+        }
         Starved::Memory => (signals.memory_available, signals.memory_capacity),
-        Starved::EphemeralStorage => (signals.fs_available, signals.fs_capacity),
-        Starved::Inodes => (signals.inodes_free, signals.inodes_capacity),
+        Starved::EphemeralStorage => (fs.available, fs.capacity),
+        Starved::Inodes => (fs.inodes_free, fs.inodes),
         Starved::Pids => (signals.pid_max.saturating_sub(signals.pids_used), signals.pid_max),
         Starved::Cpu => (0, 0),
     }
@@ -352,19 +352,17 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn signals() -> Signals {
+        let fs = Fs { capacity: 100 * GIB, available: 50 * GIB, inodes: 1_000_000, inodes_free: 500_000 };
         Signals {
             memory_capacity: 8 * GIB,
             memory_available: 4 * GIB,
-            fs_capacity: 100 * GIB,
-            fs_available: 50 * GIB,
-            inodes_capacity: 1_000_000,
-            inodes_free: 500_000,
+            nodefs: fs,
             pid_max: 4_194_304,
             pids_used: 300,
             allocatable_memory_capacity: 0,
             allocatable_memory_available: 0,
-            imagefs: Fs { capacity: 100 * GIB, available: 50 * GIB, inodes: 1_000_000, inodes_free: 500_000 },
-            containerfs: Fs { capacity: 100 * GIB, available: 50 * GIB, inodes: 1_000_000, inodes_free: 500_000 },
+            imagefs: fs,
+            containerfs: fs,
         }
     }
 
@@ -452,7 +450,8 @@ mod tests {
         let none: BTreeMap<String, String> = BTreeMap::new();
         let defaults = configured(&crate::node::allocatable::eviction_hard(None), &none, &none, &none).unwrap();
         assert!(met(&signals(), &defaults).is_empty());
-        let low = Signals { memory_available: 50 << 20, fs_available: 5 * GIB, ..signals() };
+        let low =
+            Signals { memory_available: 50 << 20, nodefs: Fs { available: 5 * GIB, ..signals().nodefs }, ..signals() };
         let m = met(&low, &defaults);
         assert_eq!(m.iter().map(|m| m.signal).collect::<Vec<_>>(), ["memory.available", "nodefs.available"]);
         assert_eq!((m[0].threshold, m[0].available), (100 << 20, 50 << 20));

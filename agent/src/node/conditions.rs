@@ -11,10 +11,8 @@ use std::path::Path;
 pub struct Signals {
     pub memory_capacity: u64,
     pub memory_available: u64,
-    pub fs_capacity: u64,
-    pub fs_available: u64,
-    pub inodes_capacity: u64,
-    pub inodes_free: u64,
+    /// The root dir's filesystem.
+    pub nodefs: Fs,
     pub pid_max: u64,
     pub pids_used: u64,
     /// The pods' cgroup limit (allocatable enforced on it), 0 when not enforced.
@@ -116,10 +114,7 @@ impl Signals {
         Signals {
             memory_capacity,
             memory_available,
-            fs_capacity: nodefs.capacity,
-            fs_available: nodefs.available,
-            inodes_capacity: nodefs.inodes,
-            inodes_free: nodefs.inodes_free,
+            nodefs,
             pid_max,
             pids_used,
             allocatable_memory_capacity,
@@ -138,7 +133,7 @@ mod tests {
     fn this_machine_can_be_read() {
         let s = Signals::read(Path::new("/"), None);
         assert!(s.memory_capacity > 0 && s.memory_available > 0 && s.memory_available <= s.memory_capacity);
-        assert!(s.fs_capacity > 0 && s.pid_max > 0 && s.pids_used > 0, "{s:?}");
+        assert!(s.nodefs.capacity > 0 && s.pid_max > 0 && s.pids_used > 0, "{s:?}");
     }
 
     #[test]
@@ -146,13 +141,12 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         // Not made yet: the root dir's filesystem.
         let s = Signals::read(root.path(), None);
-        assert_eq!(s.imagefs.capacity, s.fs_capacity);
-        assert_eq!(s.containerfs.inodes, s.inodes_capacity);
+        assert_eq!((s.imagefs, s.containerfs), (s.nodefs, s.nodefs));
         // The image store on a filesystem of its own (/proc here: no blocks, unlike the root dir's).
         std::os::unix::fs::symlink("/proc", crate::images::store_dir(root.path())).unwrap();
         let s = Signals::read(root.path(), None);
         assert_eq!(s.imagefs.capacity, 0);
-        assert_eq!(s.containerfs.capacity, s.fs_capacity);
+        assert_eq!(s.containerfs.capacity, s.nodefs.capacity);
     }
 
     #[test]
