@@ -447,8 +447,26 @@ impl PodCgroups for Hierarchy {
 
     fn oom_watch(&self, rel: &str) -> Option<nodelet_cgroups::oom::OomWatch> {
         let (dir, controller) = memory_cgroup(self, rel);
+        // A kill in a v2 group (`memory.oom.group`, upstream's default) takes the whole container, whose exit
+        // records it: no watch needed.
+        if std::fs::read_to_string(dir.join("memory.oom.group")).is_ok_and(|g| g.trim() == "1") {
+            return None;
+        }
+        // On cgroup v2 each watch is an inotify instance, of which a user has `fs.inotify.max_user_instances`
+        // (128 by default): past that, containers go unwatched. Said once, at warning level.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         nodelet_cgroups::oom::OomWatch::new(&dir, controller)
-            .inspect_err(|e| tracing::debug!(cgroup = %dir.display(), "no OOM watch: {e}"))
+            .inspect_err(|e| {
+                if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::debug!(cgroup = %dir.display(), "no OOM watch: {e}");
+                } else {
+                    tracing::warn!(
+                        cgroup = %dir.display(),
+                        "no OOM watch: {e}; OOM kills that a container survives go unrecorded where a watch cannot \
+                         be made (on cgroup v2 each takes an inotify instance: fs.inotify.max_user_instances)"
+                    );
+                }
+            })
             .ok()
     }
 }
