@@ -257,6 +257,9 @@ async fn measure(
         .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
         .map(|c| c.restart_count)
         .sum();
+    if restarts > 0 {
+        unhealthy_summary(pods).await;
+    }
     pods.delete_collection(&DeleteParams::default(), &lp).await.expect("delete");
     wait_for("pods gone", Duration::from_secs(600), || async {
         Ok(pods.list(&lp).await?.items.is_empty().then_some(()))
@@ -377,6 +380,23 @@ async fn main() {
     drop(runs);
     drop(peers);
     drop(upstream);
+}
+
+/// Why probes failed (restarts are the bench's failure, not part of its load): the `Unhealthy` events by
+/// message (its first 80 characters), most frequent first, on stderr.
+async fn unhealthy_summary(pods: &Api<Pod>) {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(pods.clone().into_client(), "default");
+    let lp = ListParams::default().fields("reason=Unhealthy");
+    let mut counts: std::collections::BTreeMap<String, i32> = Default::default();
+    for e in events.list(&lp).await.map(|l| l.items).unwrap_or_default() {
+        let message: String = e.message.unwrap_or_default().chars().take(80).collect();
+        *counts.entry(message).or_default() += e.count.unwrap_or(1);
+    }
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort_by_key(|(_, n)| -n);
+    for (message, n) in counts.iter().take(5) {
+        eprintln!("  Unhealthy x{n}: {message}");
+    }
 }
 
 /// nodelet's long-lived processes: the agent and its zygote.

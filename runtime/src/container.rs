@@ -63,6 +63,31 @@ impl ContainerIo {
     }
 }
 
+/// A pipe for an exec'd process's output: (our read end, registered with the reactor; the process's write end).
+fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, OwnedFd), RuntimeError> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(RuntimeError::sys("pipe2"))?;
+    let r = tokio::net::unix::pipe::Receiver::from_owned_fd(r).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+    Ok((r, w))
+}
+
+/// Reads an exec'd process's output until end-of-file or `deadline` (a process it started may hold the pipe
+/// long after it exits): the first [`EXEC_OUTPUT`] bytes are kept, the rest read and dropped (the process never
+/// blocks on a full pipe, and its output never grows the agent).
+async fn read_output(mut pipe: tokio::net::unix::pipe::Receiver, deadline: tokio::time::Instant) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let limit = usize::try_from(EXEC_OUTPUT).unwrap_or(usize::MAX);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(&mut pipe, &mut chunk)).await
+    {
+        if n == 0 {
+            break;
+        }
+        let room = limit.saturating_sub(kept.len()).min(n);
+        kept.extend_from_slice(&chunk[..room]);
+    }
+    kept
+}
+
 /// Capacity asked for the output pipes: what a container may write while no agent reads (the default
 /// `fs.pipe-max-size`).
 const OUTPUT_PIPE_BYTES: i32 = 1 << 20;
@@ -207,7 +232,7 @@ impl Runtime {
         // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes an attribute of this process.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
         nix::errno::Errno::result(rc).map_err(RuntimeError::sys("PR_SET_CHILD_SUBREAPER"))?;
-        let (requests, events) = zygote.into_parts();
+        let (requests, events) = zygote.into_parts()?;
         let layout = cgroup::layout();
         let hierarchies = match layout {
             Layout::Unified => None,
@@ -253,13 +278,7 @@ impl Runtime {
     }
 
     async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<(Reply, Vec<OwnedFd>), RuntimeError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-            inner.zygote.call(&req, &borrowed)
-        })
-        .await
-        .map_err(|e| RuntimeError::Zygote(e.to_string()))?
+        self.inner.zygote.call(req, fds).await
     }
 
     /// Creates a container: builds its spec and bundle, has the zygote create it (its init waits for
@@ -283,8 +302,8 @@ impl Runtime {
             let (bundle, cgroupfs, user) = bundle::write(&inner.root, inner.layout, &owned, plan.as_ref())?;
             let root = inner.root.join("libcontainer");
             let req = Request::Create { id: owned.id.clone(), root, bundle, stdio, tty: owned.tty };
-            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-            let reply = inner.zygote.call(&req, &borrowed);
+            // This pool thread waits for the reply (the rest of creating is blocking work too).
+            let reply = tokio::runtime::Handle::current().block_on(inner.zygote.call(req, fds));
             drop(cgroupfs);
             // The init has its copies of the idmapped volumes (or failed): the staged ones go.
             if let Err(e) = idmap::unstage(&bundle_dir(&inner.root, &owned.id)) {
@@ -445,15 +464,18 @@ impl Runtime {
             (other, _) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
         };
         // The process writes a failure to the pipe; end-of-file without one means it exec'd (close-on-exec).
-        let setup = tokio::task::spawn_blocking(move || {
+        let setup = async move {
             let mut message = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(File::from(errors), 4096), &mut message)?;
+            let errors = tokio::net::unix::pipe::Receiver::from_owned_fd(errors)?;
+            tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::AsyncReadExt::take(errors, 4096), &mut message)
+                .await?;
             if !message.is_empty() {
                 return Ok(Err(String::from_utf8_lossy(&message).into_owned()));
             }
             let pty = match console {
                 Some(socket) => Some(
-                    wire::recv_short(socket.as_fd())
+                    tokio::task::spawn_blocking(move || wire::recv_short(socket.as_fd()))
+                        .await?
                         .map_err(std::io::Error::other)?
                         .1
                         .pop()
@@ -462,10 +484,10 @@ impl Runtime {
                 None => None,
             };
             Ok::<_, std::io::Error>(Ok(pty))
-        });
+        };
         match tokio::time::timeout(EXEC_SETUP_TIMEOUT, setup).await {
-            Ok(Ok(Ok(Ok(pty)))) => Ok(ExecProcess { pid, pty: pty.map(File::from) }),
-            Ok(Ok(Ok(Err(message)))) => {
+            Ok(Ok(Ok(pty))) => Ok(ExecProcess { pid, pty: pty.map(File::from) }),
+            Ok(Ok(Err(message))) => {
                 self.wait_exec(pid).await;
                 Err(fail(message))
             }
@@ -476,9 +498,8 @@ impl Runtime {
                 self.wait_exec(pid).await;
                 Err(fail(match outcome {
                     Err(_) => format!("the process did not start within {EXEC_SETUP_TIMEOUT:?}"),
-                    Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(Err(e))) => format!("starting the process: {e}"),
-                    Ok(Ok(Ok(_))) => unreachable!("handled above"),
+                    Ok(Err(e)) => format!("starting the process: {e}"),
+                    Ok(Ok(_)) => unreachable!("handled above"),
                 }))
             }
         }
@@ -512,39 +533,31 @@ impl Runtime {
         to_exit(exited, false).code
     }
 
-    /// Runs `exec` to completion with captured output (at most [`EXEC_OUTPUT`] bytes of each stream), killed after `timeout` (exec probes, `kubectl exec` without
-    /// a stream). Returns (exit code, stdout, stderr); `None` as the code on timeout.
+    /// Runs `exec` to completion with captured output (at most [`EXEC_OUTPUT`] bytes of each stream, read until
+    /// the process ends or `timeout`), killed after `timeout` (exec probes, `kubectl exec` without a stream). Returns (exit code, stdout, stderr); `None` as the code on timeout.
     pub async fn exec_sync(
         &self,
         c: &Container,
         exec: &ExecConfig,
         timeout: Duration,
     ) -> Result<(Option<i32>, Vec<u8>, Vec<u8>), RuntimeError> {
-        let (io, pipes) = ContainerIo::pipes(false)?;
+        let (out, out_w) = output_pipe()?;
+        let (err, err_w) = output_pipe()?;
+        let io = ContainerIo { stdin: None, stdout: Some(out_w), stderr: Some(err_w) };
         let pid = self.exec(c, &ExecConfig { tty: false, ..exec.clone() }, io).await?.pid;
-        // At most EXEC_OUTPUT bytes are kept; the rest is read and dropped (the process never blocks on a full
-        // pipe, and its output never grows the agent).
-        let read = |f: File| {
-            tokio::task::spawn_blocking(move || {
-                let mut buf = Vec::new();
-                let mut f = std::io::Read::take(f, EXEC_OUTPUT);
-                std::io::Read::read_to_end(&mut f, &mut buf)?;
-                std::io::copy(&mut f.into_inner(), &mut std::io::sink())?;
-                Ok::<_, std::io::Error>(buf)
-            })
-        };
-        let (out, err) = (read(pipes.stdout), read(pipes.stderr));
-        let code = match tokio::time::timeout(timeout, self.wait_exec(pid)).await {
-            Ok(code) => Some(code),
-            Err(_) => {
-                if let Ok(fd) = pidfd_open(pid) {
-                    let _ = pidfd_send_signal(&fd, Signal::SIGKILL);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let wait = async {
+            match tokio::time::timeout_at(deadline, self.wait_exec(pid)).await {
+                Ok(code) => Some(code),
+                Err(_) => {
+                    if let Ok(fd) = pidfd_open(pid) {
+                        let _ = pidfd_send_signal(&fd, Signal::SIGKILL);
+                    }
+                    None
                 }
-                None
             }
         };
-        let out = out.await.ok().and_then(Result::ok).unwrap_or_default();
-        let err = err.await.ok().and_then(Result::ok).unwrap_or_default();
+        let (code, out, err) = tokio::join!(wait, read_output(out, deadline), read_output(err, deadline));
         Ok((code, out, err))
     }
 

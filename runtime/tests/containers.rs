@@ -505,7 +505,8 @@ fn count_mounts() -> usize {
     std::fs::read_to_string("/proc/self/mountinfo").map(|m| m.lines().count()).unwrap_or(0)
 }
 
-fn zombies() -> usize {
+/// This process's zombie children (their `stat` lines).
+fn zombies() -> Vec<String> {
     let me = std::process::id().to_string();
     std::fs::read_dir("/proc")
         .into_iter()
@@ -517,7 +518,7 @@ fn zombies() -> usize {
             let mut fields = rest.split(' ');
             fields.next() == Some("Z") && fields.next() == Some(me.as_str())
         })
-        .count()
+        .collect()
 }
 
 async fn many_cycles_leak_nothing(rt: Runtime, env: Env) -> Result<()> {
@@ -530,7 +531,8 @@ async fn many_cycles_leak_nothing(rt: Runtime, env: Env) -> Result<()> {
     }
     ensure!(count_fds() <= fds, "fds grew from {fds} to {}", count_fds());
     ensure!(count_mounts() == mounts, "mounts changed from {mounts} to {}", count_mounts());
-    ensure!(zombies() == 0, "zombie children left");
+    let zombies = zombies();
+    ensure!(zombies.is_empty(), "zombie children left: {zombies:?}");
     assert_clean(&env, "cycle")?;
     Ok(())
 }

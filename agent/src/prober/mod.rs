@@ -207,8 +207,13 @@ impl Task {
         } else {
             tokio::time::sleep(timing.initial_delay).await;
         }
-        let mut next = tokio::time::Instant::now();
+        // Upstream's ticker: runs at a fixed period from here; a run that overruns its period is followed by
+        // one run at once and the missed ones are skipped, never run in a burst to catch up (which would only
+        // add load to an overloaded node).
+        let mut ticker = tokio::time::interval(timing.period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            ticker.tick().await;
             // Liveness and readiness wait for the startup probe; the startup probe stops once it succeeded.
             let gated = self.kind != Kind::Startup && !self.started.load(Ordering::Acquire);
             if !gated {
@@ -231,8 +236,6 @@ impl Task {
                     }
                 }
             }
-            next += timing.period;
-            tokio::time::sleep_until(next).await;
         }
     }
 
@@ -280,6 +283,29 @@ mod tests {
         assert_eq!(s.record(false), Some(false));
         let mut s = Counter::new(timing(1, 2), None);
         assert_eq!(s.record(true), Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overrun_is_followed_by_one_run_not_a_burst() {
+        use crate::pods::services::fake::FakeRuntime;
+        let fake = Arc::new(FakeRuntime::default());
+        // The first run takes 4.5 periods; the rest are instant.
+        fake.delay_execs("c", &[Duration::from_millis(4500)]);
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "c",
+            "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1, "timeoutSeconds": 10},
+        }))
+        .unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let target = Target { netns: None, pod_ip: "10.0.0.2".into() };
+        let t0 = tokio::time::Instant::now();
+        let tasks = start(&container, "uid-c-1", target, fake.clone(), tx, None);
+        tokio::time::sleep(Duration::from_millis(7900)).await;
+        tasks.iter().for_each(|t| t.abort());
+        let starts: Vec<u128> = fake.exec_starts("c").iter().map(|t| (*t - t0).as_millis()).collect();
+        // Upstream's ticker: 0, then at once when the slow run ends (4.5 s), then on the period's own beat;
+        // the ticks missed during the slow run are not made up for.
+        assert_eq!(starts, vec![0, 4500, 5000, 6000, 7000]);
     }
 
     #[test]

@@ -12,13 +12,15 @@ pub mod wire;
 
 pub(crate) use exec::ExecPlan;
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::unistd::{ForkResult, Pid, fork};
 use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use crate::error::RuntimeError;
 
@@ -62,7 +64,7 @@ pub(crate) struct Exited {
 /// The agent's end of the zygote.
 #[derive(Debug)]
 pub struct Zygote {
-    requests: Mutex<OwnedFd>,
+    requests: OwnedFd,
     events: OwnedFd,
     pid: Pid,
 }
@@ -94,7 +96,7 @@ impl Zygote {
                 // buffers that were copied from it.
                 unsafe { libc::_exit(code) }
             }
-            ForkResult::Parent { child } => Ok(Self { requests: Mutex::new(req_agent), events: ev_agent, pid: child }),
+            ForkResult::Parent { child } => Ok(Self { requests: req_agent, events: ev_agent, pid: child }),
         }
     }
 
@@ -103,25 +105,59 @@ impl Zygote {
         self.pid.as_raw()
     }
 
-    /// Splits off the socket on which exit events arrive (read by the runtime's event task).
-    pub(crate) fn into_parts(self) -> (ZygoteRequests, OwnedFd) {
-        (ZygoteRequests { requests: self.requests, pid: self.pid.as_raw() }, self.events)
+    /// Splits off the socket on which exit events arrive (read by the runtime's event task). Call inside a tokio
+    /// runtime: the request socket is registered with its reactor.
+    pub(crate) fn into_parts(self) -> Result<(ZygoteRequests, OwnedFd), RuntimeError> {
+        let requests = self.requests;
+        nix::fcntl::fcntl(requests.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .map_err(RuntimeError::sys("O_NONBLOCK"))?;
+        // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the same
+        // file description for the AsyncFd's whole life.
+        let requests = unsafe { AsyncFd::register(requests) }.map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+        let requests = ZygoteRequests { requests: Arc::new(tokio::sync::Mutex::new(requests)), pid: self.pid.as_raw() };
+        Ok((requests, self.events))
     }
 }
 
 /// The request half of a [`Zygote`].
 #[derive(Debug)]
 pub(crate) struct ZygoteRequests {
-    requests: Mutex<OwnedFd>,
+    /// Held from a request's send to its reply's receipt: replies come in request order, one each.
+    requests: Arc<tokio::sync::Mutex<AsyncFd<OwnedFd>>>,
     /// The zygote's PID.
     pub pid: i32,
 }
 
 impl ZygoteRequests {
-    /// Sends a request and waits for its reply (blocking: call from `spawn_blocking`).
-    pub(crate) fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Reply, Vec<OwnedFd>), RuntimeError> {
-        let sock = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        wire::send(sock.as_fd(), req, fds).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
-        wire::recv(sock.as_fd()).map_err(|e| RuntimeError::Zygote(e.to_string()))
+    /// Sends a request and waits for its reply, on the reactor (an exec probe's request costs no thread hop).
+    /// The exchange runs as a task of its own: a caller that stops waiting cannot leave a reply unread, which
+    /// the next request would take for its own.
+    pub(crate) async fn call(&self, req: Request, fds: Vec<OwnedFd>) -> Result<(Reply, Vec<OwnedFd>), RuntimeError> {
+        let requests = self.requests.clone();
+        let exchange = tokio::spawn(async move {
+            let sock = requests.lock().await;
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            let bytes = wire::encode(&req).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+            retry(&sock, Interest::WRITABLE, |fd| wire::send_encoded(fd, &bytes, &borrowed)).await?;
+            drop(borrowed);
+            drop(fds); // the zygote has its copies
+            retry(&sock, Interest::READABLE, wire::recv).await
+        });
+        exchange.await.map_err(|e| RuntimeError::Zygote(e.to_string()))?
+    }
+}
+
+/// Runs `op` on the non-blocking socket until it does not block.
+async fn retry<T>(
+    sock: &AsyncFd<OwnedFd>,
+    interest: Interest,
+    mut op: impl FnMut(BorrowedFd<'_>) -> Result<T, wire::WireError>,
+) -> Result<T, RuntimeError> {
+    loop {
+        let mut guard = sock.ready(interest).await.map_err(|e| RuntimeError::Zygote(e.to_string()))?;
+        match op(sock.get_ref().as_fd()) {
+            Err(wire::WireError::Io(nix::Error::EAGAIN)) => guard.clear_ready(),
+            other => return other.map_err(|e| RuntimeError::Zygote(e.to_string())),
+        }
     }
 }

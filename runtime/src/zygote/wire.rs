@@ -28,14 +28,24 @@ pub enum WireError {
 
 /// Sends `msg` with `fds` attached.
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+    send_encoded(sock, &encode(msg)?, fds)
+}
+
+/// A message's bytes (encoded once: a non-blocking sender may try more than once).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
     let bytes = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
     if bytes.len() > MAX_MESSAGE {
         return Err(WireError::Malformed(format!("message of {} bytes exceeds {MAX_MESSAGE}", bytes.len())));
     }
+    Ok(bytes)
+}
+
+/// Sends an [`encode`]d message with `fds` attached.
+pub fn send_encoded(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
     loop {
-        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&bytes)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(bytes)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Err(nix::Error::EINTR) => continue,
             Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
             other => return other.map(|_| ()).map_err(WireError::Io),

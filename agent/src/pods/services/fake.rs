@@ -44,6 +44,10 @@ struct State {
     sandboxes: HashMap<String, Sandbox>,
     /// What an exec (probe) in a container exits with, by container name (default 0).
     exec_codes: HashMap<String, i32>,
+    /// How long the next execs in a container take, by container name (then: at once).
+    exec_delays: HashMap<String, std::collections::VecDeque<Duration>>,
+    /// When each exec started (tokio's clock: paused in tests), by container name.
+    exec_starts: HashMap<String, Vec<tokio::time::Instant>>,
     /// The command line of the latest create, by container name.
     commands: HashMap<String, Vec<String>>,
     /// The PID namespace of the latest create, by container name.
@@ -156,6 +160,16 @@ impl FakeRuntime {
     /// Makes execs (probes) in `name` exit with `code` from now on.
     pub fn set_exec(&self, name: &str, code: i32) {
         self.lock().exec_codes.insert(name.to_string(), code);
+    }
+
+    /// Makes the next execs in `name` take these times, one each.
+    pub fn delay_execs(&self, name: &str, delays: &[Duration]) {
+        self.lock().exec_delays.entry(name.to_string()).or_default().extend(delays);
+    }
+
+    /// When the execs in `name` started.
+    pub fn exec_starts(&self, name: &str) -> Vec<tokio::time::Instant> {
+        self.lock().exec_starts.get(name).cloned().unwrap_or_default()
     }
 
     /// Makes the running instance of `name` exit with `code`.
@@ -363,7 +377,12 @@ impl ContainerRuntime for FakeRuntime {
         let mut state = self.lock();
         state.log.push(format!("exec {}", name_of(id)));
         let code = state.exec_codes.get(name_of(id)).copied().unwrap_or(0);
-        Box::pin(async move { Ok((Some(code), format!("exit {code}").into_bytes())) })
+        state.exec_starts.entry(name_of(id).to_string()).or_default().push(tokio::time::Instant::now());
+        let delay = state.exec_delays.get_mut(name_of(id)).and_then(|d| d.pop_front()).unwrap_or_default();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Ok((Some(code), format!("exit {code}").into_bytes()))
+        })
     }
 }
 
