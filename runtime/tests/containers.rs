@@ -269,8 +269,41 @@ async fn exec_runs_in_the_container(rt: Runtime, env: Env) -> Result<()> {
     let err = rt.exec_sync(&c, &exec(&["/no/such/binary"]), Duration::from_secs(5)).await;
     let err = err.err().context("exec of a missing binary succeeded")?;
     ensure!(err.to_string().contains("/no/such/binary"), "message does not name the binary: {err}");
+    // The process starts in the zygote's memory (vfork-style): what it allocates there is freed, whether it
+    // exec'd or failed, so the zygote does not grow with the execs it makes.
+    let execs = |n: usize| {
+        let (rt, c) = (&rt, &c);
+        async move {
+            for i in 0..n {
+                let args: &[&str] = if i % 5 == 4 { &["/no/such/binary"] } else { &["true"] };
+                let _ = rt.exec_sync(c, &exec(args), Duration::from_secs(5)).await;
+            }
+        }
+    };
+    execs(100).await;
+    let before = zygote_anon_kib();
+    execs(500).await;
+    let after = zygote_anon_kib();
+    ensure!(after <= before + 256, "the zygote grew from {before} KiB to {after} KiB over 500 execs");
     rt.delete(&c).await?;
     Ok(())
+}
+
+/// Anonymous memory of this process's zygote (its child named `nodelet-zygote`), KiB.
+fn zygote_anon_kib() -> u64 {
+    let me = std::process::id();
+    let children = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nodelet-zygote"))
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .find_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn user_and_capabilities_are_applied(rt: Runtime, env: Env) -> Result<()> {

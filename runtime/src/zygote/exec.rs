@@ -27,7 +27,7 @@
 //! the rest before a container exists.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::CloneFlags;
@@ -110,18 +110,7 @@ pub(super) fn spawn(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<i32, String> {
     // the zygote's own is restored right after the clone, before anything else can fork.
     nix::sched::setns(&fds.pidfd, CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("joining the container's PID namespace: {e}"))?;
-    let cloned = clone_into(unified.as_ref());
-    if cloned == Ok(0) {
-        // The process (born in the container's PID namespace, which it cannot leave).
-        let Descriptors { pidfd, errors, console, stdio } = fds;
-        let failure = match run(plan, &pidfd, &errors, console, stdio) {
-            Ok(never) => match never {},
-            Err(message) => message,
-        };
-        let _ = nix::unistd::write(&errors, failure.as_bytes());
-        // SAFETY: _exit ends the process without running exit handlers copied from the zygote.
-        unsafe { libc::_exit(127) }
-    }
+    let cloned = start(plan, &fds, unified.as_ref());
     if let Err(e) = nix::sched::setns(&home, CloneFlags::CLONE_NEWPID) {
         // Every later container would be made in that namespace: the zygote must not go on.
         eprintln!("nodelet zygote: restoring its PID namespace failed: {e}");
@@ -129,6 +118,170 @@ pub(super) fn spawn(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<i32, String> {
         unsafe { libc::_exit(1) }
     }
     cloned.map_err(|e| format!("cloning the process: {e}"))
+}
+
+/// What the process allocated and still holds when it execs (or fails): with the zygote's memory shared, the
+/// zygote frees it once the process is gone from that memory, and nothing leaks into the zygote's heap.
+#[derive(Default)]
+struct Kept {
+    env: Vec<String>,
+    path: Option<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    failure: String,
+}
+
+/// The process's part of an exec, handed to it by reference.
+struct Child<'a> {
+    plan: &'a ExecPlan,
+    fds: &'a Descriptors,
+    kept: Kept,
+}
+
+/// Runs the process to its `execve`; on a failure, reports it on the error pipe and exits 127.
+fn child_main(child: &mut Child<'_>) -> ! {
+    child.kept.failure = match run(child.plan, child.fds, &mut child.kept) {
+        Ok(never) => match never {},
+        Err(message) => message,
+    };
+    let _ = nix::unistd::write(&child.fds.errors, child.kept.failure.as_bytes());
+    // SAFETY: _exit ends the process without running exit handlers of the zygote's.
+    unsafe { libc::_exit(127) }
+}
+
+/// Starts the process in the zygote's memory, vfork-style: the zygote waits until the process has exec'd or
+/// exited, so no page table is copied and nothing the zygote writes afterwards faults in a copy (a fork's cost
+/// grows with the zygote's memory; at hundreds of exec probes a second it was most of the zygote's CPU). The
+/// process runs on a stack of its own, with only what the zygote lent it: [`Child`].
+#[cfg(target_arch = "x86_64")]
+fn start(plan: &ExecPlan, fds: &Descriptors, cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
+    let (base, size) = vfork_stack()?;
+    let mut args = CloneArgs {
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: base,
+        stack_size: size,
+        ..Default::default()
+    };
+    into_cgroup(&mut args, cgroup)?;
+    let mut child = Child { plan, fds, kept: Kept::default() };
+    // SAFETY: see `clone3_vfork`: `args` describes the stack made for this (no other process uses it: the zygote
+    // is single-threaded and waits until the last process left it), `child` outlives the wait, and `entry` never
+    // returns (it execs or exits).
+    let rc = unsafe { clone3_vfork(&mut args, entry, (&raw mut child).cast()) };
+    drop(child); // frees what the process left in the shared memory
+    nix::errno::Errno::result(rc).and_then(|pid| i32::try_from(pid).map_err(|_| nix::errno::Errno::EOVERFLOW))
+}
+
+/// The process's first function, on its own stack.
+#[cfg(target_arch = "x86_64")]
+extern "C" fn entry(child: *mut libc::c_void) -> ! {
+    // SAFETY: `start` passed a pointer to its `Child`, which stays alive and untouched while the zygote waits
+    // (CLONE_VFORK) for this process to exec or exit.
+    let child = unsafe { &mut *child.cast::<Child<'_>>() };
+    child_main(child)
+}
+
+/// Elsewhere: a fork (the process gets a copy of the zygote's memory).
+#[cfg(not(target_arch = "x86_64"))]
+fn start(plan: &ExecPlan, fds: &Descriptors, cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
+    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+    into_cgroup(&mut args, cgroup)?;
+    // SAFETY: clone3 without CLONE_VM and with no new stack behaves as fork(2): the child gets a copy of the
+    // address space and continues here with a return value of 0. The caller is single-threaded, so no lock is
+    // held by another thread in the copy. `args` is a valid clone_args of the size passed and outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_clone3, &raw mut args, std::mem::size_of::<CloneArgs>()) };
+    match nix::errno::Errno::result(rc)? {
+        0 => child_main(&mut Child { plan, fds, kept: Kept::default() }),
+        pid => i32::try_from(pid).map_err(|_| nix::errno::Errno::EOVERFLOW),
+    }
+}
+
+/// `CLONE_INTO_CGROUP`: the process is born in the cgroup2 directory `cgroup` (no migration, so no wait for an
+/// RCU grace period, as a write to `cgroup.procs` has).
+fn into_cgroup(args: &mut CloneArgs, cgroup: Option<&OwnedFd>) -> nix::Result<()> {
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = u64::try_from(dir.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?;
+    }
+    Ok(())
+}
+
+/// Size of the stack processes start on (the seccomp compiler is the deepest thing they run).
+#[cfg(target_arch = "x86_64")]
+const VFORK_STACK: usize = 1 << 20;
+
+/// The stack processes start on, made once (one process at a time uses it): (lowest address, size), with a
+/// guard page at the bottom.
+#[cfg(target_arch = "x86_64")]
+fn vfork_stack() -> nix::Result<(u64, u64)> {
+    static STACK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(base) = STACK.get() {
+        return Ok((*base as u64, VFORK_STACK as u64));
+    }
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing; nothing else refers to it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            VFORK_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: the first page of the mapping just made: an overflowing process faults instead of writing below it.
+    if unsafe { libc::mprotect(base, 4096, libc::PROT_NONE) } != 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    let base = STACK.get_or_init(|| base as usize);
+    Ok((*base as u64, VFORK_STACK as u64))
+}
+
+/// clone3 with the child on a stack of its own: the child calls `entry(arg)` there (which must not return); the
+/// caller gets clone3's result. With CLONE_VM | CLONE_VFORK the caller is suspended until the child execs or
+/// exits.
+///
+/// # Safety
+///
+/// `args` must describe a stack (16-byte aligned top) that nothing else uses while the child runs, and `arg`
+/// must stay valid for `entry` until then; with CLONE_VM the child shares the caller's memory, so the caller must
+/// be single-threaded (no lock held elsewhere) and suspended (CLONE_VFORK) while the child runs.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vfork(
+    args: &mut CloneArgs,
+    entry: extern "C" fn(*mut libc::c_void) -> !,
+    arg: *mut libc::c_void,
+) -> i64 {
+    let rc: i64;
+    // SAFETY: the caller's contract. The child starts after `syscall` with rax = 0 and rsp at the top of its
+    // stack (the kernel sets it); every other register as the parent's, so r12/r13 still hold `entry` and `arg`.
+    // It clears the frame pointer (the bottom of its stack trace) and calls `entry`, which never returns (`ud2`
+    // would trap). The parent, with the PID or an error in rax, only jumps past: it touches no stack.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r13",
+            "call r12",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => rc,
+            in("rdi") std::ptr::from_mut(args),
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") entry,
+            in("r13") arg,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    rc
 }
 
 /// The kernel's `struct clone_args` (version 2, with `cgroup`).
@@ -162,30 +315,10 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
         .map_err(|e| format!("opening the cgroup {}: {e}", dir.display()))
 }
 
-/// fork(2) whose child is born in the cgroup2 directory `cgroup` when given (`CLONE_INTO_CGROUP`: no migration,
-/// so no wait for an RCU grace period, as a write to `cgroup.procs` has). Returns 0 in the child and the child's
-/// PID (as the caller's PID namespace sees it) in the caller.
-fn clone_into(cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
-    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
-    if let Some(dir) = cgroup {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = u64::try_from(dir.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?;
-    }
-    // SAFETY: clone3 without CLONE_VM and with no new stack behaves as fork(2): the child gets a copy of the
-    // address space and continues here with a return value of 0. The caller is single-threaded, so no lock is held
-    // by another thread in the copy. `args` is a valid clone_args of the size passed and outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_clone3, &raw mut args, std::mem::size_of::<CloneArgs>()) };
-    nix::errno::Errno::result(rc).and_then(|pid| i32::try_from(pid).map_err(|_| nix::errno::Errno::EOVERFLOW))
-}
-
 /// The process itself: everything up to `execve`, which does not return on success.
-fn run(
-    plan: &ExecPlan,
-    pidfd: &OwnedFd,
-    errors: &OwnedFd,
-    console: Option<OwnedFd>,
-    stdio: [OwnedFd; 3],
-) -> Result<std::convert::Infallible, String> {
+/// What it allocates and still holds at `execve` goes into `kept` (see [`Kept`]).
+fn run(plan: &ExecPlan, fds: &Descriptors, kept: &mut Kept) -> Result<std::convert::Infallible, String> {
+    let Descriptors { pidfd, errors, console, stdio } = fds;
     let process = &plan.process;
     let syscall = libcontainer::syscall::syscall::create_syscall();
     // Undumpable until execve: no process of the container may ptrace it or open its /proc files while it still
@@ -211,7 +344,8 @@ fn run(
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     match console {
         // A terminal in the container's devpts: the master goes to the agent, the slave becomes stdio.
-        Some(socket) => libcontainer::tty::setup_console(syscall.as_ref(), socket.into_raw_fd(), false)
+        // (It closes its copy of the socket: this process's descriptors are its own.)
+        Some(socket) => libcontainer::tty::setup_console(syscall.as_ref(), socket.as_raw_fd(), false)
             .map_err(|e| format!("setting up the terminal: {e}"))?,
         None => {
             for (fd, target) in stdio.iter().zip(0..) {
@@ -219,7 +353,6 @@ fn run(
             }
         }
     }
-    drop(stdio);
     for rlimit in process.rlimits().iter().flatten() {
         syscall.set_rlimit(rlimit).map_err(|e| format!("setting rlimit {:?}: {e}", rlimit.typ()))?;
     }
@@ -234,7 +367,8 @@ fn run(
         let mode = nix::sys::stat::Mode::from_bits(umask).ok_or_else(|| format!("invalid umask {umask:o}"))?;
         nix::sys::stat::umask(mode);
     }
-    let mut env: Vec<String> = process.env().clone().unwrap_or_default();
+    let env = &mut kept.env;
+    *env = process.env().clone().unwrap_or_default();
     if !env.iter().any(|e| e.strip_prefix("HOME=").is_some_and(|v| !v.is_empty())) {
         // As runc: the user's home from the container's /etc/passwd, else /. Parsed here, not through NSS,
         // which would follow the image's nsswitch.conf and could load the image's libraries into this process.
@@ -253,6 +387,7 @@ fn run(
     if !gids.is_empty() {
         syscall.set_groups(&gids).map_err(|e| format!("setting supplementary groups: {e}"))?;
     }
+    drop(gids);
     syscall
         .set_id(Uid::from_raw(user.uid()), Gid::from_raw(user.gid()))
         .map_err(|e| format!("setting uid {} and gid {}: {e}", user.uid(), user.gid()))?;
@@ -272,15 +407,16 @@ fn run(
     if let Some(seccomp) = plan.seccomp.as_ref().filter(|_| no_new_privileges) {
         libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| format!("loading seccomp: {e}"))?;
     }
-    let args = process.args().clone().unwrap_or_default();
+    let args = process.args().as_deref().unwrap_or_default();
     let name = args.first().ok_or("no command")?;
-    let path = lookup(name, &env)?;
+    let path = lookup(name, env)?;
     default_signals();
     let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
-    let argv = args.iter().map(|a| c(a)).collect::<Result<Vec<_>, _>>()?;
-    let envp = env.iter().map(|e| c(e)).collect::<Result<Vec<_>, _>>()?;
+    kept.argv = args.iter().map(|a| c(a)).collect::<Result<Vec<_>, _>>()?;
+    kept.envp = env.iter().map(|e| c(e)).collect::<Result<Vec<_>, _>>()?;
     let path = CString::new(path.into_os_string().into_encoded_bytes()).map_err(|_| "a NUL byte in the path")?;
-    nix::unistd::execve(&path, &argv, &envp).map_err(|e| format!("exec: {name:?}: {}", e.desc()))
+    let path = kept.path.insert(path);
+    nix::unistd::execve(path, &kept.argv, &kept.envp).map_err(|e| format!("exec: {name:?}: {}", e.desc()))
 }
 
 /// The home directory of `uid` in an `/etc/passwd` text (`name:x:uid:gid:gecos:home:shell`).
