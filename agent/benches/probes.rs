@@ -1,14 +1,14 @@
-//! `cargo bench -p nodelet --bench probes [-- CONTAINERS] [--seconds S] [--no-upstream]`: the cost of probing.
-//! CONTAINERS containers (default 500, ten per pod) each with a 1 s exec readiness probe and a 1 s liveness
+//! `cargo bench -p nodelet --bench probes [-- CONTAINERS] [--seconds S] [--no-upstream] [--http-only]`: the cost
+//! of probing. CONTAINERS containers (default 500, ten per pod) each with a 1 s exec readiness probe and a 1 s liveness
 //! probe, on one node, for S seconds (default 60) once every pod is Ready. Two scenarios:
 //!
 //! - `exec + httpGet` (the liveness probe an httpGet to busybox `httpd` in the container, pods on the host
 //!   network with a port per container), nodelet only: the bench's pod network is not routable from the host,
 //!   where the upstream kubelet's httpGet probes come from;
-//! - `exec + exec` (the liveness probe `true`), side by side in the same run with the upstream kubelet on
-//!   containerd (`nodelet_integration::upstream`), each node measured while the other is idle. On this hybrid
-//!   host upstream's runc fails to start these containers inside its cgroup sandbox ("error mounting cgroup to
-//!   rootfs"), so its row says how many pods were Ready after 10 minutes instead of a figure.
+//! - `exec + exec` (the liveness probe `true`; not with `--http-only`), side by side in the same run with the
+//!   upstream kubelet on containerd (`nodelet_integration::upstream`), each node measured while the other is
+//!   idle. On this hybrid host upstream's runc fails to start these containers inside its cgroup sandbox ("error
+//!   mounting cgroup to rootfs"), so its row says how many pods were Ready after 10 minutes instead of a figure.
 //!
 //! Measured:
 //!
@@ -236,6 +236,7 @@ async fn measure(
     let ready_pods = count_ready().await;
     // Let the start-up settle (first runs are jittered into the first period).
     tokio::time::sleep(Duration::from_secs(5)).await;
+    eprintln!("{} {}: measuring for {seconds} s", peer.label, scenario.label());
     let (from, start) = (unix_now(), peer.sample());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (to, end) = (unix_now(), peer.sample());
@@ -335,7 +336,9 @@ async fn main() {
     let image = registry.reference("busybox", "latest");
     let log_root = tempfile::Builder::new().prefix("nodelet-probe-bench-").tempdir().expect("log dir");
     let mut runs = vec![(&peers[0], Scenario::ExecHttp)];
-    runs.extend(peers.iter().map(|p| (p, Scenario::ExecExec)));
+    if !std::env::args().any(|a| a == "--http-only") {
+        runs.extend(peers.iter().map(|p| (p, Scenario::ExecExec)));
+    }
     // Each row as soon as it is measured: a later run that fails does not lose the earlier ones.
     println!(
         "{} containers ({n_pods} pods), each a 1 s exec readiness probe and a 1 s liveness probe, {seconds} s once \

@@ -91,13 +91,28 @@ impl Descriptors {
     }
 }
 
+/// `/dev/null`, opened once (a copy per use: a path walk per exec is a cost at hundreds of execs a second).
 fn dev_null() -> Result<OwnedFd, String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .map(OwnedFd::from)
-        .map_err(|e| format!("/dev/null: {e}"))
+    static DEV_NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    let opened = match DEV_NULL.get() {
+        Some(fd) => fd,
+        None => {
+            let fd = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+            let fd = fd.map_err(|e| format!("/dev/null: {e}"))?;
+            DEV_NULL.get_or_init(|| OwnedFd::from(fd))
+        }
+    };
+    opened.try_clone().map_err(|e| format!("/dev/null: {e}"))
+}
+
+/// The zygote's own PID namespace, opened once: it goes back to it after every exec.
+fn home_pid_namespace() -> Result<&'static std::fs::File, String> {
+    static HOME: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(home) = HOME.get() {
+        return Ok(home);
+    }
+    let home = std::fs::File::open("/proc/self/ns/pid").map_err(|e| format!("/proc/self/ns/pid: {e}"))?;
+    Ok(HOME.get_or_init(|| home))
 }
 
 /// Zygote side: starts the process and returns its PID. The zygote only clones; the process reports its own
@@ -105,13 +120,13 @@ fn dev_null() -> Result<OwnedFd, String> {
 pub(super) fn spawn(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<i32, String> {
     let fds = Descriptors::take(plan, fds)?;
     let unified = plan.unified.as_deref().map(open_dir).transpose()?;
-    let home = std::fs::File::open("/proc/self/ns/pid").map_err(|e| format!("/proc/self/ns/pid: {e}"))?;
+    let home = home_pid_namespace()?;
     // Children made from here on are born in the container's PID namespace (setns never moves the caller);
     // the zygote's own is restored right after the clone, before anything else can fork.
     nix::sched::setns(&fds.pidfd, CloneFlags::CLONE_NEWPID)
         .map_err(|e| format!("joining the container's PID namespace: {e}"))?;
     let cloned = start(plan, &fds, unified.as_ref());
-    if let Err(e) = nix::sched::setns(&home, CloneFlags::CLONE_NEWPID) {
+    if let Err(e) = nix::sched::setns(home, CloneFlags::CLONE_NEWPID) {
         // Every later container would be made in that namespace: the zygote must not go on.
         eprintln!("nodelet zygote: restoring its PID namespace failed: {e}");
         // SAFETY: _exit ends the zygote at once; the agent sees its socket close.
