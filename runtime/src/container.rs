@@ -257,9 +257,6 @@ impl Runtime {
             exits: Mutex::default(),
             exec_templates: Mutex::default(),
         });
-        nix::fcntl::fcntl(events.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-            .map_err(RuntimeError::sys("O_NONBLOCK"))?;
-        let events = async_fd(events).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
         tokio::spawn(receive_exits(Arc::downgrade(&inner), events));
         Ok(Self { inner })
     }
@@ -534,7 +531,8 @@ impl Runtime {
     }
 
     /// Runs `exec` to completion with captured output (at most [`EXEC_OUTPUT`] bytes of each stream, read until
-    /// the process ends or `timeout`), killed after `timeout` (exec probes, `kubectl exec` without a stream). Returns (exit code, stdout, stderr); `None` as the code on timeout.
+    /// the process ends or `timeout`), killed after `timeout` (exec probes, `kubectl exec` without a stream).
+    /// Returns (exit code, stdout, stderr); `None` as the code on timeout.
     pub async fn exec_sync(
         &self,
         c: &Container,
@@ -735,7 +733,7 @@ async fn receive_exits(inner: std::sync::Weak<Inner>, events: AsyncFd<OwnedFd>) 
 }
 
 /// Registers an owned descriptor with tokio's reactor.
-fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the same
     // file description for the AsyncFd's whole life.
     unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::other)

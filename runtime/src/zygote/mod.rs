@@ -105,17 +105,16 @@ impl Zygote {
         self.pid.as_raw()
     }
 
-    /// Splits off the socket on which exit events arrive (read by the runtime's event task). Call inside a tokio
-    /// runtime: the request socket is registered with its reactor.
-    pub(crate) fn into_parts(self) -> Result<(ZygoteRequests, OwnedFd), RuntimeError> {
-        let requests = self.requests;
-        nix::fcntl::fcntl(requests.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-            .map_err(RuntimeError::sys("O_NONBLOCK"))?;
-        // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the same
-        // file description for the AsyncFd's whole life.
-        let requests = unsafe { AsyncFd::register(requests) }.map_err(|e| RuntimeError::Zygote(e.to_string()))?;
-        let requests = ZygoteRequests { requests: Arc::new(tokio::sync::Mutex::new(requests)), pid: self.pid.as_raw() };
-        Ok((requests, self.events))
+    /// The request half and the socket on which exit events arrive (read by the runtime's event task), both
+    /// non-blocking and registered with the reactor: call inside a tokio runtime.
+    pub(crate) fn into_parts(self) -> Result<(ZygoteRequests, AsyncFd<OwnedFd>), RuntimeError> {
+        let on_reactor = |fd: OwnedFd| {
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+                .map_err(RuntimeError::sys("O_NONBLOCK"))?;
+            crate::container::async_fd(fd).map_err(|e| RuntimeError::Zygote(e.to_string()))
+        };
+        let requests = Arc::new(tokio::sync::Mutex::new(on_reactor(self.requests)?));
+        Ok((ZygoteRequests { requests, pid: self.pid.as_raw() }, on_reactor(self.events)?))
     }
 }
 
