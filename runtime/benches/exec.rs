@@ -88,7 +88,7 @@ fn cli_delete(bin: &str, state: &Path) {
 async fn ours(runtime: &Runtime, c: &Container) -> Duration {
     let started = Instant::now();
     let exec = ExecConfig { args: vec!["/bin/true".into()], ..Default::default() };
-    let (code, _, _) = runtime.exec_sync(c, &exec, Duration::from_secs(30)).await.expect("exec");
+    let (code, _) = runtime.exec_sync(c, &exec, Duration::from_secs(30)).await.expect("exec");
     assert_eq!(code, Some(0));
     started.elapsed()
 }

@@ -20,7 +20,7 @@ use crate::error::RuntimeError;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::{self, Record};
 use crate::user::ProcessUser;
-use crate::zygote::{ExecPlan, Exited, Reply, Request, Zygote, ZygoteRequests, wire};
+use crate::zygote::{ExecRequest, ExecTemplate, Exited, Reply, Request, Zygote, ZygoteRequests, wire};
 use crate::{bundle, cgroupfs, idmap};
 
 /// The standard streams of a container or exec'd process; `None` means `/dev/null`.
@@ -63,29 +63,60 @@ impl ContainerIo {
     }
 }
 
-/// A pipe for an exec'd process's output: (our read end, registered with the reactor; the process's write end).
-fn output_pipe() -> Result<(tokio::net::unix::pipe::Receiver, OwnedFd), RuntimeError> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(RuntimeError::sys("pipe2"))?;
-    let r = tokio::net::unix::pipe::Receiver::from_owned_fd(r).map_err(|e| RuntimeError::Zygote(e.to_string()))?;
-    Ok((r, w))
+/// How long [`Runtime::exec_sync`] waits for a process to exit before it reads the output as it comes (a
+/// process that writes more than the pipe holds waits for that).
+const READ_WHILE_RUNNING_AFTER: Duration = Duration::from_millis(100);
+
+/// An exec'd process's output: the first [`EXEC_OUTPUT`] bytes are kept, the rest read and dropped (the process
+/// never blocks on a full pipe, and its output never grows the agent).
+#[derive(Default)]
+struct Output {
+    kept: Vec<u8>,
 }
 
-/// Reads an exec'd process's output until end-of-file or `deadline` (a process it started may hold the pipe
-/// long after it exits): the first [`EXEC_OUTPUT`] bytes are kept, the rest read and dropped (the process never
-/// blocks on a full pipe, and its output never grows the agent).
-async fn read_output(mut pipe: tokio::net::unix::pipe::Receiver, deadline: tokio::time::Instant) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let limit = usize::try_from(EXEC_OUTPUT).unwrap_or(usize::MAX);
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(&mut pipe, &mut chunk)).await
-    {
-        if n == 0 {
-            break;
-        }
-        let room = limit.saturating_sub(kept.len()).min(n);
-        kept.extend_from_slice(&chunk[..room]);
+/// Where a non-blocking read of the pipe stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    Eof,
+    /// Nothing more to read now (a writer is still open), or an error.
+    Open,
+}
+
+impl Output {
+    fn keep(&mut self, chunk: &[u8]) {
+        let limit = usize::try_from(EXEC_OUTPUT).unwrap_or(usize::MAX);
+        let room = limit.saturating_sub(self.kept.len()).min(chunk.len());
+        self.kept.extend_from_slice(&chunk[..room]);
     }
-    kept
+
+    /// Reads what the non-blocking pipe holds now.
+    fn drain(&mut self, pipe: &OwnedFd) -> Drained {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match nix::unistd::read(pipe.as_raw_fd(), &mut chunk) {
+                Ok(0) => return Drained::Eof,
+                Ok(n) => self.keep(&chunk[..n]),
+                Err(nix::Error::EINTR) => {}
+                Err(_) => return Drained::Open,
+            }
+        }
+    }
+
+    /// Reads the non-blocking pipe until end-of-file or `deadline` (a process the command started may hold it
+    /// long after the command exits).
+    async fn read_until(&mut self, pipe: OwnedFd, deadline: tokio::time::Instant) {
+        // Unchecked: it is a pipe's read end, made non-blocking by `exec_sync` (the checks cost two syscalls).
+        let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(pipe) else { return };
+        let mut chunk = [0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(&mut pipe, &mut chunk)).await
+        {
+            if n == 0 {
+                break;
+            }
+            self.keep(&chunk[..n]);
+        }
+    }
 }
 
 /// Capacity asked for the output pipes: what a container may write while no agent reads (the default
@@ -180,19 +211,16 @@ struct Inner {
     zygote_cgroup: Option<PathBuf>,
     exits: Mutex<HashMap<i32, watch::Sender<Option<Exited>>>>,
     /// Per container: what its execs share ([`Runtime::exec_template`]), until it is deleted.
-    exec_templates: Mutex<HashMap<String, Arc<ExecTemplate>>>,
+    exec_templates: Mutex<HashMap<String, Arc<Template>>>,
 }
 
 /// The parts of an exec that come from the container: its process (user, capabilities, env...), seccomp profile
 /// and cgroups.
 #[derive(Debug)]
-struct ExecTemplate {
-    process: oci_spec::runtime::Process,
-    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
-    v1_tasks: Vec<PathBuf>,
-    unified: Option<PathBuf>,
-    /// The container is in a user namespace of its pod's (the exec'd process joins it too).
-    user_namespace: bool,
+struct Template {
+    template: ExecTemplate,
+    /// The zygote has it (it came with an exec that the zygote answered).
+    sent: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -420,31 +448,25 @@ impl Runtime {
 
     /// Starts `exec` in the running container as the container's own process does (user, capabilities,
     /// no_new_privs, seccomp, working directory, environment plus `exec.env`), with a terminal when `exec.tty`.
-    /// Returns once the process has exec'd; a failure before that (no such executable...) is an error.
+    /// Returns once the process has exec'd (the zygote's reply comes then); a failure before that (no such
+    /// executable...) is an error.
     pub async fn exec(&self, c: &Container, exec: &ExecConfig, io: ContainerIo) -> Result<ExecProcess, RuntimeError> {
         let fail = |message: String| RuntimeError::Exec { id: c.id.clone(), message };
         let template = self.exec_template(c).map_err(fail)?;
-        let mut process = template.process.clone();
-        let mut env: Vec<String> = process.env().clone().unwrap_or_default();
-        for kv in &exec.env {
-            let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
-            env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
-            env.push(kv.clone());
-        }
-        process.set_args(Some(exec.args.clone())).set_env(Some(env)).set_terminal(Some(exec.tty));
         let stdio = if exec.tty { [false; 3] } else { [io.stdin.is_some(), io.stdout.is_some(), io.stderr.is_some()] };
-        let plan = ExecPlan {
-            process,
-            seccomp: template.seccomp.clone(),
-            v1_tasks: template.v1_tasks.clone(),
-            unified: template.unified.clone(),
+        let sent = template.sent.load(std::sync::atomic::Ordering::Acquire);
+        let request = ExecRequest {
+            container: c.id.clone(),
+            init: c.pid,
+            template: (!sent).then(|| template.template.clone()),
+            args: exec.args.clone(),
+            env: exec.env.clone(),
+            tty: exec.tty,
             stdio,
-            user_namespace: template.user_namespace,
         };
         let sys = |what: &'static str| move |e: nix::Error| fail(format!("{what}: {e}"));
-        let (errors, errors_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("a pipe"))?;
         let pidfd = c.pidfd.try_clone().map_err(|e| fail(format!("duplicating the pidfd: {e}")))?;
-        let mut fds = vec![pidfd, errors_w];
+        let mut fds = vec![pidfd];
         let console = if exec.tty {
             let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
                 .map_err(sys("a console socket"))?;
@@ -454,56 +476,41 @@ impl Runtime {
             fds.extend([io.stdin, io.stdout, io.stderr].into_iter().flatten());
             None
         };
-        // The request's descriptors (our copies of the pipe's write end among them) are closed once it is sent.
-        let pid = match self.call(Request::Exec(Box::new(plan)), fds).await? {
-            (Reply::Pid(pid), _) => pid,
-            (Reply::Failed(message), _) => return Err(fail(message)),
+        // The request's descriptors (our copies of the stdio pipes' ends among them) are closed once it is sent.
+        let pid = match self.call(Request::Exec(Box::new(request)), fds).await? {
+            (Reply::Pid(pid), _) => {
+                template.sent.store(true, std::sync::atomic::Ordering::Release);
+                pid
+            }
+            (Reply::Failed(message), _) => {
+                // (Sent again with the next exec: a failure may be a zygote without it.)
+                template.sent.store(false, std::sync::atomic::Ordering::Release);
+                return Err(fail(message));
+            }
             (other, _) => return Err(RuntimeError::Zygote(format!("unexpected reply {other:?}"))),
         };
-        // The process writes a failure to the pipe; end-of-file without one means it exec'd (close-on-exec).
-        let setup = async move {
-            let mut message = Vec::new();
-            let errors = tokio::net::unix::pipe::Receiver::from_owned_fd(errors)?;
-            tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::AsyncReadExt::take(errors, 4096), &mut message)
-                .await?;
-            if !message.is_empty() {
-                return Ok(Err(String::from_utf8_lossy(&message).into_owned()));
-            }
-            let pty = match console {
-                Some(socket) => Some(
-                    tokio::task::spawn_blocking(move || wire::recv_short(socket.as_fd()))
-                        .await?
-                        .map_err(std::io::Error::other)?
-                        .1
-                        .pop()
-                        .ok_or_else(|| std::io::Error::other("the process sent no terminal"))?,
-                ),
-                None => None,
-            };
-            Ok::<_, std::io::Error>(Ok(pty))
+        // It has exec'd; with a terminal, it sent the master before that.
+        let Some(socket) = console else { return Ok(ExecProcess { pid, pty: None }) };
+        let receive = tokio::task::spawn_blocking(move || wire::recv_short(socket.as_fd()));
+        let failure = match tokio::time::timeout(EXEC_SETUP_TIMEOUT, receive).await {
+            Ok(Ok(Ok((_, mut fds)))) => match fds.pop() {
+                Some(pty) => return Ok(ExecProcess { pid, pty: Some(File::from(pty)) }),
+                None => "the process sent no terminal".to_string(),
+            },
+            Ok(Ok(Err(e))) => format!("receiving the terminal: {e}"),
+            Ok(Err(e)) => format!("receiving the terminal: {e}"),
+            Err(_) => format!("the process sent no terminal within {EXEC_SETUP_TIMEOUT:?}"),
         };
-        match tokio::time::timeout(EXEC_SETUP_TIMEOUT, setup).await {
-            Ok(Ok(Ok(pty))) => Ok(ExecProcess { pid, pty: pty.map(File::from) }),
-            Ok(Ok(Err(message))) => {
-                self.wait_exec(pid).await;
-                Err(fail(message))
-            }
-            outcome => {
-                if let Ok(fd) = pidfd_open(pid) {
-                    let _ = pidfd_send_signal(&fd, Signal::SIGKILL);
-                }
-                self.wait_exec(pid).await;
-                Err(fail(match outcome {
-                    Err(_) => format!("the process did not start within {EXEC_SETUP_TIMEOUT:?}"),
-                    Ok(Err(e)) => format!("starting the process: {e}"),
-                    Ok(Ok(_)) => unreachable!("handled above"),
-                }))
-            }
+        if let Ok(fd) = pidfd_open(pid) {
+            let _ = pidfd_send_signal(&fd, Signal::SIGKILL);
         }
+        self.wait_exec(pid).await;
+        Err(fail(failure))
     }
 
-    /// What every exec into `c` shares, read from its bundle and cgroups once (exec probes run every second).
-    fn exec_template(&self, c: &Container) -> Result<Arc<ExecTemplate>, String> {
+    /// What every exec into `c` shares, read from its bundle and cgroups once (exec probes run every second) and
+    /// sent to the zygote with the first exec.
+    fn exec_template(&self, c: &Container) -> Result<Arc<Template>, String> {
         let mut templates = self.inner.exec_templates.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = templates.get(&c.id) {
             return Ok(t.clone());
@@ -518,7 +525,10 @@ impl Runtime {
             .as_ref()
             .and_then(|l| l.namespaces().as_ref())
             .is_some_and(|ns| ns.iter().any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User));
-        let template = Arc::new(ExecTemplate { process, seccomp, v1_tasks, unified, user_namespace });
+        let template = Arc::new(Template {
+            template: ExecTemplate { process, seccomp, v1_tasks, unified, user_namespace },
+            sent: std::sync::atomic::AtomicBool::new(false),
+        });
         templates.insert(c.id.clone(), template.clone());
         Ok(template)
     }
@@ -530,21 +540,39 @@ impl Runtime {
         to_exit(exited, false).code
     }
 
-    /// Runs `exec` to completion with captured output (at most [`EXEC_OUTPUT`] bytes of each stream, read until
-    /// the process ends or `timeout`), killed after `timeout` (exec probes, `kubectl exec` without a stream).
-    /// Returns (exit code, stdout, stderr); `None` as the code on timeout.
+    /// Runs `exec` to completion with its output captured (stdout and stderr on one pipe, as written; at most
+    /// [`EXEC_OUTPUT`] bytes kept, read until the process ends or `timeout`), killed after `timeout` (exec probes,
+    /// hooks). Returns (exit code, output); `None` as the code on timeout.
+    ///
+    /// Most such commands end within milliseconds: their output is read once they have exited, from the pipe's
+    /// buffer, without putting the pipe on the reactor (no `epoll_ctl`, no wake-up for its end-of-file; at
+    /// hundreds of exec probes a second these are most of an exec's cost). One that runs longer than
+    /// [`READ_WHILE_RUNNING_AFTER`], or that leaves a process holding the pipe, is read as it writes.
     pub async fn exec_sync(
         &self,
         c: &Container,
         exec: &ExecConfig,
         timeout: Duration,
-    ) -> Result<(Option<i32>, Vec<u8>, Vec<u8>), RuntimeError> {
-        let (out, out_w) = output_pipe()?;
-        let (err, err_w) = output_pipe()?;
+    ) -> Result<(Option<i32>, Vec<u8>), RuntimeError> {
+        let (out, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(RuntimeError::sys("pipe2"))?;
+        nix::fcntl::fcntl(out.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .map_err(RuntimeError::sys("fcntl"))?;
+        let err_w = out_w.try_clone().map_err(|e| RuntimeError::Zygote(format!("duplicating a pipe: {e}")))?;
         let io = ContainerIo { stdin: None, stdout: Some(out_w), stderr: Some(err_w) };
         let pid = self.exec(c, &ExecConfig { tty: false, ..exec.clone() }, io).await?.pid;
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut output = Output::default();
+        let quick = tokio::time::Instant::now() + READ_WHILE_RUNNING_AFTER.min(timeout);
+        let exited = tokio::time::timeout_at(quick, self.wait_exec(pid)).await.ok();
+        if let Some(code) = exited
+            && output.drain(&out) == Drained::Eof
+        {
+            return Ok((Some(code), output.kept));
+        }
         let wait = async {
+            if exited.is_some() {
+                return exited;
+            }
             match tokio::time::timeout_at(deadline, self.wait_exec(pid)).await {
                 Ok(code) => Some(code),
                 Err(_) => {
@@ -555,8 +583,8 @@ impl Runtime {
                 }
             }
         };
-        let (code, out, err) = tokio::join!(wait, read_output(out, deadline), read_output(err, deadline));
-        Ok((code, out, err))
+        let (code, ()) = tokio::join!(wait, output.read_until(out, deadline));
+        Ok((code, output.kept))
     }
 
     /// Deletes the container: kills what is left of it, removes its cgroups, libcontainer state, bundle and

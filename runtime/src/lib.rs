@@ -28,7 +28,7 @@ pub use config::{
     ContainerConfig, ExecConfig, ImageConfig, Mount, Namespace, Namespaces, Propagation, Resources, Seccomp, Security,
     parse_signal,
 };
-pub use container::{Container, ContainerExit, ContainerIo, ExecProcess, IoPipes, Runtime};
+pub use container::{Container, ContainerExit, ContainerIo, EXEC_OUTPUT, ExecProcess, IoPipes, Runtime};
 pub use error::{RuntimeError, SpecError};
 pub use idmap::IdMapping;
 pub use sandbox::{Sandbox, SandboxConfig};

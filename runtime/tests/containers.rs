@@ -242,30 +242,48 @@ async fn exec_runs_in_the_container(rt: Runtime, env: Env) -> Result<()> {
     let mut marker = None;
     let mut last = None;
     for _ in 0..100 {
-        let (code, out, err) = rt.exec_sync(&c, &exec(&["cat", "/tmp/marker"]), Duration::from_secs(5)).await?;
+        let (code, out) = rt.exec_sync(&c, &exec(&["cat", "/tmp/marker"]), Duration::from_secs(5)).await?;
         if code == Some(0) {
             marker = Some(String::from_utf8(out)?);
             break;
         }
-        last = Some((code, String::from_utf8_lossy(&err).into_owned()));
+        last = Some((code, String::from_utf8_lossy(&out).into_owned()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if marker.as_deref() != Some("inside\n") {
         let debug = "ls -la /tmp; tr '\\0' ' ' < /proc/1/cmdline; echo; cat /proc/1/status | head -3";
-        let (_, out, err) = rt.exec_sync(&c, &exec(&["sh", "-c", debug]), Duration::from_secs(5)).await?;
-        bail!(
-            "exec saw {marker:?}; last attempt: {last:?}; in the container: {} {}",
-            String::from_utf8_lossy(&out),
-            String::from_utf8_lossy(&err)
-        );
+        let (_, out) = rt.exec_sync(&c, &exec(&["sh", "-c", debug]), Duration::from_secs(5)).await?;
+        bail!("exec saw {marker:?}; last attempt: {last:?}; in the container: {}", String::from_utf8_lossy(&out));
     }
-    let (code, out, err) =
+    // stdout and stderr as written, on one pipe.
+    let (code, out) =
         rt.exec_sync(&c, &exec(&["sh", "-c", "echo $GREETING; echo oops >&2; exit 7"]), Duration::from_secs(5)).await?;
     ensure!(code == Some(7), "code {code:?}");
-    ensure!(out == b"hello\n" && err == b"oops\n", "out {out:?} err {err:?}");
+    ensure!(out == b"hello\noops\n", "output {:?}", String::from_utf8_lossy(&out));
     let started = Instant::now();
-    let (code, _, _) = rt.exec_sync(&c, &exec(&["sleep", "100"]), Duration::from_millis(300)).await?;
+    let (code, _) = rt.exec_sync(&c, &exec(&["sleep", "100"]), Duration::from_millis(300)).await?;
     ensure!(code.is_none() && started.elapsed() < Duration::from_secs(3), "timeout not enforced: {code:?}");
+    // A command that runs past the quick read and writes more than a pipe holds: read as it writes, never
+    // blocked on a full pipe; only the first EXEC_OUTPUT bytes are kept.
+    let (code, out) = rt
+        .exec_sync(
+            &c,
+            &exec(&["sh", "-c", "sleep 1; head -c 1000000 /dev/zero; echo done >&2"]),
+            Duration::from_secs(10),
+        )
+        .await?;
+    ensure!(
+        code == Some(0) && out.len() as u64 == nodelet_runtime::EXEC_OUTPUT && out.iter().all(|b| *b == 0),
+        "large output: {code:?} {}",
+        out.len()
+    );
+    // A background process that keeps the pipe open does not hold the exec past its deadline, and what the
+    // command wrote before it exited is kept.
+    let started = Instant::now();
+    let (code, out) =
+        rt.exec_sync(&c, &exec(&["sh", "-c", "echo before; sleep 100 & exit 3"]), Duration::from_millis(1500)).await?;
+    ensure!(code == Some(3) && out == b"before\n", "background holder: {code:?} {:?}", String::from_utf8_lossy(&out));
+    ensure!(started.elapsed() < Duration::from_secs(5), "held by the background process: {:?}", started.elapsed());
     let err = rt.exec_sync(&c, &exec(&["/no/such/binary"]), Duration::from_secs(5)).await;
     let err = err.err().context("exec of a missing binary succeeded")?;
     ensure!(err.to_string().contains("/no/such/binary"), "message does not name the binary: {err}");
@@ -286,6 +304,20 @@ async fn exec_runs_in_the_container(rt: Runtime, env: Env) -> Result<()> {
     let after = zygote_anon_kib();
     ensure!(after <= before + 256, "the zygote grew from {before} KiB to {after} KiB over 500 execs");
     rt.delete(&c).await?;
+    // The zygote keeps a container's exec template from its first exec on: an exec's own environment still
+    // applies, and a new container under the same ID gets a template of its own.
+    let mut cfg = config(&env, "exec", &["sleep", "100"]);
+    cfg.env = vec![("GREETING".into(), "again".into())];
+    let c = rt.create(&cfg, ContainerIo::default()).await?;
+    rt.start(&c).await?;
+    let with_env = ExecConfig {
+        args: ["sh", "-c", "echo $GREETING $EXTRA"].map(String::from).to_vec(),
+        env: vec!["EXTRA=more".into()],
+        ..Default::default()
+    };
+    let (code, out) = rt.exec_sync(&c, &with_env, Duration::from_secs(5)).await?;
+    rt.delete(&c).await?;
+    ensure!(code == Some(0) && out == b"again more\n", "{code:?} {:?}", String::from_utf8_lossy(&out));
     Ok(())
 }
 
@@ -439,7 +471,7 @@ fn agent_mode(action: &str, id: &str, state: &Path) -> i32 {
                 }
                 let text = String::from_utf8_lossy(&seen);
                 ensure!(text.starts_with("first\ntick\ntick\n"), "output kept while the agent was down: {text:?}");
-                let (code, out, _) = runtime
+                let (code, out) = runtime
                     .exec_sync(
                         c,
                         &ExecConfig { args: vec!["echo".into(), "adopted".into()], ..Default::default() },

@@ -289,9 +289,7 @@ impl ContainerRuntime for RealRuntime {
                 .container(id)
                 .ok_or_else(|| RuntimeError::Exec { id: id.into(), message: "the container is not running".into() })?;
             let exec = nodelet_runtime::ExecConfig { args: args.to_vec(), env: Vec::new(), tty: false };
-            let (code, mut out, err) = timed("exec_sync", self.runtime.exec_sync(&c, &exec, timeout)).await?;
-            out.extend(err);
-            Ok((code, out))
+            timed("exec_sync", self.runtime.exec_sync(&c, &exec, timeout)).await
         })
     }
 

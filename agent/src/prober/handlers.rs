@@ -179,10 +179,10 @@ async fn request(
     let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = address(&host, port)?;
+    // (`connect` returns the stream non-blocking.)
     let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
         .await
         .map_err(|e| format!("dial tcp {addr}: {e}"))?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
     let mut builder = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::USER_AGENT, "kube-probe/1.37")
@@ -199,14 +199,45 @@ async fn request(
         .header(hyper::header::HOST, host_header)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let response = if https {
+    if https {
         let tls = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls()));
         let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
         let stream = tls.connect(name, stream).await.map_err(|e| e.to_string())?;
-        send(hyper_util::rt::TokioIo::new(stream), request).await?
+        exchange(hyper_util::rt::TokioIo::new(stream), request).await
     } else {
-        send(hyper_util::rt::TokioIo::new(stream), request).await?
+        exchange(hyper_util::rt::TokioIo::new(stream), request).await
+    }
+}
+
+/// Sends `request` on a new HTTP/1 connection over `io` and reads the answer: (status, Location, body up to
+/// 10 KiB). The connection is driven in this task, not a task of its own (at hundreds of probes a second, a
+/// task and its wake-ups per probe are a cost); it ends with the exchange.
+async fn exchange<T>(
+    io: T,
+    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<(u16, Option<String>, String), String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    let answer = async move {
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        read_answer(response).await
     };
+    tokio::pin!(conn);
+    tokio::pin!(answer);
+    // Until the answer is read; the connection's own end (or failure) only matters if it comes first, in
+    // which case the answer says what went wrong.
+    tokio::select! {
+        biased;
+        result = &mut answer => result,
+        _ = &mut conn => answer.await,
+    }
+}
+
+async fn read_answer(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<(u16, Option<String>, String), String> {
     let status = response.status().as_u16();
     let location = response.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut body = Vec::new();
@@ -223,19 +254,6 @@ async fn request(
     }
     body.truncate(MAX_OUTPUT);
     Ok((status, location, String::from_utf8_lossy(&body).into_owned()))
-}
-
-async fn send<T>(
-    io: T,
-    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
-) -> Result<hyper::Response<hyper::body::Incoming>, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-    // The connection task ends once the response is read or dropped and the sender is gone.
-    tokio::spawn(conn);
-    sender.send_request(request).await.map_err(|e| e.to_string())
 }
 
 /// `grpc.health.v1.Health/Check` for `service` at `addr` (plain HTTP/2, as upstream's prober).

@@ -131,6 +131,24 @@ impl Counter {
     }
 }
 
+/// Probes tick on a grid of this step (from the first probe of the process): each probe keeps its own phase and
+/// period (a whole number of seconds, so every tick stays on the grid), but the probes of a node that fall
+/// in one step run together, and the node wakes up once per step instead of once per probe: at 1,000 probes
+/// a second, 100 wake-ups instead of 1,000. A probe's first run moves by less than a step.
+const GRID: Duration = Duration::from_millis(10);
+
+/// The first point of the probe grid at or after `t`.
+fn on_grid(t: tokio::time::Instant) -> tokio::time::Instant {
+    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(|| t);
+    let step = GRID.as_nanos();
+    let ahead = match t.checked_duration_since(origin) {
+        Some(since) => since.as_nanos().div_ceil(step) * step - since.as_nanos(),
+        None => (origin - t).as_nanos() % step,
+    };
+    t + Duration::from_nanos(u64::try_from(ahead).unwrap_or(0))
+}
+
 /// A random part of `period`.
 fn jitter(period: Duration) -> Duration {
     period.mul_f64(crate::backoff::random_fraction())
@@ -209,8 +227,8 @@ impl Task {
         }
         // Upstream's ticker: runs at a fixed period from here; a run that overruns its period is followed by
         // one run at once and the missed ones are skipped, never run in a burst to catch up (which would only
-        // add load to an overloaded node).
-        let mut ticker = tokio::time::interval(timing.period);
+        // add load to an overloaded node). Its beat is on the node's probe grid (see `on_grid`).
+        let mut ticker = tokio::time::interval_at(on_grid(tokio::time::Instant::now()), timing.period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             ticker.tick().await;
@@ -303,9 +321,28 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(7900)).await;
         tasks.iter().for_each(|t| t.abort());
         let starts: Vec<u128> = fake.exec_starts("c").iter().map(|t| (*t - t0).as_millis()).collect();
-        // Upstream's ticker: 0, then at once when the slow run ends (4.5 s), then on the period's own beat;
-        // the ticks missed during the slow run are not made up for.
-        assert_eq!(starts, vec![0, 4500, 5000, 6000, 7000]);
+        // Upstream's ticker: at once (on the probe grid: within a step), then at once when the slow run ends
+        // (4.5 s later), then on the period's own beat; the ticks missed during the slow run are not made up for.
+        let first = starts[0];
+        assert!(first < GRID.as_millis(), "{starts:?}");
+        let after_first: Vec<u128> = starts.iter().map(|s| s - first).collect();
+        assert_eq!(after_first, vec![0, 4500, 5000, 6000, 7000]);
+    }
+
+    #[test]
+    fn ticks_fall_on_the_grid() {
+        let origin = on_grid(tokio::time::Instant::now());
+        for offset_us in [-123_456i64, -10_001, -1, 0, 1, 2_500, 9_999, 10_000, 10_001, 123_456] {
+            let t = match u64::try_from(offset_us) {
+                Ok(after) => origin + Duration::from_micros(after),
+                Err(_) => origin - Duration::from_micros(offset_us.unsigned_abs()),
+            };
+            let g = on_grid(t);
+            let ahead = g - t;
+            assert!(ahead < GRID, "{offset_us}: {ahead:?}");
+            let from_origin = g.checked_duration_since(origin).unwrap_or_else(|| origin - g);
+            assert_eq!(from_origin.as_nanos() % GRID.as_nanos(), 0, "{offset_us}");
+        }
     }
 
     #[test]

@@ -10,18 +10,20 @@
 //! The steps, by process:
 //! - **zygote**: sets the init's PID namespace for its children (through the init's pidfd: no PID reuse race;
 //!   `setns` never moves the caller itself), clones the process right into the container's cgroup2 directory
-//!   (`CLONE_INTO_CGROUP`), and restores its own PID namespace for children. The process is the zygote's child,
-//!   so its exit arrives as any container process's does.
+//!   (`CLONE_INTO_CGROUP`), and restores its own PID namespace for children. It waits until the process has
+//!   exec'd or failed (vfork-style, see [`start`]), so its reply is the PID or the failure. The process is the
+//!   zygote's child, reaped by its PID (a `waitpid(-1)` scans every child, and the zygote has one per
+//!   container); its exit arrives as any container process's does.
 //! - **process**: undumpable until it execs; `oom_score_adj` through the host's procfs, then moves itself into the
 //!   container's v1 cgroups (hybrid and v1 hosts; through `tasks`, which needs no RCU grace period; while still in
 //!   the host's mount namespace, before the cgroup namespace), then joins the
 //!   init's mount, network, IPC, UTS and cgroup namespaces at once through the pidfd; stdio or a terminal made in
 //!   the container's devpts (the master goes to the agent over its console socket); rlimits, no_new_privs, groups,
-//!   user; every descriptor but the error pipe closed before the working directory is entered (no host
-//!   directory can be reached through `/proc/self/fd`: CVE-2024-21626), which is then checked to be inside the
-//!   root; seccomp and capabilities as libcontainer orders them (it also provides both, and the terminal); the
-//!   signal dispositions reset; `execve`. Any failure is written to the error pipe, whose end-of-file on a
-//!   successful `execve` (close-on-exec) tells the agent that the process runs.
+//!   user; every descriptor above stdio closed before the working directory is entered (no host directory can
+//!   be reached through `/proc/self/fd`: CVE-2024-21626), which is then checked to be inside the root; seccomp
+//!   and capabilities as libcontainer orders them (it also provides both, and the terminal); the signal
+//!   dispositions reset; `execve`. A failure is left for the zygote in the memory they share (or, where the
+//!   process starts as a fork, written to a pipe whose end-of-file on a successful `execve` says it runs).
 //!
 //! The spec fields acted on are the ones nodelet's spec builder sets (`runtime/src/spec.rs`); the agent refuses
 //! the rest before a container exists.
@@ -35,12 +37,13 @@ use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxSeccomp, Process};
 use serde::{Deserialize, Serialize};
 
-/// What the zygote needs to start a process in a running container, resolved by the agent from the container's
-/// spec. Descriptors travel with the request, in this order: the init's pidfd, the error pipe's write end, the
-/// console socket when `process.terminal`, then the attached stdio descriptors as `stdio` says.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct ExecPlan {
-    /// The OCI process: args, env, cwd, user, capabilities, noNewPrivileges, oomScoreAdj, rlimits, terminal.
+/// What every exec into a container shares, resolved by the agent from the container's spec. It travels with
+/// the container's first exec only: the zygote keeps it until the container's init is reaped or the container
+/// deleted (at hundreds of exec probes a second, encoding and decoding it per exec was a tenth of the agent's CPU).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ExecTemplate {
+    /// The container's OCI process: env, cwd, user, capabilities, noNewPrivileges, oomScoreAdj, rlimits (its
+    /// args and terminal are the request's).
     pub process: Process,
     /// The container's seccomp profile (none when unconfined or privileged).
     pub seccomp: Option<LinuxSeccomp>,
@@ -48,10 +51,43 @@ pub(crate) struct ExecPlan {
     pub v1_tasks: Vec<PathBuf>,
     /// The container's cgroup2 directory (pure v2 and hybrid hosts).
     pub unified: Option<PathBuf>,
-    /// Which of stdin, stdout and stderr are attached (the rest are `/dev/null`); ignored with a terminal.
-    pub stdio: [bool; 3],
     /// The container is in its pod's user namespace (`hostUsers: false`): the process joins that too.
     pub user_namespace: bool,
+}
+
+/// One exec. Descriptors travel with the request, in this order: the init's pidfd, the console socket when
+/// `tty`, then the attached stdio descriptors as `stdio` says.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ExecRequest {
+    /// The container's ID: which template.
+    pub container: String,
+    /// The container's init (its template goes when the zygote reaps it).
+    pub init: i32,
+    /// The container's template, when the zygote may not have it yet.
+    pub template: Option<ExecTemplate>,
+    pub args: Vec<String>,
+    /// Added to (or replacing variables of) the container's environment.
+    pub env: Vec<String>,
+    pub tty: bool,
+    /// Which of stdin, stdout and stderr are attached (the rest are `/dev/null`); ignored with a terminal.
+    pub stdio: [bool; 3],
+}
+
+/// One exec as the zygote runs it: the request and its container's template.
+#[derive(Clone, Copy)]
+pub(super) struct ExecPlan<'a> {
+    pub template: &'a ExecTemplate,
+    pub request: &'a ExecRequest,
+}
+
+/// `env` with `extra`'s variables added, or replacing those of the same name.
+fn merge_env(env: &mut Vec<String>, extra: &[String]) {
+    let key = |kv: &str| kv.split_once('=').map_or(kv, |(k, _)| k).to_string();
+    for kv in extra {
+        let k = key(kv);
+        env.retain(|e| key(e) != k);
+        env.push(kv.clone());
+    }
 }
 
 /// The namespaces an exec'd process joins itself (PID is set by the zygote for it). The user namespace only
@@ -65,29 +101,28 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// The descriptors of a request, by role.
 struct Descriptors {
     pidfd: OwnedFd,
-    errors: OwnedFd,
     console: Option<OwnedFd>,
     stdio: [OwnedFd; 3],
 }
 
 impl Descriptors {
-    fn take(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<Self, String> {
-        let terminal = plan.process.terminal().unwrap_or(false);
-        let attached = if terminal { 0 } else { plan.stdio.iter().filter(|s| **s).count() };
-        let wanted = 2 + usize::from(terminal) + attached;
+    fn take(plan: ExecPlan<'_>, fds: Vec<OwnedFd>) -> Result<Self, String> {
+        let terminal = plan.request.tty;
+        let attached = if terminal { 0 } else { plan.request.stdio.iter().filter(|s| **s).count() };
+        let wanted = 1 + usize::from(terminal) + attached;
         if fds.len() != wanted {
             return Err(format!("expected {wanted} descriptors with the exec request, got {}", fds.len()));
         }
         let mut fds = fds.into_iter();
         let mut next = || fds.next().ok_or_else(|| "fewer descriptors than the request names".to_string());
-        let (pidfd, errors) = (next()?, next()?);
+        let pidfd = next()?;
         let console = if terminal { Some(next()?) } else { None };
         let mut stdio = Vec::with_capacity(3);
-        for attached in plan.stdio {
+        for attached in plan.request.stdio {
             stdio.push(if attached && !terminal { next()? } else { dev_null()? });
         }
         let stdio: [OwnedFd; 3] = stdio.try_into().map_err(|_| "three stdio descriptors".to_string())?;
-        Ok(Self { pidfd, errors, console, stdio })
+        Ok(Self { pidfd, console, stdio })
     }
 }
 
@@ -115,11 +150,11 @@ fn home_pid_namespace() -> Result<&'static std::fs::File, String> {
     Ok(HOME.get_or_init(|| home))
 }
 
-/// Zygote side: starts the process and returns its PID. The zygote only clones; the process reports its own
-/// failures on the error pipe.
-pub(super) fn spawn(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<i32, String> {
+/// Zygote side: starts the process and returns its PID once it has exec'd, or what failed (the process that
+/// failed is reaped).
+pub(super) fn spawn(plan: ExecPlan<'_>, fds: Vec<OwnedFd>) -> Result<i32, String> {
     let fds = Descriptors::take(plan, fds)?;
-    let unified = plan.unified.as_deref().map(open_dir).transpose()?;
+    let unified = plan.template.unified.as_deref().map(open_dir).transpose()?;
     let home = home_pid_namespace()?;
     // Children made from here on are born in the container's PID namespace (setns never moves the caller);
     // the zygote's own is restored right after the clone, before anything else can fork.
@@ -132,7 +167,31 @@ pub(super) fn spawn(plan: &ExecPlan, fds: Vec<OwnedFd>) -> Result<i32, String> {
         // SAFETY: _exit ends the zygote at once; the agent sees its socket close.
         unsafe { libc::_exit(1) }
     }
-    cloned.map_err(|e| format!("cloning the process: {e}"))
+    let (pid, failure) = cloned.map_err(|e| format!("cloning the process: {e}"))?;
+    match failure {
+        None => Ok(pid),
+        Some(message) => {
+            // It has left the shared memory and is exiting: reap it here (the agent never learns its PID).
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            Err(message)
+        }
+    }
+}
+
+/// clone3's arguments for an exec'd process, born in `cgroup` if any (`CLONE_INTO_CGROUP`: no migration, so no
+/// wait for an RCU grace period, as a write to `cgroup.procs` has).
+fn clone_args(cgroup: Option<&OwnedFd>) -> nix::Result<CloneArgs> {
+    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = u64::try_from(dir.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?;
+    }
+    Ok(args)
+}
+
+/// clone3's result as a PID.
+fn cloned(rc: i64) -> nix::Result<i32> {
+    nix::errno::Errno::result(rc).and_then(|pid| i32::try_from(pid).map_err(|_| nix::errno::Errno::EOVERFLOW))
 }
 
 /// What the process allocated and still holds when it execs (or fails): with the zygote's memory shared, the
@@ -148,18 +207,21 @@ struct Kept {
 
 /// The process's part of an exec, handed to it by reference.
 struct Child<'a> {
-    plan: &'a ExecPlan,
+    plan: ExecPlan<'a>,
     fds: &'a Descriptors,
     kept: Kept,
 }
 
-/// Runs the process to its `execve`; on a failure, reports it on the error pipe and exits 127.
-fn child_main(child: &mut Child<'_>) -> ! {
-    child.kept.failure = match run(child.plan, child.fds, &mut child.kept) {
+/// Runs the process to its `execve`; on a failure, leaves it in `kept.failure` (and writes it to `errors`, the
+/// fork path's pipe) and exits 127.
+fn child_main(child: &mut Child<'_>, errors: Option<&OwnedFd>) -> ! {
+    child.kept.failure = match run(child.plan, child.fds, &mut child.kept, errors) {
         Ok(never) => match never {},
         Err(message) => message,
     };
-    let _ = nix::unistd::write(&child.fds.errors, child.kept.failure.as_bytes());
+    if let Some(errors) = errors {
+        let _ = nix::unistd::write(errors, child.kept.failure.as_bytes());
+    }
     // SAFETY: _exit ends the process without running exit handlers of the zygote's.
     unsafe { libc::_exit(127) }
 }
@@ -168,24 +230,24 @@ fn child_main(child: &mut Child<'_>) -> ! {
 /// exited, so no page table is copied and nothing the zygote writes afterwards faults in a copy (a fork's cost
 /// grows with the zygote's memory; at hundreds of exec probes a second it was most of the zygote's CPU). The
 /// process runs on a stack of its own, with only what the zygote lent it: [`Child`].
+///
+/// Returns the process and, if it failed before `execve`, what failed.
 #[cfg(target_arch = "x86_64")]
-fn start(plan: &ExecPlan, fds: &Descriptors, cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
+fn start(plan: ExecPlan<'_>, fds: &Descriptors, cgroup: Option<&OwnedFd>) -> nix::Result<(i32, Option<String>)> {
     let (base, size) = vfork_stack()?;
-    let mut args = CloneArgs {
-        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        stack: base,
-        stack_size: size,
-        ..Default::default()
-    };
-    into_cgroup(&mut args, cgroup)?;
+    let mut args = clone_args(cgroup)?;
+    args.flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    args.stack = base;
+    args.stack_size = size;
     let mut child = Child { plan, fds, kept: Kept::default() };
     // SAFETY: see `clone3_vfork`: `args` describes the stack made for this (no other process uses it: the zygote
     // is single-threaded and waits until the last process left it), `child` outlives the wait, and `entry` never
     // returns (it execs or exits).
     let rc = unsafe { clone3_vfork(&mut args, entry, (&raw mut child).cast()) };
+    let pid = cloned(rc)?;
+    let failure = std::mem::take(&mut child.kept.failure);
     drop(child); // frees what the process left in the shared memory
-    nix::errno::Errno::result(rc).and_then(|pid| i32::try_from(pid).map_err(|_| nix::errno::Errno::EOVERFLOW))
+    Ok((pid, Some(failure).filter(|f| !f.is_empty())))
 }
 
 /// The process's first function, on its own stack.
@@ -194,32 +256,33 @@ extern "C" fn entry(child: *mut libc::c_void) -> ! {
     // SAFETY: `start` passed a pointer to its `Child`, which stays alive and untouched while the zygote waits
     // (CLONE_VFORK) for this process to exec or exit.
     let child = unsafe { &mut *child.cast::<Child<'_>>() };
-    child_main(child)
+    child_main(child, None)
 }
 
 /// Elsewhere: a fork (the process gets a copy of the zygote's memory).
+/// (The process reports a failure on a pipe, read until its end-of-file: the zygote waits as a vfork's does.)
 #[cfg(not(target_arch = "x86_64"))]
-fn start(plan: &ExecPlan, fds: &Descriptors, cgroup: Option<&OwnedFd>) -> nix::Result<i32> {
-    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
-    into_cgroup(&mut args, cgroup)?;
+fn start(plan: ExecPlan<'_>, fds: &Descriptors, cgroup: Option<&OwnedFd>) -> nix::Result<(i32, Option<String>)> {
+    let (errors, errors_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut args = clone_args(cgroup)?;
     // SAFETY: clone3 without CLONE_VM and with no new stack behaves as fork(2): the child gets a copy of the
     // address space and continues here with a return value of 0. The caller is single-threaded, so no lock is
     // held by another thread in the copy. `args` is a valid clone_args of the size passed and outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_clone3, &raw mut args, std::mem::size_of::<CloneArgs>()) };
-    match nix::errno::Errno::result(rc)? {
-        0 => child_main(&mut Child { plan, fds, kept: Kept::default() }),
-        pid => i32::try_from(pid).map_err(|_| nix::errno::Errno::EOVERFLOW),
+    if rc == 0 {
+        child_main(&mut Child { plan, fds, kept: Kept::default() }, Some(&errors_w));
     }
-}
-
-/// `CLONE_INTO_CGROUP`: the process is born in the cgroup2 directory `cgroup` (no migration, so no wait for an
-/// RCU grace period, as a write to `cgroup.procs` has).
-fn into_cgroup(args: &mut CloneArgs, cgroup: Option<&OwnedFd>) -> nix::Result<()> {
-    if let Some(dir) = cgroup {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = u64::try_from(dir.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?;
+    drop(errors_w);
+    let pid = cloned(rc)?;
+    let mut failure = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = nix::unistd::read(errors.as_raw_fd(), &mut buf) {
+        if n == 0 || failure.len() > 4096 {
+            break;
+        }
+        failure.extend_from_slice(&buf[..n]);
     }
-    Ok(())
+    Ok((pid, Some(String::from_utf8_lossy(&failure).into_owned()).filter(|f| !f.is_empty())))
 }
 
 /// Size of the stack processes start on (the seccomp compiler is the deepest thing they run).
@@ -332,9 +395,14 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
 
 /// The process itself: everything up to `execve`, which does not return on success.
 /// What it allocates and still holds at `execve` goes into `kept` (see [`Kept`]).
-fn run(plan: &ExecPlan, fds: &Descriptors, kept: &mut Kept) -> Result<std::convert::Infallible, String> {
-    let Descriptors { pidfd, errors, console, stdio } = fds;
-    let process = &plan.process;
+fn run(
+    plan: ExecPlan<'_>,
+    fds: &Descriptors,
+    kept: &mut Kept,
+    errors: Option<&OwnedFd>,
+) -> Result<std::convert::Infallible, String> {
+    let Descriptors { pidfd, console, stdio } = fds;
+    let process = &plan.template.process;
     let syscall = libcontainer::syscall::syscall::create_syscall();
     // Undumpable until execve: no process of the container may ptrace it or open its /proc files while it still
     // holds the agent's memory and the host's view.
@@ -348,10 +416,10 @@ fn run(plan: &ExecPlan, fds: &Descriptors, kept: &mut Kept) -> Result<std::conve
     // Into the container's v1 cgroups before its cgroup namespace (the cgroup2 one it was born in). Writing 0
     // to `tasks` moves the writing thread, this whole single-threaded process, without the lock that a write to
     // `cgroup.procs` takes, and so without its wait for an RCU grace period (~12 ms here, most of an exec).
-    for tasks in &plan.v1_tasks {
+    for tasks in &plan.template.v1_tasks {
         std::fs::write(tasks, "0").map_err(|e| format!("joining the cgroup {}: {e}", display_dir(tasks)))?;
     }
-    let user = if plan.user_namespace { libc::CLONE_NEWUSER } else { 0 };
+    let user = if plan.template.user_namespace { libc::CLONE_NEWUSER } else { 0 };
     // SAFETY: setns with a pidfd and a mask joins those namespaces of the process the pidfd refers to, all at once;
     // the descriptor is valid for the call.
     let rc = unsafe { libc::setns(pidfd.as_raw_fd(), NAMESPACES | user) };
@@ -384,6 +452,7 @@ fn run(plan: &ExecPlan, fds: &Descriptors, kept: &mut Kept) -> Result<std::conve
     }
     let env = &mut kept.env;
     *env = process.env().clone().unwrap_or_default();
+    merge_env(env, &plan.request.env);
     if !env.iter().any(|e| e.strip_prefix("HOME=").is_some_and(|v| !v.is_empty())) {
         // As runc: the user's home from the container's /etc/passwd, else /. Parsed here, not through NSS,
         // which would follow the image's nsswitch.conf and could load the image's libraries into this process.
@@ -392,9 +461,9 @@ fn run(plan: &ExecPlan, fds: &Descriptors, kept: &mut Kept) -> Result<std::conve
         env.retain(|e| !e.starts_with("HOME="));
         env.push(format!("HOME={home}"));
     }
-    // Nothing of the agent's survives into the container: every descriptor above stdio but the error pipe
-    // (close-on-exec) is closed, before the working directory is entered.
-    close_all_but(errors.as_raw_fd())?;
+    // Nothing of the agent's survives into the container: every descriptor above stdio (but the fork path's error
+    // pipe, close-on-exec) is closed, before the working directory is entered.
+    close_all_but(errors.map(AsRawFd::as_raw_fd))?;
     // As root first (the user may not be able to enter it, in which case it is entered again below).
     let cwd = process.cwd();
     let entered = nix::unistd::chdir(cwd).is_ok();
@@ -410,7 +479,7 @@ fn run(plan: &ExecPlan, fds: &Descriptors, kept: &mut Kept) -> Result<std::conve
         nix::unistd::chdir(cwd).map_err(|e| format!("chdir to cwd (\"{}\"): {e}", cwd.display()))?;
     }
     inside_root()?;
-    if let Some(seccomp) = plan.seccomp.as_ref().filter(|_| !no_new_privileges) {
+    if let Some(seccomp) = plan.template.seccomp.as_ref().filter(|_| !no_new_privileges) {
         // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: before the capabilities go.
         libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| format!("loading seccomp: {e}"))?;
     }
@@ -419,10 +488,10 @@ fn run(plan: &ExecPlan, fds: &Descriptors, kept: &mut Kept) -> Result<std::conve
         libcontainer::capabilities::drop_privileges(caps, syscall.as_ref())
             .map_err(|e| format!("dropping capabilities: {e}"))?;
     }
-    if let Some(seccomp) = plan.seccomp.as_ref().filter(|_| no_new_privileges) {
+    if let Some(seccomp) = plan.template.seccomp.as_ref().filter(|_| no_new_privileges) {
         libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| format!("loading seccomp: {e}"))?;
     }
-    let args = process.args().as_deref().unwrap_or_default();
+    let args = &plan.request.args;
     let name = args.first().ok_or("no command")?;
     let path = lookup(name, env)?;
     default_signals();
@@ -448,7 +517,7 @@ fn display_dir(procs: &Path) -> String {
 }
 
 /// Closes every descriptor from 3 up except `keep`.
-fn close_all_but(keep: RawFd) -> Result<(), String> {
+fn close_all_but(keep: Option<RawFd>) -> Result<(), String> {
     let close_range = |first: u32, last: u32| {
         if first > last {
             return Ok(());
@@ -458,6 +527,7 @@ fn close_all_but(keep: RawFd) -> Result<(), String> {
         let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
         nix::errno::Errno::result(rc).map(drop).map_err(|e| format!("closing descriptors: {e}"))
     };
+    let Some(keep) = keep else { return close_range(3, u32::MAX) };
     let keep = u32::try_from(keep).map_err(|_| "a negative descriptor".to_string())?;
     if keep >= 3 {
         close_range(3, keep - 1)?;
@@ -530,6 +600,13 @@ pub(crate) fn default_signals() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_env_adds_to_and_replaces_the_containers() {
+        let mut env = vec!["PATH=/bin".to_string(), "A=1".to_string(), "B=2".to_string()];
+        merge_env(&mut env, &["A=x".to_string(), "C=3".to_string(), "EMPTY=".to_string()]);
+        assert_eq!(env, ["PATH=/bin", "B=2", "A=x", "C=3", "EMPTY="]);
+    }
 
     #[test]
     fn home_comes_from_the_passwd_text() {

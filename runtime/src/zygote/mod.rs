@@ -10,7 +10,7 @@ mod exec;
 mod server;
 pub mod wire;
 
-pub(crate) use exec::ExecPlan;
+pub(crate) use exec::{ExecRequest, ExecTemplate};
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -32,8 +32,8 @@ pub(crate) enum Request {
     Create { id: String, root: PathBuf, bundle: PathBuf, stdio: [bool; 3], tty: bool },
     /// Let a created container's init exec its process.
     Start { id: String, root: PathBuf },
-    /// Run another process in a running container (see [`ExecPlan`] for the descriptors that come with it).
-    Exec(Box<ExecPlan>),
+    /// Run another process in a running container (see [`ExecRequest`] for the descriptors that come with it).
+    Exec(Box<ExecRequest>),
     /// Create a pod sandbox's namespaces as bind-mounted files in `dir`.
     CreateSandbox { config: crate::sandbox::SandboxConfig, dir: PathBuf },
     /// Delete the container (killing it first when `force`).

@@ -55,6 +55,10 @@ pub(super) fn serve(requests: OwnedFd, events: OwnedFd) -> i32 {
     // container's process after a failure) is reaped silently: a zombie in a container's PID namespace would
     // keep its init from ever finishing its exit.
     let mut tracked: HashSet<i32> = HashSet::new();
+    // Exec'd processes still running (a few at a time): reaped by PID first, which costs no scan of the
+    // zygote's children (one per container), unlike the `waitpid(-1)` that finds the rest.
+    let mut execs: HashSet<i32> = HashSet::new();
+    let mut templates = Templates::default();
     loop {
         let mut fds =
             [PollFd::new(requests.as_fd(), PollFlags::POLLIN), PollFd::new(sigchld.as_fd(), PollFlags::POLLIN)];
@@ -68,8 +72,18 @@ pub(super) fn serve(requests: OwnedFd, events: OwnedFd) -> i32 {
         if child_ready {
             let mut buf = [0u8; 64];
             while nix::unistd::read(sigchld.as_raw_fd(), &mut buf).is_ok_and(|n| n > 0) {}
-            for exited in reap_all() {
-                if tracked.remove(&exited.pid) && wire::send(events.as_fd(), &exited, &[]).is_err() {
+            let mut exits: Vec<Exited> = execs.iter().filter_map(|pid| reap(Some(Pid::from_raw(*pid)))).collect();
+            exits.extend(std::iter::from_fn(|| reap(None)));
+            for exited in exits {
+                let known = if execs.remove(&exited.pid) {
+                    true
+                } else if tracked.remove(&exited.pid) {
+                    templates.init_ended(exited.pid);
+                    true
+                } else {
+                    false
+                };
+                if known && wire::send(events.as_fd(), &exited, &[]).is_err() {
                     return 0;
                 }
             }
@@ -83,12 +97,16 @@ pub(super) fn serve(requests: OwnedFd, events: OwnedFd) -> i32 {
                     continue;
                 }
             };
-            let (reply, pty) = match handle(req, fds) {
-                Ok((Some(pid), pty)) => {
+            let (reply, pty) = match handle(req, fds, &mut templates) {
+                Ok(Handled::Exec(pid)) => {
+                    execs.insert(pid);
+                    (Reply::Pid(pid), None)
+                }
+                Ok(Handled::Init(pid, pty)) => {
                     tracked.insert(pid);
                     (Reply::Pid(pid), pty)
                 }
-                Ok((None, _)) => (Reply::Done, None),
+                Ok(Handled::Done) => (Reply::Done, None),
                 Err(message) => (Reply::Failed(message), None),
             };
             let attached: Vec<_> = pty.iter().map(|f| f.as_fd()).collect();
@@ -99,16 +117,17 @@ pub(super) fn serve(requests: OwnedFd, events: OwnedFd) -> i32 {
     }
 }
 
-/// Reaps every exited child.
-fn reap_all() -> Vec<Exited> {
-    let mut out = Vec::new();
+/// Reaps the child `pid` if it exited, or (`None`) any child that did.
+fn reap(pid: Option<Pid>) -> Option<Exited> {
     loop {
-        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => out.push(Exited { pid: pid.as_raw(), code: Some(code), signal: None }),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                out.push(Exited { pid: pid.as_raw(), code: None, signal: Some(sig as i32) })
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                return Some(Exited { pid: pid.as_raw(), code: Some(code), signal: None });
             }
-            Ok(WaitStatus::StillAlive) | Err(_) => return out,
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                return Some(Exited { pid: pid.as_raw(), code: None, signal: Some(sig as i32) });
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return None,
             Ok(_) => {}
         }
     }
@@ -120,8 +139,39 @@ fn prctl_name(name: &[u8]) -> nix::Result<()> {
     nix::errno::Errno::result(rc).map(drop)
 }
 
-/// Runs one request: the PID of the process it created, if any, and that process's terminal master, if any.
-fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<(Option<i32>, Option<OwnedFd>), String> {
+/// The exec templates of containers, by ID, with the PID of the container's init.
+#[derive(Default)]
+struct Templates(std::collections::HashMap<String, (i32, std::sync::Arc<super::ExecTemplate>)>);
+
+impl Templates {
+    /// Forgets the template of the container whose init `pid` was.
+    fn init_ended(&mut self, pid: i32) {
+        self.0.retain(|_, (init, _)| *init != pid);
+    }
+
+    /// Keeps the request's template (if it has one) and returns the container's.
+    fn for_request(&mut self, req: &mut super::ExecRequest) -> Result<std::sync::Arc<super::ExecTemplate>, String> {
+        if let Some(template) = req.template.take() {
+            self.0.insert(req.container.clone(), (req.init, std::sync::Arc::new(template)));
+        }
+        match self.0.get(&req.container) {
+            Some((init, template)) if *init == req.init => Ok(template.clone()),
+            _ => Err(format!("container {:?} is not running (no exec template)", req.container)),
+        }
+    }
+}
+
+/// What a request made.
+enum Handled {
+    /// A container's init (reaped on SIGCHLD), with its terminal master if it has one.
+    Init(i32, Option<OwnedFd>),
+    /// An exec'd process.
+    Exec(i32),
+    Done,
+}
+
+/// Runs one request.
+fn handle(req: Request, fds: Vec<OwnedFd>, templates: &mut Templates) -> Result<Handled, String> {
     let chain = |e: &dyn std::error::Error| {
         let mut msg = e.to_string();
         let mut src = e.source();
@@ -149,22 +199,26 @@ fn handle(req: Request, fds: Vec<OwnedFd>) -> Result<(Option<i32>, Option<OwnedF
             let container = built.map_err(|e| chain(&e))?;
             let pid = container.pid().ok_or("libcontainer returned a container without a pid")?;
             let pty = console.map(Console::receive).transpose()?;
-            Ok((Some(pid.as_raw()), pty))
+            Ok(Handled::Init(pid.as_raw(), pty))
         }
         Request::Start { id, root } => {
             let mut c = load(&root, &id)?;
             c.start().map_err(|e| chain(&e))?;
-            Ok((None, None))
+            Ok(Handled::Done)
         }
-        Request::Exec(plan) => super::exec::spawn(&plan, fds).map(|pid| (Some(pid), None)),
-        Request::CreateSandbox { config, dir } => crate::sandbox::create(&config, &dir).map(|()| (None, None)),
+        Request::Exec(mut request) => {
+            let template = templates.for_request(&mut request)?;
+            super::exec::spawn(super::exec::ExecPlan { template: &template, request: &request }, fds).map(Handled::Exec)
+        }
+        Request::CreateSandbox { config, dir } => crate::sandbox::create(&config, &dir).map(|()| Handled::Done),
         Request::Delete { id, root, force } => {
+            templates.0.remove(&id);
             if !root.join(&id).exists() {
-                return Ok((None, None));
+                return Ok(Handled::Done);
             }
             let mut c = load(&root, &id)?;
             c.delete(force).map_err(|e| chain(&e))?;
-            Ok((None, None))
+            Ok(Handled::Done)
         }
     }
 }

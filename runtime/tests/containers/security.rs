@@ -71,11 +71,10 @@ pub async fn exec_is_confined_like_the_init(rt: Runtime, env: Env) -> Result<()>
     let facts = "for f in status cgroup oom_score_adj; do echo \"== $f\"; cat /proc/$1/$f; done; \
         for n in mnt net ipc uts pid cgroup; do echo ns-$n $(readlink /proc/$1/ns/$n); done; echo cwd $(readlink /proc/$1/cwd)";
     let result = async {
-        let (code, init, err) =
-            rt.exec_sync(&c, &exec(&["sh", "-c", facts, "-", "1"]), Duration::from_secs(10)).await?;
-        ensure!(code == Some(0), "reading the init's facts: {code:?} {}", String::from_utf8_lossy(&err));
+        let (code, init) = rt.exec_sync(&c, &exec(&["sh", "-c", facts, "-", "1"]), Duration::from_secs(10)).await?;
+        ensure!(code == Some(0), "reading the init's facts: {code:?} {}", String::from_utf8_lossy(&init));
         // The exec'd process reads its own status with grep (a direct child of nothing that changes dispositions).
-        let (code, own, err) = rt
+        let (code, own) = rt
             .exec_sync(
                 &c,
                 &exec(&[
@@ -87,9 +86,8 @@ pub async fn exec_is_confined_like_the_init(rt: Runtime, env: Env) -> Result<()>
                 Duration::from_secs(10),
             )
             .await?;
-        ensure!(code == Some(0), "reading its own status: {code:?} {}", String::from_utf8_lossy(&err));
-        let (code, shell, _) =
-            rt.exec_sync(&c, &exec(&["sh", "-c", facts, "-", "self"]), Duration::from_secs(10)).await?;
+        ensure!(code == Some(0), "reading its own status: {code:?} {}", String::from_utf8_lossy(&own));
+        let (code, shell) = rt.exec_sync(&c, &exec(&["sh", "-c", facts, "-", "self"]), Duration::from_secs(10)).await?;
         ensure!(code == Some(0), "reading its own facts");
         Ok::<_, anyhow::Error>((
             String::from_utf8_lossy(&init).into_owned(),
@@ -196,10 +194,10 @@ pub async fn leaked_descriptors_do_not_reach_the_host(rt: Runtime, env: Env) -> 
     let c = rt.create(&cfg, ContainerIo::default()).await?;
     rt.start(&c).await?;
     let exec = ExecConfig { args: vec!["ls".into(), "/proc/self/fd".into()], ..Default::default() };
-    let (code, out, err) = rt.exec_sync(&c, &exec, Duration::from_secs(5)).await?;
+    let (code, out) = rt.exec_sync(&c, &exec, Duration::from_secs(5)).await?;
     rt.delete(&c).await?;
     let out = String::from_utf8_lossy(&out).into_owned();
-    ensure!(code == Some(0), "{code:?} {}", String::from_utf8_lossy(&err));
+    ensure!(code == Some(0), "{code:?} {out}");
     ensure!(descriptors(&out).iter().all(|fd| *fd <= 3), "an exec'd process inherited descriptors: {out}");
     Ok(())
 }

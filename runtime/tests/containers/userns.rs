@@ -113,8 +113,8 @@ pub async fn pods_get_their_own_user_namespace(rt: Runtime, env: Env) -> Result<
         args: ["sh", "-c", "id -u; readlink /proc/self/ns/user; cat /proc/self/uid_map"].map(String::from).to_vec(),
         ..Default::default()
     };
-    let (code, out, err) = rt.exec_sync(&c, &exec, std::time::Duration::from_secs(10)).await?;
-    ensure!(code == Some(0), "exec: {code:?} {out:?} {err:?}");
+    let (code, out) = rt.exec_sync(&c, &exec, std::time::Duration::from_secs(10)).await?;
+    ensure!(code == Some(0), "exec: {code:?} {out:?}");
     let out = String::from_utf8_lossy(&out);
     ensure!(out.starts_with("0\n") && out.contains(&ns_id("user", &user_file)?), "exec: {out}");
     ensure!(out.contains("458752"), "exec's uid map: {out}");
