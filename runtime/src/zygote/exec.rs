@@ -82,10 +82,11 @@ pub(super) struct ExecPlan<'a> {
 
 /// `env` with `extra`'s variables added, or replacing those of the same name.
 fn merge_env(env: &mut Vec<String>, extra: &[String]) {
-    let key = |kv: &str| kv.split_once('=').map_or(kv, |(k, _)| k).to_string();
+    fn key(kv: &str) -> &str {
+        kv.split_once('=').map_or(kv, |(k, _)| k)
+    }
     for kv in extra {
-        let k = key(kv);
-        env.retain(|e| key(e) != k);
+        env.retain(|e| key(e) != key(kv));
         env.push(kv.clone());
     }
 }

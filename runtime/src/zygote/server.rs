@@ -1,6 +1,6 @@
 //! The zygote's side: a poll loop over the request socket and a SIGCHLD self-pipe.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::wire::{self, WireError};
-use super::{Exited, Reply, Request};
+use super::{ExecRequest, ExecTemplate, Exited, Reply, Request};
 
 /// Write end of the SIGCHLD self-pipe (the handler may only make async-signal-safe calls: one write(2)).
 static SIGCHLD_PIPE: AtomicI32 = AtomicI32::new(-1);
@@ -141,7 +141,7 @@ fn prctl_name(name: &[u8]) -> nix::Result<()> {
 
 /// The exec templates of containers, by ID, with the PID of the container's init.
 #[derive(Default)]
-struct Templates(std::collections::HashMap<String, (i32, std::sync::Arc<super::ExecTemplate>)>);
+struct Templates(HashMap<String, (i32, ExecTemplate)>);
 
 impl Templates {
     /// Forgets the template of the container whose init `pid` was.
@@ -150,14 +150,19 @@ impl Templates {
     }
 
     /// Keeps the request's template (if it has one) and returns the container's.
-    fn for_request(&mut self, req: &mut super::ExecRequest) -> Result<std::sync::Arc<super::ExecTemplate>, String> {
+    fn for_request(&mut self, req: &mut ExecRequest) -> Result<&ExecTemplate, String> {
         if let Some(template) = req.template.take() {
-            self.0.insert(req.container.clone(), (req.init, std::sync::Arc::new(template)));
+            self.0.insert(req.container.clone(), (req.init, template));
         }
         match self.0.get(&req.container) {
-            Some((init, template)) if *init == req.init => Ok(template.clone()),
+            Some((init, template)) if *init == req.init => Ok(template),
             _ => Err(format!("container {:?} is not running (no exec template)", req.container)),
         }
+    }
+
+    /// Forgets the template of container `id` (deleted).
+    fn forget(&mut self, id: &str) {
+        self.0.remove(id);
     }
 }
 
@@ -208,11 +213,11 @@ fn handle(req: Request, fds: Vec<OwnedFd>, templates: &mut Templates) -> Result<
         }
         Request::Exec(mut request) => {
             let template = templates.for_request(&mut request)?;
-            super::exec::spawn(super::exec::ExecPlan { template: &template, request: &request }, fds).map(Handled::Exec)
+            super::exec::spawn(super::exec::ExecPlan { template, request: &request }, fds).map(Handled::Exec)
         }
         Request::CreateSandbox { config, dir } => crate::sandbox::create(&config, &dir).map(|()| Handled::Done),
         Request::Delete { id, root, force } => {
-            templates.0.remove(&id);
+            templates.forget(&id);
             if !root.join(&id).exists() {
                 return Ok(Handled::Done);
             }
