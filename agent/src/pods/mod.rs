@@ -224,6 +224,10 @@ impl PodWorkers {
         // Without an eviction manager (tests), a channel nobody sends on.
         let (_none, unused) = mpsc::unbounded_channel();
         let mut evictions = self.evictions.take().unwrap_or(unused);
+        if self.unsynced == 0 {
+            // No sources: nothing will sync, and nothing is missing from the view.
+            self.ctx.view.mark_synced();
+        }
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => health::beat(),
@@ -246,6 +250,7 @@ impl PodWorkers {
                     Some(SourceEvent::Synced) => {
                         self.unsynced = self.unsynced.saturating_sub(1);
                         if self.unsynced == 0 {
+                            self.ctx.view.mark_synced();
                             self.remove_leftovers();
                         }
                     }

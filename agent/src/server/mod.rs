@@ -273,10 +273,10 @@ impl KubeletApi {
             (&Method::GET, ["debug", "oom"]) => self.oom_kills(req.uri().query()),
             (&Method::GET, ["pods"] | ["pods", ""]) => self.pods(),
             (&Method::GET, ["containerLogs", namespace, pod, container]) => {
-                self.container_logs(namespace, pod, container, req.uri().query())
+                self.container_logs(namespace, pod, container, req.uri().query()).await
             }
             (_, [kind @ ("exec" | "attach"), ns, pod, rest @ ..]) if get_or_post && matches!(rest.len(), 1 | 2) => {
-                let pod = self.pods.get(ns, pod);
+                let pod = self.pods.find(ns, pod).await;
                 let kind = if *kind == "exec" { streaming::Command::Exec } else { streaming::Command::Attach };
                 let (uid, container) = match rest {
                     [uid, container] => (Some(uid.to_string()), container.to_string()),
@@ -285,7 +285,7 @@ impl KubeletApi {
                 self.streaming.remotecommand(kind, req, pod, uid.as_deref(), &container)
             }
             (&Method::POST, ["run", ns, pod, rest @ ..]) if matches!(rest.len(), 1 | 2) => {
-                let pod = self.pods.get(ns, pod);
+                let pod = self.pods.find(ns, pod).await;
                 let (uid, container) = match rest {
                     [uid, container] => (Some(uid.to_string()), container.to_string()),
                     _ => (None, rest.first().map(|c| c.to_string()).unwrap_or_default()),
@@ -293,11 +293,11 @@ impl KubeletApi {
                 self.streaming.run(pod, uid.as_deref(), &container, req.uri().query()).await
             }
             (_, ["portForward", ns, pod]) if get_or_post => {
-                let pod = self.pods.get(ns, pod);
+                let pod = self.pods.find(ns, pod).await;
                 self.streaming.port_forward(req, pod, None)
             }
             (_, ["portForward", ns, pod, uid]) if get_or_post => {
-                let (pod, uid) = (self.pods.get(ns, pod), uid.to_string());
+                let (pod, uid) = (self.pods.find(ns, pod).await, uid.to_string());
                 self.streaming.port_forward(req, pod, Some(&uid))
             }
             _ => text(StatusCode::NOT_FOUND, "404 page not found".into()),
@@ -314,12 +314,18 @@ impl KubeletApi {
         json(&list)
     }
 
-    fn container_logs(&self, namespace: &str, name: &str, container: &str, query: Option<&str>) -> Response<Body> {
+    async fn container_logs(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+        query: Option<&str>,
+    ) -> Response<Body> {
         let (options, previous) = match container_logs::options(query) {
             Ok(o) => o,
             Err(e) => return refused(e),
         };
-        let Some(pod) = self.pods.get(namespace, name) else {
+        let Some(pod) = self.pods.find(namespace, name).await else {
             return text(StatusCode::NOT_FOUND, format!("pod {name:?} does not exist"));
         };
         let id = match container_logs::container_id(&pod, container, previous) {
