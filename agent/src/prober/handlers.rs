@@ -179,14 +179,15 @@ async fn request(
     let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = address(&host, port)?;
-    // (`connect` returns the stream non-blocking.)
     let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
         .await
         .map_err(|e| format!("dial tcp {addr}: {e}"))?;
-    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+    // Upstream's prober sends these three (its transport has keep-alives off: `Connection: close`, so the
+    // server closes first).
     let mut builder = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::USER_AGENT, "kube-probe/1.37")
-        .header(hyper::header::ACCEPT, "*/*");
+        .header(hyper::header::ACCEPT, "*/*")
+        .header(hyper::header::CONNECTION, "close");
     let mut host_header = uri.authority().map_or(String::new(), |a| a.to_string());
     for h in http.http_headers.iter().flatten() {
         if h.name.eq_ignore_ascii_case("host") {
@@ -278,8 +279,6 @@ async fn grpc_status(addr: SocketAddr, service: &str, target: &Target, timeout: 
     let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
         .await
         .map_err(|e| format!("failed to connect service {addr:?} within {}s: {e}", timeout.as_secs()))?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(stream),
@@ -540,7 +539,21 @@ mod tests {
                     let mut buf = vec![0u8; 4096];
                     let n = s.read(&mut buf).await.unwrap_or(0);
                     let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let reply = if head.starts_with("GET /ok ") {
+                    // Upstream's three headers (and Host), nothing else.
+                    let mut names: Vec<String> = head
+                        .lines()
+                        .skip(1)
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| format!("{}={}", k.to_ascii_lowercase(), v.trim()))
+                        .collect();
+                    names.sort();
+                    let reply = if head.starts_with("GET /headers ") {
+                        let expected =
+                            format!("accept=*/*,connection=close,host=127.0.0.1:{port},user-agent=kube-probe/1.37");
+                        let got = names.join(",");
+                        let code = if got == expected { "200 OK" } else { "500 Internal Server Error" };
+                        format!("HTTP/1.1 {code}\r\ncontent-length: {}\r\n\r\n{got}", got.len())
+                    } else if head.starts_with("GET /ok ") {
                         "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string()
                     } else if head.starts_with("GET /moved ") {
                         "HTTP/1.1 302 Found\r\nlocation: /ok\r\ncontent-length: 0\r\n\r\n".to_string()
@@ -561,6 +574,8 @@ mod tests {
         let t = Duration::from_secs(2);
         let ok = probe(serde_json::json!({"httpGet": {"port": port, "path": "/ok"}}));
         assert_eq!(run(&ok, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let headers = probe(serde_json::json!({"httpGet": {"port": port, "path": "/headers"}}));
+        assert_eq!(run(&headers, &c, "id", &target, &runtime, t).await, Outcome::Success);
         let moved = probe(serde_json::json!({"httpGet": {"port": port, "path": "/moved"}}));
         assert_eq!(run(&moved, &c, "id", &target, &runtime, t).await, Outcome::Success);
         let away = probe(serde_json::json!({"httpGet": {"port": port, "path": "/away"}}));

@@ -127,11 +127,7 @@ async fn forward(data: Stream, error: Stream, port: u16, target: Target) {
             Err(e) => failures.push(format!("dial tcp {}: {e}", SocketAddr::new(ip, port))),
         }
     }
-    let tcp = connected.and_then(|s| {
-        s.set_nonblocking(true).ok()?;
-        tokio::net::TcpStream::from_std(s).ok()
-    });
-    let Some(tcp) = tcp else {
+    let Some(tcp) = connected else {
         let message = format!(
             "error forwarding port {port} to pod {}, uid {}: failed to connect to localhost:{port} inside the pod's network namespace: {}",
             target.pod,
