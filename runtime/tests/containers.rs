@@ -316,8 +316,26 @@ async fn exec_runs_in_the_container(rt: Runtime, env: Env) -> Result<()> {
         ..Default::default()
     };
     let (code, out) = rt.exec_sync(&c, &with_env, Duration::from_secs(5)).await?;
-    rt.delete(&c).await?;
     ensure!(code == Some(0) && out == b"again more\n", "{code:?} {:?}", String::from_utf8_lossy(&out));
+    // An init's exit is seen while execs into another container go on: the zygote reaps those by PID and
+    // scans its other children within 100 ms of a SIGCHLD (which may carry the init's too).
+    let ending =
+        rt.create(&config(&env, "exec-ends", &["sh", "-c", "sleep 0.5; exit 9"]), ContainerIo::default()).await?;
+    rt.start(&ending).await?;
+    let started = Instant::now();
+    let busy = async {
+        while started.elapsed() < Duration::from_secs(3) {
+            let _ = rt.exec_sync(&c, &exec(&["true"]), Duration::from_secs(5)).await;
+        }
+    };
+    let seen =
+        async { tokio::time::timeout(Duration::from_secs(10), rt.wait(&ending)).await.map(|e| (e, started.elapsed())) };
+    let ((), seen) = tokio::join!(busy, seen);
+    let (exit, after) = seen.context("the init's exit was never seen")?;
+    rt.delete(&ending).await?;
+    rt.delete(&c).await?;
+    ensure!(exit.code == 9, "{exit:?}");
+    ensure!(after < Duration::from_millis(1500), "the init's exit (at 0.5 s) was seen after {after:?}");
     Ok(())
 }
 
