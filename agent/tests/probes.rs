@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{DeleteParams, PostParams};
 use nodelet_integration::cluster::Cluster;
 use nodelet_integration::registry::Registry;
 use nodelet_integration::testbed::{Need, ready};
@@ -56,6 +56,10 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     pods.create(&PostParams::default(), &pod(&format!(
         "metadata: {{name: readiness}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'sleep 4; touch /tmp/ready; sleep 6; rm /tmp/ready; sleep 3600']\n    readinessProbe: {{exec: {{command: [cat, /tmp/ready]}}, periodSeconds: 1, failureThreshold: 1}}\n"
     ))).await?;
+    // A pod that drains on SIGTERM (checked below): upstream probes its readiness while it terminates.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: draining}}\nspec:\n  terminationGracePeriodSeconds: 30\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'trap \"rm -f /tmp/ready; sleep 6; exit 0\" TERM; touch /tmp/ready; while true; do sleep 1; done']\n    readinessProbe: {{exec: {{command: [cat, /tmp/ready]}}, periodSeconds: 1, failureThreshold: 1}}\n    livenessProbe: {{exec: {{command: [cat, /tmp/ready]}}, periodSeconds: 1, failureThreshold: 1}}\n"
+    ))).await?;
     let running = wait_pod(&pods, "readiness", "Running, not ready", Duration::from_secs(60), |p| {
         p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") && container_ready(p) == Some(false)
     })
@@ -87,6 +91,27 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
         events.iter().any(|(r, m)| r == "Killing" && m == "Container main failed liveness probe, will be restarted"),
         "{events:?}"
     );
+
+    // Deleted, the draining pod stops answering its readiness probe: unready while its container still runs (it
+    // drains for 6 s), and its liveness probe, failing too, no longer runs (no restart, no Killing for it).
+    wait_pod(&pods, "draining", "ready", Duration::from_secs(30), |p| condition(p, "Ready").as_deref() == Some("True"))
+        .await?;
+    pods.delete("draining", &DeleteParams::default()).await?;
+    let draining = wait_pod(&pods, "draining", "unready while still running", Duration::from_secs(20), |p| {
+        let running = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .is_some_and(|s| s.running.is_some());
+        condition(p, "Ready").as_deref() == Some("False") && running
+    })
+    .await
+    .with_context(|| node.log())?;
+    ensure!(restarts(&draining) == 0, "{:?}", draining.status);
+    let events = events_for(&client, "draining").await?;
+    ensure!(!events.iter().any(|(_, m)| m.contains("failed liveness probe")), "{events:?}");
 
     // httpGet and tcpSocket on agnhost's netexec, reached inside the pod's network namespace; a startup probe
     // on a port nothing listens on holds readiness back.

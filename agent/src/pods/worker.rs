@@ -76,8 +76,8 @@ const BACKOFF_RESET: Duration = Duration::from_secs(600);
 
 struct Running {
     id: String,
-    /// Its probe tasks, aborted when the instance is dropped from `running`.
-    _probes: probes::Probes,
+    /// Its probe tasks, aborted when the instance is dropped (readiness's only once it has stopped).
+    probes: probes::Probes,
     started_at: Timestamp,
     started: Instant,
 }

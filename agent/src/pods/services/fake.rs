@@ -46,6 +46,8 @@ struct State {
     exec_codes: HashMap<String, i32>,
     /// How long the next execs in a container take, by container name (then: at once).
     exec_delays: HashMap<String, std::collections::VecDeque<Duration>>,
+    /// How long stopping a container takes (it drains first), by name.
+    stop_delays: HashMap<String, Duration>,
     /// When each exec started (tokio's clock: paused in tests), by container name.
     exec_starts: HashMap<String, Vec<tokio::time::Instant>>,
     /// The command line of the latest create, by container name.
@@ -165,6 +167,11 @@ impl FakeRuntime {
     /// Makes the next execs in `name` take these times, one each.
     pub fn delay_execs(&self, name: &str, delays: &[Duration]) {
         self.lock().exec_delays.entry(name.to_string()).or_default().extend(delays);
+    }
+
+    /// Makes stopping `name` take `delay` before it exits.
+    pub fn delay_stops(&self, name: &str, delay: Duration) {
+        self.lock().stop_delays.insert(name.to_string(), delay);
     }
 
     /// When the execs in `name` started.
@@ -287,9 +294,17 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     fn stop<'a>(&'a self, id: &'a str, _grace: Duration) -> BoxFuture<'a, ContainerExit> {
-        self.lock().log.push(format!("stop {}", name_of(id)));
-        let exit = self.end(id, 143, Some(15));
-        Box::pin(async move { exit })
+        let delay = {
+            let mut state = self.lock();
+            state.log.push(format!("stop {}", name_of(id)));
+            state.stop_delays.get(name_of(id)).copied()
+        };
+        Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            self.end(id, 143, Some(15))
+        })
     }
 
     fn kill(&self, id: &str) {

@@ -1,6 +1,7 @@
 //! A running container's probes (see [`crate::prober`]): started with the instance, their reports turned into
 //! its `ready` and `started`, `Unhealthy` events, and a restart when liveness or startup fails.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Container as ApiContainer;
@@ -11,11 +12,26 @@ use crate::prober::{self, Kind, ProbeReport, Report, Target};
 
 /// An instance's probe tasks, aborted when dropped (the instance ended or was replaced).
 #[derive(Default)]
-pub struct Probes(Vec<tokio::task::JoinHandle<()>>);
+pub struct Probes(Vec<(Kind, tokio::task::JoinHandle<()>)>);
+
+impl Probes {
+    /// The container is being stopped: as upstream, liveness and startup probes stop (a container on its way out
+    /// is not restarted), and readiness goes on, so that a pod that stops answering leaves its Services before
+    /// its containers have exited.
+    pub fn stopping(&mut self) {
+        self.0.retain(|(kind, task)| {
+            let keep = *kind == Kind::Readiness;
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+    }
+}
 
 impl Drop for Probes {
     fn drop(&mut self) {
-        for task in &self.0 {
+        for (_, task) in &self.0 {
             task.abort();
         }
     }
@@ -38,6 +54,28 @@ impl Worker {
         }
         let runtime = self.ctx.runtime.clone();
         Probes(prober::start(c, id, self.probe_target(), runtime, self.probe_tx.clone(), taken_over))
+    }
+
+    /// Acts on a probe task's report about an instance being stopped (`stopping`: instance ID to container name):
+    /// only readiness still runs; its result still moves `ready`, and its failures are still events.
+    pub(super) fn on_probe_while_stopping(&mut self, report: ProbeReport, stopping: &HashMap<String, String>) {
+        let ProbeReport { container: name, id, report } = report;
+        if stopping.get(&id) != Some(&name) {
+            return self.on_probe(ProbeReport { container: name, id, report });
+        }
+        let (list, index) = self.locate(&name);
+        match report {
+            Report::Failed { kind: Kind::Readiness, output } => {
+                let message = format!("Readiness probe failed: {}", output.trim_end());
+                self.event(Some((&name, list)), true, "Unhealthy", &message);
+            }
+            Report::Result { kind: Kind::Readiness, healthy } => {
+                let record = self.record(list, index);
+                record.ready = healthy && record.started;
+                self.publish();
+            }
+            _ => {}
+        }
     }
 
     /// Acts on a probe task's report about a still-running instance.

@@ -353,7 +353,7 @@ impl Worker {
         taken_over: Option<bool>,
     ) {
         let probes = self.start_probes(c, &id, taken_over);
-        let running = Running { id: id.clone(), _probes: probes, started_at, started };
+        let running = Running { id: id.clone(), probes, started_at, started };
         self.running.insert(c.name.clone(), running);
         self.watch_oom_kills(c.name.clone(), id.clone());
         self.watch_exit(c.name.clone(), id);

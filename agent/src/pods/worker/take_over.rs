@@ -112,7 +112,7 @@ impl Worker {
                 Some((c, _)) => self.watch_since(&c, id, started_at, started, Some(ready)),
                 None => {
                     let probes = super::probes::Probes::default();
-                    self.running.insert(name.clone(), Running { id: id.clone(), _probes: probes, started_at, started });
+                    self.running.insert(name.clone(), Running { id: id.clone(), probes, started_at, started });
                     self.watch_exit(name, id);
                 }
             }

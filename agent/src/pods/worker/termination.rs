@@ -73,8 +73,12 @@ impl Worker {
     async fn stop(&mut self, names: Vec<String>, mut deadline: Instant, follow: bool) -> Instant {
         let mut stops = JoinSet::new();
         let mut stopping = Vec::new();
+        // Instance ID to name: their readiness probes go on until they have stopped.
+        let mut probed = std::collections::HashMap::new();
         for name in names {
-            let Some(running) = self.running.remove(&name) else { continue };
+            let Some(mut running) = self.running.remove(&name) else { continue };
+            running.probes.stopping();
+            probed.insert(running.id.clone(), name.clone());
             let (kind, _) = self.locate(&name);
             self.event(Some((&name, kind)), false, "Killing", &format!("Stopping container {name}"));
             let (ctx, grace) = (self.ctx.clone(), deadline.saturating_duration_since(Instant::now()));
@@ -106,6 +110,8 @@ impl Worker {
                 done = stops.join_next() => {
                     let Some(done) = done else { break };
                     let Ok((name, running, exit)) = done else { continue };
+                    // (A report of it still queued must not make it ready again.)
+                    probed.remove(&running.id);
                     let (kind, index) = self.locate(&name);
                     let message = self.termination_message(&name, &running.id, exit.code);
                     let record = self.record(kind, index);
@@ -113,6 +119,7 @@ impl Worker {
                     record.ready = false;
                     record.started = false;
                 }
+                Some(report) = self.probe_rx.recv() => self.on_probe_while_stopping(report, &probed),
                 changed = self.rx.changed(), if inbox_open => {
                     inbox_open = changed.is_ok();
                     let Desired::Pod(pod) = self.latest(inbox_open) else { continue };

@@ -250,6 +250,41 @@ spec:
     h.delete().await;
 }
 
+/// Upstream's prober while a pod terminates: readiness goes on (the pod leaves its Services once it stops
+/// answering, before its containers have exited), liveness stops (no restart of a container on its way out).
+#[tokio::test]
+async fn while_a_container_stops_readiness_is_still_probed_and_liveness_is_not() {
+    let p = pod("metadata: {name: p}
+spec:
+  containers:
+  - name: web
+    readinessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}
+    livenessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}");
+    let mut h = Harness::start(p, |rt, _| {
+        rt.set_exec("web", 0);
+        rt.delay_stops("web", Duration::from_secs(4));
+    });
+    h.until("web ready", |s| app(s, "web").ready).await;
+    let mut deleted = h.pod.clone();
+    deleted.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+    deleted.metadata.deletion_grace_period_seconds = Some(30);
+    h.desired.send_replace(Desired::Pod(Arc::new(deleted)));
+    let stopping = async {
+        while !h.runtime.log().contains(&"stop web".to_string()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("the container is being stopped");
+    // It stops answering while it drains: unready before it has exited, and not restarted.
+    h.runtime.set_exec("web", 1);
+    h.until("unready while still running", |s| !app(s, "web").ready && app(s, "web").state.is_running()).await;
+    let worker = h.worker.take().expect("running");
+    tokio::time::timeout(Duration::from_secs(10), worker).await.expect("the worker ended").expect("no panic");
+    let stops = h.runtime.log().iter().filter(|l| *l == "stop web").count();
+    assert_eq!(stops, 1, "stopped once, never for liveness: {:?}", h.runtime.log());
+}
+
 #[tokio::test]
 async fn a_startup_probe_holds_back_started_and_readiness() {
     let p = pod("metadata: {name: p}
