@@ -15,11 +15,10 @@ pub mod hooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Probe};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::pods::services::ContainerRuntime;
 
@@ -173,7 +172,7 @@ pub fn start(
     tx: mpsc::UnboundedSender<ProbeReport>,
     taken_over: Option<bool>,
 ) -> Vec<(Kind, tokio::task::JoinHandle<()>)> {
-    let started = Arc::new(AtomicBool::new(c.startup_probe.is_none()));
+    let started = Arc::new(watch::Sender::new(c.startup_probe.is_none()));
     let probes =
         [(Kind::Startup, &c.startup_probe), (Kind::Liveness, &c.liveness_probe), (Kind::Readiness, &c.readiness_probe)];
     probes
@@ -204,7 +203,8 @@ struct Task {
     target: Target,
     runtime: Arc<dyn ContainerRuntime>,
     tx: mpsc::UnboundedSender<ProbeReport>,
-    started: Arc<AtomicBool>,
+    /// Whether the startup probe has succeeded (true from the start without one).
+    started: Arc<watch::Sender<bool>>,
     /// For an instance taken over from the previous agent: the readiness it had, kept until probed.
     taken_over: Option<bool>,
 }
@@ -230,10 +230,17 @@ impl Task {
         // add load to an overloaded node). Its beat is on the node's probe grid (see `on_grid`).
         let mut ticker = tokio::time::interval_at(on_grid(tokio::time::Instant::now()), timing.period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut started = self.started.subscribe();
         loop {
-            ticker.tick().await;
+            // A readiness probe held back by the startup probe runs as soon as that succeeds, not at its next
+            // tick (upstream triggers a run when the pod's status has no readiness result yet).
+            let waiting = self.kind == Kind::Readiness && !*started.borrow_and_update();
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = started.wait_for(|s| *s), if waiting => {}
+            }
             // Liveness and readiness wait for the startup probe; the startup probe stops once it succeeded.
-            let gated = self.kind != Kind::Startup && !self.started.load(Ordering::Acquire);
+            let gated = self.kind != Kind::Startup && !*self.started.borrow();
             if !gated {
                 let outcome =
                     handlers::run(&self.probe, &self.container, &self.id, &self.target, &self.runtime, timing.timeout)
@@ -246,7 +253,7 @@ impl Task {
                 }
                 if let Some(healthy) = counter.record(success) {
                     if self.kind == Kind::Startup && healthy {
-                        self.started.store(true, Ordering::Release);
+                        self.started.send_replace(true);
                     }
                     self.send(Report::Result { kind: self.kind, healthy });
                     if self.kind == Kind::Startup && healthy {
@@ -328,6 +335,39 @@ mod tests {
         assert!(first <= GRID.as_millis(), "{starts:?}");
         let after_first: Vec<u128> = starts.iter().map(|s| s - first).collect();
         assert_eq!(after_first, vec![0, 4500, 5000, 6000, 7000]);
+    }
+
+    /// Upstream's "should be ready immediately after startupProbe succeeds": a readiness probe with a long period
+    /// runs as soon as the startup probe succeeds, not at its next tick.
+    #[tokio::test(start_paused = true)]
+    async fn readiness_runs_as_soon_as_the_startup_probe_succeeds() {
+        use crate::pods::services::fake::FakeRuntime;
+        let fake = Arc::new(FakeRuntime::default());
+        fake.set_exec("c", 1);
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "c",
+            "startupProbe": {"exec": {"command": ["started"]}, "periodSeconds": 1, "failureThreshold": 100},
+            "readinessProbe": {"exec": {"command": ["ready"]}, "periodSeconds": 30},
+        }))
+        .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let target = Target { netns: None, pod_ip: "10.0.0.2".into() };
+        let t0 = tokio::time::Instant::now();
+        let tasks = start(&container, "uid-c-1", target, fake.clone(), tx, None);
+        // The startup probe fails at 0, 1 and 2 s and succeeds at 3 s.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        fake.set_exec("c", 0);
+        let mut results = Vec::new();
+        while results.len() < 2 {
+            let report = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.unwrap().unwrap();
+            if let Report::Result { kind, healthy } = report.report {
+                results.push((kind, healthy, (tokio::time::Instant::now() - t0).as_millis()));
+            }
+        }
+        tasks.iter().for_each(|(_, t)| t.abort());
+        assert_eq!((results[0].0, results[0].1), (Kind::Startup, true), "{results:?}");
+        assert_eq!((results[1].0, results[1].1), (Kind::Readiness, true), "{results:?}");
+        assert!(results[1].2 - results[0].2 <= GRID.as_millis(), "readiness ran late: {results:?}");
     }
 
     #[test]
