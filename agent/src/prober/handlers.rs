@@ -64,7 +64,8 @@ pub async fn run(
             Ok(a) => a,
             Err(e) => return Outcome::Failure(e),
         };
-        return match tokio::time::timeout(timeout, grpc_check(addr, &service, target, timeout)).await {
+        let tls = grpc.mode.as_deref() == Some("TLS");
+        return match tokio::time::timeout(timeout, grpc_check(addr, &service, tls, target, timeout)).await {
             Ok(outcome) => outcome,
             Err(_) => Outcome::Failure(format!("timeout: health rpc did not complete within {}s", timeout.as_secs())),
         };
@@ -182,31 +183,83 @@ async fn request(
     let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
         .await
         .map_err(|e| format!("dial tcp {addr}: {e}"))?;
-    // Upstream's prober sends these three (its transport has keep-alives off: `Connection: close`, so the
-    // server closes first).
-    let mut builder = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(hyper::header::USER_AGENT, "kube-probe/1.37")
-        .header(hyper::header::ACCEPT, "*/*")
-        .header(hyper::header::CONNECTION, "close");
-    let mut host_header = uri.authority().map_or(String::new(), |a| a.to_string());
+    // `protocol: HTTP2` (alpha upstream, H2CContainerProbe): HTTP/2 with prior knowledge over plain TCP (h2c),
+    // or negotiated as `h2` over TLS; a server that does not speak it fails the probe.
+    let http2 = http.protocol.as_deref() == Some("HTTP2");
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut authority = uri.authority().map_or(String::new(), |a| a.to_string());
+    let mut headers = Vec::new();
     for h in http.http_headers.iter().flatten() {
         if h.name.eq_ignore_ascii_case("host") {
-            host_header = h.value.clone();
+            authority = h.value.clone();
         } else {
-            builder = builder.header(h.name.as_str(), h.value.as_str());
+            headers.push((h.name.as_str(), h.value.as_str()));
         }
     }
-    let request = builder
-        .header(hyper::header::HOST, host_header)
+    // Upstream's prober sends Accept, User-Agent and, over HTTP/1 (its transport has keep-alives off),
+    // `Connection: close`, so the server closes first. HTTP/2 carries the host as the request's authority.
+    let builder = if http2 {
+        hyper::Request::get(format!("{}://{authority}{path}", if https { "https" } else { "http" }))
+    } else {
+        hyper::Request::get(path).header(hyper::header::HOST, authority).header(hyper::header::CONNECTION, "close")
+    };
+    let builder = builder.header(hyper::header::USER_AGENT, "kube-probe/1.37").header(hyper::header::ACCEPT, "*/*");
+    let request = headers
+        .into_iter()
+        .fold(builder, |b, (name, value)| b.header(name, value))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
-    if https {
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(insecure_tls()));
-        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-        let stream = tls.connect(name, stream).await.map_err(|e| e.to_string())?;
-        exchange(hyper_util::rt::TokioIo::new(stream), request).await
-    } else {
-        exchange(hyper_util::rt::TokioIo::new(stream), request).await
+    match (https, http2) {
+        (false, false) => exchange(hyper_util::rt::TokioIo::new(stream), request).await,
+        (false, true) => exchange_h2(hyper_util::rt::TokioIo::new(stream), request).await,
+        (true, _) => {
+            let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[] };
+            let stream = tls_connect(stream, &host, alpn).await?;
+            if !http2 {
+                return exchange(hyper_util::rt::TokioIo::new(stream), request).await;
+            }
+            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err("the server did not negotiate HTTP/2 (h2)".into());
+            }
+            exchange_h2(hyper_util::rt::TokioIo::new(stream), request).await
+        }
+    }
+}
+
+/// TLS over `stream`, the server's certificate not verified (as upstream's prober), offering `alpn`.
+async fn tls_connect(
+    stream: tokio::net::TcpStream,
+    host: &str,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let mut config = insecure_tls();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    tls.connect(name, stream).await.map_err(|e| e.to_string())
+}
+
+/// [`exchange`] over HTTP/2 (the connection driven in this task too).
+async fn exchange_h2<T>(
+    io: T,
+    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<(u16, Option<String>, String), String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = async move {
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        read_answer(response).await
+    };
+    tokio::pin!(conn);
+    tokio::pin!(answer);
+    tokio::select! {
+        biased;
+        result = &mut answer => result,
+        _ = &mut conn => answer.await,
     }
 }
 
@@ -258,8 +311,8 @@ async fn read_answer(
 }
 
 /// `grpc.health.v1.Health/Check` for `service` at `addr` (plain HTTP/2, as upstream's prober).
-async fn grpc_check(addr: SocketAddr, service: &str, target: &Target, timeout: Duration) -> Outcome {
-    match grpc_status(addr, service, target, timeout).await {
+async fn grpc_check(addr: SocketAddr, service: &str, tls: bool, target: &Target, timeout: Duration) -> Outcome {
+    match grpc_status(addr, service, tls, target, timeout).await {
         Ok(1) => Outcome::Success,
         Ok(status) => {
             let name = match status {
@@ -275,18 +328,32 @@ async fn grpc_check(addr: SocketAddr, service: &str, target: &Target, timeout: D
 }
 
 /// The serving status the health service answers (1: SERVING).
-async fn grpc_status(addr: SocketAddr, service: &str, target: &Target, timeout: Duration) -> Result<u64, String> {
+async fn grpc_status(
+    addr: SocketAddr,
+    service: &str,
+    tls: bool,
+    target: &Target,
+    timeout: Duration,
+) -> Result<u64, String> {
     let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
         .await
         .map_err(|e| format!("failed to connect service {addr:?} within {}s: {e}", timeout.as_secs()))?;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let request = hyper::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+    let executor = hyper_util::rt::TokioExecutor::new();
+    let mut sender = if tls {
+        // `mode: TLS` (alpha upstream, GRPCContainerProbeTLS): h2 over TLS, the certificate not verified.
+        let stream = tls_connect(stream, &addr.ip().to_string(), &[b"h2"]).await?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (sender, conn) = hyper::client::conn::http2::handshake(executor, io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender
+    } else {
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (sender, conn) = hyper::client::conn::http2::handshake(executor, io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender
+    };
+    let scheme = if tls { "https" } else { "http" };
+    let request = hyper::Request::post(format!("{scheme}://{addr}/grpc.health.v1.Health/Check"))
         .header(hyper::header::CONTENT_TYPE, "application/grpc")
         .header(hyper::header::TE, "trailers")
         .header(hyper::header::USER_AGENT, "kube-probe/1.37")
@@ -471,16 +538,39 @@ mod tests {
         assert_eq!(read_varint(&long), Some((300, &[][..])));
     }
 
-    #[tokio::test]
-    async fn grpc_probes_against_a_local_health_server() {
+    /// An HTTP/2 server on 127.0.0.1 (prior knowledge, or `h2` over TLS with a self-signed certificate): gRPC's
+    /// health service for POSTs, 200 "ok" for GETs. Returns its port.
+    async fn h2_server(tls: bool) -> u16 {
         use http_body_util::StreamBody;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let acceptor = tls.then(|| {
+            let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+            let der = rustls::pki_types::PrivateKeyDer::try_from(key.signing_key.serialize_der()).unwrap();
+            let mut config =
+                rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_single_cert(vec![key.cert.der().clone()], der)
+                    .unwrap();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        if req.method() == hyper::Method::GET {
+                            let ok = Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                bytes::Bytes::from_static(b"ok"),
+                            ));
+                            return Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(
+                                futures_util::stream::iter(vec![ok]),
+                            )));
+                        }
                         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                         // The service name decides the answer: "" serving, "down" not serving, else an error.
                         let name = body.get(7..).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
@@ -504,12 +594,23 @@ mod tests {
                             futures_util::stream::iter(frames),
                         )))
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), service)
-                        .await;
+                    let server = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = match acceptor {
+                        Some(acceptor) => match acceptor.accept(s).await {
+                            Ok(s) => server.serve_connection(hyper_util::rt::TokioIo::new(s), service).await,
+                            Err(_) => return,
+                        },
+                        None => server.serve_connection(hyper_util::rt::TokioIo::new(s), service).await,
+                    };
                 });
             }
         });
+        port
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_against_a_local_health_server() {
+        let port = h2_server(false).await;
         let target = Target { netns: None, pod_ip: "127.0.0.1".into() };
         let c = container();
         let runtime: Arc<dyn ContainerRuntime> = Arc::new(crate::pods::services::fake::FakeRuntime::default());
@@ -525,6 +626,31 @@ mod tests {
         assert!(
             matches!(run(&probe("gone"), &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.contains("code = 5"))
         );
+    }
+
+    /// The alpha probe modes (`grpc.mode: TLS`, `httpGet.protocol: HTTP2`): each reaches a server that speaks
+    /// it, and fails against one that does not, as upstream's e2e tests expect.
+    #[tokio::test]
+    async fn http2_and_tls_grpc_probes() {
+        let (plain, tls) = (h2_server(false).await, h2_server(true).await);
+        let target = Target { netns: None, pod_ip: "127.0.0.1".into() };
+        let c = container();
+        let runtime: Arc<dyn ContainerRuntime> = Arc::new(crate::pods::services::fake::FakeRuntime::default());
+        let t = Duration::from_secs(2);
+        let probe = |json: serde_json::Value| -> Probe { serde_json::from_value(json).unwrap() };
+        let grpc_tls = probe(serde_json::json!({"grpc": {"port": tls, "mode": "TLS"}}));
+        assert_eq!(run(&grpc_tls, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let grpc_plain_to_tls = probe(serde_json::json!({"grpc": {"port": tls}}));
+        assert!(matches!(run(&grpc_plain_to_tls, &c, "id", &target, &runtime, t).await, Outcome::Failure(_)));
+        let grpc_tls_to_plain = probe(serde_json::json!({"grpc": {"port": plain, "mode": "TLS"}}));
+        assert!(matches!(run(&grpc_tls_to_plain, &c, "id", &target, &runtime, t).await, Outcome::Failure(_)));
+        let h2c = probe(serde_json::json!({"httpGet": {"port": plain, "path": "/", "protocol": "HTTP2"}}));
+        assert_eq!(run(&h2c, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let h2 = probe(serde_json::json!({"httpGet": {"port": tls, "scheme": "HTTPS", "protocol": "HTTP2"}}));
+        assert_eq!(run(&h2, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        // HTTP/1.1 to an HTTP/2-only server fails, as the other way round (below).
+        let http1 = probe(serde_json::json!({"httpGet": {"port": plain, "path": "/"}}));
+        assert!(matches!(run(&http1, &c, "id", &target, &runtime, t).await, Outcome::Failure(_)));
     }
 
     #[tokio::test]
@@ -576,6 +702,8 @@ mod tests {
         assert_eq!(run(&ok, &c, "id", &target, &runtime, t).await, Outcome::Success);
         let headers = probe(serde_json::json!({"httpGet": {"port": port, "path": "/headers"}}));
         assert_eq!(run(&headers, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let h2c = probe(serde_json::json!({"httpGet": {"port": port, "path": "/ok", "protocol": "HTTP2"}}));
+        assert!(matches!(run(&h2c, &c, "id", &target, &runtime, t).await, Outcome::Failure(_)), "HTTP/2 to HTTP/1.1");
         let moved = probe(serde_json::json!({"httpGet": {"port": port, "path": "/moved"}}));
         assert_eq!(run(&moved, &c, "id", &target, &runtime, t).await, Outcome::Success);
         let away = probe(serde_json::json!({"httpGet": {"port": port, "path": "/away"}}));
