@@ -174,7 +174,7 @@ async fn request(
     http: &k8s_openapi::api::core::v1::HTTPGetAction,
     target: &Target,
     timeout: Duration,
-) -> Result<(u16, Option<String>, String), String> {
+) -> Answer {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
@@ -239,21 +239,36 @@ async fn tls_connect(
     tls.connect(name, stream).await.map_err(|e| e.to_string())
 }
 
-/// [`exchange`] over HTTP/2 (the connection driven in this task too).
-async fn exchange_h2<T>(
-    io: T,
-    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
-) -> Result<(u16, Option<String>, String), String>
+/// An exchange's result: (status, Location, body up to 10 KiB).
+type Answer = Result<(u16, Option<String>, String), String>;
+
+/// Sends `request` on a new HTTP/1 connection over `io` and reads the answer. The connection is driven in this
+/// task, not a task of its own (at hundreds of probes a second, a task and its wake-ups per probe are a cost);
+/// it ends with the exchange.
+async fn exchange<T>(io: T, request: hyper::Request<http_body_util::Empty<bytes::Bytes>>) -> Answer
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    let answer = async move { read_answer(sender.send_request(request).await.map_err(|e| e.to_string())?).await };
+    while_driving(conn, answer).await
+}
+
+/// [`exchange`] over HTTP/2.
+async fn exchange_h2<T>(io: T, request: hyper::Request<http_body_util::Empty<bytes::Bytes>>) -> Answer
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
         .await
         .map_err(|e| e.to_string())?;
-    let answer = async move {
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-        read_answer(response).await
-    };
+    let answer = async move { read_answer(sender.send_request(request).await.map_err(|e| e.to_string())?).await };
+    while_driving(conn, answer).await
+}
+
+/// `answer`, with the connection `conn` driven meanwhile: its own end (or failure) only matters if it comes
+/// first, in which case the answer says what went wrong.
+async fn while_driving(conn: impl std::future::Future, answer: impl std::future::Future<Output = Answer>) -> Answer {
     tokio::pin!(conn);
     tokio::pin!(answer);
     tokio::select! {
@@ -263,35 +278,7 @@ where
     }
 }
 
-/// Sends `request` on a new HTTP/1 connection over `io` and reads the answer: (status, Location, body up to
-/// 10 KiB). The connection is driven in this task, not a task of its own (at hundreds of probes a second, a
-/// task and its wake-ups per probe are a cost); it ends with the exchange.
-async fn exchange<T>(
-    io: T,
-    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
-) -> Result<(u16, Option<String>, String), String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-    let answer = async move {
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-        read_answer(response).await
-    };
-    tokio::pin!(conn);
-    tokio::pin!(answer);
-    // Until the answer is read; the connection's own end (or failure) only matters if it comes first, in
-    // which case the answer says what went wrong.
-    tokio::select! {
-        biased;
-        result = &mut answer => result,
-        _ = &mut conn => answer.await,
-    }
-}
-
-async fn read_answer(
-    response: hyper::Response<hyper::body::Incoming>,
-) -> Result<(u16, Option<String>, String), String> {
+async fn read_answer(response: hyper::Response<hyper::body::Incoming>) -> Answer {
     let status = response.status().as_u16();
     let location = response.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut body = Vec::new();

@@ -69,15 +69,25 @@ impl Harness {
         }
     }
 
-    /// Sends the pod with a deletion timestamp and waits until the worker is done.
-    async fn delete(&mut self) {
+    /// Sends the pod with a deletion timestamp and a grace period of `grace` seconds.
+    fn send_deletion(&mut self, grace: i64) {
         let mut deleted = self.pod.clone();
         deleted.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-        deleted.metadata.deletion_grace_period_seconds = Some(1);
+        deleted.metadata.deletion_grace_period_seconds = Some(grace);
         self.desired.send_replace(Desired::Pod(Arc::new(deleted)));
+    }
+
+    /// Waits until the worker is done.
+    async fn ended(&mut self) {
         let worker = self.worker.take().expect("running");
         tokio::time::timeout(Duration::from_secs(10), worker).await.expect("the worker ended").expect("no panic");
+    }
+
+    /// Deletes the pod (1 s grace) and waits until the worker is done.
+    async fn delete(&mut self) {
+        self.send_deletion(1);
+        self.ended().await;
     }
 }
 
@@ -254,22 +264,16 @@ spec:
 /// answering, before its containers have exited), liveness stops (no restart of a container on its way out).
 #[tokio::test]
 async fn while_a_container_stops_readiness_is_still_probed_and_liveness_is_not() {
-    let p = pod("metadata: {name: p}
-spec:
-  containers:
-  - name: web
-    readinessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}
-    livenessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}");
+    let check = "{exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}";
+    let p = pod(&format!(
+        "metadata: {{name: p}}\nspec:\n  containers:\n  - name: web\n    readinessProbe: {check}\n    livenessProbe: {check}"
+    ));
     let mut h = Harness::start(p, |rt, _| {
         rt.set_exec("web", 0);
         rt.delay_stops("web", Duration::from_secs(4));
     });
     h.until("web ready", |s| app(s, "web").ready).await;
-    let mut deleted = h.pod.clone();
-    deleted.metadata.deletion_timestamp =
-        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-    deleted.metadata.deletion_grace_period_seconds = Some(30);
-    h.desired.send_replace(Desired::Pod(Arc::new(deleted)));
+    h.send_deletion(30);
     let stopping = async {
         while !h.runtime.log().contains(&"stop web".to_string()) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -279,8 +283,7 @@ spec:
     // It stops answering while it drains: unready before it has exited, and not restarted.
     h.runtime.set_exec("web", 1);
     h.until("unready while still running", |s| !app(s, "web").ready && app(s, "web").state.is_running()).await;
-    let worker = h.worker.take().expect("running");
-    tokio::time::timeout(Duration::from_secs(10), worker).await.expect("the worker ended").expect("no panic");
+    h.ended().await;
     let stops = h.runtime.log().iter().filter(|l| *l == "stop web").count();
     assert_eq!(stops, 1, "stopped once, never for liveness: {:?}", h.runtime.log());
 }
