@@ -19,12 +19,22 @@ impl Probes {
     /// is not restarted), and readiness goes on, so that a pod that stops answering leaves its Services before
     /// its containers have exited.
     pub fn stopping(&mut self) {
+        self.stop(|kind| kind != Kind::Readiness);
+    }
+
+    /// The `kind` probe failed and the container is being restarted: that probe holds off until the next
+    /// instance (upstream's `onHold`: no more runs, or `Unhealthy` events, against a container on its way out).
+    pub fn hold(&mut self, kind: Kind) {
+        self.stop(|k| k == kind);
+    }
+
+    fn stop(&mut self, which: impl Fn(Kind) -> bool) {
         self.0.retain(|(kind, task)| {
-            let keep = *kind == Kind::Readiness;
-            if !keep {
+            if which(*kind) {
                 task.abort();
+                return false;
             }
-            keep
+            true
         });
     }
 }
@@ -110,6 +120,9 @@ impl Worker {
                 let which = if kind == Kind::Liveness { "liveness" } else { "startup" };
                 let message = format!("Container {name} failed {which} probe, will be restarted");
                 self.event(Some((&name, list)), false, "Killing", &message);
+                if let Some(running) = self.running.get_mut(&name) {
+                    running.probes.hold(kind);
+                }
                 // Stopped in the background: its exit comes through the exit watch and is restarted per policy.
                 let probe = if kind == Kind::Liveness { &c.liveness_probe } else { &c.startup_probe };
                 let seconds = probe

@@ -240,7 +240,10 @@ spec:
     readinessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}
   - name: live
     livenessProbe: {exec: {command: [check]}, periodSeconds: 1, failureThreshold: 1}");
-    let mut h = Harness::start(p, |rt, _| rt.set_exec("live", 0));
+    let mut h = Harness::start(p, |rt, _| {
+        rt.set_exec("live", 0);
+        rt.delay_stops("live", Duration::from_millis(2500));
+    });
     let running = h.until("web running", |s| app(s, "web").state.is_running()).await;
     assert!(!app(&running, "web").ready, "unready until the first probe");
     assert!(app(&running, "live").ready, "no readiness probe: ready once running");
@@ -256,7 +259,11 @@ spec:
         "{:?}",
         app(&restarted, "live")
     );
-    assert!(h.runtime.log().contains(&"stop live".to_string()), "{:?}", h.runtime.log());
+    // While it was being stopped (2.5 s), its liveness probe held off (upstream's onHold).
+    let log = h.runtime.log();
+    let stop = log.iter().position(|l| l == "stop live").expect("stopped");
+    let next = log.iter().skip(stop).position(|l| l == "start live").map_or(log.len(), |p| stop + p);
+    assert!(!log[stop..next].contains(&"exec live".to_string()), "probed while stopping: {log:?}");
     h.delete().await;
 }
 
