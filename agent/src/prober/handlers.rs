@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -213,8 +213,7 @@ async fn request(
         (false, false) => exchange(hyper_util::rt::TokioIo::new(stream), request).await,
         (false, true) => exchange_h2(hyper_util::rt::TokioIo::new(stream), request).await,
         (true, _) => {
-            let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[] };
-            let stream = tls_connect(stream, &host, alpn).await?;
+            let stream = tls_connect(stream, &host, http2).await?;
             if !http2 {
                 return exchange(hyper_util::rt::TokioIo::new(stream), request).await;
             }
@@ -226,15 +225,21 @@ async fn request(
     }
 }
 
-/// TLS over `stream`, the server's certificate not verified (as upstream's prober), offering `alpn`.
+/// TLS over `stream`, the server's certificate not verified (as upstream's prober), offering `h2` (ALPN) when
+/// `http2`. The two configurations are made once (each is a provider and a verifier: allocations a probe
+/// need not repeat).
 async fn tls_connect(
     stream: tokio::net::TcpStream,
     host: &str,
-    alpn: &[&[u8]],
+    http2: bool,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-    let mut config = insecure_tls();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    static CONFIGS: std::sync::OnceLock<[Arc<rustls::ClientConfig>; 2]> = std::sync::OnceLock::new();
+    let configs = CONFIGS.get_or_init(|| {
+        let mut h2 = insecure_tls();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
+        [Arc::new(insecure_tls()), Arc::new(h2)]
+    });
+    let tls = tokio_rustls::TlsConnector::from(configs[usize::from(http2)].clone());
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
     tls.connect(name, stream).await.map_err(|e| e.to_string())
 }
@@ -325,26 +330,27 @@ async fn grpc_status(
     let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
         .await
         .map_err(|e| format!("failed to connect service {addr:?} within {}s: {e}", timeout.as_secs()))?;
-    let executor = hyper_util::rt::TokioExecutor::new();
+    async fn h2<T>(io: T) -> Result<hyper::client::conn::http2::SendRequest<Full<bytes::Bytes>>, String>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let executor = hyper_util::rt::TokioExecutor::new();
+        let (sender, conn) = hyper::client::conn::http2::handshake(executor, io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
     let mut sender = if tls {
         // `mode: TLS` (alpha upstream, GRPCContainerProbeTLS): h2 over TLS, the certificate not verified.
-        let stream = tls_connect(stream, &addr.ip().to_string(), &[b"h2"]).await?;
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (sender, conn) = hyper::client::conn::http2::handshake(executor, io).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        sender
+        h2(hyper_util::rt::TokioIo::new(tls_connect(stream, &addr.ip().to_string(), true).await?)).await?
     } else {
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (sender, conn) = hyper::client::conn::http2::handshake(executor, io).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        sender
+        h2(hyper_util::rt::TokioIo::new(stream)).await?
     };
     let scheme = if tls { "https" } else { "http" };
     let request = hyper::Request::post(format!("{scheme}://{addr}/grpc.health.v1.Health/Check"))
         .header(hyper::header::CONTENT_TYPE, "application/grpc")
         .header(hyper::header::TE, "trailers")
         .header(hyper::header::USER_AGENT, "kube-probe/1.37")
-        .body(http_body_util::Full::new(bytes::Bytes::from(grpc_frame(&health_request(service)))))
+        .body(Full::new(bytes::Bytes::from(grpc_frame(&health_request(service)))))
         .map_err(|e| e.to_string())?;
     let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
     let mut body = response.into_body();

@@ -62,6 +62,15 @@ pub enum Report {
     Result { kind: Kind, healthy: bool },
 }
 
+impl Report {
+    /// Which probe it is about.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Report::Failed { kind, .. } | Report::Warned { kind, .. } | Report::Result { kind, .. } => *kind,
+        }
+    }
+}
+
 /// A report about container instance `id` (named `container`).
 #[derive(Debug, Clone)]
 pub struct ProbeReport {

@@ -69,31 +69,26 @@ impl Worker {
     /// Acts on a probe task's report about an instance being stopped (`stopping`: instance ID to container name):
     /// only readiness still runs; its result still moves `ready`, and its failures are still events.
     pub(super) fn on_probe_while_stopping(&mut self, report: ProbeReport, stopping: &HashMap<String, String>) {
-        let ProbeReport { container: name, id, report } = report;
-        if stopping.get(&id) != Some(&name) {
-            return self.on_probe(ProbeReport { container: name, id, report });
+        if stopping.get(&report.id) != Some(&report.container) {
+            return self.on_probe(report);
         }
-        let (list, index) = self.locate(&name);
-        match report {
-            Report::Failed { kind: Kind::Readiness, output } => {
-                let message = format!("Readiness probe failed: {}", output.trim_end());
-                self.event(Some((&name, list)), true, "Unhealthy", &message);
-            }
-            Report::Result { kind: Kind::Readiness, healthy } => {
-                let record = self.record(list, index);
-                record.ready = healthy && record.started;
-                self.publish();
-            }
-            _ => {}
+        if report.report.kind() == Kind::Readiness {
+            self.apply_probe(report);
+            self.publish();
         }
     }
 
     /// Acts on a probe task's report about a still-running instance.
     pub(super) fn on_probe(&mut self, report: ProbeReport) {
-        let ProbeReport { container: name, id, report } = report;
-        if self.running.get(&name).is_none_or(|r| r.id != id) {
+        if self.running.get(&report.container).is_none_or(|r| r.id != report.id) {
             return;
         }
+        self.apply_probe(report);
+    }
+
+    /// A report's effect: an event, the container's `ready` or `started`, a restart.
+    fn apply_probe(&mut self, report: ProbeReport) {
+        let ProbeReport { container: name, id, report } = report;
         let (list, index) = self.locate(&name);
         let Some((c, _)) = self.container_spec(&name, list) else { return };
         match report {
