@@ -212,13 +212,25 @@ pub const NOT_ACTED_ON: &[&str] = &[
 impl KubeletConfiguration {
     /// Whether gate `name` is on: as configured, else upstream 1.37's default for the gates nodelet acts on.
     pub fn feature(&self, name: &str) -> bool {
-        self.feature_gates.get(name).copied().unwrap_or(matches!(name, "ExtendWebSocketsToKubelet"))
+        self.feature_gates.get(name).copied().unwrap_or(matches!(
+            name,
+            "ExtendWebSocketsToKubelet" | "ContainerRestartRules" | "RestartAllContainersOnContainerExits"
+        ))
     }
 
-    /// The features the node declares in `status.declaredFeatures` (NodeDeclaredFeatures): the API server
-    /// routes by them.
+    /// The features the node declares in `status.declaredFeatures` (NodeDeclaredFeatures): the API server routes
+    /// by them, and the scheduler places a pod that needs one (a `RestartAllContainers` restart rule) only on a
+    /// node that declares it. Sorted, as upstream's.
     pub fn declared_features(&self) -> Vec<String> {
-        ["ExtendWebSocketsToKubelet"].into_iter().filter(|f| self.feature(f)).map(String::from).collect()
+        let restart_all = self.feature("ContainerRestartRules") && self.feature("RestartAllContainersOnContainerExits");
+        let mut features: Vec<String> = [("ExtendWebSocketsToKubelet", self.feature("ExtendWebSocketsToKubelet"))]
+            .into_iter()
+            .chain([("RestartAllContainersOnContainerExits", restart_all)])
+            .filter(|(_, on)| *on)
+            .map(|(f, _)| f.to_string())
+            .collect();
+        features.sort();
+        features
     }
 }
 

@@ -162,7 +162,9 @@ async fn exec_and_port_forward_through_the_api_server() -> Result<()> {
     };
     support::wait_for("declared features", Duration::from_secs(30), || async {
         let (ws, spdy) = (nodes.get(NODE_WS).await?, nodes.get(NODE_SPDY).await?);
-        Ok((declared(&ws) == ["ExtendWebSocketsToKubelet"] && declared(&spdy).is_empty()).then_some(()))
+        let restart_all = "RestartAllContainersOnContainerExits";
+        Ok((declared(&ws) == ["ExtendWebSocketsToKubelet", restart_all] && declared(&spdy) == [restart_all])
+            .then_some(()))
     })
     .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

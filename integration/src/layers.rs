@@ -185,3 +185,32 @@ pub async fn push_image_with_cmd(
         .with_context(|| format!("reading back {manifest_url}"))?;
     Ok(digest)
 }
+
+/// Pushes image `from` (`name:tag` in `registry`) with one more layer on top (`tar`, uncompressed) as `to`: an
+/// image with a file added, e.g. a stand-in for a tool the test image lacks.
+pub async fn extend_image(registry: &Registry, from: (&str, &str), to: (&str, &str), tar: &[u8]) -> Result<String> {
+    let client = Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
+    let auth = match registry.credentials() {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    let source: Reference = registry.reference(from.0, from.1).parse()?;
+    let accepted = [
+        oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE,
+        oci_client::manifest::IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
+        oci_client::manifest::IMAGE_LAYER_MEDIA_TYPE,
+    ];
+    let image = client.pull(&source, &auth, accepted.to_vec()).await.with_context(|| format!("pulling {source}"))?;
+    let mut config: serde_json::Value = serde_json::from_slice(&image.config.data)?;
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .context("the image config has no rootfs.diff_ids")?
+        .push(serde_json::Value::String(sha256(tar)));
+    let mut layers = image.layers;
+    layers.push(ImageLayer::oci_v1_gzip(gzip(tar), None));
+    let config = Config::oci_v1(serde_json::to_vec(&config)?, None);
+    let target: Reference = registry.reference(to.0, to.1).parse()?;
+    let pushed =
+        client.push(&target, &layers, config, &auth, None).await.with_context(|| format!("pushing {target}"))?;
+    Ok(pushed.manifest_url)
+}

@@ -385,6 +385,7 @@ impl PodWorkers {
             resize: None,
             ephemeral: Vec::new(),
             disruption: None,
+            restart_all: None,
         };
         let _ = self.ctx.status.send(StatusMessage::Update { pod: pod_ref, state: Box::new(state) });
     }

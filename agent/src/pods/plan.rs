@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use sha2::Digest;
 
-use super::state::{Applied, ContainerRecord, ContainerState, Phase};
+use super::state::{Applied, ContainerRecord, ContainerState, Phase, RESTARTING_ALL};
 
 /// What the worker knows when it plans.
 pub struct Observed<'a> {
@@ -24,7 +24,8 @@ pub struct Observed<'a> {
     /// The earliest time each container may be (re)started (crash-loop back-off, retries); absent: now.
     pub not_before: &'a HashMap<String, Instant>,
     pub now: Instant,
-    /// Whether the pod has initialized (sticky: a sidecar that restarts later does not undo it).
+    /// Whether the pod has initialized (sticky: a sidecar that restarts later does not undo it; an in-place
+    /// restart of all its containers does, here, so that its init containers run again).
     pub initialized: bool,
     /// How long the pod has been active on the node.
     pub active_for: Duration,
@@ -46,6 +47,9 @@ pub enum Action {
     StopSidecars,
     /// The pod fails: stop every container.
     Fail { reason: &'static str, message: String },
+    /// Container `name` exited with a code its `RestartAllContainers` rule names: stop every container, then
+    /// start them again from the first init container, in the same sandbox and volumes.
+    RestartAll { name: String },
 }
 
 /// Upstream's reason and message for a pod past its `activeDeadlineSeconds`.
@@ -57,21 +61,35 @@ pub fn is_sidecar(c: &Container) -> bool {
     c.restart_policy.as_deref() == Some("Always")
 }
 
+/// The action of the container's first `restartPolicyRules` entry that matches exit code `code` (rules apply
+/// only to containers with a `restartPolicy` of their own, as upstream's `FindMatchingContainerRestartRule`).
+pub fn rule_action(c: &Container, code: i32) -> Option<&str> {
+    c.restart_policy.as_ref()?;
+    let rule = c.restart_policy_rules.iter().flatten().find(|rule| {
+        rule.exit_codes.as_ref().is_some_and(|codes| {
+            let listed = codes.values.iter().flatten().any(|v| *v == code);
+            match codes.operator.as_str() {
+                "In" => listed,
+                "NotIn" => !listed,
+                _ => false,
+            }
+        })
+    })?;
+    Some(rule.action.as_str())
+}
+
+/// Whether exit code `code` of the container restarts every container of its pod (a `RestartAllContainers`
+/// rule; the feature gate of that name is on by default in upstream 1.37, and nodelet declares it).
+pub fn restarts_all(c: &Container, code: i32) -> bool {
+    rule_action(c, code) == Some("RestartAllContainers")
+}
+
 /// Whether a container that exited with `code` is restarted: its `restartPolicyRules`, then its own
-/// `restartPolicy`, then the pod's (upstream's `ContainerShouldRestart`).
+/// `restartPolicy`, then the pod's (upstream's `ContainerShouldRestart`). A `RestartAllContainers` rule counts as
+/// a restart (of the whole pod: see [`Action::RestartAll`]).
 pub fn should_restart(c: &Container, spec: &PodSpec, code: i32) -> bool {
     if let Some(policy) = c.restart_policy.as_deref() {
-        let rule = c.restart_policy_rules.iter().flatten().find(|rule| {
-            rule.exit_codes.as_ref().is_some_and(|codes| {
-                let listed = codes.values.iter().flatten().any(|v| *v == code);
-                match codes.operator.as_str() {
-                    "In" => listed,
-                    "NotIn" => !listed,
-                    _ => false,
-                }
-            })
-        });
-        if rule.is_some_and(|r| r.action == "Restart") {
+        if matches!(rule_action(c, code), Some("Restart" | "RestartAllContainers")) {
             return true;
         }
         match policy {
@@ -88,6 +106,23 @@ pub fn should_restart(c: &Container, spec: &PodSpec, code: i32) -> bool {
     }
 }
 
+/// The container whose exit (not yet acted on) restarts all of the pod's containers, if any.
+fn restart_all_trigger(spec: &PodSpec, observed: &Observed) -> Option<String> {
+    let init = spec.init_containers.iter().flatten().map(|c| (c, observed.init));
+    let app = spec.containers.iter().map(|c| (c, observed.containers));
+    init.chain(app).find_map(|(c, records)| {
+        let r = record(records, &c.name)?;
+        match &r.state {
+            ContainerState::Terminated { exit_code, reason, .. }
+                if reason != RESTARTING_ALL.0 && restarts_all(c, *exit_code) =>
+            {
+                Some(c.name.clone())
+            }
+            _ => None,
+        }
+    })
+}
+
 /// The hash of the container's spec fields whose change restarts it (upstream hashes the container without its
 /// resources, which resize changes in place). Stable across agent versions as long as the API types serialise the
 /// same way.
@@ -102,6 +137,10 @@ pub fn spec_hash(c: &Container) -> String {
 /// The exit code that decides a container's restart: its current termination, or the last one while it waits
 /// to restart.
 fn last_exit(r: &ContainerRecord) -> Option<i32> {
+    if matches!(&r.state, ContainerState::Waiting { reason, .. } if reason == RESTARTING_ALL.0) {
+        // Stopped by an in-place restart of the pod: it starts again whatever its policy says.
+        return None;
+    }
     match (&r.state, &r.last_state) {
         (ContainerState::Terminated { exit_code, .. }, _) => Some(*exit_code),
         (ContainerState::Waiting { .. }, Some(ContainerState::Terminated { exit_code, .. })) => Some(*exit_code),
@@ -140,6 +179,9 @@ pub fn plan(spec: &PodSpec, observed: &Observed) -> Vec<Action> {
     {
         let (reason, message) = DEADLINE_EXCEEDED;
         return vec![Action::Fail { reason, message: message.into() }];
+    }
+    if let Some(name) = restart_all_trigger(spec, observed) {
+        return vec![Action::RestartAll { name }];
     }
     let due = |name: &str| observed.not_before.get(name).is_none_or(|t| *t <= observed.now);
     // Ephemeral containers start even while the pod initializes (upstream), once each: one that never ran (its
@@ -531,6 +573,79 @@ mod tests {
             let want = if restarts { vec![start("app", false)] } else { vec![] };
             assert_eq!(w.plan(&s), want, "{policy} exit {code}");
         }
+    }
+
+    /// A container of its own `policy` whose exit code 42 restarts the whole pod.
+    fn restarting_all(name: &str, policy: &str) -> Container {
+        let rule = ContainerRestartRule {
+            action: "RestartAllContainers".into(),
+            exit_codes: Some(ContainerRestartRuleOnExitCodes { operator: "In".into(), values: Some(vec![42]) }),
+        };
+        Container { restart_policy: Some(policy.into()), restart_policy_rules: Some(vec![rule]), ..container(name) }
+    }
+
+    /// What the worker leaves of a container an in-place restart stopped.
+    fn restarted_in_place(name: &str, code: i32) -> ContainerRecord {
+        let mut r = exited(name, code);
+        r.container_id = Some(format!("nodelet://{name}-0"));
+        r.last_state = Some(ContainerState::Terminated {
+            exit_code: 137,
+            signal: None,
+            reason: RESTARTING_ALL.0.into(),
+            message: Some(RESTARTING_ALL.1.into()),
+            started_at: None,
+            finished_at: Timestamp::UNIX_EPOCH,
+            container_id: r.container_id.clone(),
+        });
+        r.state = ContainerState::waiting(RESTARTING_ALL.0, Some(RESTARTING_ALL.1.into()));
+        r
+    }
+
+    #[test]
+    fn a_restart_all_rule_restarts_the_pod_from_its_first_init_container() {
+        let (init, side, src) = (container("init"), sidecar("side"), restarting_all("source", "Never"));
+        let regular = Container { restart_policy: Some("Never".into()), ..container("regular") };
+        let s = spec(vec![init.clone(), side.clone()], vec![src.clone(), regular.clone()], "Never");
+        // The source exits with the rule's code: that restarts everything, before any other decision.
+        let mut w = World::new(vec![exited("init", 0), running(&side)], vec![exited("source", 42), running(&regular)]);
+        w.initialized = true;
+        assert_eq!(w.plan(&s), vec![Action::RestartAll { name: "source".into() }]);
+        // Its exit is a restart (of the pod), not the end of a `Never` container: the pod is not done.
+        assert!(should_restart(&src, &s, 42) && restarts_all(&src, 42) && !restarts_all(&src, 1));
+        assert_eq!(w.phase(&s), Phase::Running);
+        // Another code is the container's own policy: Never, and nothing restarts.
+        w.containers[0] = exited("source", 1);
+        assert_eq!(w.plan(&s), vec![]);
+        // Rules apply only with a container restartPolicy (upstream): without one, 42 is a plain failure.
+        let bare = Container { restart_policy: None, ..src.clone() };
+        assert!(!restarts_all(&bare, 42));
+
+        // Once all are stopped, the init containers run again in order (the pod re-initializes), and the
+        // app containers start whatever their `Never` says; the stopped ones are never a trigger again (137).
+        let mut w = World::new(
+            vec![restarted_in_place("init", 0), restarted_in_place("side", 137)],
+            vec![restarted_in_place("source", 42), restarted_in_place("regular", 137)],
+        );
+        assert_eq!(w.plan(&s), vec![start("init", true)]);
+        w.init[0] = exited("init", 0);
+        assert_eq!(w.plan(&s), vec![start("side", true)]);
+        w.init[1] = running(&side);
+        w.initialized = true;
+        assert_eq!(w.plan(&s), vec![start("source", false), start("regular", false)]);
+        // A rule that also names 137 does not loop on the containers the restart itself stopped.
+        let greedy = Container {
+            restart_policy_rules: Some(vec![ContainerRestartRule {
+                action: "RestartAllContainers".into(),
+                exit_codes: Some(ContainerRestartRuleOnExitCodes { operator: "NotIn".into(), values: Some(vec![0]) }),
+            }]),
+            ..regular
+        };
+        let s = spec(vec![], vec![src, greedy], "Never");
+        let w = World {
+            initialized: true,
+            ..World::new(vec![], vec![waiting("source"), restarted_in_place("regular", 137)])
+        };
+        assert_eq!(w.plan(&s), vec![start("source", false), start("regular", false)]);
     }
 
     #[test]

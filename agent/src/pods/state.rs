@@ -176,7 +176,23 @@ pub struct PodState {
     pub ephemeral: Vec<ContainerRecord>,
     /// Why the kubelet ended the pod (an eviction): the `DisruptionTarget` condition's message.
     pub disruption: Option<String>,
+    /// A `RestartAllContainers` restart rule fired and the pod is being restarted in place.
+    pub restart_all: Option<RestartAll>,
 }
+
+/// Where an in-place restart of all of a pod's containers stands (a `RestartAllContainers` restart rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartAll {
+    /// Its containers are being stopped: the `AllContainersRestarting` condition is True.
+    Stopping,
+    /// They are stopped and start again from the first init container (the `Initialized` condition stays True).
+    Initializing,
+}
+
+/// Reason of the state and last termination of a container stopped by an in-place restart of its pod
+/// (upstream's `RestartingAllContainers`), and their message.
+pub const RESTARTING_ALL: (&str, &str) =
+    ("RestartingAllContainers", "The container is removed because RestartAllContainers in place");
 
 /// Where an in-place resize stands, as upstream's resize conditions say it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -171,6 +171,7 @@ impl Worker {
             resize: None,
             ephemeral: Vec::new(),
             disruption: None,
+            restart_all: None,
         };
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (ooms_tx, ooms_rx) = mpsc::unbounded_channel();
@@ -506,7 +507,7 @@ impl Worker {
                     ephemeral: &self.state.ephemeral,
                     not_before: &self.next_attempt,
                     now: Instant::now(),
-                    initialized: self.state.initialized,
+                    initialized: self.state.initialized && self.state.restart_all.is_none(),
                     active_for: active_for.unwrap_or_default(),
                 },
             );
@@ -524,6 +525,7 @@ impl Worker {
                     Action::Resize { name, init } => self.resize(&name, Kind::of(init)).await,
                     Action::StopSidecars => self.stop_sidecars().await,
                     Action::Fail { reason, message } => self.fail(reason, message).await,
+                    Action::RestartAll { name } => self.restart_all(&name).await,
                 }
             }
             self.refresh();
@@ -536,8 +538,10 @@ impl Worker {
             return;
         }
         let spec = self.pod.spec.clone().unwrap_or_default();
-        if !self.state.initialized && plan::initialized(&spec, &self.state.init) {
+        if plan::initialized(&spec, &self.state.init) {
             self.state.initialized = true;
+            // An in-place restart is over once the init containers have run again.
+            self.state.restart_all = None;
         }
         // A pending resize the spec no longer asks for (reverted, or applied) is over.
         if matches!(self.state.resize, Some(super::state::ResizeStatus::Pending { .. }))

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::pods::state::{ContainerRecord, ContainerState, Kind, Phase, PodState, ResizeStatus};
+use crate::pods::state::{ContainerRecord, ContainerState, Kind, Phase, PodState, ResizeStatus, RestartAll};
 
 fn api_state(state: &ContainerState) -> ApiState {
     match state {
@@ -84,6 +84,8 @@ fn quantities(map: &std::collections::BTreeMap<String, String>) -> std::collecti
 /// The resize conditions: present only while true, so a status patch must delete them when they are gone.
 pub const RESIZE_PENDING: &str = "PodResizePending";
 pub const RESIZE_IN_PROGRESS: &str = "PodResizeInProgress";
+/// The condition of a pod whose containers a restart rule restarts in place.
+pub const ALL_CONTAINERS_RESTARTING: &str = "AllContainersRestarting";
 
 pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
     let now = Time(jiff::Timestamp::now());
@@ -178,6 +180,18 @@ pub fn pod_status(state: &PodState, previous: Option<&PodStatus>) -> PodStatus {
             ..resize("DisruptionTarget", None, None)
         });
     }
+    // Upstream's AllContainersRestarting: True while a restart rule's in-place restart stops the containers.
+    if let Some(restart) = state.restart_all {
+        let cond = condition(ALL_CONTAINERS_RESTARTING, restart == RestartAll::Stopping, None, None);
+        conditions.push(match restart {
+            RestartAll::Stopping => PodCondition {
+                reason: Some("RestartAllContainersStarted".into()),
+                message: Some("container exited with restart policy rule".into()),
+                ..cond
+            },
+            RestartAll::Initializing => cond,
+        });
+    }
     match &state.resize {
         Some(ResizeStatus::Pending { reason, message }) => {
             conditions.push(resize(RESIZE_PENDING, Some((*reason).into()), Some(message.clone())));
@@ -235,6 +249,7 @@ mod tests {
             resize: None,
             ephemeral: Vec::new(),
             disruption: None,
+            restart_all: None,
         }
     }
 
@@ -276,5 +291,22 @@ mod tests {
         let failed = pod_status(&state, None);
         let c = condition(&failed, RESIZE_IN_PROGRESS);
         assert_eq!((c.reason.as_deref(), c.message.as_deref()), (Some("Error"), Some("write failed")));
+    }
+
+    #[test]
+    fn all_containers_restarting_is_true_while_an_in_place_restart_stops_them() {
+        let mut state = running_ready();
+        let kinds = |s: &PodStatus| s.conditions.iter().flatten().map(|c| c.type_.clone()).collect::<Vec<_>>();
+        assert!(!kinds(&pod_status(&state, None)).contains(&ALL_CONTAINERS_RESTARTING.to_string()));
+        state.restart_all = Some(RestartAll::Stopping);
+        let stopping = pod_status(&state, None);
+        let c = condition(&stopping, ALL_CONTAINERS_RESTARTING);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref(), c.message.as_deref()),
+            ("True", Some("RestartAllContainersStarted"), Some("container exited with restart policy rule"))
+        );
+        state.restart_all = Some(RestartAll::Initializing);
+        let c = condition(&pod_status(&state, Some(&stopping)), ALL_CONTAINERS_RESTARTING).clone();
+        assert_eq!((c.status.as_str(), c.reason), ("False", None));
     }
 }

@@ -169,8 +169,11 @@ impl Worker {
         let restarts = kind != Kind::Ephemeral
             && self.container_spec(name, kind).is_some_and(|(c, _)| {
                 let sidecar = init && plan::is_sidecar(&c);
-                // A regular init container that succeeded is done.
-                (sidecar || !init || exit.code != 0) && plan::should_restart(&c, &spec, exit.code)
+                // A regular init container that succeeded is done; an exit that restarts the whole pod is the
+                // plan's (`RestartAll`), with no back-off of its own.
+                (sidecar || !init || exit.code != 0)
+                    && plan::should_restart(&c, &spec, exit.code)
+                    && !plan::restarts_all(&c, exit.code)
             });
         let now = Instant::now();
         let delay = self.crash_backoff.delay(name);

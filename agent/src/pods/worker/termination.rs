@@ -1,6 +1,7 @@
 //! Stopping containers: the whole pod within its grace period (app containers first, sidecars last, in reverse
 //! order; a shorter grace period arriving meanwhile takes effect), a container whose spec changed, the sidecars
-//! of a finished pod, every container of a pod past its deadline; then the pod's network, sandbox and cgroup.
+//! of a finished pod, every container of a pod past its deadline or restarted in place by a restart rule; then
+//! the pod's network, sandbox and cgroup.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use crate::prober::hooks;
 
 /// What SIGTERM gets at least after a preStop hook took its share of the grace period (upstream's minimum).
 const MIN_GRACE: Duration = Duration::from_secs(2);
-use crate::pods::state::{ContainerState, Kind, Phase};
+use crate::pods::state::{ContainerState, Kind, Phase, RESTARTING_ALL, RestartAll};
 use crate::status::StatusMessage;
 
 /// The pod's grace period: the deletion's, else `terminationGracePeriodSeconds`, else upstream's 30 s.
@@ -156,6 +157,40 @@ impl Worker {
         record.last_state = Some(record.state.clone());
         record.state = ContainerState::waiting("ContainerCreating", None);
         self.next_attempt.remove(name);
+    }
+
+    /// A `RestartAllContainers` rule fired on `source`'s exit: every container is stopped (app containers, then
+    /// sidecars last started first) while the `AllContainersRestarting` condition says so; each that ran then
+    /// waits with upstream's `RestartingAllContainers` state and last termination, and the pod starts again from
+    /// its first init container, whatever each container's restart policy (its sandbox, IP and volumes stay).
+    pub(super) async fn restart_all(&mut self, source: &str) {
+        tracing::info!(pod = %self.pod_ref.name, container = source, "restart rule: restarting all containers");
+        self.state.restart_all = Some(RestartAll::Stopping);
+        self.publish();
+        self.stop_everything(Instant::now() + grace_period(&self.pod, None), false).await;
+        let (reason, message) = RESTARTING_ALL;
+        let now = Timestamp::now();
+        for record in self.state.init.iter_mut().chain(self.state.containers.iter_mut()) {
+            if matches!(record.state, ContainerState::Waiting { .. }) && record.container_id.is_none() {
+                continue; // never ran
+            }
+            record.last_state = Some(ContainerState::Terminated {
+                exit_code: 137,
+                signal: None,
+                reason: reason.into(),
+                message: Some(message.into()),
+                started_at: None,
+                finished_at: now,
+                container_id: record.container_id.clone(),
+            });
+            record.state = ContainerState::waiting(reason, Some(message.into()));
+            record.ready = false;
+            record.started = false;
+        }
+        let ephemeral: std::collections::HashSet<&str> = self.state.ephemeral.iter().map(|r| r.name.as_str()).collect();
+        self.next_attempt.retain(|name, _| ephemeral.contains(name.as_str()));
+        self.state.restart_all = Some(RestartAll::Initializing);
+        self.publish();
     }
 
     /// Stops the sidecars of a pod whose app containers are done, last started first.

@@ -454,3 +454,52 @@ fn memory_events_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_restart_all_rule_restarts_every_container_in_place() {
+    let p = pod("metadata: {name: p}
+spec:
+  restartPolicy: Never
+  initContainers: [{name: init}, {name: side, restartPolicy: Always}]
+  containers:
+  - name: source
+    restartPolicy: Never
+    restartPolicyRules: [{action: RestartAllContainers, exitCodes: {operator: In, values: [42]}}]
+  - {name: regular, restartPolicy: Never}");
+    let mut h = Harness::start(p, |rt, _| rt.script("init", Script::ExitAtStart(0)));
+    let running = |s: &PodState, name: &str| app(s, name).state.is_running();
+    h.until("all running", |s| running(s, "source") && running(s, "regular") && running(s, "side")).await;
+    h.runtime.exit("source", 42);
+    let stopping =
+        h.until("AllContainersRestarting", |s| s.restart_all == Some(crate::pods::state::RestartAll::Stopping)).await;
+    assert!(stopping.initialized, "the Initialized condition stays True");
+    let again = h
+        .until("everything started again", |s| {
+            ["side", "source", "regular"].iter().all(|n| running(s, n) && app(s, n).restart_count == 1)
+                && app(s, "init").restart_count == 1
+                && s.restart_all.is_none()
+        })
+        .await;
+    let (reason, _) = crate::pods::state::RESTARTING_ALL;
+    for name in ["init", "side", "source", "regular"] {
+        let last = app(&again, name).last_state.as_ref();
+        assert!(
+            matches!(last, Some(ContainerState::Terminated { reason: r, exit_code: 137, .. }) if r == reason),
+            "{name}: {last:?}"
+        );
+    }
+    assert!(app(&again, "init").succeeded(), "the init container ran again");
+    assert_eq!(again.phase, Phase::Running);
+    let log = h.runtime.log();
+    let creates: Vec<&str> = log.iter().filter(|l| l.starts_with("create")).map(String::as_str).collect();
+    assert_eq!(
+        creates,
+        ["create init", "create side", "create source", "create regular"].repeat(2),
+        "the same order the second time"
+    );
+    // The app containers stopped before the sidecar; the sandbox stayed.
+    let stops: Vec<&str> = log.iter().filter(|l| l.starts_with("stop")).map(String::as_str).collect();
+    assert_eq!(stops.last(), Some(&"stop side"), "{stops:?}");
+    assert_eq!(log.iter().filter(|l| l.as_str() == "sandbox").count(), 1, "{log:?}");
+    h.delete().await;
+}
