@@ -13,7 +13,8 @@
 //!
 //! The images upstream's specs name (`registry.k8s.io/e2e-test-images/...`) come from the test bed's registry,
 //! through e2e's own `KUBE_TEST_REPO_LIST` mapping: agnhost is built from upstream's source at the release's
-//! tag, busybox is the test bed's.
+//! tag (with a `/bin/bash` that runs busybox's `sh`), busybox is the test bed's, `pause` is agnhost's,
+//! `nonewprivs` upstream's program on busybox, `nonroot` busybox with user 1234.
 
 mod support;
 
@@ -67,8 +68,29 @@ async fn upstream_node_conformance() -> Result<()> {
     // which runs them as well.
     let bash = Layer::new().dir("bin", 0o755).file("bin/bash", b"#!/bin/sh\nexec /bin/sh \"$@\"\n", 0o755).tar();
     for tag in ["2.66.1", "2.55"] {
-        extend_image(&registry, ("agnhost", "2.66.1"), ("e2e-test-images/agnhost", tag), &bash).await?;
+        extend_image(&registry, ("agnhost", "2.66.1"), ("e2e-test-images/agnhost", tag), &bash, |_| {}).await?;
     }
+    // Upstream's nonewprivs image: its `nnp` (built by build-e2e.sh), setuid root, run by default.
+    let nnp = std::fs::read(control_plane_bin("nnp")?)?;
+    let nnp = Layer::new()
+        .dir("usr", 0o755)
+        .dir("usr/local", 0o755)
+        .dir("usr/local/bin", 0o755)
+        .owned_file("usr/local/bin/nnp", &nnp, 0o6755, 0, 0)
+        .tar();
+    extend_image(&registry, ("busybox", "latest"), ("e2e-test-images/nonewprivs", "1.4"), &nnp, |config| {
+        config["config"]["Entrypoint"] = serde_json::Value::Null;
+        config["config"]["Cmd"] = serde_json::json!(["nnp"]);
+        config["config"]["Env"] =
+            serde_json::json!(["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]);
+    })
+    .await?;
+    // Upstream's nonroot image: busybox whose default user is 1234.
+    let etc = Layer::new().dir("etc", 0o755).tar();
+    extend_image(&registry, ("busybox", "latest"), ("e2e-test-images/nonroot", "1.5"), &etc, |config| {
+        config["config"]["User"] = serde_json::json!("1234");
+    })
+    .await?;
     // Upstream's pause image, as agnhost's `pause` (the same behaviour: sleep until a signal ends it).
     let agnhost = std::fs::read(control_plane_bin("agnhost")?)?;
     let layer = Layer::new().file("agnhost", &agnhost, 0o755).tar();

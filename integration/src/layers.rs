@@ -186,9 +186,16 @@ pub async fn push_image_with_cmd(
     Ok(digest)
 }
 
-/// Pushes image `from` (`name:tag` in `registry`) with one more layer on top (`tar`, uncompressed) as `to`: an
-/// image with a file added, e.g. a stand-in for a tool the test image lacks.
-pub async fn extend_image(registry: &Registry, from: (&str, &str), to: (&str, &str), tar: &[u8]) -> Result<String> {
+/// Pushes image `from` (`name:tag` in `registry`) with one more layer on top (`tar`, uncompressed) and its config
+/// changed by `edit` (e.g. its `config.Cmd`) as `to`: an image with a file added, e.g. a stand-in for a tool the
+/// test image lacks.
+pub async fn extend_image(
+    registry: &Registry,
+    from: (&str, &str),
+    to: (&str, &str),
+    tar: &[u8],
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<String> {
     let client = Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
     let auth = match registry.credentials() {
         Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
@@ -206,6 +213,7 @@ pub async fn extend_image(registry: &Registry, from: (&str, &str), to: (&str, &s
         .as_array_mut()
         .context("the image config has no rootfs.diff_ids")?
         .push(serde_json::Value::String(sha256(tar)));
+    edit(&mut config);
     let mut layers = image.layers;
     layers.push(ImageLayer::oci_v1_gzip(gzip(tar), None));
     let config = Config::oci_v1(serde_json::to_vec(&config)?, None);
