@@ -111,9 +111,13 @@ pub fn resource_value(
     };
     let set = map.and_then(|m| m.get(resource)).and_then(quantity);
     let divisor = r.divisor.as_ref().and_then(quantity).filter(|d| *d > 0.0).unwrap_or(1.0);
+    // A container without a limit of its own is bounded by the pod-level limit, else by the node (upstream).
+    let level = crate::pods::resources::pod_level(pod).unwrap_or_default();
+    let pod_cpu = level.cpu_limit_millis.map(|m| m as f64 / 1000.0);
+    let pod_memory = level.memory_limit_bytes.map(|b| b as f64);
     let value = match (resource, kind) {
-        ("cpu", "limits") => set.unwrap_or(allocatable.cpu_millis as f64 / 1000.0),
-        ("memory", "limits") => set.unwrap_or(allocatable.memory_bytes as f64),
+        ("cpu", "limits") => set.or(pod_cpu).unwrap_or(allocatable.cpu_millis as f64 / 1000.0),
+        ("memory", "limits") => set.or(pod_memory).unwrap_or(allocatable.memory_bytes as f64),
         ("ephemeral-storage", "limits") => set.unwrap_or(allocatable.ephemeral_storage_bytes as f64),
         ("cpu" | "memory" | "ephemeral-storage", _) => set.unwrap_or(0.0),
         (h, _) if h.starts_with("hugepages-") => set.unwrap_or(0.0),
@@ -179,5 +183,16 @@ mod tests {
         let mut other = rf("limits.memory", Some("1Mi"));
         other.container_name = Some("c".into());
         assert_eq!(resource_value(&p, "bare", &other, &alloc).unwrap(), "64");
+        // A pod-level limit bounds a container without its own, before the node does.
+        let mut bounded = pod();
+        bounded.spec.as_mut().expect("spec").resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            limits: Some(
+                [("memory".to_string(), k8s_openapi::apimachinery::pkg::api::resource::Quantity("32Mi".into()))].into(),
+            ),
+            ..Default::default()
+        });
+        assert_eq!(resource_value(&bounded, "bare", &rf("limits.memory", Some("1Mi")), &alloc).unwrap(), "32");
+        assert_eq!(resource_value(&bounded, "bare", &rf("limits.cpu", None), &alloc).unwrap(), "2");
+        assert_eq!(resource_value(&bounded, "c", &rf("limits.memory", Some("1Mi")), &alloc).unwrap(), "64");
     }
 }

@@ -1,6 +1,6 @@
 //! Resource quantities of a pod spec in the kubelet's units, and the cgroup settings they become.
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use nodelet_cgroups::qos::{self, ContainerResources};
 
@@ -41,7 +41,11 @@ fn get(map: Option<&std::collections::BTreeMap<String, Quantity>>, key: &str) ->
 
 /// A container's requests and limits; requests default to limits, as the API server's defaulting does.
 pub fn container_resources(c: &Container) -> ContainerResources {
-    let r = c.resources.as_ref();
+    requirements(c.resources.as_ref())
+}
+
+/// Requests and limits of cpu and memory; requests default to limits.
+fn requirements(r: Option<&ResourceRequirements>) -> ContainerResources {
     let requests = r.and_then(|r| r.requests.as_ref());
     let limits = r.and_then(|r| r.limits.as_ref());
     let millis = |v: f64| crate::units::ceil_u64(v * 1000.0);
@@ -56,6 +60,17 @@ pub fn container_resources(c: &Container) -> ContainerResources {
     }
 }
 
+/// The pod-level `spec.resources` (PodLevelResources: beta, on by default in upstream 1.37), when it sets cpu or
+/// memory: the pod's budget, which its QoS class, its admission and its cgroup follow instead of the sum of its
+/// containers' (upstream's `IsPodLevelResourcesSet`).
+pub fn pod_level(pod: &Pod) -> Option<ContainerResources> {
+    let r = pod.spec.as_ref()?.resources.as_ref()?;
+    let names = |m: Option<&std::collections::BTreeMap<String, Quantity>>| {
+        m.is_some_and(|m| m.contains_key("cpu") || m.contains_key("memory"))
+    };
+    (names(r.requests.as_ref()) || names(r.limits.as_ref())).then(|| requirements(Some(r)))
+}
+
 /// All containers' resources: (app, init).
 pub fn pod_resources(pod: &Pod) -> (Vec<ContainerResources>, Vec<ContainerResources>) {
     let spec = pod.spec.as_ref();
@@ -67,21 +82,50 @@ pub fn pod_resources(pod: &Pod) -> (Vec<ContainerResources>, Vec<ContainerResour
     (app, init)
 }
 
-/// The pod's QoS class.
+/// The pod's QoS class: from its pod-level resources when it has them, else from its containers' (upstream's
+/// `ComputePodQOS`).
 pub fn pod_qos(pod: &Pod) -> qos::QosClass {
+    if let Some(level) = pod_level(pod) {
+        return qos::pod_qos(&[level]);
+    }
     let (app, init) = pod_resources(pod);
     qos::pod_qos(&[app, init].concat())
 }
 
-/// The pod's effective requests (max of the app sum and the largest init container): what admission checks.
+/// The pod's effective requests (max of the app sum and the largest init container; a pod-level request instead
+/// where there is one): what admission checks.
 pub fn pod_requests(pod: &Pod) -> (u64, u64) {
     let (app, init) = pod_resources(pod);
     let sum = |f: fn(&ContainerResources) -> Option<u64>| app.iter().filter_map(f).sum::<u64>();
     let max = |f: fn(&ContainerResources) -> Option<u64>| init.iter().filter_map(f).max().unwrap_or(0);
+    let level = pod_level(pod).unwrap_or_default();
     (
-        sum(|c| c.cpu_request_millis).max(max(|c| c.cpu_request_millis)),
-        sum(|c| c.memory_request_bytes).max(max(|c| c.memory_request_bytes)),
+        level.cpu_request_millis.unwrap_or_else(|| sum(|c| c.cpu_request_millis).max(max(|c| c.cpu_request_millis))),
+        level
+            .memory_request_bytes
+            .unwrap_or_else(|| sum(|c| c.memory_request_bytes).max(max(|c| c.memory_request_bytes))),
     )
+}
+
+/// The pod cgroup's limits (upstream's `ResourceConfigForPod`): from its containers, or from its pod-level
+/// resources where it has them (a pod-level limit bounds containers that have none of their own).
+pub fn pod_cgroup_limits(pod: &Pod) -> qos::PodLimits {
+    let (app, init) = pod_resources(pod);
+    let from_containers = qos::pod_limits(&app, &init);
+    let Some(level) = pod_level(pod) else { return from_containers };
+    let best_effort = qos::pod_qos(&[level]) == qos::QosClass::BestEffort;
+    qos::PodLimits {
+        cpu_shares: match level.cpu_request_millis {
+            _ if best_effort => qos::MIN_SHARES,
+            Some(milli) => qos::milli_cpu_to_shares(milli),
+            None => from_containers.cpu_shares,
+        },
+        cpu_quota_us: match level.cpu_limit_millis {
+            Some(milli) => qos::milli_cpu_to_quota(milli),
+            None => from_containers.cpu_quota_us,
+        },
+        memory_limit_bytes: level.memory_limit_bytes.or(from_containers.memory_limit_bytes),
+    }
 }
 
 /// `podPidsLimit` as a cgroup limit: `-1` (or any value below 1) means unlimited (`pids.max` = `max`), as upstream.
@@ -162,5 +206,42 @@ mod tests {
         assert_eq!(pod_pids_limit(Some(1024)), Some(1024));
         let r = runtime_resources(&ContainerResources::default(), Some(-1), true);
         assert_eq!(r.pids_limit, None);
+    }
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}, "spec": spec})).expect("pod")
+    }
+
+    #[test]
+    fn pod_level_resources_decide_qos_admission_and_the_pod_cgroup() {
+        // Containers without resources, a pod-level budget: Guaranteed by the pod's (requests default to limits).
+        let guaranteed = pod(serde_json::json!({
+            "resources": {"limits": {"cpu": "500m", "memory": "128Mi"}},
+            "containers": [{"name": "a"}, {"name": "b"}],
+        }));
+        assert_eq!(pod_qos(&guaranteed), qos::QosClass::Guaranteed);
+        assert_eq!(pod_requests(&guaranteed), (500, 128 << 20));
+        let limits = pod_cgroup_limits(&guaranteed);
+        assert_eq!(
+            (limits.cpu_shares, limits.cpu_quota_us, limits.memory_limit_bytes),
+            (512, Some(50_000), Some(128 << 20)),
+            "the pod cgroup gets the pod's budget although no container has a limit"
+        );
+        // A pod-level request only: Burstable, no limits; the pod's request, not the containers' sum, is admitted.
+        let burstable = pod(serde_json::json!({
+            "resources": {"requests": {"cpu": "1"}},
+            "containers": [{"name": "a", "resources": {"requests": {"cpu": "100m", "memory": "1Mi"}}}],
+        }));
+        assert_eq!(pod_qos(&burstable), qos::QosClass::Burstable);
+        assert_eq!(pod_requests(&burstable), (1000, 1 << 20), "memory: the containers' (no pod-level request)");
+        let limits = pod_cgroup_limits(&burstable);
+        assert_eq!((limits.cpu_shares, limits.cpu_quota_us, limits.memory_limit_bytes), (1024, None, None));
+        // Other pod-level resources (hugepages) do not make it a pod-level budget (upstream's supported set).
+        let other = pod(serde_json::json!({
+            "resources": {"limits": {"hugepages-2Mi": "2Mi"}},
+            "containers": [{"name": "a"}],
+        }));
+        assert!(pod_level(&other).is_none());
+        assert_eq!(pod_qos(&other), qos::QosClass::BestEffort);
     }
 }

@@ -432,8 +432,7 @@ impl Worker {
             return Ok(());
         }
         let spec = self.pod.spec.clone().unwrap_or_default();
-        let (app, init) = resources::pod_resources(&self.pod);
-        let limits = nodelet_cgroups::qos::pod_limits(&app, &init);
+        let limits = resources::pod_cgroup_limits(&self.pod);
         let (ctx, qos, uid) = (self.ctx.clone(), self.state.qos, self.pod_ref.uid.clone());
         let pids = resources::pod_pids_limit(self.ctx.config.kubelet.pod_pids_limit);
         tokio::task::spawn_blocking(move || ctx.hierarchy.ensure_pod(qos, &uid, &limits, pids)).await??;

@@ -57,8 +57,7 @@ impl Worker {
             kubelet.pod_pids_limit,
             !kubelet.single_process_oom_kill.unwrap_or(false),
         );
-        let (app, init_resources) = resources::pod_resources(&self.pod);
-        let pod_limits = qos::pod_limits(&app, &init_resources);
+        let pod_limits = resources::pod_cgroup_limits(&self.pod);
         let pids = resources::pod_pids_limit(kubelet.pod_pids_limit);
         let (qos_class, uid) = (self.state.qos, self.pod_ref.uid.clone());
         let rel = format!("{}/{id}", qos::pod_cgroup(qos_class, &uid));
