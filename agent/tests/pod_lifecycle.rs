@@ -4,7 +4,8 @@
 //! restarted with the new image), a 70-character pod name (a 63-character hostname less the trailing `-`),
 //! `activeDeadlineSeconds` (DeadlineExceeded), a pod for another OS (PodOSNotSupported), and hostile images whose
 //! `/etc/passwd` is a symlink to `/dev/zero` or whose `/etc/group` is a FIFO (a clear CreateContainerError; the
-//! agent neither hangs nor grows).
+//! agent neither hangs nor grows), a `RestartAllContainers` restart rule (every container restarted in place) and
+//! pod-level resources (the pod cgroup's memory limit).
 
 mod support;
 
@@ -304,6 +305,57 @@ async fn pod_workers_follow_upstream_rules() -> Result<()> {
     .await
     .with_context(|| node.log())?;
     eprintln!("stubborn pod gone {:?} after the grace period was shortened", shortened.elapsed());
+
+    // A RestartAllContainers restart rule: the scheduler places the pod here only because the node declares the
+    // feature; the source's exit 42 restarts every container in place, the init container first.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: restart-all}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  volumes: [{{name: work, emptyDir: {{}}}}]\n  initContainers:\n  - {{name: init, image: {image}, command: [sh, -c, 'echo init >> /work/runs'], volumeMounts: [{{name: work, mountPath: /work}}]}}\n  containers:\n  - name: source\n    image: {image}\n    command: [sh, -c, 'if [ -f /work/done ]; then sleep 3600; else touch /work/done; sleep 2; exit 42; fi']\n    restartPolicy: Never\n    restartPolicyRules: [{{action: RestartAllContainers, exitCodes: {{operator: In, values: [42]}}}}]\n    volumeMounts: [{{name: work, mountPath: /work}}]\n  - {{name: regular, image: {image}, command: [sleep, '3600'], restartPolicy: Never}}\n"
+    ))).await?;
+    let restarted = wait_pod(&pods, "restart-all", "all containers restarted in place", Duration::from_secs(90), |p| {
+        let all = statuses(p, true).into_iter().chain(statuses(p, false)).collect::<Vec<_>>();
+        all.len() == 3
+            && all.iter().all(|c| {
+                let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+                c.restart_count == 1 && last.is_some_and(|t| t.reason.as_deref() == Some("RestartingAllContainers"))
+            })
+            && statuses(p, false).iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    let conditions = restarted.status.and_then(|s| s.conditions).unwrap_or_default();
+    ensure!(
+        conditions.iter().any(|c| c.type_ == "AllContainersRestarting" && c.status == "False")
+            && conditions.iter().any(|c| c.type_ == "Initialized" && c.status == "True"),
+        "{conditions:?}"
+    );
+    let out = cluster.kubectl().args(["exec", "restart-all", "-c", "source", "--", "cat", "/work/runs"]).output()?;
+    let runs = String::from_utf8_lossy(&out.stdout);
+    ensure!(runs == "init\ninit\n", "the init container ran twice, in the same volume: {runs:?} {out:?}");
+    pods.delete("restart-all", &DeleteParams::default()).await?;
+
+    // Pod-level resources: containers without limits, a pod-level budget; the pod is Guaranteed and its cgroup
+    // has the budget's memory limit.
+    pods.create(&PostParams::default(), &pod(&format!(
+        "metadata: {{name: pod-level}}\nspec:\n  terminationGracePeriodSeconds: 1\n  resources: {{limits: {{cpu: 500m, memory: 48Mi}}}}\n  containers:\n  - {{name: main, image: {image}, command: [sleep, '3600']}}\n"
+    ))).await?;
+    let level = wait_pod(&pods, "pod-level", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await?;
+    let status = level.status.clone().unwrap_or_default();
+    ensure!(status.qos_class.as_deref() == Some("Guaranteed"), "{:?}", status.qos_class);
+    let uid = level.metadata.uid.clone().unwrap_or_default();
+    let root = format!("/proc/{}/root/sys/fs/cgroup", node.pid().unwrap_or(0));
+    let limit = [
+        format!("{root}/memory/kubepods/pod{uid}/memory.limit_in_bytes"),
+        format!("{root}/kubepods/pod{uid}/memory.max"),
+    ]
+    .into_iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .context("no memory limit file for the pod cgroup")?;
+    ensure!(limit.trim() == (48u64 << 20).to_string(), "pod cgroup memory limit {limit:?}");
+    pods.delete("pod-level", &DeleteParams::default()).await?;
+    wait_for("the two pods to go", Duration::from_secs(30), || async {
+        Ok((pods.get_opt("restart-all").await?.is_none() && pods.get_opt("pod-level").await?.is_none()).then_some(()))
+    })
+    .await?;
 
     // A pod for another OS is rejected at admission, as upstream words it.
     pods.create(&PostParams::default(), &pod(&format!(
