@@ -32,8 +32,15 @@ use support::{HostAddress, Nodelet, wait_node_ready};
 /// cannot build without a container registry (nginx, httpd, the private-registry ones), or a second node.
 const DEFAULT_SKIP: &str = r"\[Serial\]|\[Disruptive\]|\[Flaky\]|\[Feature:|private registry|nginx|httpd";
 
-/// `(source, alias)`: the test bed's images under the names upstream's image manifest gives them.
-const ALIASES: &[(&str, &str)] = &[("busybox:latest", "e2e-test-images/busybox:1.37.0-2")];
+/// `(source, alias)`: the test bed's images under the names upstream's image manifest gives them. Stand-ins as
+/// busybox: nginx (specs that only swap images, e.g. the back-off reset on an image update) and glibc-dns-testing
+/// (the hostname specs run `hostname` and `hostname -f` in it).
+const ALIASES: &[(&str, &str)] = &[
+    ("busybox:latest", "e2e-test-images/busybox:1.37.0-2"),
+    ("busybox:latest", "e2e-test-images/nginx:1.27.0-2"),
+    ("busybox:latest", "e2e-test-images/nginx:1.28.0-2"),
+    ("busybox:latest", "e2e-test-images/glibc-dns-testing:2.1.1"),
+];
 
 fn e2e_binary() -> Result<PathBuf> {
     let bin = cache_dir().join(format!("k8s-{}/bin/e2e.test", k8s_version()));
