@@ -84,7 +84,11 @@ async fn upstream_node_conformance() -> Result<()> {
     // which runs them as well.
     let bash = Layer::new().dir("bin", 0o755).file("bin/bash", b"#!/bin/sh\nexec /bin/sh \"$@\"\n", 0o755).tar();
     for tag in ["2.66.1", "2.55"] {
-        extend_image(&registry, ("agnhost", "2.66.1"), ("e2e-test-images/agnhost", tag), &bash, |_| {}).await?;
+        // Upstream's runs `pause` when given no arguments (Deployments in the apps specs rely on it).
+        extend_image(&registry, ("agnhost", "2.66.1"), ("e2e-test-images/agnhost", tag), &bash, |config| {
+            config["config"]["Cmd"] = serde_json::json!(["pause"]);
+        })
+        .await?;
     }
     // Upstream's nonewprivs image: its `nnp` (built by build-e2e.sh), setuid root, run by default.
     let nnp = std::fs::read(control_plane_bin("nnp")?)?;
