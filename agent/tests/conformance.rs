@@ -42,6 +42,16 @@ const ALIASES: &[(&str, &str)] = &[
     ("busybox:latest", "e2e-test-images/glibc-dns-testing:2.1.1"),
 ];
 
+/// `curl [-g -q -s] [--max-time N] [--connect-timeout N] URL`, as the networking specs call it, with wget.
+const CURL: &str = r#"#!/bin/sh
+t=15; url=
+while [ $# -gt 0 ]; do
+  case "$1" in --max-time) t=$2; shift ;; --connect-timeout) shift ;; -*) ;; *) url=$1 ;; esac
+  shift
+done
+exec wget -q -T "$t" -O - "$url"
+"#;
+
 fn e2e_binary() -> Result<PathBuf> {
     let bin = cache_dir().join(format!("k8s-{}/bin/e2e.test", k8s_version()));
     ensure!(bin.exists(), "{} is missing: run integration/scripts/build-e2e.sh", bin.display());
@@ -82,7 +92,14 @@ async fn upstream_node_conformance() -> Result<()> {
     }
     // Upstream's agnhost image has bash, which some specs run scripts with; the test bed's has busybox's sh,
     // which runs them as well.
-    let bash = Layer::new().dir("bin", 0o755).file("bin/bash", b"#!/bin/sh\nexec /bin/sh \"$@\"\n", 0o755).tar();
+    // Nor has it curl, which the networking specs GET pod addresses with: busybox's wget stands in.
+    let bash = Layer::new()
+        .dir("bin", 0o755)
+        .file("bin/bash", b"#!/bin/sh\nexec /bin/sh \"$@\"\n", 0o755)
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/curl", CURL.as_bytes(), 0o755)
+        .tar();
     for tag in ["2.66.1", "2.55"] {
         // Upstream's runs `pause` when given no arguments (Deployments in the apps specs rely on it).
         extend_image(&registry, ("agnhost", "2.66.1"), ("e2e-test-images/agnhost", tag), &bash, |config| {
