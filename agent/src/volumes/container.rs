@@ -135,10 +135,13 @@ fn pin(root: &Path, sub: &str, target: &Path) -> Result<PathBuf, String> {
     Ok(target.to_path_buf())
 }
 
-/// Opens `sub` with every step resolved beneath `root`; missing directories are made (0755) on the way.
+/// Opens `sub` with every step resolved beneath `root`; missing directories are made on the way with the volume
+/// root's mode, setgid and sticky bits included, whatever the umask (upstream: so that an fsGroup volume's group
+/// can write into a subPath the kubelet made; its owner is the agent, its group the root's when that is setgid).
 fn open_beneath(root: &Path, sub: &str) -> std::io::Result<OwnedFd> {
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
     let root_fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let mode = Mode::from_raw_mode(rustix::fs::fstat(&root_fd)?.st_mode & 0o7777);
     let mut done = PathBuf::new();
     let parts: Vec<&str> = sub.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     for (i, part) in parts.iter().enumerate() {
@@ -167,8 +170,20 @@ fn open_beneath(root: &Path, sub: &str) -> std::io::Result<OwnedFd> {
                         resolve,
                     )?
                 };
-                match rustix::fs::mkdirat(parent.as_fd(), *part, Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                match rustix::fs::mkdirat(parent.as_fd(), *part, mode) {
+                    Ok(()) => {
+                        // mkdir leaves out what the umask takes and the setgid and sticky bits: set them on the
+                        // directory itself (opened without following anything), not on a path.
+                        let made = rustix::fs::openat2(
+                            root_fd.as_fd(),
+                            &done,
+                            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            Mode::empty(),
+                            resolve,
+                        )?;
+                        rustix::fs::fchmod(&made, mode)?;
+                    }
+                    Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(e.into()),
                 }
                 if last {
@@ -221,6 +236,15 @@ mod tests {
         // Missing directories are made.
         open_beneath(&vol, "new/deeper").unwrap();
         assert!(vol.join("new/deeper").is_dir());
+        // They get the volume's mode, special bits too, whatever the umask (upstream's fsGroup subPath spec:
+        // `dgtrwxrwxrwx` below a setgid, sticky tmpfs root).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o3777)).unwrap();
+        open_beneath(&vol, "made/here").unwrap();
+        for made in ["made", "made/here"] {
+            let mode = std::fs::metadata(vol.join(made)).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o3777, "{made}: {mode:o}");
+        }
         let m = VolumeMount { sub_path: Some("../x".into()), ..Default::default() };
         assert!(sub_path(&m, &[]).unwrap_err().contains("must not contain '..'"));
         let m = VolumeMount { sub_path: Some("/x".into()), ..Default::default() };

@@ -414,12 +414,13 @@ impl Job {
             }
             Job::EmptyDir { dir, tmpfs } => {
                 match tmpfs {
-                    Some(size) => mounts::ensure_tmpfs(&dir, Some(size), 0o777),
+                    Some(size) => mounts::ensure_tmpfs(&dir, Some(size), 0o1777),
                     None => std::fs::create_dir_all(&dir),
                 }
                 .map_err(|e| e.to_string())?;
-                // World-writable like upstream's, group-owned and setgid with an fsGroup.
-                let mode = if group.is_some() { 0o2777 } else { 0o777 };
+                // World-writable like upstream's (on tmpfs also sticky: a tmpfs root's default, which upstream
+                // keeps), group-owned and setgid with an fsGroup.
+                let mode = if tmpfs.is_some() { 0o1777 } else { 0o777 } | if group.is_some() { 0o2000 } else { 0 };
                 if let Some(gid) = group {
                     std::os::unix::fs::chown(&dir, None, Some(gid)).map_err(|e| e.to_string())?;
                 }
