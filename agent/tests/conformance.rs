@@ -42,14 +42,15 @@ const ALIASES: &[(&str, &str)] = &[
     ("busybox:latest", "e2e-test-images/glibc-dns-testing:2.1.1"),
 ];
 
-/// `curl [-g -q -s] [--max-time N] [--connect-timeout N] URL`, as the networking specs call it, with wget.
+/// `curl [-g -q -s] [--max-time N] [--connect-timeout N] URL`, as the networking specs call it, with wget (under
+/// `timeout`: Debian's busybox wget crashes with its own `-T`).
 const CURL: &str = r#"#!/bin/sh
 t=15; url=
 while [ $# -gt 0 ]; do
   case "$1" in --max-time) t=$2; shift ;; --connect-timeout) shift ;; -*) ;; *) url=$1 ;; esac
   shift
 done
-exec wget -q -T "$t" -O - "$url"
+exec timeout "$t" wget -q -O - "$url"
 "#;
 
 fn e2e_binary() -> Result<PathBuf> {
