@@ -93,6 +93,7 @@ async fn upstream_node_conformance() -> Result<()> {
     }
     // Upstream's agnhost image has bash, which some specs run scripts with; the test bed's has busybox's sh,
     // which runs them as well.
+    let tls = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
     // Nor has it curl, which the networking specs GET pod addresses with: busybox's wget stands in.
     let bash = Layer::new()
         .dir("bin", 0o755)
@@ -100,6 +101,9 @@ async fn upstream_node_conformance() -> Result<()> {
         .dir("usr", 0o755)
         .dir("usr/bin", 0o755)
         .file("usr/bin/curl", CURL.as_bytes(), 0o755)
+        // And the self-signed pair its image carries for `netexec --tls-cert-file` (the HTTPS hook specs).
+        .file("localhost.crt", tls.cert.pem().as_bytes(), 0o644)
+        .file("localhost.key", tls.signing_key.serialize_pem().as_bytes(), 0o644)
         .tar();
     for tag in ["2.66.1", "2.55"] {
         // Upstream's runs `pause` when given no arguments (Deployments in the apps specs rely on it).
