@@ -161,6 +161,20 @@ pub fn initialized(spec: &PodSpec, init: &[ContainerRecord]) -> bool {
     })
 }
 
+/// Containers that are not running and whose spec differs from their last instance's (`kubectl set image` on a
+/// crash-looping container): their crash back-off starts over, as upstream's, whose back-off is keyed by the
+/// container's spec hash.
+pub fn changed_while_stopped(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord]) -> Vec<String> {
+    let all =
+        spec.init_containers.iter().flatten().map(|c| (c, init)).chain(spec.containers.iter().map(|c| (c, containers)));
+    all.filter(|(c, records)| {
+        record(records, &c.name)
+            .is_some_and(|r| !r.state.is_running() && r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c)))
+    })
+    .map(|(c, _)| c.name.clone())
+    .collect()
+}
+
 /// Whether a running container's requests or limits differ from what its cgroup has (a resize to apply).
 pub fn resize_wanted(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord]) -> bool {
     let all =
@@ -573,6 +587,19 @@ mod tests {
             let want = if restarts { vec![start("app", false)] } else { vec![] };
             assert_eq!(w.plan(&s), want, "{policy} exit {code}");
         }
+    }
+
+    #[test]
+    fn a_changed_spec_of_a_stopped_container_restarts_its_back_off() {
+        let (old, new) = (container("app"), Container { image: Some("other".into()), ..container("app") });
+        let mut r = backing_off("app", 1);
+        r.spec_hash = Some(spec_hash(&old));
+        let s = spec(vec![], vec![new.clone()], "Always");
+        assert_eq!(changed_while_stopped(&s, &[], std::slice::from_ref(&r)), ["app"]);
+        // Unchanged, or running (the plan restarts a running one itself): nothing.
+        assert!(changed_while_stopped(&spec(vec![], vec![old], "Always"), &[], std::slice::from_ref(&r)).is_empty());
+        let live = running(&container("app"));
+        assert!(changed_while_stopped(&s, &[], &[live]).is_empty());
     }
 
     /// A container of its own `policy` whose exit code 42 restarts the whole pod.

@@ -380,6 +380,12 @@ impl Worker {
                 {
                     self.volumes_resync = Instant::now();
                 }
+                if let Some(spec) = &pod.spec {
+                    for name in plan::changed_while_stopped(spec, &self.state.init, &self.state.containers) {
+                        self.crash_backoff.reset(&name);
+                        self.next_attempt.remove(&name);
+                    }
+                }
                 self.pod = Arc::unwrap_or_clone(pod);
                 self.add_ephemeral_containers();
                 if deleting {

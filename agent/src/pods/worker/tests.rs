@@ -158,6 +158,22 @@ async fn a_crashing_container_backs_off_before_it_restarts() {
 }
 
 #[tokio::test]
+async fn a_new_image_for_a_crash_looping_container_starts_it_without_the_back_off() {
+    let p = pod("metadata: {name: p}\nspec:\n  containers: [{name: main}]");
+    let mut h = Harness::start(p.clone(), |rt, _| rt.script("main", Script::ExitAtStart(1)));
+    h.until("CrashLoopBackOff", |s| waiting_reason(app(s, "main")) == Some("CrashLoopBackOff")).await;
+    let mut updated = p;
+    updated.spec.as_mut().expect("spec").containers[0].image = Some("busybox:other".into());
+    h.pod = updated.clone();
+    let sent = std::time::Instant::now();
+    h.desired.send_replace(Desired::Pod(Arc::new(updated)));
+    // The back-off was 10 s: the new spec starts at once (upstream keys the back-off by the container's spec).
+    h.until("started with the new image", |s| app(s, "main").restart_count == 2).await;
+    assert!(sent.elapsed() < Duration::from_secs(5), "{:?}", sent.elapsed());
+    h.delete().await;
+}
+
+#[tokio::test]
 async fn deletion_stops_the_app_containers_before_the_sidecars() {
     let p = pod("metadata: {name: p}
 spec:
