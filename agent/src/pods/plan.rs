@@ -161,15 +161,14 @@ pub fn initialized(spec: &PodSpec, init: &[ContainerRecord]) -> bool {
     })
 }
 
-/// Containers that are not running and whose spec differs from their last instance's (`kubectl set image` on a
-/// crash-looping container): their crash back-off starts over, as upstream's, whose back-off is keyed by the
-/// container's spec hash.
-pub fn changed_while_stopped(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord]) -> Vec<String> {
+/// Containers whose spec differs from their current or last instance's (`kubectl set image` on a crash-looping
+/// container): their crash back-off starts over, as upstream's, whose back-off is keyed by the container's spec
+/// hash (a running one is restarted by [`plan`] too).
+pub fn changed_spec(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord]) -> Vec<String> {
     let all =
         spec.init_containers.iter().flatten().map(|c| (c, init)).chain(spec.containers.iter().map(|c| (c, containers)));
     all.filter(|(c, records)| {
-        record(records, &c.name)
-            .is_some_and(|r| !r.state.is_running() && r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c)))
+        record(records, &c.name).is_some_and(|r| r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c)))
     })
     .map(|(c, _)| c.name.clone())
     .collect()
@@ -590,16 +589,17 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_spec_of_a_stopped_container_restarts_its_back_off() {
+    fn a_changed_spec_restarts_the_back_off() {
         let (old, new) = (container("app"), Container { image: Some("other".into()), ..container("app") });
         let mut r = backing_off("app", 1);
         r.spec_hash = Some(spec_hash(&old));
         let s = spec(vec![], vec![new.clone()], "Always");
-        assert_eq!(changed_while_stopped(&s, &[], std::slice::from_ref(&r)), ["app"]);
-        // Unchanged, or running (the plan restarts a running one itself): nothing.
-        assert!(changed_while_stopped(&spec(vec![], vec![old], "Always"), &[], std::slice::from_ref(&r)).is_empty());
-        let live = running(&container("app"));
-        assert!(changed_while_stopped(&s, &[], &[live]).is_empty());
+        assert_eq!(changed_spec(&s, &[], std::slice::from_ref(&r)), ["app"]);
+        // A running instance of the old spec too (its crashes after the plan restarted it are the new spec's).
+        assert_eq!(changed_spec(&s, &[], &[running(&old)]), ["app"]);
+        // Unchanged: nothing.
+        assert!(changed_spec(&spec(vec![], vec![old], "Always"), &[], std::slice::from_ref(&r)).is_empty());
+        assert!(changed_spec(&s, &[], &[running(&new)]).is_empty());
     }
 
     /// A container of its own `policy` whose exit code 42 restarts the whole pod.

@@ -381,7 +381,7 @@ impl Worker {
                     self.volumes_resync = Instant::now();
                 }
                 if let Some(spec) = &pod.spec {
-                    for name in plan::changed_while_stopped(spec, &self.state.init, &self.state.containers) {
+                    for name in plan::changed_spec(spec, &self.state.init, &self.state.containers) {
                         self.crash_backoff.reset(&name);
                         self.next_attempt.remove(&name);
                     }

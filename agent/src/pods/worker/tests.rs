@@ -174,6 +174,28 @@ async fn a_new_image_for_a_crash_looping_container_starts_it_without_the_back_of
 }
 
 #[tokio::test]
+async fn a_new_image_arriving_while_the_old_one_runs_has_a_fresh_back_off() {
+    let p = pod("metadata: {name: p}\nspec:\n  containers: [{name: main}]");
+    let mut h = Harness::start(p.clone(), |_, _| {});
+    // One crash: restarted at once, and the next restart would wait 10 s.
+    h.until("running", |s| app(s, "main").state.is_running()).await;
+    h.runtime.exit("main", 1);
+    h.until("restarted", |s| app(s, "main").restart_count == 1 && app(s, "main").state.is_running()).await;
+    // The new image arrives while it runs: restarted with it; its first crash restarts at once.
+    let mut updated = p;
+    updated.spec.as_mut().expect("spec").containers[0].image = Some("busybox:other".into());
+    h.pod = updated.clone();
+    h.desired.send_replace(Desired::Pod(Arc::new(updated)));
+    h.until("restarted with the new image", |s| app(s, "main").restart_count == 2 && app(s, "main").state.is_running())
+        .await;
+    let crashed = std::time::Instant::now();
+    h.runtime.exit("main", 1);
+    h.until("restarted at once", |s| app(s, "main").restart_count == 3).await;
+    assert!(crashed.elapsed() < Duration::from_secs(5), "{:?}", crashed.elapsed());
+    h.delete().await;
+}
+
+#[tokio::test]
 async fn deletion_stops_the_app_containers_before_the_sidecars() {
     let p = pod("metadata: {name: p}
 spec:
