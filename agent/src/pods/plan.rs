@@ -106,20 +106,26 @@ pub fn should_restart(c: &Container, spec: &PodSpec, code: i32) -> bool {
     }
 }
 
+/// Every init and app container of `spec` with its record, if it has one.
+fn with_records<'a>(
+    spec: &'a PodSpec,
+    init: &'a [ContainerRecord],
+    containers: &'a [ContainerRecord],
+) -> impl Iterator<Item = (&'a Container, &'a ContainerRecord)> {
+    let init = spec.init_containers.iter().flatten().map(move |c| (c, init));
+    let app = spec.containers.iter().map(move |c| (c, containers));
+    init.chain(app).filter_map(|(c, records)| Some((c, record(records, &c.name)?)))
+}
+
 /// The container whose exit (not yet acted on) restarts all of the pod's containers, if any.
 fn restart_all_trigger(spec: &PodSpec, observed: &Observed) -> Option<String> {
-    let init = spec.init_containers.iter().flatten().map(|c| (c, observed.init));
-    let app = spec.containers.iter().map(|c| (c, observed.containers));
-    init.chain(app).find_map(|(c, records)| {
-        let r = record(records, &c.name)?;
-        match &r.state {
-            ContainerState::Terminated { exit_code, reason, .. }
-                if reason != RESTARTING_ALL.0 && restarts_all(c, *exit_code) =>
-            {
-                Some(c.name.clone())
-            }
-            _ => None,
+    with_records(spec, observed.init, observed.containers).find_map(|(c, r)| match &r.state {
+        ContainerState::Terminated { exit_code, reason, .. }
+            if reason != RESTARTING_ALL.0 && restarts_all(c, *exit_code) =>
+        {
+            Some(c.name.clone())
         }
+        _ => None,
     })
 }
 
@@ -165,23 +171,16 @@ pub fn initialized(spec: &PodSpec, init: &[ContainerRecord]) -> bool {
 /// container): their crash back-off starts over, as upstream's, whose back-off is keyed by the container's spec
 /// hash (a running one is restarted by [`plan`] too).
 pub fn changed_spec(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord]) -> Vec<String> {
-    let all =
-        spec.init_containers.iter().flatten().map(|c| (c, init)).chain(spec.containers.iter().map(|c| (c, containers)));
-    all.filter(|(c, records)| {
-        record(records, &c.name).is_some_and(|r| r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c)))
-    })
-    .map(|(c, _)| c.name.clone())
-    .collect()
+    with_records(spec, init, containers)
+        .filter(|(c, r)| r.spec_hash.as_deref().is_some_and(|h| h != spec_hash(c)))
+        .map(|(c, _)| c.name.clone())
+        .collect()
 }
 
 /// Whether a running container's requests or limits differ from what its cgroup has (a resize to apply).
 pub fn resize_wanted(spec: &PodSpec, init: &[ContainerRecord], containers: &[ContainerRecord]) -> bool {
-    let all =
-        spec.init_containers.iter().flatten().map(|c| (c, init)).chain(spec.containers.iter().map(|c| (c, containers)));
-    all.into_iter().any(|(c, records)| {
-        record(records, &c.name).is_some_and(|r| {
-            r.state.is_running() && r.applied.as_ref().is_some_and(|a| !a.changed(&Applied::of(c)).is_empty())
-        })
+    with_records(spec, init, containers).any(|(c, r)| {
+        r.state.is_running() && r.applied.as_ref().is_some_and(|a| !a.changed(&Applied::of(c)).is_empty())
     })
 }
 
