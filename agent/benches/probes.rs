@@ -18,7 +18,13 @@
 //!   runc for upstream, and the control plane's share), as a % of one core;
 //! - the exec probes' period drift: each probe appends the kernel's time (`adjtimex`, microseconds) to a file on
 //!   a hostPath volume; drift = interval between two runs − period, p50/p99/max over every container;
-//! - liveness restarts (0 unless a probe failed).
+//! - liveness restarts (0 unless a probe failed);
+//! - the kernel's floor (`exec + httpGet` only), its own row: the same load's unavoidable system calls alone, made
+//!   by one thread of the bench while the pods still run: per second, one GET to each container's `httpd` (connect,
+//!   request, response, close: as upstream's prober, a connection per probe) and one spawn-and-reap of `/bin/true`
+//!   (`posix_spawn`, vfork-style as nodelet's zygote, with no namespaces joined) per container, in steps of 10 ms
+//!   as nodelet's probe grid. That thread's user + system time is a lower bound for any node's probe cost here:
+//!   no scheduling, no IPC, no timers per probe, no status.
 //!
 //! Root. Prints a table.
 #![allow(clippy::expect_used)] // a test: a failed expect is a failed test
@@ -138,6 +144,8 @@ struct Measured {
     ready_after: Option<Duration>,
     /// Pods Ready when the measurement started.
     ready_pods: usize,
+    /// The kernel's floor of the same load (% of a core), when measured.
+    floor_pct: Option<f64>,
 }
 
 fn pod_yaml(scenario: Scenario, name: &str, node: &str, log_dir: &Path, port_base: usize) -> String {
@@ -238,9 +246,23 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs(5)).await;
     eprintln!("{} {}: measuring for {seconds} s", peer.label, scenario.label());
     let (from, start) = (unix_now(), peer.sample());
+    let each: Vec<(u32, f64)> = (peer.daemons)().into_iter().map(|p| (p, process_cpu(p))).collect();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (to, end) = (unix_now(), peer.sample());
     let wall = to - from;
+    // Each process's share (stderr): where to look first.
+    for (pid, before) in each {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        eprintln!("  {} ({pid}): {:.1}% of a core", comm.trim(), (process_cpu(pid) - before) / wall * 100.0);
+    }
+    let floor_pct = if scenario == Scenario::ExecHttp {
+        eprintln!("the kernel's floor: measuring for {} s", seconds.min(30));
+        let ports: Vec<u16> = (0..n_pods * PER_POD).filter_map(|i| u16::try_from(peer.port_base + i).ok()).collect();
+        let run = Duration::from_secs(seconds.min(30));
+        Some(tokio::task::spawn_blocking(move || floor(&ports, run)).await.expect("floor"))
+    } else {
+        None
+    };
     let mut drift_ms = Vec::new();
     for entry in std::fs::read_dir(&log_dir).expect("probe logs").flatten() {
         let times: Vec<f64> = run_times(&std::fs::read_to_string(entry.path()).unwrap_or_default())
@@ -280,7 +302,51 @@ async fn measure(
         restarts,
         ready_after,
         ready_pods,
+        floor_pct,
     }
+}
+
+/// The kernel's floor of the load (see the header), as a % of a core: this thread's CPU while, every second, it
+/// GETs each port once and spawns and reaps one process per port, in 10 ms steps.
+fn floor(ports: &[u16], run: Duration) -> f64 {
+    use std::io::{Read, Write};
+    const STEP: Duration = Duration::from_millis(10);
+    let per_step = ports.len().div_ceil(100);
+    let start = Instant::now();
+    let cpu0 = thread_cpu();
+    let (mut next, mut i, mut failed) = (start, 0usize, 0usize);
+    let mut body = Vec::with_capacity(1024);
+    while start.elapsed() < run {
+        for _ in 0..per_step {
+            let port = ports[i % ports.len()];
+            i += 1;
+            let request = format!(
+                "GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            body.clear();
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port))
+                .and_then(|mut s| s.write_all(request.as_bytes()).and_then(|()| s.read_to_end(&mut body)))
+                .is_ok_and(|_| body.starts_with(b"HTTP/1.") && body.get(9..12) == Some(b"200"));
+            let spawned = std::process::Command::new("/bin/true").spawn().and_then(|mut c| c.wait());
+            failed += usize::from(!ok) + usize::from(!spawned.is_ok_and(|s| s.success()));
+        }
+        next += STEP;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let (cpu, wall) = (thread_cpu() - cpu0, start.elapsed().as_secs_f64());
+    assert!(failed * 100 <= i, "the floor's GETs or spawns failed: {failed} of {}", i * 2);
+    cpu / wall * 100.0
+}
+
+/// User + system seconds of the calling thread.
+fn thread_cpu() -> f64 {
+    // SAFETY: getrusage writes one rusage into the zeroed struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to that struct; RUSAGE_THREAD has no other precondition.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 #[tokio::main]
@@ -379,6 +445,9 @@ async fn main() {
             m.drift_ms.len(),
             m.restarts
         );
+        if let Some(floor) = m.floor_pct {
+            println!("{:<22} {:<15} {:>10} {:>14.1}", "kernel floor", "GET + spawn", "-", floor);
+        }
     }
     drop(runs);
     drop(peers);

@@ -116,7 +116,7 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     // httpGet and tcpSocket on agnhost's netexec, reached inside the pod's network namespace; a startup probe
     // on a port nothing listens on holds readiness back.
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {agnhost}\n    args: [netexec, --http-port=8080]\n    ports: [{{name: http, containerPort: 8080}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}, periodSeconds: 1}}\n    livenessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n  - name: waits\n    image: {image}\n    command: [sleep, '3600']\n    startupProbe: {{tcpSocket: {{port: 9999}}, periodSeconds: 1, failureThreshold: 600}}\n"
+        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {agnhost}\n    args: [netexec, --http-port=8080]\n    ports: [{{name: http, containerPort: 8080}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}, periodSeconds: 1}}\n    livenessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n    lifecycle: {{preStop: {{httpGet: {{path: '/echo?msg=gone&code=500', port: http}}}}}}\n  - name: waits\n    image: {image}\n    command: [sleep, '3600']\n    startupProbe: {{tcpSocket: {{port: 9999}}, periodSeconds: 1, failureThreshold: 600}}\n"
     ))).await?;
     let web = wait_pod(&pods, "web", "main ready", Duration::from_secs(60), |p| {
         let statuses = p.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
@@ -132,6 +132,15 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     let web = pods.get("web").await?;
     let statuses = web.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
     ensure!(statuses.iter().all(|c| c.restart_count == 0), "the tcp liveness probe passes: {statuses:?}");
+    // Its preStop httpGet hook gets a 500: as upstream's, a hook that got an answer ran (no FailedPreStopHook).
+    pods.delete("web", &DeleteParams::default()).await?;
+    support::wait_for("web gone", Duration::from_secs(60), || async {
+        Ok(pods.get_opt("web").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| node.log())?;
+    let events = events_for(&client, "web").await?;
+    ensure!(!events.iter().any(|(reason, _)| reason == "FailedPreStopHook"), "{events:?}");
 
     // A grpc probe against agnhost's health server (grpc-go): ready.
     pods.create(&PostParams::default(), &pod(&format!(

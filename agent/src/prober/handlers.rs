@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Outcome, Target};
+use super::{Outcome, Target, http1};
 use crate::pods::services::ContainerRuntime;
 
 /// Upstream keeps at most this much of a probe's output (exec) or body (httpGet).
@@ -100,7 +100,11 @@ fn address(host: &str, port: u16) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, port))
 }
 
-fn url(http: &k8s_openapi::api::core::v1::HTTPGetAction, target: &Target, c: &Container) -> Result<String, String> {
+pub(crate) fn url(
+    http: &k8s_openapi::api::core::v1::HTTPGetAction,
+    target: &Target,
+    c: &Container,
+) -> Result<String, String> {
     let scheme = http.scheme.as_deref().unwrap_or("HTTP").to_ascii_lowercase();
     let host = http.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.pod_ip.clone());
     let port = port(&http.port, c)?;
@@ -110,49 +114,62 @@ fn url(http: &k8s_openapi::api::core::v1::HTTPGetAction, target: &Target, c: &Co
     Ok(format!("{scheme}://{host}:{port}{path}"))
 }
 
-/// An HTTP(S) GET as upstream's prober: 200-399 succeed; redirects to the same host are followed, to another
-/// host are a success; the body is read up to 10 KiB for the failure message. HTTPS is not verified.
+/// An httpGet probe as upstream's prober: 200-299 succeed; a redirect that is not followed (see [`get`]) is a
+/// success with a warning that quotes the body (up to 10 KiB); a failure's message never does (upstream's issue
+/// 99425: a body may hold secrets). HTTPS is not verified.
 pub(crate) async fn http_get(
     http: &k8s_openapi::api::core::v1::HTTPGetAction,
     c: &Container,
     target: &Target,
     timeout: Duration,
 ) -> Outcome {
-    let url = match url(http, target, c) {
-        Ok(u) => u,
-        Err(e) => return Outcome::Failure(e),
-    };
-    let mut current = url.clone();
-    for _ in 0..10 {
-        let response = match request(&current, http, target, timeout).await {
-            Ok(r) => r,
-            Err(e) => return Outcome::Failure(format!("Get {current:?}: {e}")),
-        };
-        let (status, location, body) = response;
-        if (300..400).contains(&status)
-            && let Some(location) = location
-        {
-            let next = resolve(&current, &location);
-            if host_of(&next) != host_of(&current) {
-                // Upstream: a redirect to another host is not followed; a success with a warning.
-                return Outcome::Warning(format!("Probe terminated redirects, Response body: {body}"));
-            }
-            current = next;
-            continue;
+    match get(http, c, target, timeout, "kube-probe/1.37").await {
+        Ok((status, _)) if (200..300).contains(&status) => Outcome::Success,
+        Ok((status, body)) if (300..400).contains(&status) => {
+            Outcome::Warning(format!("Probe terminated redirects, Response body: {body}"))
         }
-        if (200..400).contains(&status) {
-            return Outcome::Success;
-        }
-        return Outcome::Failure(format!(
-            "HTTP probe failed with statuscode: {status}{}",
-            if body.is_empty() { String::new() } else { format!(", body: {body}") }
-        ));
+        Ok((status, _)) => Outcome::Failure(format!("HTTP probe failed with statuscode: {status}")),
+        Err(e) => Outcome::Failure(e),
     }
-    Outcome::Failure(format!("Get {url:?}: stopped after 10 redirects"))
 }
 
-fn host_of(url: &str) -> &str {
-    url.split_once("://").map_or(url, |(_, rest)| rest.split('/').next().unwrap_or(rest))
+/// A GET for an httpGet action (`user_agent`: `kube-probe/1.37`, or `kube-lifecycle/1.37` for a hook), with
+/// redirects followed as Go's client with upstream's checker: 301, 302, 303, 307 and 308 to the same host name
+/// (ports aside), up to 10 requests. Returns the last response's status and, for a redirect not followed (to
+/// another host, a code Go does not follow, or without `Location`), its body; `Err`: no response (a message
+/// as Go's, `Get "<url>": ...`).
+pub(crate) async fn get(
+    http: &k8s_openapi::api::core::v1::HTTPGetAction,
+    c: &Container,
+    target: &Target,
+    timeout: Duration,
+    user_agent: &str,
+) -> Result<(u16, String), String> {
+    let url = url(http, target, c)?;
+    let mut current = url.clone();
+    for _ in 0..10 {
+        let (status, location, body) =
+            request(&current, http, target, timeout, user_agent).await.map_err(|e| format!("Get {current:?}: {e}"))?;
+        let followed = matches!(status, 301 | 302 | 303 | 307 | 308);
+        match location.filter(|_| followed).map(|l| resolve(&current, &l)) {
+            Some(next) if hostname_of(&next) == hostname_of(&url) => current = next,
+            _ => return Ok((status, body)),
+        }
+    }
+    Err(format!("Get {current:?}: stopped after 10 redirects"))
+}
+
+/// Go's message for a TLS handshake answered in plain HTTP (what a hook falls back to HTTP on).
+pub(crate) const HTTP_RESPONSE_TO_HTTPS: &str = "http: server gave HTTP response to HTTPS client";
+
+/// The host name of a URL (no port, no brackets).
+fn hostname_of(url: &str) -> &str {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest.split('/').next().unwrap_or(rest));
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority.split(':').next().unwrap_or(authority)
 }
 
 fn resolve(base: &str, location: &str) -> String {
@@ -161,6 +178,9 @@ fn resolve(base: &str, location: &str) -> String {
     }
     let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
     let host = rest.split('/').next().unwrap_or(rest);
+    if let Some(authority) = location.strip_prefix("//") {
+        return format!("{scheme}://{authority}");
+    }
     if location.starts_with('/') {
         format!("{scheme}://{host}{location}")
     } else {
@@ -168,59 +188,56 @@ fn resolve(base: &str, location: &str) -> String {
     }
 }
 
-/// One GET: (status, Location header, body up to 10 KiB).
+/// One GET: (status, Location header, body up to 10 KiB for a redirect).
 async fn request(
     url: &str,
     http: &k8s_openapi::api::core::v1::HTTPGetAction,
     target: &Target,
     timeout: Duration,
+    user_agent: &str,
 ) -> Answer {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr = address(&host, port)?;
-    let stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
-        .await
-        .map_err(|e| format!("dial tcp {addr}: {e}"))?;
     // `protocol: HTTP2` (alpha upstream, H2CContainerProbe): HTTP/2 with prior knowledge over plain TCP (h2c),
     // or negotiated as `h2` over TLS; a server that does not speak it fails the probe.
     let http2 = http.protocol.as_deref() == Some("HTTP2");
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut authority = uri.authority().map_or(String::new(), |a| a.to_string());
-    let mut headers = Vec::new();
-    for h in http.http_headers.iter().flatten() {
-        if h.name.eq_ignore_ascii_case("host") {
-            authority = h.value.clone();
-        } else {
-            headers.push((h.name.as_str(), h.value.as_str()));
-        }
-    }
-    // Upstream's prober sends Accept, User-Agent and, over HTTP/1 (its transport has keep-alives off),
-    // `Connection: close`, so the server closes first. HTTP/2 carries the host as the request's authority.
-    let builder = if http2 {
-        hyper::Request::get(format!("{}://{authority}{path}", if https { "https" } else { "http" }))
-    } else {
-        hyper::Request::get(path).header(hyper::header::HOST, authority).header(hyper::header::CONNECTION, "close")
+    let authority = uri.authority().map_or(String::new(), |a| a.to_string());
+    let own: Vec<(String, String)> =
+        http.http_headers.iter().flatten().map(|h| (h.name.clone(), h.value.clone())).collect();
+    let headers = http1::headers(&own, user_agent);
+    let host_header = http1::host(&own, &authority);
+    // Upstream's prober sends, over HTTP/1, `Connection: close` (its transport has keep-alives off), so the
+    // server closes first. HTTP/2 carries the host as the request's authority.
+    let head = if http2 { Vec::new() } else { http1::request(path, host_header, &headers)? };
+    let mut stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
+        .await
+        .map_err(|e| format!("dial tcp {addr}: {e}"))?;
+    let h2_request = || {
+        let scheme = if https { "https" } else { "http" };
+        let builder = hyper::Request::get(format!("{scheme}://{host_header}{path}"));
+        headers
+            .iter()
+            .fold(builder, |b, (name, value)| b.header(*name, *value))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())
     };
-    let builder = builder.header(hyper::header::USER_AGENT, "kube-probe/1.37").header(hyper::header::ACCEPT, "*/*");
-    let request = headers
-        .into_iter()
-        .fold(builder, |b, (name, value)| b.header(name, value))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
+    let answer = |r: http1::Response| (r.status, r.location, r.body);
     match (https, http2) {
-        (false, false) => exchange(hyper_util::rt::TokioIo::new(stream), request).await,
-        (false, true) => exchange_h2(hyper_util::rt::TokioIo::new(stream), request).await,
+        (false, false) => http1::exchange(&mut stream, &head).await.map(answer),
+        (false, true) => exchange_h2(hyper_util::rt::TokioIo::new(stream), h2_request()?).await,
         (true, _) => {
-            let stream = tls_connect(stream, &host, http2).await?;
+            let mut stream = tls_connect(stream, &host, http2).await?;
             if !http2 {
-                return exchange(hyper_util::rt::TokioIo::new(stream), request).await;
+                return http1::exchange(&mut stream, &head).await.map(answer);
             }
             if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
                 return Err("the server did not negotiate HTTP/2 (h2)".into());
             }
-            exchange_h2(hyper_util::rt::TokioIo::new(stream), request).await
+            exchange_h2(hyper_util::rt::TokioIo::new(stream), h2_request()?).await
         }
     }
 }
@@ -241,25 +258,19 @@ async fn tls_connect(
     });
     let tls = tokio_rustls::TlsConnector::from(configs[usize::from(http2)].clone());
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-    tls.connect(name, stream).await.map_err(|e| e.to_string())
+    tls.connect(name, stream).await.map_err(|e| {
+        // A server that answers in plain HTTP: its "HTTP/" is no TLS record's content type.
+        let plain = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            == Some(&rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType));
+        if plain { HTTP_RESPONSE_TO_HTTPS.to_string() } else { e.to_string() }
+    })
 }
 
 /// An exchange's result: (status, Location, body up to 10 KiB).
 type Answer = Result<(u16, Option<String>, String), String>;
 
-/// Sends `request` on a new HTTP/1 connection over `io` and reads the answer. The connection is driven in this
-/// task, not a task of its own (at hundreds of probes a second, a task and its wake-ups per probe are a cost);
-/// it ends with the exchange.
-async fn exchange<T>(io: T, request: hyper::Request<http_body_util::Empty<bytes::Bytes>>) -> Answer
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-    let answer = async move { read_answer(sender.send_request(request).await.map_err(|e| e.to_string())?).await };
-    while_driving(conn, answer).await
-}
-
-/// [`exchange`] over HTTP/2.
+/// Sends `request` on a new HTTP/2 connection over `io` and reads the answer. The connection is driven in this
+/// task, not a task of its own; it ends with the exchange.
 async fn exchange_h2<T>(io: T, request: hyper::Request<http_body_util::Empty<bytes::Bytes>>) -> Answer
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -512,7 +523,10 @@ mod tests {
             serde_json::from_value(serde_json::json!({"port": "http", "path": "healthz"})).unwrap();
         assert_eq!(url(&http, &target, &container()).unwrap(), "http://10.1.2.3:8080/healthz");
         assert_eq!(resolve("http://10.1.2.3:8080/a", "/b"), "http://10.1.2.3:8080/b");
-        assert_eq!(host_of("http://10.1.2.3:8080/b"), "10.1.2.3:8080");
+        assert_eq!(hostname_of("http://10.1.2.3:8080/b"), "10.1.2.3");
+        assert_eq!(hostname_of("https://[fd00::1]:443/"), "fd00::1");
+        assert_eq!(hostname_of("http://user@example.com"), "example.com");
+        assert_eq!(resolve("http://h:1/a", "//other:2/x"), "http://other:2/x");
         assert_eq!(resolve("http://h:1/a", "https://other/x"), "https://other/x");
     }
 
@@ -707,7 +721,7 @@ mod tests {
         let bad = probe(serde_json::json!({"httpGet": {"port": port, "path": "/bad"}}));
         assert_eq!(
             run(&bad, &c, "id", &target, &runtime, t).await,
-            Outcome::Failure("HTTP probe failed with statuscode: 500, body: boom".into())
+            Outcome::Failure("HTTP probe failed with statuscode: 500".into())
         );
         let tcp = probe(serde_json::json!({"tcpSocket": {"port": port}}));
         assert_eq!(run(&tcp, &c, "id", &target, &runtime, t).await, Outcome::Success);

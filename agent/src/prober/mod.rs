@@ -12,6 +12,7 @@
 
 pub mod handlers;
 pub mod hooks;
+pub mod http1;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -60,25 +60,26 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
     Ok((msg, fds))
 }
 
-/// Receives one packet's bytes (not necessarily JSON) and its descriptors from a `SOCK_SEQPACKET` socket, in a
-/// buffer of the packet's size (a zeroed buffer of the largest size, per message, cost more than the rest of an
-/// exec's messaging).
+/// Receives one packet's bytes (not necessarily JSON) and its descriptors from a `SOCK_SEQPACKET` socket, with
+/// one `recvmsg` into a buffer of the largest size kept by the thread (made once, written only as far as a
+/// packet reaches), then copied out at the packet's size. (A zeroed buffer of the largest size per message cost
+/// more than the rest of an exec's messaging; learning the size first with a peek cost a system call per
+/// message.) A packet over the limit is dropped whole, with its descriptors.
 pub fn recv_raw(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
-    let len = loop {
-        // MSG_TRUNC: the packet's real length, with nothing copied; MSG_PEEK: it stays queued.
-        match nix::sys::socket::recv(sock.as_raw_fd(), &mut [], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
-            Err(nix::Error::EINTR) => continue,
-            Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
-            Err(e) => return Err(WireError::Io(e)),
-            Ok(n) => break n,
-        }
-    };
-    if len > MAX_MESSAGE {
-        // Read it (and drop it with its descriptors) so that the next message can be read.
-        let _ = recv_into(sock, MAX_MESSAGE);
-        return Err(WireError::Malformed(format!("message of {len} bytes exceeds {MAX_MESSAGE}")));
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    recv_into(sock, len)
+    BUFFER.with_borrow_mut(|buf| {
+        if buf.len() < MAX_MESSAGE + 1 {
+            // One byte more than the largest message: a packet that fills it is too large.
+            buf.resize(MAX_MESSAGE + 1, 0);
+        }
+        let (len, fds) = recv_once(sock, buf)?;
+        if len > MAX_MESSAGE {
+            return Err(WireError::Malformed(format!("message of more than {MAX_MESSAGE} bytes")));
+        }
+        Ok((buf[..len].to_vec(), fds))
+    })
 }
 
 /// Receives a short message and its descriptors from a stream socket (a terminal's master, sent with its name).
@@ -88,9 +89,17 @@ pub fn recv_short(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireE
 
 fn recv_into(sock: BorrowedFd<'_>, size: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
     let mut buf = vec![0u8; size];
+    let (len, fds) = recv_once(sock, &mut buf)?;
+    buf.truncate(len);
+    Ok((buf, fds))
+}
+
+/// One `recvmsg` into `buf`: the bytes received (a `SOCK_SEQPACKET` packet longer than `buf` loses its rest) and
+/// the descriptors that came with them.
+fn recv_once(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), WireError> {
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds) = loop {
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Err(nix::Error::EINTR) => continue,
             Err(nix::Error::ECONNRESET) => return Err(WireError::Closed),
@@ -111,8 +120,7 @@ fn recv_into(sock: BorrowedFd<'_>, size: usize) -> Result<(Vec<u8>, Vec<OwnedFd>
     if len == 0 && fds.is_empty() {
         return Err(WireError::Closed);
     }
-    buf.truncate(len);
-    Ok((buf, fds))
+    Ok((len, fds))
 }
 
 #[cfg(test)]
@@ -143,6 +151,19 @@ mod tests {
         send(a.as_fd(), &big, &[]).unwrap();
         let (back, fds): (String, _) = recv(b.as_fd()).unwrap();
         assert_eq!((back.len(), fds.len()), (big.len(), 0));
+
+        // One over the limit is refused whole, descriptors and all, and the next one still arrives.
+        let (r2, w2) = nix::unistd::pipe().unwrap();
+        nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::SndBuf, &(MAX_MESSAGE + 4096)).unwrap();
+        send_encoded(a.as_fd(), &vec![b'x'; MAX_MESSAGE + 10], &[w2.as_fd()]).unwrap();
+        drop(w2);
+        assert!(matches!(recv::<String>(b.as_fd()), Err(WireError::Malformed(_))));
+        let mut rest = Vec::new();
+        std::fs::File::from(r2).read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "the refused message's descriptor was closed");
+        send(a.as_fd(), &"after".to_string(), &[]).unwrap();
+        let (after, _): (String, _) = recv(b.as_fd()).unwrap();
+        assert_eq!(after, "after");
 
         drop(a);
         assert!(matches!(recv::<String>(b.as_fd()), Err(WireError::Closed)));

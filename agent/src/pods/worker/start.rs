@@ -169,7 +169,15 @@ impl Worker {
                 },
             }
         };
-        let Err(e) = result else { return true };
+        let e = match result {
+            Ok(fallback) => {
+                if let Some(message) = fallback {
+                    self.event(None, true, "LifecycleHTTPFallback", &message);
+                }
+                return true;
+            }
+            Err(e) => e,
+        };
         tracing::info!(container = %id, error = %e, "postStart hook failed");
         self.event(Some((&c.name, kind)), true, "FailedPostStartHook", "PostStartHook failed");
         let grace = self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);

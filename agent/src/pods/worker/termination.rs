@@ -93,9 +93,14 @@ impl Worker {
                 if let Some((c, hook, target, pod)) = pre_stop.filter(|_| !grace.is_zero()) {
                     // The hook runs first and shares the grace period; SIGTERM gets what is left (at least 2 s).
                     let began = Instant::now();
-                    if let Err(e) = hooks::run(&hook, &c, &running.id, &target, &ctx.runtime, grace).await {
-                        tracing::info!(container = %running.id, error = %e, "preStop hook failed");
-                        ctx.events.record(&pod, Some((&c.name, kind)), true, "FailedPreStopHook", "PreStopHook failed");
+                    match hooks::run(&hook, &c, &running.id, &target, &ctx.runtime, grace).await {
+                        Ok(None) => {}
+                        Ok(Some(fallback)) => ctx.events.record(&pod, None, true, "LifecycleHTTPFallback", &fallback),
+                        Err(e) => {
+                            tracing::info!(container = %running.id, error = %e, "preStop hook failed");
+                            let reason = "FailedPreStopHook";
+                            ctx.events.record(&pod, Some((&c.name, kind)), true, reason, "PreStopHook failed");
+                        }
                     }
                     grace = grace.saturating_sub(began.elapsed()).max(MIN_GRACE);
                 }
