@@ -52,9 +52,10 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     let client = cluster.admin().await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
-    // Readiness follows an exec probe: unready, ready once the file exists, unready once it is gone.
+    // Readiness follows an exec probe: unready, ready once the file exists, unready once it is gone. Its command
+    // names the file through `$(READY)`, which the kubelet expands from the container's env.
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: readiness}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    command: [sh, -c, 'sleep 4; touch /tmp/ready; sleep 6; rm /tmp/ready; sleep 3600']\n    readinessProbe: {{exec: {{command: [cat, /tmp/ready]}}, periodSeconds: 1, failureThreshold: 1}}\n"
+        "metadata: {{name: readiness}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    env: [{{name: READY, value: /tmp/ready}}]\n    command: [sh, -c, 'sleep 4; touch /tmp/ready; sleep 6; rm /tmp/ready; sleep 3600']\n    readinessProbe: {{exec: {{command: [cat, '$(READY)']}}, periodSeconds: 1, failureThreshold: 1}}\n"
     ))).await?;
     // A pod that drains on SIGTERM (checked below): upstream probes its readiness while it terminates.
     pods.create(&PostParams::default(), &pod(&format!(

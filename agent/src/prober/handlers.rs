@@ -27,11 +27,15 @@ pub async fn run(
     timeout: Duration,
 ) -> Outcome {
     if let Some(exec) = &probe.exec {
-        let args = exec.command.clone().unwrap_or_default();
+        let args = exec_command(exec.command.as_deref().unwrap_or_default(), c);
         return match runtime.exec_sync(id, &args, timeout).await {
             Ok((Some(0), _)) => Outcome::Success,
             Ok((Some(_), output)) => Outcome::Failure(text(&output)),
-            Ok((None, _)) => Outcome::Failure(format!("command {args:?} timed out")),
+            Ok((None, _)) => Outcome::Failure(format!(
+                "command timed out: {:?} timed out after {}s",
+                args.join(" "),
+                timeout.as_secs()
+            )),
             Err(e) => Outcome::Failure(e.to_string()),
         };
     }
@@ -40,7 +44,7 @@ pub async fn run(
         return match port(&tcp.port, c).and_then(|p| address(&host, p)) {
             Ok(addr) => match crate::network::netns::connect(target.netns.clone(), addr, timeout).await {
                 Ok(_) => Outcome::Success,
-                Err(e) => Outcome::Failure(format!("dial tcp {addr}: {e}")),
+                Err(e) => Outcome::Failure(dial_error(addr, &e)),
             },
             Err(e) => Outcome::Failure(e),
         };
@@ -73,6 +77,14 @@ pub async fn run(
     Outcome::Failure("the probe has no handler".into())
 }
 
+/// An exec probe's command as upstream runs it: `$(VAR)` expanded from the container's `env` as written (a
+/// `valueFrom` variable expands to nothing; `envFrom` and the image's variables not at all), `$$` a literal `$`.
+fn exec_command(command: &[String], c: &Container) -> Vec<String> {
+    let env: Vec<(String, String)> =
+        c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
+    command.iter().map(|arg| crate::volumes::expand(arg, &env)).collect()
+}
+
 fn text(output: &[u8]) -> String {
     String::from_utf8_lossy(&output[..output.len().min(MAX_OUTPUT)]).into_owned()
 }
@@ -93,6 +105,21 @@ fn port(p: &IntOrString, c: &Container) -> Result<u16, String> {
         },
     };
     u16::try_from(number).ok().filter(|n| *n > 0).ok_or_else(|| format!("invalid port number: {number}"))
+}
+
+/// A failed connection as Go's dialer words it (`dial tcp 10.0.0.2:80: connect: connection refused`), the text
+/// users know from upstream's probe events.
+fn dial_error(addr: SocketAddr, e: &std::io::Error) -> String {
+    let cause = match e.raw_os_error() {
+        Some(code) => {
+            let text = nix::errno::Errno::from_raw(code).desc();
+            let mut chars = text.chars();
+            let first = chars.next().map(|c| c.to_ascii_lowercase()).into_iter();
+            format!("connect: {}", first.chain(chars).collect::<String>())
+        }
+        None => e.to_string(),
+    };
+    format!("dial tcp {addr}: {cause}")
 }
 
 fn address(host: &str, port: u16) -> Result<SocketAddr, String> {
@@ -213,9 +240,8 @@ async fn request(
     // Upstream's prober sends, over HTTP/1, `Connection: close` (its transport has keep-alives off), so the
     // server closes first. HTTP/2 carries the host as the request's authority.
     let head = if http2 { Vec::new() } else { http1::request(path, host_header, &headers)? };
-    let mut stream = crate::network::netns::connect(target.netns.clone(), addr, timeout)
-        .await
-        .map_err(|e| format!("dial tcp {addr}: {e}"))?;
+    let mut stream =
+        crate::network::netns::connect(target.netns.clone(), addr, timeout).await.map_err(|e| dial_error(addr, &e))?;
     let h2_request = || {
         let scheme = if https { "https" } else { "http" };
         let builder = hyper::Request::get(format!("{scheme}://{host_header}{path}"));
@@ -517,6 +543,18 @@ mod tests {
     }
 
     #[test]
+    fn exec_commands_expand_the_static_env_as_upstream() {
+        let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "env": [
+            {"name": "PORT", "value": "8080"},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "PORT", "value": "9090"},
+        ]}))
+        .unwrap();
+        let command = ["sh", "-c", "wget -q localhost:$(PORT)/$(POD)x $(NONE) $$(PORT)"].map(String::from);
+        assert_eq!(exec_command(&command, &c), ["sh", "-c", "wget -q localhost:9090/x $(NONE) $(PORT)"]);
+    }
+
+    #[test]
     fn urls_and_redirects() {
         let target = Target { netns: None, pod_ip: "10.1.2.3".into() };
         let http: k8s_openapi::api::core::v1::HTTPGetAction =
@@ -727,8 +765,9 @@ mod tests {
         assert_eq!(run(&tcp, &c, "id", &target, &runtime, t).await, Outcome::Success);
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let refused = probe(serde_json::json!({"tcpSocket": {"port": closed}}));
-        assert!(
-            matches!(run(&refused, &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.contains("refused"))
+        assert_eq!(
+            run(&refused, &c, "id", &target, &runtime, t).await,
+            Outcome::Failure(format!("dial tcp 127.0.0.1:{closed}: connect: connection refused"))
         );
     }
 }
