@@ -40,13 +40,16 @@ pub async fn run(
         };
     }
     if let Some(tcp) = &probe.tcp_socket {
-        let host = tcp.host.clone().unwrap_or_else(|| target.pod_ip.clone());
-        return match port(&tcp.port, c).and_then(|p| address(&host, p)) {
-            Ok(addr) => match crate::network::netns::connect(target.netns.clone(), addr, timeout).await {
-                Ok(_) => Outcome::Success,
-                Err(e) => Outcome::Failure(dial_error(addr, &e)),
-            },
-            Err(e) => Outcome::Failure(e),
+        let host = tcp.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| target.pod_ip.clone());
+        let connected = async {
+            let addrs = addresses(&host, port(&tcp.port, c)?).await?;
+            dial(target, &addrs, timeout).await
+        };
+        // The name's lookup and the attempts together within the probe's timeout.
+        return match tokio::time::timeout(timeout, connected).await {
+            Ok(Ok(_)) => Outcome::Success,
+            Ok(Err(e)) => Outcome::Failure(e),
+            Err(_) => Outcome::Failure(format!("dial tcp {host}: i/o timeout")),
         };
     }
     if let Some(http) = &probe.http_get {
@@ -125,6 +128,35 @@ fn dial_error(addr: SocketAddr, e: &std::io::Error) -> String {
 fn address(host: &str, port: u16) -> Result<SocketAddr, String> {
     let ip: std::net::IpAddr = host.parse().map_err(|_| format!("probe host {host:?} is not an IP address"))?;
     Ok(SocketAddr::new(ip, port))
+}
+
+/// Where `host` is at `port`: an IP as it is; a name (`host: localhost`, a Service's DNS name) resolved on the node,
+/// as upstream's kubelet resolves it, every address, IPv4 first (Go's dialer tries them in turn).
+async fn addresses(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = address(host, port) {
+        return Ok(vec![addr]);
+    }
+    let resolved = tokio::net::lookup_host((host, port)).await.map_err(|e| format!("dial tcp: lookup {host}: {e}"))?;
+    let mut addrs: Vec<SocketAddr> = resolved.collect();
+    addrs.sort_by_key(SocketAddr::is_ipv6);
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("dial tcp: lookup {host}: no such host"));
+    }
+    Ok(addrs)
+}
+
+/// A connection from the pod's network namespace to the first of `addrs` that accepts one; the last failure as
+/// Go's dialer words it.
+async fn dial(target: &Target, addrs: &[SocketAddr], timeout: Duration) -> Result<tokio::net::TcpStream, String> {
+    let mut failure = String::from("dial tcp: no address");
+    for addr in addrs {
+        match crate::network::netns::connect(target.netns.clone(), *addr, timeout).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => failure = dial_error(*addr, &e),
+        }
+    }
+    Err(failure)
 }
 
 pub(crate) fn url(
@@ -227,7 +259,7 @@ async fn request(
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let addr = address(&host, port)?;
+    let addrs = addresses(&host, port).await?;
     // `protocol: HTTP2` (alpha upstream, H2CContainerProbe): HTTP/2 with prior knowledge over plain TCP (h2c),
     // or negotiated as `h2` over TLS; a server that does not speak it fails the probe.
     let http2 = http.protocol.as_deref() == Some("HTTP2");
@@ -240,8 +272,7 @@ async fn request(
     // Upstream's prober sends, over HTTP/1, `Connection: close` (its transport has keep-alives off), so the
     // server closes first. HTTP/2 carries the host as the request's authority.
     let head = if http2 { Vec::new() } else { http1::request(path, host_header, &headers)? };
-    let mut stream =
-        crate::network::netns::connect(target.netns.clone(), addr, timeout).await.map_err(|e| dial_error(addr, &e))?;
+    let mut stream = dial(target, &addrs, timeout).await?;
     let h2_request = || {
         let scheme = if https { "https" } else { "http" };
         let builder = hyper::Request::get(format!("{scheme}://{host_header}{path}"));
@@ -763,6 +794,18 @@ mod tests {
         );
         let tcp = probe(serde_json::json!({"tcpSocket": {"port": port}}));
         assert_eq!(run(&tcp, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        // A host name is resolved on the node (every address tried: localhost may be ::1 first, and the server
+        // listens on IPv4 only); an empty host is the pod's IP.
+        let named = probe(serde_json::json!({"tcpSocket": {"port": port, "host": "localhost"}}));
+        assert_eq!(run(&named, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let empty = probe(serde_json::json!({"tcpSocket": {"port": port, "host": ""}}));
+        assert_eq!(run(&empty, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let named = probe(serde_json::json!({"httpGet": {"port": port, "path": "/ok", "host": "localhost"}}));
+        assert_eq!(run(&named, &c, "id", &target, &runtime, t).await, Outcome::Success);
+        let unknown = probe(serde_json::json!({"tcpSocket": {"port": port, "host": "no-such-host.invalid"}}));
+        assert!(
+            matches!(run(&unknown, &c, "id", &target, &runtime, t).await, Outcome::Failure(m) if m.starts_with("dial tcp: lookup no-such-host.invalid"))
+        );
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let refused = probe(serde_json::json!({"tcpSocket": {"port": closed}}));
         assert_eq!(
