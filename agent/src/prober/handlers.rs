@@ -265,8 +265,8 @@ async fn request(
     let http2 = http.protocol.as_deref() == Some("HTTP2");
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let authority = uri.authority().map_or(String::new(), |a| a.to_string());
-    let own: Vec<(String, String)> =
-        http.http_headers.iter().flatten().map(|h| (h.name.clone(), h.value.clone())).collect();
+    let own: Vec<(&str, &str)> =
+        http.http_headers.iter().flatten().map(|h| (h.name.as_str(), h.value.as_str())).collect();
     let headers = http1::headers(&own, user_agent);
     let host_header = http1::host(&own, &authority);
     // Upstream's prober sends, over HTTP/1, `Connection: close` (its transport has keep-alives off), so the

@@ -24,8 +24,8 @@ const MAX_INTERIM: usize = 5;
 /// The headers of a probe's GET besides `Host` and `Connection`, by upstream's rules: `User-Agent` (`user_agent`,
 /// `kube-probe/1.37` or `kube-lifecycle/1.37`) and `Accept: */*` unless the probe sets its own (an empty one is
 /// left out), then the probe's other headers in order, less those Go never sends from a request's headers.
-pub fn headers<'a>(own: &'a [(String, String)], user_agent: &'a str) -> Vec<(&'a str, &'a str)> {
-    let named = |name: &str| own.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+pub fn headers<'a>(own: &[(&'a str, &'a str)], user_agent: &'a str) -> Vec<(&'a str, &'a str)> {
+    let named = |name: &str| own.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| *v);
     let mut out = Vec::with_capacity(own.len() + 2);
     let user_agent = named("User-Agent").unwrap_or(user_agent);
     if !user_agent.is_empty() {
@@ -36,7 +36,7 @@ pub fn headers<'a>(own: &'a [(String, String)], user_agent: &'a str) -> Vec<(&'a
         out.push(("Accept", "*/*"));
     }
     const NOT_SENT: [&str; 5] = ["Host", "User-Agent", "Content-Length", "Transfer-Encoding", "Trailer"];
-    for (name, value) in own {
+    for &(name, value) in own {
         let skipped = NOT_SENT.iter().any(|n| n.eq_ignore_ascii_case(name))
             || (accept == Some("") && name.eq_ignore_ascii_case("Accept"));
         if !skipped {
@@ -47,8 +47,8 @@ pub fn headers<'a>(own: &'a [(String, String)], user_agent: &'a str) -> Vec<(&'a
 }
 
 /// The `Host` of a probe's GET: the probe's own `Host` header, else the URL's authority.
-pub fn host<'a>(own: &'a [(String, String)], authority: &'a str) -> &'a str {
-    own.iter().find(|(n, _)| n.eq_ignore_ascii_case("Host")).map_or(authority, |(_, v)| v.as_str())
+pub fn host<'a>(own: &[(&'a str, &'a str)], authority: &'a str) -> &'a str {
+    own.iter().find(|(n, _)| n.eq_ignore_ascii_case("Host")).map_or(authority, |(_, v)| *v)
 }
 
 /// The request head of a probe's GET for `path`: `Host`, the [`headers`], and `Connection: close`.
@@ -133,17 +133,22 @@ async fn read_head<T: AsyncRead + Unpin>(io: &mut T, buf: &mut Vec<u8>) -> Resul
         if buf.len() >= MAX_HEAD {
             return Err(format!("net/http: server response headers exceeded {MAX_HEAD} bytes; aborted"));
         }
-        let want = (MAX_HEAD - buf.len()).min(4096);
-        let start = buf.len();
-        buf.resize(start + want, 0);
-        let n = io.read(&mut buf[start..]).await.map_err(|e| e.to_string());
-        buf.truncate(start + *n.as_ref().unwrap_or(&0));
-        match n? {
-            0 if start == 0 => return Err("EOF".into()),
+        let had = buf.len();
+        match read_more(io, buf, (MAX_HEAD - had).min(4096)).await? {
+            0 if had == 0 => return Err("EOF".into()),
             0 => return Err("unexpected EOF".into()),
             _ => {}
         }
     }
+}
+
+/// Reads at most `max` more bytes onto the end of `buf`; how many came (0: the server closed).
+async fn read_more<T: AsyncRead + Unpin>(io: &mut T, buf: &mut Vec<u8>, max: usize) -> Result<usize, String> {
+    let start = buf.len();
+    buf.resize(start + max, 0);
+    let n = io.read(&mut buf[start..]).await.map_err(|e| e.to_string());
+    buf.truncate(start + *n.as_ref().unwrap_or(&0));
+    n
 }
 
 /// The head at the start of `buf`, `None` if it is not whole yet.
@@ -182,22 +187,18 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
 /// The body, up to [`MAX_BODY`] bytes (`already`: what came with the head).
 async fn read_body<T: AsyncRead + Unpin>(io: &mut T, already: Vec<u8>, framing: Framing) -> Result<String, String> {
     let limit = match framing {
+        Framing::Chunked => {
+            return read_chunked(io, already).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+        }
         Framing::None => 0,
         Framing::Length(n) => usize::try_from(n).unwrap_or(usize::MAX).min(MAX_BODY),
-        Framing::Chunked => MAX_BODY,
         Framing::Close => MAX_BODY,
     };
-    if framing == Framing::Chunked {
-        return read_chunked(io, already).await.map(|b| String::from_utf8_lossy(&b).into_owned());
-    }
     let mut body = already;
     body.truncate(limit);
     while body.len() < limit {
-        let start = body.len();
-        body.resize(limit, 0);
-        let n = io.read(&mut body[start..]).await.map_err(|e| e.to_string());
-        body.truncate(start + *n.as_ref().unwrap_or(&0));
-        if n? == 0 {
+        let left = limit - body.len();
+        if read_more(io, &mut body, left).await? == 0 {
             if matches!(framing, Framing::Length(_)) {
                 return Err("unexpected EOF".into());
             }
@@ -234,11 +235,7 @@ async fn read_chunked<T: AsyncRead + Unpin>(io: &mut T, mut raw: Vec<u8>) -> Res
                     body.extend_from_slice(&raw[data_from..][..rest.min(raw.len() - data_from)]);
                     return Ok(body);
                 }
-                let start = raw.len();
-                raw.resize(start + 4096, 0);
-                let n = io.read(&mut raw[start..]).await.map_err(|e| e.to_string());
-                raw.truncate(start + *n.as_ref().unwrap_or(&0));
-                if n? == 0 {
+                if read_more(io, &mut raw, 4096).await? == 0 {
                     return Err("unexpected EOF".into());
                 }
             }
@@ -289,12 +286,7 @@ mod tests {
     use super::*;
 
     fn head(path: &str, authority: &str, own: &[(&str, &str)]) -> Result<String, String> {
-        let own = headers_of(own);
-        request(path, host(&own, authority), &headers(&own, "kube-probe/1.37")).map(|b| String::from_utf8(b).unwrap())
-    }
-
-    fn headers_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        request(path, host(own, authority), &headers(own, "kube-probe/1.37")).map(|b| String::from_utf8(b).unwrap())
     }
 
     #[test]
@@ -315,8 +307,7 @@ mod tests {
             head("/", "h:1", &[("Accept", ""), ("User-Agent", "")]).unwrap(),
             "GET / HTTP/1.1\r\nHost: h:1\r\nConnection: close\r\n\r\n"
         );
-        let own = headers_of(&[]);
-        assert_eq!(headers(&own, "kube-lifecycle/1.37")[0], ("User-Agent", "kube-lifecycle/1.37"));
+        assert_eq!(headers(&[], "kube-lifecycle/1.37")[0], ("User-Agent", "kube-lifecycle/1.37"));
     }
 
     #[test]
