@@ -117,7 +117,7 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     // httpGet and tcpSocket on agnhost's netexec, reached inside the pod's network namespace; a startup probe
     // on a port nothing listens on holds readiness back.
     pods.create(&PostParams::default(), &pod(&format!(
-        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {agnhost}\n    args: [netexec, --http-port=8080]\n    ports: [{{name: http, containerPort: 8080}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}, periodSeconds: 1}}\n    livenessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n    lifecycle: {{preStop: {{httpGet: {{path: '/echo?msg=gone&code=500', port: http}}}}}}\n  - name: waits\n    image: {image}\n    command: [sleep, '3600']\n    startupProbe: {{tcpSocket: {{port: 9999}}, periodSeconds: 1, failureThreshold: 600}}\n"
+        "metadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 5\n  containers:\n  - name: main\n    image: {agnhost}\n    args: [netexec, --http-port=8080]\n    ports: [{{name: http, containerPort: 8080}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}, periodSeconds: 1}}\n    livenessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}\n    lifecycle: {{preStop: {{httpGet: {{path: '/echo?msg=gone&code=500', port: http}}}}}}\n  - name: waits\n    image: {image}\n    command: [sleep, '3600']\n    startupProbe: {{tcpSocket: {{port: 9999}}, periodSeconds: 1, failureThreshold: 600}}\n"
     ))).await?;
     let web = wait_pod(&pods, "web", "main ready", Duration::from_secs(60), |p| {
         let statuses = p.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
@@ -134,6 +134,7 @@ async fn probes_drive_readiness_and_restarts() -> Result<()> {
     let statuses = web.status.clone().unwrap_or_default().container_statuses.unwrap_or_default();
     ensure!(statuses.iter().all(|c| c.restart_count == 0), "the tcp liveness probe passes: {statuses:?}");
     // Its preStop httpGet hook gets a 500: as upstream's, a hook that got an answer ran (no FailedPreStopHook).
+    // (A grace period of 5 s: the hook shares it, and a loaded machine must not time it out.)
     pods.delete("web", &DeleteParams::default()).await?;
     support::wait_for("web gone", Duration::from_secs(60), || async {
         Ok(pods.get_opt("web").await?.is_none().then_some(()))
